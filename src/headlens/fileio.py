@@ -1,0 +1,47 @@
+"""Atomic file writes: nothing half-written survives an error or an interrupt."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from headlens.errors import HeadlensError
+
+
+def ensure_dir(path: Path) -> None:
+    """Create ``path`` (and parents) or raise a one-line HeadlensError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HeadlensError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise HeadlensError(f"output directory {path} is not writable")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    final = Path(path)
+    ensure_dir(final.parent if str(final.parent) else Path("."))
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically; returns the final path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, allow_nan=False)
+            fh.write("\n")
+    return Path(path)

@@ -1,0 +1,113 @@
+"""Read one head's value and output blocks (the two factors of its OV circuit) from a checkpoint.
+
+Only the rows/columns of the requested head are read (safetensors slices), never the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from headlens.errors import HeadlensError
+from headlens.loading import Checkpoint
+
+
+@dataclass
+class HeadFactors:
+    """``W_OV^h = W_O^h @ W_V^g`` as its two thin factors (float64 unless asked otherwise)."""
+
+    layer: int
+    head: int  # query head h
+    kv_head: int  # g = h // (H / G)
+    W_O: torch.Tensor  # (d, hd)
+    W_V: torch.Tensor  # (hd, d); input side scaled by the norm gain when ``norm_folded``
+    gain: torch.Tensor | None  # (d,) the pre-attention norm's effective gain, when found
+    norm_key: str | None
+    norm_folded: bool
+    tensor_names: list[str]
+
+
+def check_layer_head(ck: Checkpoint, layer: int, head: int | None = None) -> None:
+    s = ck.shape
+    if not 0 <= layer < s.num_layers:
+        raise HeadlensError(f"--layer {layer} out of range: {ck.name} has {s.num_layers} layers "
+                            f"(valid 0..{s.num_layers - 1})")
+    if head is not None and not 0 <= head < s.num_heads:
+        raise HeadlensError(f"--head {head} out of range: {ck.name} has {s.num_heads} query heads "
+                            f"(valid 0..{s.num_heads - 1})")
+
+
+def _finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise HeadlensError(f"tensor {name} has {bad} non-finite values (NaN/inf) in the requested head")
+    return t
+
+
+def norm_gain(ck: Checkpoint, layer: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor | None, str | None]:
+    """The effective gain of the norm whose output feeds ``layer``'s attention, shape (d,), or (None, None)."""
+    key = ck.layer_keys(layer).norm
+    if key is None:
+        return None, None
+    g = _finite(ck.tensors.read(key), key).to(dtype)
+    if g.shape != (ck.shape.hidden_size,):
+        raise HeadlensError(f"norm weight {key} has shape {tuple(g.shape)}, expected ({ck.shape.hidden_size},)")
+    return g + ck.spec.norm_offset, key
+
+
+def read_head(
+    ck: Checkpoint,
+    layer: int,
+    head: int,
+    fold_norm: bool = False,
+    load_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float64,
+) -> HeadFactors:
+    """W_O^h (d x hd) and W_V^g (hd x d) of query head ``head`` in ``layer``.
+
+    Weights are first cast to ``load_dtype`` (what the model would run in), then to ``compute_dtype``.
+    """
+    check_layer_head(ck, layer, head)
+    s, spec, keys = ck.shape, ck.spec, ck.layer_keys(layer)
+    hd, d, H, G = s.head_dim, s.hidden_size, s.num_heads, s.num_kv_heads
+    g = s.kv_head(head)
+    cols_h = slice(head * hd, (head + 1) * hd)
+    if spec.layout == "separate":
+        assert keys.v
+        v = ck.tensors.read(keys.v, (slice(g * hd, (g + 1) * hd), slice(None)))  # (hd, d)
+        o = ck.tensors.read(keys.o, (slice(None), cols_h))  # (d, hd)
+        names = [keys.v, keys.o]
+    elif spec.layout == "fused_concat":  # rows: q (H*hd) | k (G*hd) | v (G*hd)
+        assert keys.qkv
+        start = (H + G) * hd + g * hd
+        v = ck.tensors.read(keys.qkv, (slice(start, start + hd), slice(None)))
+        o = ck.tensors.read(keys.o, (slice(None), cols_h))
+        names = [keys.qkv, keys.o]
+    elif spec.layout == "conv1d":  # Conv1D stores [in, out]: transpose to Linear layout
+        assert keys.qkv
+        start = 2 * H * hd + g * hd
+        v = ck.tensors.read(keys.qkv, (slice(None), slice(start, start + hd))).T  # (hd, d)
+        o = ck.tensors.read(keys.o, (cols_h, slice(None))).T  # (d, hd)
+        names = [keys.qkv, keys.o]
+    elif spec.layout == "interleaved":  # rows per head: [q_h; k_h; v_h], each hd rows
+        assert keys.qkv
+        start = g * 3 * hd + 2 * hd
+        v = ck.tensors.read(keys.qkv, (slice(start, start + hd), slice(None)))
+        o = ck.tensors.read(keys.o, (slice(None), cols_h))
+        names = [keys.qkv, keys.o]
+    else:  # pragma: no cover - the table only holds the layouts above
+        raise AssertionError(spec.layout)
+    if tuple(v.shape) != (hd, d) or tuple(o.shape) != (d, hd):
+        raise HeadlensError(f"unexpected head block shapes W_V {tuple(v.shape)}, W_O {tuple(o.shape)} "
+                            f"for head_dim={hd}, hidden={d} in layer {layer}")
+    v = _finite(v, names[0]).to(load_dtype).to(compute_dtype)
+    o = _finite(o, names[1]).to(load_dtype).to(compute_dtype)
+    gain, norm_key = norm_gain(ck, layer, compute_dtype)
+    if fold_norm:
+        if gain is None:
+            raise HeadlensError(f"--fold-norm: no norm weight feeding layer {layer}'s attention was found "
+                                f"in {ck.name}")
+        v = v * gain.to(load_dtype).to(compute_dtype)[None, :]  # W_V diag(gamma)
+    return HeadFactors(layer=layer, head=head, kv_head=g, W_O=o.contiguous(), W_V=v.contiguous(), gain=gain,
+                       norm_key=norm_key, norm_folded=fold_norm, tensor_names=names)

@@ -1,0 +1,135 @@
+"""Spectra of low-rank products without forming them, and the latent-cache error measures.
+
+Everything here follows ``DOMAIN.md``:
+
+- ``W = A @ B`` with thin ``A`` (d x r) and ``B`` (r x n) is decomposed by QR of both factors and an SVD of
+  the r x r core, never by a dense d x n SVD. Leading batch dimensions are supported (one call per layer).
+- ``E_k = sum_{i<=k} s_i^2 / sum_i s_i^2``; ``rel_error(k) = ||W - W_k||_F / ||W||_F = sqrt(1 - E_k)``.
+- plain latent: ``P = V_k^T``; ``cache_error(k) = ||(W - W_k) X||_F / ||W X||_F`` for token inputs X (d x N).
+- data-aware latent: the best rank-k map for X comes from the SVD of ``W S`` with ``S S^T = X X^T``. The
+  nonzero singular values of ``W S`` are those of ``W X``, which are those of ``R_a (B X)`` (r x N) when
+  ``A = Q_a R_a``, so the whitened spectrum needs no d x d matrix either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FactoredSVD:
+    """``W = U diag(S) Vh`` for ``W = A @ B``; U (..., d, r), S (..., r), Vh (..., r, n); float64."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    R_a: torch.Tensor  # (..., r, r): A = Q_a R_a, reused by the data-aware latent
+    Q_a: torch.Tensor  # (..., d, r)
+
+
+def factored_svd(A: torch.Tensor, B: torch.Tensor) -> FactoredSVD:
+    """Thin SVD of ``A @ B`` from its factors. A: (..., d, r), B: (..., r, n). Computed in float64."""
+    A = A.to(torch.float64)
+    B = B.to(torch.float64)
+    Q_a, R_a = torch.linalg.qr(A)  # (..., d, r), (..., r, r)
+    Q_b, R_b = torch.linalg.qr(B.transpose(-1, -2))  # B^T = Q_b R_b: (..., n, r), (..., r, r)
+    core = R_a @ R_b.transpose(-1, -2)  # (..., r, r) = Q_a^T W Q_b
+    Uc, S, Vch = torch.linalg.svd(core)
+    U = Q_a @ Uc  # (..., d, r)
+    Vh = Vch @ Q_b.transpose(-1, -2)  # (..., r, n)
+    return FactoredSVD(U=U, S=S, Vh=Vh, R_a=R_a, Q_a=Q_a)
+
+
+def rank_tolerance(S: torch.Tensor, shape: tuple[int, int], eps: float) -> torch.Tensor:
+    """DOMAIN.md numerical-rank threshold ``max(m, n) * eps * sigma_1`` (per batch element)."""
+    return max(shape) * eps * S[..., 0]
+
+
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int], eps: float) -> torch.Tensor:
+    """Number of singular values above :func:`rank_tolerance`. S sorted descending, (..., r)."""
+    tol = rank_tolerance(S, shape, eps)
+    return (S > tol[..., None]).sum(-1)
+
+
+def condition_number(S: torch.Tensor, rank: int) -> float:
+    """``sigma_1 / sigma_r`` over the numerical rank r (inf when r == 0)."""
+    if rank <= 0:
+        return float("inf")
+    return float(S[0] / S[rank - 1])
+
+
+def cumulative_energy(S: torch.Tensor) -> torch.Tensor:
+    """``E_k`` for k = 1..r along the last axis (squares of the singular values)."""
+    sq = S.to(torch.float64) ** 2
+    total = sq.sum(-1, keepdim=True)
+    return torch.cumsum(sq, -1) / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def tail_ratio(S: torch.Tensor, k: int) -> torch.Tensor:
+    """``sqrt(sum_{i>k} s_i^2 / sum_i s_i^2)``: the relative Frobenius error of the best rank-k part.
+
+    Computed from the tail directly (not as ``sqrt(1 - E_k)``) so small errors keep their precision.
+    """
+    sq = S.to(torch.float64) ** 2
+    total = sq.sum(-1)
+    return torch.sqrt(sq[..., k:].sum(-1) / torch.where(total > 0, total, torch.ones_like(total)))
+
+
+def rel_error(S: torch.Tensor, k: int) -> torch.Tensor:
+    """``||W - W_k||_F / ||W||_F = sqrt(1 - E_k)``."""
+    return tail_ratio(S, k)
+
+
+def plain_cache_error(svd: FactoredSVD, X: torch.Tensor, k: int) -> float:
+    """``||(W - W_k) X||_F / ||W X||_F`` for the plain latent ``c = V_k^T x``. X: (d_in, N) token inputs.
+
+    ``W X = U (diag(S) Vh X)`` with orthonormal U, so the norms are those of ``Z = diag(S) Vh X`` (r x N).
+    """
+    Z = svd.S[:, None] * (svd.Vh @ X.to(torch.float64))  # (r, N)
+    total = torch.linalg.norm(Z)
+    if total == 0:
+        return 0.0
+    return float(torch.linalg.norm(Z[k:]) / total)
+
+
+@dataclass
+class DataAwareLatent:
+    """Best rank-k latent for the token set X it was fitted on: ``c = (U_k^T W) x``, ``y_hat = U_k c``."""
+
+    S: torch.Tensor  # (r,) singular values of W X (= those of W S, S S^T = X X^T)
+    U: torch.Tensor  # (d_out, r) left singular vectors of W X
+    n_tokens: int
+
+    def predicted_error(self, k: int) -> float:
+        """In-sample error ``sqrt(sum_{i>k} s_i^2) / ||W X||_F``, from the spectrum alone."""
+        return float(tail_ratio(self.S, k))
+
+    def measured_error(self, W_O: torch.Tensor, W_V: torch.Tensor, X: torch.Tensor, k: int) -> float:
+        """``||W X - U_k U_k^T W X||_F / ||W X||_F`` measured on tokens X (d_in, N), e.g. held-out ones."""
+        Y = W_O.to(torch.float64) @ (W_V.to(torch.float64) @ X.to(torch.float64))  # (d_out, N)
+        Uk = self.U[:, :k]
+        resid = Y - Uk @ (Uk.T @ Y)
+        total = torch.linalg.norm(Y)
+        return 0.0 if total == 0 else float(torch.linalg.norm(resid) / total)
+
+
+def data_aware_latent(svd: FactoredSVD, W_V: torch.Tensor, X: torch.Tensor) -> DataAwareLatent:
+    """Fit the data-aware latent of ``W = W_O W_V`` on token inputs X (d_in, N), factored.
+
+    ``W X = Q_a (R_a W_V X)``; the SVD of the (r x N) matrix ``R_a W_V X`` gives the spectrum of ``W S``.
+    """
+    M = svd.R_a @ (W_V.to(torch.float64) @ X.to(torch.float64))  # (r, N)
+    Um, S, _ = torch.linalg.svd(M, full_matrices=False)
+    r = svd.R_a.shape[-1]
+    S_full = torch.zeros(r, dtype=torch.float64)
+    S_full[: S.shape[0]] = S[:r]
+    U = svd.Q_a @ Um[:, : min(r, Um.shape[1])]
+    return DataAwareLatent(S=S_full, U=U, n_tokens=int(X.shape[1]))
+
+
+def gaussian_probes(d: int, n: int, seed: int) -> torch.Tensor:
+    """Seeded isotropic Gaussian token inputs, shape (d, n), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(d, n, generator=gen, dtype=torch.float64)
