@@ -752,16 +752,19 @@ def make_hub_cache(
     cache_dir: Path,
     repo_id: str,
     revision_sha: str = "0" * 40,
+    sharded: bool = False,
 ) -> Path:
-    """Lay out a HuggingFace hub cache entry for ``repo_id`` by hand.
+    """Lay out a HuggingFace hub cache entry for ``repo_id`` by hand, as ``huggingface_hub`` does.
 
-    ``cache_dir/models--{org}--{name}/snapshots/{sha}/...`` holds the files of
-    ``save_pretrained`` (plain files, not blob symlinks) and
-    ``cache_dir/models--{org}--{name}/refs/main`` holds the sha, which is
-    enough for ``hf_hub_download(..., cache_dir=cache_dir,
-    local_files_only=True)`` and ``from_pretrained(repo_id, cache_dir=...)``
-    offline.  Returns the snapshot directory.
+    ``cache_dir/models--{org}--{name}/blobs/<sha256>`` holds the file contents,
+    ``snapshots/{sha}/<file>`` are relative symlinks to the blobs, and ``refs/main`` holds the sha,
+    which is enough for ``hf_hub_download(..., cache_dir=cache_dir, local_files_only=True)`` and
+    ``from_pretrained(repo_id, cache_dir=...)`` offline. ``sharded`` saves several weight shards and
+    an index. Returns the snapshot directory.
     """
+    import hashlib
+    import os
+
     assert len(revision_sha) == 40 and all(c in "0123456789abcdef" for c in revision_sha)
     cache_dir = Path(cache_dir)
     repo_dir = cache_dir / ("models--" + repo_id.replace("/", "--"))
@@ -769,10 +772,22 @@ def make_hub_cache(
     if snapshot.exists():
         shutil.rmtree(snapshot)
     snapshot.mkdir(parents=True)
-    (repo_dir / "blobs").mkdir(exist_ok=True)
+    blobs = repo_dir / "blobs"
+    blobs.mkdir(exist_ok=True)
     (repo_dir / "refs").mkdir(exist_ok=True)
-    model.save_pretrained(snapshot)
+    if sharded:
+        model.save_pretrained(snapshot, max_shard_size=max(_model_bytes(model) // 4, 1024))
+    else:
+        model.save_pretrained(snapshot)
     if tokenizer is not None:
         tokenizer.save_pretrained(snapshot)
+    for f in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        blob = blobs / digest
+        if not blob.exists():
+            shutil.move(str(f), blob)
+        else:
+            f.unlink()
+        f.symlink_to(os.path.relpath(blob, f.parent))
     (repo_dir / "refs" / "main").write_text(revision_sha)
     return snapshot

@@ -231,6 +231,10 @@ class HubRepo:
         try:
             return Path(hf_hub_download(self.repo, filename, revision=self.revision, cache_dir=self.cache_dir,
                                         local_files_only=_offline()))
+        except hf_errors.LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError)
+            if not required:
+                return None
+            raise _hub_unavailable(self.repo, self.cache_dir, type(exc).__name__) from None
         except hf_errors.RepositoryNotFoundError:
             raise HeadlensError(f"hub repo {self.repo} not found (or it is gated/private: log in with "
                                 f"`hf auth login`)") from None
@@ -240,7 +244,7 @@ class HubRepo:
             if required:
                 raise HeadlensError(f"hub repo {self.repo} has no file {filename}") from None
             return None
-        except (hf_errors.LocalEntryNotFoundError, OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             if not required:
                 return None
             raise _hub_unavailable(self.repo, self.cache_dir, type(exc).__name__) from None
@@ -315,6 +319,13 @@ def embedded_model_dir() -> Path:
     return path
 
 
+def _is_embedded(path: Path) -> bool:
+    try:
+        return path.resolve() == embedded_model_dir().resolve()
+    except HeadlensError:
+        return False
+
+
 def open_model(
     weights: str | os.PathLike | None = None,
     hf_repo: str | None = None,
@@ -355,6 +366,8 @@ def open_model(
         source = str(path)
         if name in ("model", "pytorch_model") and path.parent.name:
             name = path.parent.name
+        if _is_embedded(path):
+            name = EMBEDDED_NAME
     keys = all_keys or tensors.keys()
     if config is not None:
         model_type = _text_config(config).get("model_type") or config.get("model_type") or "unknown"

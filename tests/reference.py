@@ -1,0 +1,138 @@
+"""Independent dense float64 references, written from the HuggingFace modules directly.
+
+Nothing here imports headlens: the per-family splits are written out again from the modeling code so
+that a layout mistake in ``headlens.arch``/``headlens.heads`` cannot hide behind a shared helper.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _layers(model):
+    base = getattr(model, "base_model", model)
+    for path in ("layers", "h", "encoder.layer"):
+        obj = base
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise AssertionError(f"no layer list in {type(model).__name__}")
+
+
+def attention_module(model, family: str, layer: int):
+    blk = _layers(model)[layer]
+    if family == "gpt2":
+        return blk.attn
+    if family == "gpt_neox":
+        return blk.attention
+    if family == "bert":
+        return blk.attention.self
+    return blk.self_attn
+
+
+def value_output_blocks(model, family: str, layer: int) -> tuple[list[np.ndarray], np.ndarray, int, int, int]:
+    """Per kv head W_V^g (hd x d) list, full W_O (d x H*hd) in Linear layout, and (H, G, hd). float64."""
+    cfg = model.config
+    blk = _layers(model)[layer]
+    H = cfg.num_attention_heads
+    if family == "gpt2":
+        d = cfg.n_embd
+        hd = d // H
+        W = blk.attn.c_attn.weight.detach().double().numpy()  # Conv1D: (in=d, out=3d)
+        v_full = W[:, 2 * d:].T  # (d_out=H*hd, d_in)
+        o_full = blk.attn.c_proj.weight.detach().double().numpy().T  # Conv1D (in=H*hd, out=d) -> (d, H*hd)
+        G = H
+    elif family == "gpt_neox":
+        d = cfg.hidden_size
+        hd = d // H
+        W = blk.attention.query_key_value.weight.detach().double().numpy()  # (H*3*hd, d)
+        v_full = W.reshape(H, 3, hd, d)[:, 2].reshape(H * hd, d)
+        o_full = blk.attention.dense.weight.detach().double().numpy()
+        G = H
+    elif family == "bert":
+        d = cfg.hidden_size
+        hd = d // H
+        v_full = blk.attention.self.value.weight.detach().double().numpy()
+        o_full = blk.attention.output.dense.weight.detach().double().numpy()
+        G = H
+    elif family == "phi3":
+        d = cfg.hidden_size
+        hd = d // H
+        G = cfg.num_key_value_heads
+        W = blk.self_attn.qkv_proj.weight.detach().double().numpy()
+        _, _, v_full = np.split(W, [H * hd, H * hd + G * hd], axis=0)
+        o_full = blk.self_attn.o_proj.weight.detach().double().numpy()
+    else:
+        attn = blk.self_attn
+        v_full = attn.v_proj.weight.detach().double().numpy()
+        o_full = attn.o_proj.weight.detach().double().numpy()
+        hd = attn.head_dim
+        G = v_full.shape[0] // hd
+    v_blocks = [v_full[g * hd:(g + 1) * hd] for g in range(G)]
+    return v_blocks, o_full, H, G, hd
+
+
+def dense_wov(model, family: str, layer: int, head: int) -> np.ndarray:
+    """The explicit d x d float64 matrix W_O^h W_V^{h // (H/G)}."""
+    v_blocks, o_full, H, G, hd = value_output_blocks(model, family, layer)
+    g = head // (H // G)
+    return o_full[:, head * hd:(head + 1) * hd] @ v_blocks[g]
+
+
+def norm_gain(model, family: str, layer: int) -> np.ndarray:
+    """Effective gain of the norm feeding the layer's attention (Gemma: 1 + weight)."""
+    blk = _layers(model)[layer]
+    if family == "gpt2":
+        return blk.ln_1.weight.detach().double().numpy()
+    if family == "bert":
+        if layer == 0:
+            return model.embeddings.LayerNorm.weight.detach().double().numpy()
+        return _layers(model)[layer - 1].output.LayerNorm.weight.detach().double().numpy()
+    w = blk.input_layernorm.weight.detach().double().numpy()
+    return 1.0 + w if family.startswith("gemma") else w
+
+
+def dense_svals(W: np.ndarray, k: int | None = None) -> np.ndarray:
+    s = np.linalg.svd(W, compute_uv=False)
+    return s if k is None else s[:k]
+
+
+def capture_attention_io(model, family: str, layer: int, input_ids: torch.Tensor, zero_input: bool = False):
+    """(input, output) of the attention module for ``input_ids``; optionally with its input replaced by 0."""
+    attn = attention_module(model, family, layer)
+    seen = {}
+
+    def pre(_m, args, kwargs):
+        if "hidden_states" in kwargs:
+            x = kwargs["hidden_states"]
+            if zero_input:
+                kwargs = dict(kwargs, hidden_states=torch.zeros_like(x))
+                seen["x"] = x.detach().clone()
+                return args, kwargs
+        else:
+            x = args[0]
+            if zero_input:
+                seen["x"] = x.detach().clone()
+                return (torch.zeros_like(x),) + tuple(args[1:]), kwargs
+        seen["x"] = x.detach().clone()
+        return None
+
+    def post(_m, _a, _k, out):
+        seen["y"] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
+    h1 = attn.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = attn.register_forward_hook(post, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        h1.remove()
+        h2.remove()
+    y = seen["y"][0].double()
+    if family == "bert":  # BertSelfAttention returns the per-head context; its output map is a separate module
+        y = y @ _layers(model)[layer].attention.output.dense.weight.detach().double().T
+    return seen["x"][0].double().numpy(), y.numpy()
