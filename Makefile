@@ -26,10 +26,12 @@ $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS) | $(BIN)/python
 
 venv: $(VENV)/.installed
 
+DEMO_PROMPT ?= The true meaning of life is absurdity and suffering. Octopuses have three hearts, and two of them stop beating when they swim. The prime number theorem gives an asymptotic estimate for the distribution of primes.
+
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/headlens ov --layer 3 --head 5 --latent-dim 16 \
-		--prompt "The true meaning of life is absurdity and suffering" --heatmap --plot \
-		--out-dir $(OUT) --json $(OUT)/ov.json
+	rm -rf $(OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/headlens ov --layer 3 --head 5 --latent-dim 8 \
+		--prompt "$(DEMO_PROMPT)" --heatmap --plot --out-dir $(OUT) --json
 	@echo "files under $(OUT)/:"
 	@ls -l $(OUT)
 

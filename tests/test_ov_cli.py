@@ -198,6 +198,34 @@ def test_hub_repo_from_local_cache(ckpts, capsys, tmp_path, offline):
     np.testing.assert_allclose(shown, ref, rtol=2e-3)
 
 
+def test_hub_revision_pins_a_snapshot(ckpts, capsys, tmp_path, offline):
+    model, tok = ckpts.model("gpt_neox", "mha")
+    cache = tmp_path / "hub"
+    sha = "ab" * 20
+    make_hub_cache(model, tok, cache, "org/neox", revision_sha=sha)
+    code, out, err = run(capsys, "ov", "--hf-repo", "org/neox", "--revision", sha, "--cache-dir", str(cache),
+                         "--auto-infer", "--head", "2", "--latent-dim", "3", "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["model"]["revision"] == sha
+    code, _, err = run(capsys, "ov", "--hf-repo", "org/neox", "--revision", "cd" * 20, "--cache-dir", str(cache))
+    assert code == 2 and "org/neox" in err
+
+
+def test_dtype_rounds_the_weights(ckpts, capsys, tmp_path):
+    model, _ = ckpts.model("llama", "gqa")
+    d = str(ckpts.path("llama", "gqa", "hf_dir"))
+    code, out, err = run(capsys, "ov", "--weights", d, "--dtype", "bfloat16", "--head", "1", "--latent-dim", "2",
+                         "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    blk = model.model.layers[0].self_attn
+    Wv = blk.v_proj.weight.detach().bfloat16().double()[0:16]
+    Wo = blk.o_proj.weight.detach().bfloat16().double()[:, 16:32]
+    ref = np.linalg.svd((Wo @ Wv).numpy(), compute_uv=False)[:16]
+    r = json.loads((tmp_path / "r.json").read_text())
+    np.testing.assert_allclose(r["singular_values"], ref, rtol=1e-9)
+    assert r["dtype"] == "bfloat16" and r["rank_eps_dtype"] == "float32"
+
+
 def test_hub_sharded_repo_needs_only_the_layers_shards(ckpts, capsys, tmp_path, offline):
     """Weight-only analysis of a sharded hub repo opens only the shards that hold that layer's attention."""
     model, tok = ckpts.model("llama", "gqa")
@@ -234,3 +262,19 @@ def test_python_dash_m_and_version():
     assert r.stderr.strip() == "headlens ov: error: --weights /nonexistent/x.pt: no such file or directory"
     r = subprocess.run([env_py, "-m", "headlens", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("headlens ")
+
+
+def test_unreachable_hub_without_offline_flag_uses_the_cache(ckpts, capsys, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE unset but no route to the hub: cached repos work, others fail fast with one line."""
+    from headlens import loading
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    model, tok = ckpts.model("bert", "mha")
+    cache = tmp_path / "hub"
+    make_hub_cache(model, tok, cache, "org/bert")
+    code, out, err = run(capsys, "ov", "--hf-repo", "org/bert", "--cache-dir", str(cache), "--latent-dim", "2")
+    assert code == 0, err
+    code, out, err = run(capsys, "ov", "--hf-repo", "org/other", "--cache-dir", str(cache))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "org/other is not in the local hub cache" in err and "HF_HUB_OFFLINE" not in err

