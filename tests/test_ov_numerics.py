@@ -53,7 +53,7 @@ def test_spectrum_matches_dense_float64(ckpts, family, variant):
 
 
 @pytest.mark.parametrize("fmt", ["hf_dir", "hf_sharded", "safetensors", "pt", "bin"])
-@pytest.mark.parametrize("family", ["qwen3", "gpt2", "gpt_neox", "phi3", "bert"])
+@pytest.mark.parametrize("family", FAMILIES_ALL)
 def test_every_format_gives_the_same_spectrum(ckpts, family, fmt):
     variant = "mha" if family in ("gpt2", "gpt_neox", "bert") else "gqa"
     ck, model = _open(ckpts, family, variant, fmt)

@@ -12,7 +12,7 @@ HuggingFace by construction:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -62,9 +62,12 @@ def _first_line(exc: BaseException) -> str:
 def find_module(model: torch.nn.Module, spec: ArchSpec, layer: int, rel: str) -> torch.nn.Module:
     """The module ``<...><layers_path>.<layer>.<rel>`` of ``model`` (any prefix)."""
     suffix = f"{spec.layers_path}.{layer}.{rel}"
-    for name, module in model.named_modules():
-        if name == suffix or name.endswith("." + suffix):
-            return module
+    found = [(name, module) for name, module in model.named_modules()
+             if name == suffix or name.endswith("." + suffix)]
+    if found:
+        # Multimodal models also hold a vision tower with the same layer names: take the language model's.
+        lm = [m for n, m in found if "language_model" in n or "text_model" in n]
+        return lm[0] if lm else found[0][1]
     raise HeadlensError(f"module '{suffix}' not found in the loaded {type(model).__name__}")
 
 
@@ -112,7 +115,7 @@ def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, wan
     if want_probs:
         handles.append(attn.register_forward_hook(post_hook, with_kwargs=True))
     try:
-        ctx = eager_attention(model) if want_probs else _nullcontext()
+        ctx = eager_attention(model) if want_probs else nullcontext()
         with ctx, torch.no_grad():
             model(input_ids=ids.to(model.device))
     finally:
@@ -125,8 +128,3 @@ def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, wan
         raise HeadlensError(f"the attention module of layer {layer} returned no attention probabilities")
     return PromptCapture(input_ids=[int(t) for t in ids[0]], tokens=tokens, attn_input=seen["input"],
                          attn_probs=probs)
-
-
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
