@@ -41,10 +41,23 @@ class ArchSpec:
     first_norm: str | None = None  # relative to the prefix (outside the layer list)
     norm_offset: float = 0.0  # Gemma RMSNorm multiplies by (1 + weight)
     decoder: bool = True
+    # Residual structure of one layer and the modules (relative to the layer) whose hooks give each site:
+    #   "pre": x + attn(norm(x)), then + mlp(norm(.))              (Llama, Qwen, Mistral, MoE families, GPT-2)
+    #   "sandwich": like "pre" but each branch output is normed before the add           (Gemma 2/3)
+    #   "parallel": x + attn(norm1(x)) + mlp(norm2(x))                                    (GPT-NeoX)
+    #   "post": norm(x + attn(x)), then norm(. + mlp(.))                                  (BERT)
+    residual: str = "pre"
+    attn_out: str = "self_attn"  # forward hook, output (or output[0]): what attention adds to the stream
+    mlp_out: str = "mlp"  # forward hook, output: what the MLP adds to the stream
+    mid_input: str | None = "post_attention_layernorm"  # forward pre-hook, first input: resid_mid
+    final_norm: str | None = "norm"  # relative to the layer list's parent; forward hook, output
+    parallel_flag: str | None = None  # config flag that turns the residual "parallel" (then no resid_mid)
     aliases: tuple[str, ...] = field(default=())
 
 
 _LLAMA = dict(layers_path="layers", layout="separate")
+_SANDWICH = dict(residual="sandwich", attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
+                 mid_input="pre_feedforward_layernorm")
 
 SPECS: dict[str, ArchSpec] = {
     "llama": ArchSpec("Llama", **_LLAMA),
@@ -56,8 +69,8 @@ SPECS: dict[str, ArchSpec] = {
     "mixtral": ArchSpec("Mixtral", **_LLAMA),
     "olmoe": ArchSpec("OLMoE", **_LLAMA),
     "gemma": ArchSpec("Gemma", norm_offset=1.0, **_LLAMA),
-    "gemma2": ArchSpec("Gemma 2", norm_offset=1.0, **_LLAMA),
-    "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, **_LLAMA),
+    "gemma2": ArchSpec("Gemma 2", norm_offset=1.0, **_SANDWICH, **_LLAMA),
+    "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, **_SANDWICH, **_LLAMA),
     "phi3": ArchSpec(
         "Phi-3", layers_path="layers", layout="fused_concat", qkv="self_attn.qkv_proj.weight", v=""
     ),
@@ -70,6 +83,9 @@ SPECS: dict[str, ArchSpec] = {
         o="attn.c_proj.weight",
         attn_module="attn",
         norm="ln_1.weight",
+        attn_out="attn",
+        mid_input="ln_2",
+        final_norm="ln_f",
     ),
     "gpt_neox": ArchSpec(
         "GPT-NeoX/Pythia",
@@ -79,6 +95,10 @@ SPECS: dict[str, ArchSpec] = {
         v="",
         o="attention.dense.weight",
         attn_module="attention",
+        residual="parallel",
+        attn_out="attention",
+        final_norm="final_layer_norm",
+        parallel_flag="use_parallel_residual",
     ),
     "bert": ArchSpec(
         "BERT",
@@ -91,6 +111,11 @@ SPECS: dict[str, ArchSpec] = {
         prev_norm="output.LayerNorm.weight",
         first_norm="embeddings.LayerNorm.weight",
         decoder=False,
+        residual="post",
+        attn_out="attention.output.dense",
+        mlp_out="output.dense",
+        mid_input="intermediate",
+        final_norm=None,
     ),
 }
 SPECS["roberta"] = SPECS["bert"]
