@@ -33,25 +33,38 @@ class PromptCapture:
     attn_probs: torch.Tensor | None  # (H, N, N) attention probabilities, query x key
 
 
-def load_hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
-    """(model, tokenizer) from a HuggingFace directory; the base model, default attention implementation."""
-    from transformers import AutoModel, AutoTokenizer
+def load_tokenizer(directory: Path, trust_remote_code: bool = False):
+    """The tokenizer saved next to a HuggingFace model."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
     if not (directory / "config.json").exists():
         raise HeadlensError(f"{directory} has no config.json: a prompt needs a HuggingFace model directory")
-    hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise HeadlensError(f"cannot load a tokenizer from {directory} ({_first_line(exc)}): a prompt needs "
                             "the tokenizer files next to the weights") from None
+
+
+def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The base model of a HuggingFace directory, default attention implementation, in eval mode."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
     try:
         model = AutoModel.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise HeadlensError(f"cannot build the model from {directory} ({_first_line(exc)})") from None
-    model.eval()
-    return model, tokenizer
+    return model.eval()
+
+
+def load_hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """(model, tokenizer) from a HuggingFace directory; the base model, default attention implementation."""
+    tokenizer = load_tokenizer(directory, trust_remote_code)
+    return load_model(directory, dtype, trust_remote_code), tokenizer
 
 
 def _first_line(exc: BaseException) -> str:
@@ -85,12 +98,13 @@ def eager_attention(model) -> Iterator[None]:
             model.set_attn_implementation(original)
 
 
-def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, want_probs: bool) -> PromptCapture:
+def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, want_probs: bool,
+                  truncate: bool = False) -> PromptCapture:
     """One forward pass of ``prompt``; record ``layer``'s attention input and (optionally) probabilities."""
     attn = find_module(model, spec, layer, spec.attn_module)
     if not prompt.strip():
         raise HeadlensError("--prompt is empty")
-    ids, tokens = prompt_ids(tokenizer, prompt, max_positions(model))
+    ids, tokens = prompt_ids(tokenizer, prompt, max_positions(model), truncate=truncate)
     seen: dict[str, torch.Tensor] = {}
 
     def pre_hook(_module, args, kwargs):
@@ -269,6 +283,11 @@ def prompt_ids(tokenizer, prompt: str, max_positions: int | None, truncate: bool
     return ids, [tokenizer.decode([int(t)]) for t in ids[0]]
 
 
-def max_positions(model) -> int | None:
-    cfg = model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+def max_positions(config) -> int | None:
+    """Longest input the model takes (a model, a config object or a config dict)."""
+    config = getattr(config, "config", config)
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    text = get("text_config")
+    if text is not None and get("max_position_embeddings") is None:
+        return max_positions(text)
+    return get("max_position_embeddings") or get("n_positions")

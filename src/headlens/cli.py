@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--prompt", metavar="TEXT",
                     help="run this text and use the layer's real attention inputs for cache_error")
     ov.add_argument("--heatmap", action="store_true", help="draw this head's attention over --prompt")
+    ov.add_argument("--truncate", action="store_true", help="cut a prompt longer than the model's positions")
     ov.add_argument("--plot", action="store_true", help="save the singular spectrum / cumulative energy plot")
     ov.add_argument("--plot-path", metavar="PNG", help="where to save the plot (implies --plot)")
     ov.add_argument("--out-dir", default="headlens-out", metavar="DIR",
@@ -84,12 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Gaussian probe tokens for cache_error when there is no prompt (default 2048)")
     ov.add_argument("--seed", type=int, default=0, help="seed of the Gaussian probes (default 0)")
     ov.set_defaults(func=cmd_ov)
+
+    from headlens.cli_sphere import add_parser as add_sphere_parser
+
+    add_sphere_parser(sub, add_model_args)
     return parser
 
 
 def cmd_ov(args: argparse.Namespace) -> int:
-    from headlens.capture import capture_layer, load_hf_model
-    from headlens.fileio import ensure_dir, write_json
+    from headlens.capture import capture_layer, load_model, load_tokenizer, max_positions, prompt_ids
+    from headlens.fileio import check_writable_dir, write_json
     from headlens.loading import cast_dtype, open_model
     from headlens.ov import OVConfig, analyze_ov, default_stem, extra_lines, report_lines
 
@@ -112,7 +117,7 @@ def cmd_ov(args: argparse.Namespace) -> int:
     json_path = None if args.json is None else (Path(args.json) if args.json else out_dir / f"{stem}.json")
     for path, wanted in ((plot_path, want_plot), (heatmap_path, args.heatmap), (json_path, json_path is not None)):
         if wanted and path is not None:
-            ensure_dir(path.parent)
+            check_writable_dir(path.parent)
 
     capture_fn = None
     if args.prompt:
@@ -120,8 +125,11 @@ def cmd_ov(args: argparse.Namespace) -> int:
             if ck.directory is None:
                 raise HeadlensError("--prompt needs config.json and tokenizer files: pass --weights DIR (a "
                                     "HuggingFace model directory) or --hf-repo, not a bare state dict")
-            model, tokenizer = load_hf_model(ck.directory, dtype, trust_remote_code=args.trust_remote_code)
-            return capture_layer(model, tokenizer, ck.spec, args.layer, args.prompt, want_probs=args.heatmap)
+            tokenizer = load_tokenizer(ck.directory, trust_remote_code=args.trust_remote_code)
+            prompt_ids(tokenizer, args.prompt, max_positions(ck.config or {}), truncate=args.truncate)  # fail early
+            model = load_model(ck.directory, dtype, trust_remote_code=args.trust_remote_code)
+            return capture_layer(model, tokenizer, ck.spec, args.layer, args.prompt, want_probs=args.heatmap,
+                                 truncate=args.truncate)
 
     cfg = OVConfig(layer=args.layer, head=args.head, latent_dim=args.latent_dim, fold_norm=args.fold_norm,
                    dtype=dtype, prompt=args.prompt, heatmap=args.heatmap, probe_tokens=args.probe_tokens,
@@ -163,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
         return int(exc.code or 0)
     if args.command is None:
-        print("headlens: error: choose a command: ov (see headlens --help)", file=sys.stderr)
+        names = ", ".join(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+        print(f"headlens: error: choose a command: {names} (see headlens --help)", file=sys.stderr)
         return 2
     try:
         return int(args.func(args))

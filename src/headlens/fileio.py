@@ -22,6 +22,19 @@ def ensure_dir(path: Path) -> None:
         raise HeadlensError(f"output directory {path} is not writable")
 
 
+def check_writable_dir(path: Path) -> None:
+    """Fail early, creating nothing, if ``path`` could not be created or written as a directory."""
+    probe = Path(path)
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise HeadlensError(f"cannot create output directory {path}: {probe} is a file")
+    if probe.exists() and not os.access(probe, os.W_OK):
+        raise HeadlensError(f"output directory {path} is not writable ({probe})")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""

@@ -1,0 +1,213 @@
+"""``headlens sphere``: the residual stream of every layer, projected onto the unit sphere and animated."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+from headlens.errors import HeadlensError
+from headlens.prompts import NOTEBOOK_PROMPT
+
+SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")
+
+
+def parse_layers(text: str | None, num_layers: int) -> list[int]:
+    """``None``/``all``: every layer; ``7:35`` (Python slice, step allowed), ``5``, or ``1,4,9``."""
+    valid = f"valid layers are 0..{num_layers - 1}"
+    if text is None or text.strip() in ("", "all"):
+        return list(range(num_layers))
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = [p.strip() for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            start = int(parts[0]) if parts[0] else 0
+            stop = int(parts[1]) if len(parts) > 1 and parts[1] else num_layers
+            step = int(parts[2]) if len(parts) > 2 and parts[2] else 1
+            if step <= 0:
+                raise HeadlensError(f"--layers {text}: the step must be positive")
+            for v, name in ((start, "start"), (stop, "stop")):
+                if not -num_layers <= v <= num_layers:
+                    raise HeadlensError(f"--layers {text}: {name} {v} is out of range ({valid})")
+            layers = list(range(num_layers))[slice(start, stop, step)]
+        else:
+            layers = [int(p) for p in text.split(",")]
+            for v in layers:
+                if not 0 <= v < num_layers:
+                    raise HeadlensError(f"--layers {text}: layer {v} is out of range ({valid})")
+    except ValueError:
+        raise HeadlensError(f"--layers {text!r}: use a slice like 7:35, a list like 1,4,9, or all") from None
+    if not layers:
+        raise HeadlensError(f"--layers {text} selects no layer ({valid})")
+    return sorted(set(layers))
+
+
+def add_parser(sub, add_model_args) -> None:
+    p = sub.add_parser("sphere", help="the residual stream of every layer on the unit sphere (GIF, HTML, metrics)",
+                       description="Run a prompt, take each layer's residual stream, project it by PCA onto 3 "
+                                   "components and the unit sphere, animate the layers, and measure clustering.")
+    add_model_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", metavar="TEXT", help="text to run (default: the notebook's prompt)")
+    g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a text file")
+    p.add_argument("--truncate", action="store_true", help="cut a prompt longer than the model's positions")
+    p.add_argument("--layers", metavar="SEL", help="layers to show: 7:35 (slice), 1,4,9, or all (default)")
+    p.add_argument("--site", choices=SPHERE_SITES, default="resid_pre",
+                   help="residual site per layer (default resid_pre, the decoder layer's input)")
+    p.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
+                   help="align each layer's 3-D basis to the previous one (default on)")
+    p.add_argument("--basis", choices=("layer", "global"), default="layer",
+                   help="PCA per layer (default) or one basis fitted on all selected layers")
+    p.add_argument("--drop-first", action="store_true", help="leave out the first token (attention sink)")
+    p.add_argument("--drop-outliers", action="store_true",
+                   help="leave out tokens whose norm is more than --outlier-factor x the layer's median")
+    p.add_argument("--outlier-factor", type=float, default=8.0, metavar="X", help="outlier threshold (default 8)")
+    p.add_argument("--cluster-threshold", type=float, default=0.9, metavar="COS",
+                   help="cosine threshold for counting clusters (default 0.9)")
+    p.add_argument("--frame-seconds", type=float, default=1.0, metavar="S", help="GIF seconds per frame (default 1)")
+    p.add_argument("--no-labels", action="store_true", help="draw the points without token labels in the GIF")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="frame-rendering processes (default: cores)")
+    p.add_argument("--half", action="store_true", help="store the captured residual stream in float16")
+    p.add_argument("--out-dir", default="headlens-out", metavar="DIR", help="output directory (default headlens-out)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="full result (points, metrics, tokens) as JSON (default <out-dir>/sphere.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-direction baseline")
+    p.set_defaults(func=cmd_sphere)
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise HeadlensError(f"--prompt-file {args.prompt_file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise HeadlensError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+    else:
+        text = NOTEBOOK_PROMPT if args.prompt is None else args.prompt
+    if not text.strip():
+        raise HeadlensError("the prompt is empty" + (f" ({args.prompt_file})" if args.prompt_file else ""))
+    return text
+
+
+def cmd_sphere(args: argparse.Namespace) -> int:
+    from headlens.capture import load_tokenizer, max_positions, prompt_ids
+    from headlens.fileio import check_writable_dir
+    from headlens.loading import cast_dtype, open_model
+    from headlens.sphere_render import start_pool
+
+    prompt = read_prompt(args)
+    if args.frame_seconds <= 0:
+        raise HeadlensError(f"--frame-seconds must be positive, got {args.frame_seconds:g}")
+    if not -1.0 <= args.cluster_threshold <= 1.0:
+        raise HeadlensError(f"--cluster-threshold must be a cosine in [-1, 1], got {args.cluster_threshold:g}")
+    if args.outlier_factor <= 1.0:
+        raise HeadlensError(f"--outlier-factor must be above 1, got {args.outlier_factor:g}")
+    if args.workers is not None and args.workers < 1:
+        raise HeadlensError(f"--workers must be at least 1, got {args.workers}")
+    out_dir = Path(args.out_dir)
+    check_writable_dir(out_dir)  # created only when the first file is written
+    dtype = cast_dtype(args.dtype)
+    ck = open_model(weights=args.weights, hf_repo=args.hf_repo, revision=args.revision, cache_dir=args.cache_dir,
+                    auto_infer=args.auto_infer, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, full=True)
+    layers = parse_layers(args.layers, ck.shape.num_layers)
+    if ck.directory is None or ck.config is None:
+        raise HeadlensError("sphere runs the model: pass --weights DIR (a HuggingFace model directory with "
+                            "config.json and tokenizer) or --hf-repo, not a bare state dict")
+    spec = ck.spec
+    if args.site == "resid_mid" and (not spec.mid_input or (spec.parallel_flag and ck.config.get(spec.parallel_flag))):
+        raise HeadlensError(f"{spec.family} layers add attention and MLP to the same stream in parallel: there is "
+                            "no resid_mid; use --site resid_pre or resid_post")
+    # Everything that can be checked without the weights is checked before loading them.
+    tokenizer = load_tokenizer(ck.directory, trust_remote_code=args.trust_remote_code)
+    ids, tokens = prompt_ids(tokenizer, prompt, max_positions(ck.config), truncate=args.truncate)
+    pool = start_pool(len(layers), args.workers)  # renderers import matplotlib while the model runs
+    try:
+        return _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from headlens.capture import load_model, record_sites
+    from headlens.fileio import atomic_path, write_json
+    from headlens.sphere import SphereConfig, project
+    from headlens.sphere_html import write_sphere_html
+    from headlens.sphere_render import render_frames, write_gif, write_metrics_png
+
+    model = load_model(ck.directory, dtype, trust_remote_code=args.trust_remote_code)
+    with torch.no_grad(), record_sites(model, ck.spec, (args.site,), layers,
+                                       store_dtype=torch.float16 if args.half else None) as rec:
+        model(input_ids=ids.to(model.device))  # the one forward pass
+    if args.site in rec.missing:
+        raise HeadlensError(rec.missing[args.site] + f"; use --site resid_pre or resid_post")
+    hidden = {layer: rec.values[args.site][layer][0] for layer in layers}  # (N, d) each
+    cfg = SphereConfig(align=args.align, basis=args.basis, drop_first=args.drop_first,
+                       drop_outliers=args.drop_outliers, outlier_factor=args.outlier_factor,
+                       cluster_threshold=args.cluster_threshold, seed=args.seed)
+    result = project(hidden, tokens, cfg)
+
+    lines = [f"{ck.name}: {len(tokens)} tokens, {ck.shape.num_layers} layers, site {args.site} "
+             f"({rec.hooks[args.site]}), {len(layers)} layers selected"]
+    for o in result.outliers:
+        action = "dropped" if o.position in result.dropped else "kept; --drop-outliers leaves it out"
+        lines.append(f"outlier: token {o.position} {o.token!r} has norm {o.norm:.1f} at layer {o.layer}, "
+                     f"{o.max_ratio:.0f}x the layer's median ({action})")
+    for f, m in zip(result.frames, result.metrics):
+        ev = f.explained_variance
+        lines.append(f"layer {f.layer:3d}: PCA-3 explains {ev.sum():6.1%} (PC1 {ev[0]:.1%}, PC2 {ev[1]:.1%}, "
+                     f"PC3 {ev[2]:.1%})  mean cos {m.mean_cos:.3f}  clusters {m.n_clusters}  "
+                     f"eff. rank {m.effective_rank:.1f}")
+    if cfg.align and cfg.basis == "layer" and len(result.frames) > 1:
+        lines.append(f"alignment: movement between frames {result.movement_unaligned:.1f} -> "
+                     f"{result.movement_aligned:.1f} (sum of squared displacements on the sphere)")
+    print("\n".join(lines), flush=True)
+
+    title = f"{ck.name} {args.site}"
+    jobs = [{"points": f.points, "tokens": [tokens[i] for i in f.kept], "positions": f.kept.tolist(),
+             "title": f"{title} layer {f.layer}: PCA-3 explains {f.explained_total:.1%} of variance",
+             "labels": not args.no_labels} for f in result.frames]
+    with tqdm(total=len(jobs), desc="rendering frames", unit="frame", file=sys.stderr,
+              disable=None) as bar:
+        pngs = render_frames(jobs, pool, progress=bar.update)
+    gif = write_gif(out_dir / "tokens.gif", pngs, args.frame_seconds)
+    frames_html = [{"layer": f.layer, "points": f.points, "tokens": [tokens[i] for i in f.kept],
+                    "positions": f.kept.tolist(), "norms": f.norms3, "full_norms": f.full_norms,
+                    "explained_variance": f.explained_total, "site": args.site} for f in result.frames]
+    metrics = result.to_json()["metrics"]
+    html = write_sphere_html(out_dir / "tokens.html", frames_html, title=f"{ck.name}: {args.site} on the unit sphere",
+                             metrics=metrics)
+    mpng = write_metrics_png(out_dir / "sphere_metrics.png", metrics, cfg.cluster_threshold,
+                             f"{ck.name}: clustering of the normalised tokens through depth ({args.site})")
+    mjson = write_json(out_dir / "sphere_metrics.json", {"model": ck.describe(), "site": args.site,
+                                                         "metrics": metrics, "summary": result.summary})
+    mcsv = out_dir / "sphere_metrics.csv"
+    with atomic_path(mcsv) as tmp:
+        tmp.write_text(_metrics_csv(metrics), encoding="utf-8")
+    full = Path(args.json) if args.json else out_dir / "sphere.json"
+    write_json(full, {"model": ck.describe(), "site": args.site, "prompt": prompt, **result.to_json()})
+    out = [f"saved gif -> {gif}", f"saved html -> {html}", f"saved metrics plot -> {mpng}",
+           f"saved metrics -> {mjson}", f"saved metrics csv -> {mcsv}", f"saved json -> {full}"]
+    print("\n".join(out + result.summary))
+    return 0
+
+
+def _metrics_csv(metrics: list[dict]) -> str:
+    cols = ["layer", "n_tokens", "mean_cos", "q05", "q25", "q50", "q75", "q95", "n_clusters", "largest_cluster",
+            "effective_rank", "baseline_mean_cos", "baseline_effective_rank", "anisotropy", "mean_norm",
+            "explained_variance_3"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for m in metrics:
+        row = {**m, **m["cos_quantiles"]}
+        w.writerow([row[c] if not isinstance(row[c], float) else f"{row[c]:.6g}" for c in cols])
+    return buf.getvalue()
