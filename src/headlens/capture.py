@@ -237,7 +237,7 @@ def record_sites(
                     rec.hooks[site] = f"forward pre-hook on {spec.layers_path}.<l> (its hidden_states input)"
                 elif site == "resid_post":
                     handles.append(mod.register_forward_hook(post_output(site, layer), with_kwargs=True))
-                    rec.hooks[site] = f"forward hook on {spec.layers_path}.<l> (output[0])"
+                    rec.hooks[site] = f"forward hook on {spec.layers_path}.<l> (its output)"
                 elif site == "resid_mid":
                     if parallel or not spec.mid_input:
                         rec.missing[site] = (f"{spec.family} layers add attention and MLP to the same stream "
