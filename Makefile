@@ -32,6 +32,7 @@ demo: $(VENV)/.installed
 	rm -rf $(OUT)
 	HF_HUB_OFFLINE=1 $(BIN)/headlens ov --layer 3 --head 5 --latent-dim 8 \
 		--prompt "$(DEMO_PROMPT)" --heatmap --plot --out-dir $(OUT) --json
+	HF_HUB_OFFLINE=1 $(BIN)/headlens sphere --out-dir $(OUT)
 	@echo "files under $(OUT)/:"
 	@ls -l $(OUT)
 

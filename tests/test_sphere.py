@@ -291,3 +291,12 @@ def test_real_minilm_sphere(capsys, tmp_path):
     for fr in full["frames"]:
         np.testing.assert_allclose(np.linalg.norm(np.asarray(fr["points"]), axis=1), 1.0, rtol=1e-9)
     assert full["movement_aligned"] <= full["movement_unaligned"]
+
+
+def test_parallel_and_serial_rendering_give_the_same_gif(ckpts, capsys, tmp_path):
+    d = str(ckpts.path("qwen3", "gqa", "hf_dir"))
+    for w in ("1", "2"):
+        code = main(["sphere", "--weights", d, "--prompt", SHORT, "--out-dir", str(tmp_path / w), "--workers", w])
+        assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "1" / "tokens.gif").read_bytes() == (tmp_path / "2" / "tokens.gif").read_bytes()
+    assert (tmp_path / "2" / "sphere_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

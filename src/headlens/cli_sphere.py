@@ -95,9 +95,8 @@ def read_prompt(args) -> str:
 
 
 def cmd_sphere(args: argparse.Namespace) -> int:
-    from headlens.capture import load_tokenizer, max_positions, prompt_ids
     from headlens.fileio import check_writable_dir
-    from headlens.loading import cast_dtype, open_model
+    from headlens.loading import cast_dtype
     from headlens.sphere_render import start_pool
 
     prompt = read_prompt(args)
@@ -112,6 +111,9 @@ def cmd_sphere(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)  # created only when the first file is written
     dtype = cast_dtype(args.dtype)
+    from headlens.capture import load_tokenizer, max_positions, prompt_ids
+    from headlens.loading import open_model
+
     ck = open_model(weights=args.weights, hf_repo=args.hf_repo, revision=args.revision, cache_dir=args.cache_dir,
                     auto_infer=args.auto_infer, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, full=True)
     layers = parse_layers(args.layers, ck.shape.num_layers)
@@ -125,7 +127,8 @@ def cmd_sphere(args: argparse.Namespace) -> int:
     # Everything that can be checked without the weights is checked before loading them.
     tokenizer = load_tokenizer(ck.directory, trust_remote_code=args.trust_remote_code)
     ids, tokens = prompt_ids(tokenizer, prompt, max_positions(ck.config), truncate=args.truncate)
-    pool = start_pool(len(layers), args.workers)  # renderers import matplotlib while the model runs
+    # Renderer processes start now: their plotting imports overlap loading and running the model.
+    pool = start_pool(args.workers)
     try:
         return _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool)
     finally:
@@ -141,7 +144,7 @@ def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
     from headlens.fileio import atomic_path, write_json
     from headlens.sphere import SphereConfig, project
     from headlens.sphere_html import write_sphere_html
-    from headlens.sphere_render import render_frames, write_gif, write_metrics_png
+    from headlens.sphere_render import Deferred, render_frame, write_gif, write_metrics_png
 
     model = load_model(ck.directory, dtype, trust_remote_code=args.trust_remote_code)
     with torch.no_grad(), record_sites(model, ck.spec, (args.site,), layers,
@@ -155,8 +158,8 @@ def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
                        cluster_threshold=args.cluster_threshold, seed=args.seed)
     result = project(hidden, tokens, cfg)
 
-    lines = [f"{ck.name}: {len(tokens)} tokens, {ck.shape.num_layers} layers, site {args.site} "
-             f"({rec.hooks[args.site]}), {len(layers)} layers selected"]
+    lines = [f"{ck.name}: {len(tokens)} tokens, {len(layers)} of {ck.shape.num_layers} layers; site {args.site}: "
+             f"{rec.hooks[args.site]}"]
     for o in result.outliers:
         action = "dropped" if o.position in result.dropped else "kept; --drop-outliers leaves it out"
         lines.append(f"outlier: token {o.position} {o.token!r} has norm {o.norm:.1f} at layer {o.layer}, "
@@ -175,18 +178,18 @@ def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
     jobs = [{"points": f.points, "tokens": [tokens[i] for i in f.kept], "positions": f.kept.tolist(),
              "title": f"{title} layer {f.layer}: PCA-3 explains {f.explained_total:.1%} of variance",
              "labels": not args.no_labels} for f in result.frames]
-    with tqdm(total=len(jobs), desc="rendering frames", unit="frame", file=sys.stderr,
-              disable=None) as bar:
-        pngs = render_frames(jobs, pool, progress=bar.update)
-    gif = write_gif(out_dir / "tokens.gif", pngs, args.frame_seconds)
+    metrics = result.to_json()["metrics"]
+    mpng = out_dir / "sphere_metrics.png"
+    mpng_args = (mpng, metrics, cfg.cluster_threshold,
+                 f"{ck.name}: clustering of the normalised tokens through depth ({args.site})")
+    # Worker processes draw the frames and the metrics plot while this process writes the page and tables.
+    frame_calls = [Deferred(pool, render_frame, job) for job in jobs]
+    metrics_call = Deferred(pool, write_metrics_png, *mpng_args)
     frames_html = [{"layer": f.layer, "points": f.points, "tokens": [tokens[i] for i in f.kept],
                     "positions": f.kept.tolist(), "norms": f.norms3, "full_norms": f.full_norms,
                     "explained_variance": f.explained_total, "site": args.site} for f in result.frames]
-    metrics = result.to_json()["metrics"]
     html = write_sphere_html(out_dir / "tokens.html", frames_html, title=f"{ck.name}: {args.site} on the unit sphere",
                              metrics=metrics)
-    mpng = write_metrics_png(out_dir / "sphere_metrics.png", metrics, cfg.cluster_threshold,
-                             f"{ck.name}: clustering of the normalised tokens through depth ({args.site})")
     mjson = write_json(out_dir / "sphere_metrics.json", {"model": ck.describe(), "site": args.site,
                                                          "metrics": metrics, "summary": result.summary})
     mcsv = out_dir / "sphere_metrics.csv"
@@ -194,6 +197,13 @@ def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
         tmp.write_text(_metrics_csv(metrics), encoding="utf-8")
     full = Path(args.json) if args.json else out_dir / "sphere.json"
     write_json(full, {"model": ck.describe(), "site": args.site, "prompt": prompt, **result.to_json()})
+    with tqdm(total=len(jobs), desc="rendering frames", unit="frame", file=sys.stderr, disable=None) as bar:
+        pngs = []
+        for call in frame_calls:  # in layer order
+            pngs.append(call.result())
+            bar.update(1)
+    gif = write_gif(out_dir / "tokens.gif", pngs, args.frame_seconds)
+    metrics_call.result()
     out = [f"saved gif -> {gif}", f"saved html -> {html}", f"saved metrics plot -> {mpng}",
            f"saved metrics -> {mjson}", f"saved metrics csv -> {mcsv}", f"saved json -> {full}"]
     print("\n".join(out + result.summary))

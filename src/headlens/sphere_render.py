@@ -9,6 +9,7 @@ import io
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -93,31 +94,48 @@ def _png(rgba: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-PARALLEL_MIN_FRAMES = 8  # below this, starting worker processes costs more than it saves
-
-
 def warm_up() -> None:
     """Import the plotting stack in a worker before frames arrive."""
     _pyplot()
     import mpl_toolkits.mplot3d  # noqa: F401
+    import PIL.Image  # noqa: F401
 
 
-def start_pool(n_frames: int, workers: int | None = None) -> ProcessPoolExecutor | None:
-    """A pool of frame renderers, started early so its imports overlap the model's forward pass.
+def start_pool(workers: int | None = None) -> ProcessPoolExecutor | None:
+    """A pool of renderer processes, started early so their imports overlap loading and running the model.
 
-    None when one process is enough (one core, few frames, or ``workers == 1``).
+    ``workers=None`` uses up to 4 cores; None is returned when one process is all there is (one core, or
+    ``workers == 1``), and frames are then drawn in this process.
     """
     if workers is None:
-        if n_frames < PARALLEL_MIN_FRAMES:
-            return None
-        workers = min(n_frames, os.cpu_count() or 1)
-    if workers <= 1 or n_frames <= 1:
+        workers = min(os.cpu_count() or 1, 4)
+    if workers <= 1:
         return None
     ctx = mp.get_context("spawn")  # no fork of a process that holds torch's thread pools
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     for _ in range(workers):
         pool.submit(warm_up)
     return pool
+
+
+class Deferred:
+    """A call run in the pool when there is one, or here (also when the pool broke, e.g. no importable main)."""
+
+    def __init__(self, pool: ProcessPoolExecutor | None, fn: Callable, *args):
+        self.fn, self.args, self.future = fn, args, None
+        if pool is not None:
+            try:
+                self.future = pool.submit(fn, *args)
+            except BrokenProcessPool:
+                self.future = None
+
+    def result(self):
+        if self.future is not None:
+            try:
+                return self.future.result()
+            except BrokenProcessPool:
+                pass
+        return self.fn(*self.args)
 
 
 def render_frames(jobs: list[dict], pool: ProcessPoolExecutor | None = None,
