@@ -30,6 +30,8 @@ class ArchSpec:
     family: str  # a readable family name
     layers_path: str  # dotted path of the layer list, e.g. "layers", "h", "encoder.layer"
     layout: str  # "separate" | "fused_concat" | "conv1d" | "interleaved"
+    q: str = "self_attn.q_proj.weight"  # query projection (separate layout)
+    k: str = "self_attn.k_proj.weight"  # key projection (separate layout)
     v: str = "self_attn.v_proj.weight"  # value projection (separate layout)
     o: str = "self_attn.o_proj.weight"  # output projection
     qkv: str | None = None  # fused projection (other layouts)
@@ -104,6 +106,8 @@ SPECS: dict[str, ArchSpec] = {
         "BERT",
         layers_path="encoder.layer",
         layout="separate",
+        q="attention.self.query.weight",
+        k="attention.self.key.weight",
         v="attention.self.value.weight",
         o="attention.output.dense.weight",
         attn_module="attention.self",
@@ -175,6 +179,8 @@ class LayerKeys:
     o: str
     qkv: str | None
     norm: str | None
+    q: str | None = None
+    k: str | None = None
 
 
 class KeyMap:
@@ -225,4 +231,6 @@ class KeyMap:
             o=base + s.o,
             qkv=base + s.qkv if s.qkv else None,
             norm=norm if norm in self._keys else None,
+            q=base + s.q if s.layout == "separate" else None,
+            k=base + s.k if s.layout == "separate" else None,
         )

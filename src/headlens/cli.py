@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     from headlens.cli_sphere import add_parser as add_sphere_parser
 
     add_sphere_parser(sub, add_model_args)
+
+    from headlens.cli_sweep import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub, add_model_args)
     from headlens.cli_diagram import add_parser as add_diagram_parser
     add_diagram_parser(sub, add_model_args)
     return parser

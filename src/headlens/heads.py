@@ -111,3 +111,63 @@ def read_head(
         v = v * gain.to(load_dtype).to(compute_dtype)[None, :]  # W_V diag(gamma)
     return HeadFactors(layer=layer, head=head, kv_head=g, W_O=o.contiguous(), W_V=v.contiguous(), gain=gain,
                        norm_key=norm_key, norm_folded=fold_norm, tensor_names=names)
+
+
+@dataclass
+class LayerFactors:
+    """Every head's blocks of one layer, batched (Linear layout, float64 unless asked otherwise)."""
+
+    layer: int
+    W_Q: torch.Tensor | None  # (H, hd, d)
+    W_K: torch.Tensor | None  # (G, hd, d)
+    W_V: torch.Tensor  # (G, hd, d); input side scaled by the norm gain when ``norm_folded``
+    W_O: torch.Tensor  # (H, d, hd)
+    norm_folded: bool
+
+
+def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool = False,
+               load_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float64) -> LayerFactors:
+    """All heads' W_Q, W_K, W_V, W_O of ``layer``, split per head for every layout in the spec table."""
+    check_layer_head(ck, layer)
+    s, spec, keys = ck.shape, ck.spec, ck.layer_keys(layer)
+    hd, d, H, G = s.head_dim, s.hidden_size, s.num_heads, s.num_kv_heads
+
+    def get(name: str | None, what: str) -> torch.Tensor:
+        assert name is not None
+        return _finite(ck.tensors.read(name), name).to(load_dtype)
+
+    q = k = None
+    if spec.layout == "separate":
+        v = get(keys.v, "v")  # (G*hd, d)
+        o = get(keys.o, "o")  # (d, H*hd)
+        if with_qk:
+            q, k = get(keys.q, "q"), get(keys.k, "k")
+    else:
+        qkv = get(keys.qkv, "qkv")
+        if spec.layout == "fused_concat":  # rows q | k | v
+            q, k, v = qkv[: H * hd], qkv[H * hd: (H + G) * hd], qkv[(H + G) * hd:]
+        elif spec.layout == "conv1d":  # (d, 3*H*hd) -> Linear layout (3*H*hd, d)
+            qkv = qkv.T
+            q, k, v = qkv[: H * hd], qkv[H * hd: 2 * H * hd], qkv[2 * H * hd:]
+        else:  # interleaved: (H * [q_h; k_h; v_h], d)
+            per = qkv.reshape(H, 3, hd, d)
+            q, k, v = (per[:, i].reshape(H * hd, d) for i in range(3))
+        o = get(keys.o, "o")
+        if spec.layout == "conv1d":
+            o = o.T  # c_proj is (H*hd, d)
+        if not with_qk:
+            q = k = None
+    if tuple(v.shape) != (G * hd, d) or tuple(o.shape) != (d, H * hd):
+        raise HeadlensError(f"unexpected shapes in layer {layer}: W_V {tuple(v.shape)}, W_O {tuple(o.shape)}")
+    W_V = v.to(compute_dtype).reshape(G, hd, d)
+    W_O = o.to(compute_dtype).reshape(d, H, hd).permute(1, 0, 2)  # (H, d, hd)
+    W_Q = q.to(compute_dtype).reshape(H, hd, d) if q is not None else None
+    W_K = k.to(compute_dtype).reshape(G, hd, d) if k is not None else None
+    if fold_norm:
+        gain, _ = norm_gain(ck, layer, compute_dtype)
+        if gain is None:
+            raise HeadlensError(f"--fold-norm: no norm weight feeding layer {layer}'s attention in {ck.name}")
+        W_V = W_V * gain
+        W_Q = W_Q * gain if W_Q is not None else None
+        W_K = W_K * gain if W_K is not None else None
+    return LayerFactors(layer=layer, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, norm_folded=fold_norm)

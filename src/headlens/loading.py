@@ -300,7 +300,8 @@ class HubRepo:
 FULL_MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
-def _open_hub(hub: HubRepo, layers: list[int] | None, full: bool) -> tuple[TensorSource, dict, Path, list[str]]:
+def _open_hub(hub: HubRepo, layers: list[int] | None, full: bool,
+              roles: tuple[str, ...] = ("v", "o", "qkv", "norm")) -> tuple[TensorSource, dict, Path, list[str]]:
     """Tensors of the repo: all of it when ``full``, else only the shards holding ``layers``' attention."""
     config_path = hub.file("config.json")
     assert config_path is not None
@@ -330,7 +331,7 @@ def _open_hub(hub: HubRepo, layers: list[int] | None, full: bool) -> tuple[Tenso
     for layer in wanted_layers:
         if 0 <= layer < keymap.num_layers:
             lk = keymap.layer(layer)
-            wanted.update(k for k in (lk.v, lk.o, lk.qkv, lk.norm) if k)
+            wanted.update(k for k in (getattr(lk, role) for role in roles) if k)
     lk0 = keymap.layer(0)  # shape inference reads layer 0
     wanted.update(k for k in (lk0.v, lk0.o, lk0.qkv) if k)
     shards = sorted({weight_map[k] for k in wanted if k in weight_map})
@@ -376,11 +377,13 @@ def open_model(
     num_kv_heads: int | None = None,
     layers: list[int] | None = None,
     full: bool = False,
+    roles: tuple[str, ...] = ("v", "o", "qkv", "norm"),
 ) -> Checkpoint:
     """Resolve a checkpoint. With neither ``weights`` nor ``hf_repo`` the embedded default is used.
 
-    ``layers`` limits which layers' shards a hub repo downloads (weight-only analyses); ``full`` fetches
-    everything a forward pass needs (config, all weights, tokenizer).
+    ``layers`` limits which layers' shards a hub repo downloads (weight-only analyses) and ``roles`` which
+    of their tensors (``q``, ``k``, ``v``, ``o``, ``qkv``, ``norm``); ``full`` fetches everything a forward
+    pass needs (config, all weights, tokenizer).
     """
     if weights is not None and hf_repo is not None:
         raise HeadlensError("give either --weights or --hf-repo, not both")
@@ -388,7 +391,7 @@ def open_model(
     all_keys: list[str] = []
     if hf_repo is not None:
         hub = HubRepo(hf_repo, revision, cache_dir)
-        tensors, config, directory, all_keys = _open_hub(hub, layers, full)
+        tensors, config, directory, all_keys = _open_hub(hub, layers, full, roles)
         name, source = hf_repo.split("/")[-1], f"hub:{hf_repo}" + (f"@{revision}" if revision else "")
     else:
         if weights is None:

@@ -1,9 +1,9 @@
 """Lazy tensor access over every checkpoint format headlens accepts.
 
 A :class:`TensorSource` lists tensor names and shapes and reads one tensor, or a row/column block of
-one, on demand. Safetensors files are read through ``safe_open`` slices, so only the bytes of the
-requested block are touched; ``.pt``/``.bin`` state dicts go through ``torch.load(weights_only=True,
-mmap=True)``.
+one, on demand. Safetensors files are read with positional reads of just the requested bytes (row blocks
+are contiguous), never memory-mapped, so memory stays bounded by what the caller holds; ``.pt``/``.bin``
+state dicts go through ``torch.load(weights_only=True, mmap=True)``.
 """
 
 from __future__ import annotations
@@ -46,17 +46,15 @@ class TensorSource:
         return name in set(self.keys())
 
 
-def _torch_dtype(st_dtype: str) -> torch.dtype:
-    table = {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
-    return table.get(st_dtype, torch.float32)
+_ST_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Validate the header and that the file holds every byte it declares (catches truncation)."""
+def _read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(data start offset, header dict); checks the file holds every byte its header declares."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -78,35 +76,45 @@ def _check_safetensors_header(path: Path) -> None:
         if name == "__metadata__":
             continue
         try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise HeadlensError(f"{path} is not a valid safetensors file (bad entry for {name!r})") from None
+            begin, stop = (int(v) for v in info["data_offsets"])
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"unsupported dtype {info['dtype']}")
+            n_el = 1
+            for dim in info["shape"]:
+                n_el *= int(dim)
+            if stop - begin != n_el * _ST_DTYPES[info["dtype"]][1] or begin < 0:
+                raise ValueError("byte range does not match shape and dtype")
+            end = max(end, stop)
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise HeadlensError(f"{path} is not a valid safetensors file (bad entry for {name!r}: {exc})") from None
     if 8 + n + end > size:
         raise HeadlensError(
             f"{path} is truncated: its header declares {8 + n + end} bytes but the file has {size}"
         )
+    return 8 + n, header
 
 
 class SafetensorsSource(TensorSource):
-    """One or more safetensors files (a sharded checkpoint maps each tensor to its shard)."""
+    """One or more safetensors files (a sharded checkpoint maps each tensor to its shard).
+
+    Tensors are read with positional reads of just the bytes asked for (a row block is one contiguous
+    range), not through a memory map: pages of a mapped file stay resident while it is open, so a sweep
+    over a model larger than RAM would grow without bound. Memory is what the returned tensors hold.
+    """
 
     def __init__(self, files: dict[str, Path] | Path, description: str = ""):
-        from safetensors import safe_open
-
-        self._handles: dict[Path, object] = {}
-        self._where: dict[str, Path] = {}
+        self._info: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
         paths = [files] if isinstance(files, Path) else sorted(set(files.values()))
         for path in paths:
-            _check_safetensors_header(path)
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise HeadlensError(f"{path} is not a valid safetensors file ({exc})") from None
-            self._handles[path] = handle
-            for k in handle.keys():
-                self._where[k] = path
+            data_start, header = _read_safetensors_header(path)
+            for k, info in header.items():
+                if k == "__metadata__":
+                    continue
+                b, e = info["data_offsets"]
+                self._info[k] = (path, info["dtype"], tuple(int(x) for x in info["shape"]), data_start + b,
+                                 data_start + e)
         if not isinstance(files, Path):
-            missing = [k for k, p in files.items() if k not in self._where]
+            missing = [k for k in files if k not in self._info]
             if missing:
                 raise HeadlensError(
                     f"the shard index names {len(missing)} tensors that its shards do not hold "
@@ -115,26 +123,47 @@ class SafetensorsSource(TensorSource):
         self.description = description or str(paths[0])
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._info)
 
-    def _slice(self, name: str):
+    def _get(self, name: str):
         try:
-            return self._handles[self._where[name]].get_slice(name)
+            return self._info[name]
         except KeyError:
             raise HeadlensError(f"tensor {name!r} not found in {self.description}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._get(name)[2]
 
     def dtype(self, name: str) -> torch.dtype:
-        return _torch_dtype(self._slice(name).get_dtype())
+        return _ST_DTYPES[self._get(name)[1]][0]
 
     def read(self, name: str, index: Index = None) -> torch.Tensor:
-        sl = self._slice(name)
+        path, st_dtype, shape, begin, end = self._get(name)
+        dtype, itemsize = _ST_DTYPES[st_dtype]
+        rows, cols = (index if isinstance(index, tuple) else (index, None)) if index is not None else (None, None)
+        row_len = 1
+        for dim in shape[1:]:
+            row_len *= dim
+        lo, hi = 0, shape[0] if shape else 1
+        if rows is not None and shape:
+            lo, hi, step = rows.indices(shape[0])
+            if step != 1:
+                raise HeadlensError(f"strided row reads are not supported ({name})")
+        count = max(hi - lo, 0) * row_len if shape else 1
+        buf = bytearray(count * itemsize)
         try:
-            return sl[:] if index is None else sl[index]
-        except Exception as exc:
-            raise HeadlensError(f"cannot read tensor {name!r} from {self.description}: {exc}") from None
+            with open(path, "rb", buffering=0) as fh:
+                fh.seek(begin + lo * row_len * itemsize)
+                got = fh.readinto(buf)
+        except OSError as exc:
+            raise HeadlensError(f"cannot read tensor {name!r} from {path}: {exc.strerror or exc}") from None
+        if got != len(buf):
+            raise HeadlensError(f"{path} ended early while reading {name!r}")
+        t = torch.frombuffer(buf, dtype=dtype) if count else torch.empty(0, dtype=dtype)
+        t = t.reshape((max(hi - lo, 0),) + tuple(shape[1:])) if shape else t.reshape(())
+        if cols is not None:
+            t = t[:, cols]
+        return t
 
 
 class StateDictSource(TensorSource):
