@@ -236,3 +236,18 @@ def test_real_minilm_sweep(capsys, tmp_path):
         E = np.cumsum(s**2) / np.sum(s**2)
         assert row["ov_rel_error_k8"] == pytest.approx(np.sqrt(1 - E[7]), rel=1e-6)
     assert summary["layers"] == [1, 4] and len(heads) == 24
+
+
+def test_budget_reports_held_out_errors_of_data_aware_latents():
+    g = torch.Generator().manual_seed(5)
+    H, G, d, hd = 4, 2, 24, 6
+    W_O = torch.randn(H, d, hd, generator=g, dtype=torch.float64)
+    W_V = torch.randn(G, hd, d, generator=g, dtype=torch.float64)
+    X = torch.randn(d, 60, generator=g, dtype=torch.float64)
+    r = analyze_layer(0, W_O, W_V, SweepConfig(ks=[2]), X_fit=X[:, ::2], X_test=X[:, 1::2])
+    b = budget([r], BudgetTarget("error", 0.5), G, hd, 2)
+    for row, grow in zip(b["rows"], r.group_rows):
+        assert row["err_data_heldout"] is not None and 0 <= row["err_data_heldout"] <= 1
+        if row["k_data"] == 2:
+            assert row["err_data_heldout"] == pytest.approx(grow["stack_white_heldout_k2"], rel=1e-10)
+    assert b["totals"]["mean_err_data_heldout"] is not None

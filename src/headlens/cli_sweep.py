@@ -194,15 +194,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             Xf, Xt = Xl[:, 0::2], Xl[:, 1::2]
         r = analyze_layer(layer, f.W_O, f.W_V, cfg, f.W_Q, f.W_K, Xf, Xt)
         done[layer] = {"head_rows": r.head_rows, "group_rows": r.group_rows, "group_plain": r.group_plain.tolist(),
-                       "group_white": None if r.group_white is None else r.group_white.tolist()}
+                       "group_white": None if r.group_white is None else r.group_white.tolist(),
+                       "group_white_heldout": (None if r.group_white_heldout is None
+                                               else r.group_white_heldout.tolist())}
         write_json(parts / f"layer_{layer:04d}.json", done[layer])
 
     results = [LayerResult(layer=layer, head_rows=done[layer]["head_rows"], group_rows=done[layer]["group_rows"],
                            group_plain=torch.tensor(done[layer]["group_plain"], dtype=torch.float64),
-                           group_white=(None if done[layer]["group_white"] is None
-                                        else torch.tensor(done[layer]["group_white"], dtype=torch.float64)))
+                           group_white=_tensor(done[layer]["group_white"]),
+                           group_white_heldout=_tensor(done[layer].get("group_white_heldout")))
                for layer in layers]
     return _write_outputs(args, ck, cfg, target, results, out_dir, n_calib, texts is not None)
+
+
+def _tensor(values):
+    import torch
+
+    return None if values is None else torch.tensor(values, dtype=torch.float64)
 
 
 def _hash(texts: list[str]) -> str:
@@ -254,6 +262,10 @@ def _write_outputs(args, ck, cfg, target, results, out_dir: Path, n_calib: int, 
     lines.append(f"uniform allocation with the same total (k={tot['uniform_k']:.1f} per kv group): mean/max error "
                  f"{tot['mean_err_uniform']:.3f}/{tot['max_err_uniform']:.3f} vs budgeted "
                  f"{tot['mean_err_plain']:.3f}/{tot['max_err_plain']:.3f}")
+    if data:
+        lines.append(f"data-aware latents: predicted mean/max error {tot['mean_err_data']:.3f}/{tot['max_err_data']:.3f}"
+                     f" (fit tokens), measured on held-out tokens {tot['mean_err_data_heldout']:.3f}/"
+                     f"{tot['max_err_data_heldout']:.3f}")
     for p in files + images + bfiles + [jpath, page]:
         lines.append(f"saved -> {p}")
     print("\n".join(lines))

@@ -116,6 +116,7 @@ class LayerResult:
     group_rows: list[dict]
     group_plain: torch.Tensor  # (G, r) singular values of the stacked kv-group operators
     group_white: torch.Tensor | None  # (G, r) whitened singular values on the fit tokens
+    group_white_heldout: torch.Tensor | None = None  # (G, r) held-out error of the data-aware latent, k = 1..r
 
 
 def _spectrum_columns(prefix: str, S: torch.Tensor, d: int, eps: float, ks: list[int] | None,
@@ -177,7 +178,7 @@ def analyze_layer(
     vcols = _spectrum_columns("v", Sv, d, eps, None, levels=(0.9,))
     group_cols.update({k: vcols[k] for k in ("v_rank", "v_sigma_max", "v_rank_e90")})
 
-    white_g = None
+    white_g = white_g_heldout = None
     if data:
         assert X_test is not None
         Yf = W_V @ X_fit  # (G, hd, N_fit)
@@ -201,9 +202,11 @@ def analyze_layer(
                 cols[f"{prefix}white_heldout_k{k}"] = white_test[:, j].tolist()
             if prefix:
                 white_g = white
+                white_g_heldout = _subspace_errors(WU, Tt, list(range(1, WU.shape[-1] + 1)))
     heads = _rows(H, {"layer": [layer] * H, "head": list(range(H)), "kv_head": group.tolist()}, head_cols)
     groups = _rows(G, {"layer": [layer] * G, "kv_head": list(range(G)), "group_size": [H // G] * G}, group_cols)
-    return LayerResult(layer=layer, head_rows=heads, group_rows=groups, group_plain=Sg, group_white=white_g)
+    return LayerResult(layer=layer, head_rows=heads, group_rows=groups, group_plain=Sg, group_white=white_g,
+                       group_white_heldout=white_g_heldout)
 
 
 # --------------------------------------------------------------------------------------------- budget
@@ -228,6 +231,13 @@ class BudgetTarget:
         return f"{self.kind} {self.value:g}"
 
 
+def _heldout(r: LayerResult, g: int, k: int) -> float | None:
+    """Held-out error of group g's data-aware latent of size k (1.0 at k = 0)."""
+    if r.group_white_heldout is None:
+        return None
+    return 1.0 if k <= 0 else float(r.group_white_heldout[g, min(k, r.group_white_heldout.shape[1]) - 1])
+
+
 def _uniform_split(total: int, n: int, cap: int) -> list[int]:
     base, extra = divmod(total, n)
     return [min(base + (1 if i < extra else 0), cap) for i in range(n)]
@@ -249,11 +259,12 @@ def budget(results: list[LayerResult], target: BudgetTarget, num_kv_heads: int, 
             Sp = r.group_plain[g]
             kp = target.k_for(Sp)
             row = {"layer": r.layer, "kv_head": g, "k_plain": kp, "err_plain": float(tail_error(Sp, kp)),
-                   "k_data": None, "err_data": None}
+                   "k_data": None, "err_data": None, "err_data_heldout": None}
             if data:
                 Sw = r.group_white[g]
                 kd = target.k_for(Sw)
-                row.update(k_data=kd, err_data=float(tail_error(Sw, kd)))
+                row.update(k_data=kd, err_data=float(tail_error(Sw, kd)),
+                           err_data_heldout=_heldout(r, g, kd))
             rows.append(row)
     total = sum(r["k_plain"] for r in rows)
     uni = _uniform_split(total, len(rows), head_dim)
@@ -263,6 +274,7 @@ def budget(results: list[LayerResult], target: BudgetTarget, num_kv_heads: int, 
         row["k_uniform"] = ku
         row["err_uniform_plain"] = float(tail_error(res.group_plain[row["kv_head"]], ku))
         row["err_uniform_data"] = (float(tail_error(res.group_white[row["kv_head"]], ku)) if data else None)
+        row["err_uniform_data_heldout"] = _heldout(res, row["kv_head"], ku) if data else None
     before_layer = 2 * num_kv_heads * head_dim * bytes_per_value
     per_layer = []
     for r in results:
@@ -287,6 +299,8 @@ def budget(results: list[LayerResult], target: BudgetTarget, num_kv_heads: int, 
     mu, xu = stats("err_uniform_plain")
     md, xd = stats("err_data")
     mud, xud = stats("err_uniform_data")
+    mdh, xdh = stats("err_data_heldout")
+    muh, xuh = stats("err_uniform_data_heldout")
     totals = {
         "kv_bytes_before": before,
         "kv_bytes_after_plain": after_p,
@@ -300,6 +314,8 @@ def budget(results: list[LayerResult], target: BudgetTarget, num_kv_heads: int, 
         "mean_err_uniform": mu, "max_err_uniform": xu,
         "mean_err_data": md, "max_err_data": xd,
         "mean_err_uniform_data": mud, "max_err_uniform_data": xud,
+        "mean_err_data_heldout": mdh, "max_err_data_heldout": xdh,
+        "mean_err_uniform_data_heldout": muh, "max_err_uniform_data_heldout": xuh,
     }
     return {"target": target.label(), "bytes_per_value": bytes_per_value, "rows": rows, "per_layer": per_layer,
             "totals": totals}

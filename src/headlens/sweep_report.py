@@ -331,13 +331,17 @@ def _panel(ax, grid: np.ndarray, layers: list[int], heads: list[int], edges: lis
         ax.axvline(x, color="white", lw=0.8, alpha=0.9)
     if grid.size <= _ANNOTATE_MAX_CELLS:
         norm = im.norm
+        texts = {ij: format(v, fmt) if np.isfinite(v) else "n/a" for ij, v in np.ndenumerate(grid)}
+        cell_pt = ax.get_position().width * ax.figure.get_figwidth() * 72 / max(grid.shape[1], 1)
+        widest = max(len(t) for t in texts.values())
+        size = min(max(0.8 * cell_pt / (0.6 * widest), 5.0), 9.0)  # a character is ~0.6 em wide
         for (i, j), v in np.ndenumerate(grid):
             if not np.isfinite(v):
-                ax.text(j, i, "n/a", ha="center", va="center", fontsize=8, color="0.3")
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=size, color="0.3")
                 continue
             r, g, b, _ = im.cmap(norm(v))
             dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8,
+            ax.text(j, i, texts[(i, j)], ha="center", va="center", fontsize=size,
                     color="white" if dark else "black")
     return im
 
@@ -835,10 +839,18 @@ def _budget_section(budget: dict | None) -> str:
                    f"<td>{_e(_fmt_bytes(after))}</td><td>{_e(_fmt_pct(saving(after, f'saving_{kind}_pct')))}</td>"
                    f"<td>{_e(_fmt_err(mean))}</td><td>{_e(_fmt_err(mx))}</td></tr>")
     out.append("</tbody></table>")
-    if any(r.get("err_uniform_data") is not None for r in rows):
-        mean, mx = _row_errors(rows, "err_uniform_data")
+    if totals.get("mean_err_uniform_data") is not None or any(r.get("err_uniform_data") is not None
+                                                               for r in rows):
+        mean, mx = err("uniform_data", "err_uniform_data")
         out.append(f"<p class=\"note\">uniform k with the data-aware latent: mean error {_e(_fmt_err(mean))}, "
-                   f"max {_e(_fmt_err(mx))}.</p>")
+                   f"max {_e(_fmt_err(mx))} (predicted on the fit tokens).</p>")
+    if totals.get("mean_err_data_heldout") is not None:
+        out.append(f"<p class=\"note\">data-aware errors above are predicted from the whitened spectrum of the fit "
+                   f"tokens; measured on held-out tokens: budgeted mean "
+                   f"{_e(_fmt_err(totals.get('mean_err_data_heldout')))}, max "
+                   f"{_e(_fmt_err(totals.get('max_err_data_heldout')))}; uniform k mean "
+                   f"{_e(_fmt_err(totals.get('mean_err_uniform_data_heldout')))}, max "
+                   f"{_e(_fmt_err(totals.get('max_err_uniform_data_heldout')))}.</p>")
     if totals:
         out.append("<details><summary>all totals</summary><table class=\"kv\"><tbody>")
         for k, v in totals.items():
