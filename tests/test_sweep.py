@@ -251,3 +251,21 @@ def test_budget_reports_held_out_errors_of_data_aware_latents():
         if row["k_data"] == 2:
             assert row["err_data_heldout"] == pytest.approx(grow["stack_white_heldout_k2"], rel=1e-10)
     assert b["totals"]["mean_err_data_heldout"] is not None
+
+
+def test_non_finite_weights_are_named(ckpts, capsys, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(ckpts.path("llama", "gqa", "safetensors")))
+    sd["model.layers.1.self_attn.o_proj.weight"][2, 7] = float("inf")
+    f = tmp_path / "inf.safetensors"
+    save_file(sd, str(f))
+    out_dir = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["sweep", "--weights", str(f), "--num-heads", "4", "--out-dir", str(out_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "model.layers.1.self_attn.o_proj.weight has 1 non-finite values" in err
+    # layer 0 finished before the bad tensor was met: its part is kept for --resume, no table was written
+    assert sorted(p.name for p in (out_dir / "sweep_layers").iterdir()) == ["layer_0000.json", "run.json"]
+    assert not (out_dir / "sweep_heads.csv").exists()

@@ -140,6 +140,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     texts = read_calibration(args)
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
+    _preload_report_modules()  # their imports overlap the layer loop, whose torch kernels release the GIL
     dtype = cast_dtype(args.dtype)
     ck = open_model(weights=args.weights, hf_repo=args.hf_repo, revision=args.revision, cache_dir=args.cache_dir,
                     auto_infer=args.auto_infer, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
@@ -205,6 +206,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                            group_white_heldout=_tensor(done[layer].get("group_white_heldout")))
                for layer in layers]
     return _write_outputs(args, ck, cfg, target, results, out_dir, n_calib, texts is not None)
+
+
+def _preload_report_modules() -> None:
+    import threading
+
+    def load() -> None:
+        try:
+            import headlens.sweep_report  # noqa: F401
+            from headlens.sweep_report import _pyplot, _pyarrow
+
+            _pyplot()
+            _pyarrow()
+        except Exception:  # the writers report their own errors when called
+            pass
+
+    threading.Thread(target=load, daemon=True).start()
 
 
 def _tensor(values):

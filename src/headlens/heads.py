@@ -125,16 +125,45 @@ class LayerFactors:
     norm_folded: bool
 
 
+def read_layer_raw(ck: Checkpoint, layer: int, with_qk: bool = True) -> dict[str, torch.Tensor]:
+    """The stored tensors :func:`read_layer` needs, as stored (no conversion): cheap to run in a thread."""
+    check_layer_head(ck, layer)
+    keys = ck.layer_keys(layer)
+    names = [keys.v, keys.o] + ([keys.q, keys.k] if with_qk else []) if ck.spec.layout == "separate" \
+        else [keys.qkv, keys.o]
+    return {n: ck.tensors.read(n) for n in names if n}
+
+
+def _convert(t: torch.Tensor, load_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Round to ``load_dtype`` (what the model runs in), then widen; one pass when the rounding is exact."""
+    exact = {torch.float32: (torch.bfloat16, torch.float16, torch.float32),
+             torch.float64: (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
+    if t.dtype in exact.get(load_dtype, ()):
+        return t.to(compute_dtype)
+    return t.to(load_dtype).to(compute_dtype)
+
+
 def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool = False,
-               load_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float64) -> LayerFactors:
-    """All heads' W_Q, W_K, W_V, W_O of ``layer``, split per head for every layout in the spec table."""
+               load_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float64,
+               raw: dict[str, torch.Tensor] | None = None, qk_dtype: torch.dtype | None = None) -> LayerFactors:
+    """All heads' W_Q, W_K, W_V, W_O of ``layer``, split per head for every layout in the spec table.
+
+    ``raw`` takes tensors already read by :func:`read_layer_raw`; ``qk_dtype`` (default ``compute_dtype``)
+    is the precision of W_Q and W_K.
+    """
     check_layer_head(ck, layer)
     s, spec, keys = ck.shape, ck.spec, ck.layer_keys(layer)
     hd, d, H, G = s.head_dim, s.hidden_size, s.num_heads, s.num_kv_heads
+    raw = raw if raw is not None else read_layer_raw(ck, layer, with_qk)
+    qk_dtype = qk_dtype or compute_dtype
 
     def get(name: str | None, what: str) -> torch.Tensor:
         assert name is not None
-        return _finite(ck.tensors.read(name), name).to(load_dtype)
+        t = raw[name]
+        # A sum propagates NaN/inf and is one cheap pass; the full count only runs when it is not finite.
+        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float64)):
+            _finite(t, name)
+        return t
 
     q = k = None
     if spec.layout == "separate":
@@ -159,15 +188,15 @@ def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool
             q = k = None
     if tuple(v.shape) != (G * hd, d) or tuple(o.shape) != (d, H * hd):
         raise HeadlensError(f"unexpected shapes in layer {layer}: W_V {tuple(v.shape)}, W_O {tuple(o.shape)}")
-    W_V = v.to(compute_dtype).reshape(G, hd, d)
-    W_O = o.to(compute_dtype).reshape(d, H, hd).permute(1, 0, 2)  # (H, d, hd)
-    W_Q = q.to(compute_dtype).reshape(H, hd, d) if q is not None else None
-    W_K = k.to(compute_dtype).reshape(G, hd, d) if k is not None else None
+    W_V = _convert(v, load_dtype, compute_dtype).reshape(G, hd, d)
+    W_O = _convert(o, load_dtype, compute_dtype).reshape(d, H, hd).permute(1, 0, 2)  # (H, d, hd)
+    W_Q = _convert(q, load_dtype, qk_dtype).reshape(H, hd, d) if q is not None else None
+    W_K = _convert(k, load_dtype, qk_dtype).reshape(G, hd, d) if k is not None else None
     if fold_norm:
         gain, _ = norm_gain(ck, layer, compute_dtype)
         if gain is None:
             raise HeadlensError(f"--fold-norm: no norm weight feeding layer {layer}'s attention in {ck.name}")
         W_V = W_V * gain
-        W_Q = W_Q * gain if W_Q is not None else None
-        W_K = W_K * gain if W_K is not None else None
+        W_Q = W_Q * gain.to(W_Q.dtype) if W_Q is not None else None
+        W_K = W_K * gain.to(W_K.dtype) if W_K is not None else None
     return LayerFactors(layer=layer, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, norm_folded=fold_norm)

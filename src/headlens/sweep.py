@@ -161,16 +161,27 @@ def analyze_layer(
     GA = W_O.mT @ W_O  # (H, hd, hd)
     GB = W_V @ W_V.mT  # (G, hd, hd)
     data = X_fit is not None
-    S, R, U = gram_spectrum(GA, GB[group], vectors=True)
+    if data:
+        S, R, U = gram_spectrum(GA, GB[group], vectors=True)
+    else:
+        (S, R), U = gram_spectrum(GA, GB[group]), None
     eps = cfg.rank_eps
     head_cols = _spectrum_columns("ov", S, d, eps, cfg.ks)
     if W_Q is not None and W_K is not None:
-        Sq, _ = gram_spectrum(W_Q @ W_Q.mT, (W_K @ W_K.mT)[group])
-        head_cols.update(_spectrum_columns("qk", Sq, d, eps, None, levels=(0.9,)))
-        for key in ("qk_frobenius", "qk_condition"):
-            head_cols.pop(key)
+        # The QK circuit is approximate anyway (RoPE and q/k norms act between W_Q and W_K): its Gram products
+        # may run in the precision W_Q/W_K were given in (float32 in a sweep); the eigenproblems run in float64.
+        GQ = (W_Q @ W_Q.mT).to(torch.float64)
+        GK = (W_K @ W_K.mT).to(torch.float64)
+        Sq, _ = gram_spectrum(GQ, GK[group])
+        qcols = _spectrum_columns("qk", Sq, d, eps, None, levels=(0.9,))
+        head_cols.update({k: qcols[k] for k in ("qk_sigma_max", "qk_rank_e90")})
+        if W_Q.dtype == torch.float64:  # a numerical rank needs float64 Gram products
+            head_cols["qk_rank"] = qcols["qk_rank"]
     GA_g = torch.zeros(G, hd, hd, dtype=GA.dtype).index_add_(0, group, GA)  # stacked operator per kv group
-    Sg, Rg, Ug = gram_spectrum(GA_g, GB, vectors=True)
+    if data:
+        Sg, Rg, Ug = gram_spectrum(GA_g, GB, vectors=True)
+    else:
+        (Sg, Rg), Ug = gram_spectrum(GA_g, GB), None
     Sv = torch.linalg.eigvalsh(GB).flip(-1).clamp_min(0).sqrt()
     group_cols = _spectrum_columns("stack", Sg, d * (H // G), eps, cfg.ks)  # stacked: (H/G * d) x d
     for key in ("stack_sigma_max", "stack_frobenius", "stack_condition"):
@@ -222,10 +233,14 @@ class BudgetTarget:
         r = S.shape[-1]
         if self.kind == "energy":
             return int(rank_at_energy(energy(S), self.value))
-        for k in range(0, r + 1):
-            if float(tail_error(S, k)) <= self.value + 1e-12:
-                return k
-        return r
+        sq = S.to(torch.float64) ** 2
+        tot = float(sq.sum())
+        if tot <= 0:
+            return 0
+        tails = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])  # tails[k] = sum_{i>=k} s_i^2
+        errs = torch.cat([torch.sqrt(tails / tot), torch.zeros(1, dtype=torch.float64)])  # error at k = 0..r
+        ok = torch.nonzero(errs <= self.value + 1e-12)
+        return int(ok[0]) if len(ok) else r
 
     def label(self) -> str:
         return f"{self.kind} {self.value:g}"
@@ -336,17 +351,21 @@ def iter_layers(ck, layers: list[int], cfg: SweepConfig, load_dtype: torch.dtype
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from headlens.heads import read_layer
+    from headlens.heads import read_layer, read_layer_raw
 
-    def load(layer: int):
-        return read_layer(ck, layer, with_qk=cfg.with_qk, fold_norm=cfg.fold_norm, load_dtype=load_dtype)
+    def load(layer: int):  # I/O only: no torch compute competing with the analysis for the cores
+        return read_layer_raw(ck, layer, with_qk=cfg.with_qk)
 
     if not layers:
         return
+    qk_dtype = torch.float64 if load_dtype == torch.float64 else torch.float32
     with ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(load, layers[0])
         for i, layer in enumerate(layers):
-            f = nxt.result()
+            raw = nxt.result()
             nxt = pool.submit(load, layers[i + 1]) if i + 1 < len(layers) else None
+            f = read_layer(ck, layer, with_qk=cfg.with_qk, fold_norm=cfg.fold_norm, load_dtype=load_dtype,
+                           raw=raw, qk_dtype=qk_dtype)
+            del raw
             yield layer, f
             del f
