@@ -16,17 +16,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from headlens.fileio import atomic_path
+from headlens.plotting import _pyplot
 
 SPHERE_GRID = 40  # the notebook drew a 100 x 100 surface; 40 x 40 looks the same at alpha 0.1
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def render_frame(job: dict) -> bytes:

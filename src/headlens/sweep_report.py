@@ -30,6 +30,7 @@ import numpy as np
 
 from headlens.errors import HeadlensError
 from headlens.fileio import atomic_path
+from headlens.plotting import _pyplot
 
 __all__ = [
     "write_table", "write_csv", "write_parquet", "read_table",
@@ -238,13 +239,6 @@ def read_table(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- figures
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _mpl_text(text: str) -> str:
