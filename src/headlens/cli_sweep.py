@@ -124,7 +124,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from headlens.cli_sphere import parse_layers
     from headlens.fileio import atomic_path, check_writable_dir, ensure_dir, write_json
     from headlens.loading import cast_dtype, open_model
-    from headlens.sweep import BudgetTarget, LayerResult, SweepConfig, analyze_layer, budget, iter_layers
+    from headlens.heads import find_non_finite
+    from headlens.sweep import BudgetTarget, LayerResult, NonFiniteWeights, SweepConfig, analyze_layer, iter_layers
 
     ks_text = args.k
     if ks_text is not None:
@@ -193,7 +194,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 safe = torch.where(gain != 0, gain, torch.ones_like(gain))
                 Xl = torch.where((gain != 0)[:, None], Xl / safe[:, None], torch.zeros_like(Xl))
             Xf, Xt = Xl[:, 0::2], Xl[:, 1::2]
-        r = analyze_layer(layer, f.W_O, f.W_V, cfg, f.W_Q, f.W_K, Xf, Xt)
+        try:
+            r = analyze_layer(layer, f.W_O, f.W_V, cfg, f.W_Q, f.W_K, Xf, Xt)
+        except NonFiniteWeights:
+            find_non_finite(ck, layer, cfg.with_qk)  # raises, naming the tensor
+            raise
         done[layer] = {"head_rows": r.head_rows, "group_rows": r.group_rows, "group_plain": r.group_plain.tolist(),
                        "group_white": None if r.group_white is None else r.group_white.tolist(),
                        "group_white_heldout": (None if r.group_white_heldout is None

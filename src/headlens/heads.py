@@ -125,6 +125,14 @@ class LayerFactors:
     norm_folded: bool
 
 
+def find_non_finite(ck: Checkpoint, layer: int, with_qk: bool = True) -> None:
+    """Raise a HeadlensError naming the first of ``layer``'s attention tensors with a NaN or inf."""
+    for name, t in read_layer_raw(ck, layer, with_qk).items():
+        _finite(t, name)
+    raise HeadlensError(f"layer {layer}: a Gram product of its attention weights overflowed (the weights are "
+                        "finite but huge); rerun with --dtype float64")
+
+
 def read_layer_raw(ck: Checkpoint, layer: int, with_qk: bool = True) -> dict[str, torch.Tensor]:
     """The stored tensors :func:`read_layer` needs, as stored (no conversion): cheap to run in a thread."""
     check_layer_head(ck, layer)
@@ -145,11 +153,13 @@ def _convert(t: torch.Tensor, load_dtype: torch.dtype, compute_dtype: torch.dtyp
 
 def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool = False,
                load_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float64,
-               raw: dict[str, torch.Tensor] | None = None, qk_dtype: torch.dtype | None = None) -> LayerFactors:
+               raw: dict[str, torch.Tensor] | None = None, qk_dtype: torch.dtype | None = None,
+               check_finite: bool = True) -> LayerFactors:
     """All heads' W_Q, W_K, W_V, W_O of ``layer``, split per head for every layout in the spec table.
 
     ``raw`` takes tensors already read by :func:`read_layer_raw`; ``qk_dtype`` (default ``compute_dtype``)
-    is the precision of W_Q and W_K.
+    is the precision of W_Q and W_K. ``check_finite=False`` leaves the NaN/inf check to the caller (the
+    sweep checks its Gram matrices instead, which contain a non-finite value whenever a weight is one).
     """
     check_layer_head(ck, layer)
     s, spec, keys = ck.shape, ck.spec, ck.layer_keys(layer)
@@ -159,11 +169,7 @@ def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool
 
     def get(name: str | None, what: str) -> torch.Tensor:
         assert name is not None
-        t = raw[name]
-        # A sum propagates NaN/inf and is one cheap pass; the full count only runs when it is not finite.
-        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float64)):
-            _finite(t, name)
-        return t
+        return raw[name] if not check_finite else _finite(raw[name], name)
 
     q = k = None
     if spec.layout == "separate":

@@ -109,6 +109,10 @@ def _subspace_errors(U: torch.Tensor, T: torch.Tensor, ks: list[int]) -> torch.T
 # ------------------------------------------------------------------------------------------ one layer
 
 
+class NonFiniteWeights(ValueError):
+    """A Gram matrix of the layer's weights holds NaN/inf: some weight is non-finite (or huge)."""
+
+
 @dataclass
 class LayerResult:
     layer: int
@@ -160,6 +164,9 @@ def analyze_layer(
     group = torch.arange(H) // (H // G)  # kv head of each query head
     GA = W_O.mT @ W_O  # (H, hd, hd)
     GB = W_V @ W_V.mT  # (G, hd, hd)
+    # Every weight enters a diagonal entry of some Gram as a square: NaN/inf anywhere shows up here.
+    if not (bool(torch.isfinite(GA).all()) and bool(torch.isfinite(GB).all())):
+        raise NonFiniteWeights(layer)
     data = X_fit is not None
     if data:
         S, R, U = gram_spectrum(GA, GB[group], vectors=True)
@@ -172,6 +179,8 @@ def analyze_layer(
         # may run in the precision W_Q/W_K were given in (float32 in a sweep); the eigenproblems run in float64.
         GQ = (W_Q @ W_Q.mT).to(torch.float64)
         GK = (W_K @ W_K.mT).to(torch.float64)
+        if not (bool(torch.isfinite(GQ).all()) and bool(torch.isfinite(GK).all())):
+            raise NonFiniteWeights(layer)
         Sq, _ = gram_spectrum(GQ, GK[group])
         qcols = _spectrum_columns("qk", Sq, d, eps, None, levels=(0.9,))
         head_cols.update({k: qcols[k] for k in ("qk_sigma_max", "qk_rank_e90")})
@@ -365,7 +374,7 @@ def iter_layers(ck, layers: list[int], cfg: SweepConfig, load_dtype: torch.dtype
             raw = nxt.result()
             nxt = pool.submit(load, layers[i + 1]) if i + 1 < len(layers) else None
             f = read_layer(ck, layer, with_qk=cfg.with_qk, fold_norm=cfg.fold_norm, load_dtype=load_dtype,
-                           raw=raw, qk_dtype=qk_dtype)
+                           raw=raw, qk_dtype=qk_dtype, check_finite=False)  # analyze_layer checks its Grams
             del raw
             yield layer, f
             del f
