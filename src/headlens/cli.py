@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     from headlens.cli_sweep import add_parser as add_sweep_parser
 
     add_sweep_parser(sub, add_model_args)
+
+    from headlens.cli_router import add_parser as add_router_parser
+
+    add_router_parser(sub, add_model_args)
     from headlens.cli_diagram import add_parser as add_diagram_parser
     add_diagram_parser(sub, add_model_args)
     return parser

@@ -429,3 +429,28 @@ def cast_dtype(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
              "float16": torch.float16}
     return table[name]
+
+
+def resolve_model_dir(weights: str | os.PathLike | None = None, hf_repo: str | None = None,
+                      revision: str | None = None, cache_dir: str | None = None) -> tuple[str, Path, dict]:
+    """(name, HuggingFace directory, config) for commands that run the model without reading attention weights
+    (e.g. ``router``, whose families may use attention layouts the spec table does not cover)."""
+    if weights is not None and hf_repo is not None:
+        raise HeadlensError("give either --weights or --hf-repo, not both")
+    if hf_repo is not None:
+        hub = HubRepo(hf_repo, revision, cache_dir)
+        hub.file("config.json")
+        directory = hub.snapshot(FULL_MODEL_PATTERNS)
+        name = hf_repo.split("/")[-1]
+    else:
+        directory = embedded_model_dir() if weights is None else Path(weights).expanduser()
+        if not directory.exists():
+            raise HeadlensError(f"--weights {directory}: no such file or directory")
+        if not directory.is_dir():
+            raise HeadlensError(f"--weights {directory}: this command runs the model and needs a HuggingFace "
+                                "model directory (config.json, weights, tokenizer), not a bare weights file")
+        name = EMBEDDED_NAME if _is_embedded(directory) else directory.name
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise HeadlensError(f"{directory} has no config.json: this command needs a HuggingFace model directory")
+    return name, directory, read_config(cfg_path)
