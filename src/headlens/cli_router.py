@@ -136,12 +136,12 @@ def _figures(out_dir: Path, stats, name: str) -> list[Path]:
     paths = []
     L, E = len(stats), stats[0].experts
     load = np.array([s.load_share for s in stats])
-    fig, ax = plt.subplots(figsize=(min(3 + 0.35 * E, 24), min(2 + 0.35 * L, 20)))
+    fig, ax = plt.subplots(figsize=(max(7.0, min(3 + 0.35 * E, 24)), max(3.0, min(2 + 0.35 * L, 20))))
     im = ax.imshow(load, aspect="auto", cmap="viridis")
     ax.set_yticks(range(L), [str(s.layer) for s in stats])
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
-    ax.set_title(f"{name}: load share per expert (uniform = 1/{E} = {1 / E:.3f})")
+    ax.set_title(f"{name}: load share per expert\n(uniform = 1/{E} = {1 / E:.3f})", fontsize=10)
     fig.colorbar(im, ax=ax, label="share of token assignments")
     fig.tight_layout()
     paths.append(_save(fig, out_dir / "router_load.png", plt))
