@@ -243,3 +243,18 @@ def test_probabilities_are_not_softmaxed_twice():
     torch.testing.assert_close(dist, torch.softmax(logits, -1))
     dist, kind = routing_distribution(logits, "sigmoid_grouped_topk")
     torch.testing.assert_close(dist, torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True))
+
+
+def test_router_from_a_hub_cache(moe_dirs, capsys, tmp_path, monkeypatch):
+    from tiny_models import make_hub_cache
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, model, tok = moe_dirs["olmoe"]
+    make_hub_cache(model, tok, tmp_path / "hub", "org/tiny-olmoe")
+    code = main(["router", "--hf-repo", "org/tiny-olmoe", "--cache-dir", str(tmp_path / "hub"), "--prompt", PROMPT,
+                 "--out-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith("tiny-olmoe: 2 MoE layers")
+    report, _, _ = load_dump(tmp_path / "out" / "router_dump")
+    assert report.model["name"] == "tiny-olmoe"
