@@ -70,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latent size k for rel_error/cache_error (default min(32, rank))")
     ov.add_argument("--fold-norm", action="store_true",
                     help="fold the pre-attention norm's gain into the input side: W_OV diag(gamma)")
-    ov.add_argument("--prompt", metavar="TEXT",
-                    help="run this text and use the layer's real attention inputs for cache_error")
+    src = ov.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT",
+                     help="run this text and use the layer's real attention inputs for cache_error")
+    src.add_argument("--traces", metavar="FILE",
+                     help="use a toy trace file's attention inputs (headlens toy trace) for cache_error")
     ov.add_argument("--heatmap", action="store_true", help="draw this head's attention over --prompt")
     ov.add_argument("--truncate", action="store_true", help="cut a prompt longer than the model's positions")
     ov.add_argument("--plot", action="store_true", help="save the singular spectrum / cumulative energy plot")
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     from headlens.cli_router import add_parser as add_router_parser
 
     add_router_parser(sub, add_model_args)
+
+    from headlens.cli_toy import add_parser as add_toy_parser
+
+    add_toy_parser(sub, add_model_args)
     from headlens.cli_diagram import add_parser as add_diagram_parser
     add_diagram_parser(sub, add_model_args)
     return parser
@@ -108,7 +115,7 @@ def cmd_ov(args: argparse.Namespace) -> int:
     from headlens.loading import cast_dtype, open_model
     from headlens.ov import OVConfig, analyze_ov, default_stem, extra_lines, report_lines
 
-    if args.heatmap and not args.prompt:
+    if args.heatmap and not (args.prompt or args.traces):
         raise HeadlensError("--heatmap needs --prompt TEXT (the tokens to draw attention over)")
     if args.prompt is not None and not args.prompt.strip():
         raise HeadlensError("--prompt is empty")
@@ -141,9 +148,23 @@ def cmd_ov(args: argparse.Namespace) -> int:
             return capture_layer(model, tokenizer, ck.spec, args.layer, args.prompt, want_probs=args.heatmap,
                                  truncate=args.truncate)
 
+    if args.traces:
+        def capture_fn():
+            from headlens.capture import PromptCapture
+            from headlens.toy import load_traces
+
+            meta, tensors = load_traces(args.traces)
+            key = f"layer{args.layer}.attn_in"
+            if key not in tensors:
+                raise HeadlensError(f"--traces {args.traces} has no layer {args.layer} (it traced {meta.get('layers')} "
+                                    "layers)")
+            n = tensors[key].shape[0]
+            return PromptCapture(input_ids=list(range(n)), tokens=[f"t{i}" for i in range(n)],
+                                 attn_input=tensors[key], attn_probs=tensors.get(f"layer{args.layer}.probs"))
+
     cfg = OVConfig(layer=args.layer, head=args.head, latent_dim=args.latent_dim, fold_norm=args.fold_norm,
-                   dtype=dtype, prompt=args.prompt, heatmap=args.heatmap, probe_tokens=args.probe_tokens,
-                   seed=args.seed)
+                   dtype=dtype, prompt=args.prompt, traces=args.traces, heatmap=args.heatmap,
+                   probe_tokens=args.probe_tokens, seed=args.seed)
     result = analyze_ov(ck, cfg, capture_fn=capture_fn)
 
     lines = report_lines(result)
@@ -192,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("headlens: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `headlens ... | head`: the reader left, nothing is wrong
+        import os
+
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,6 +54,8 @@ def add_parser(sub, add_model_args) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", metavar="TEXT", help="text to run (default: the notebook's prompt)")
     g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a text file")
+    g.add_argument("--traces", metavar="FILE",
+                   help="animate a toy model's traced residual stream (headlens toy trace) instead of running a model")
     p.add_argument("--truncate", action="store_true", help="cut a prompt longer than the model's positions")
     p.add_argument("--layers", metavar="SEL", help="layers to show: 7:35 (slice), 1,4,9, or all (default)")
     p.add_argument("--site", choices=SPHERE_SITES, default="resid_pre",
@@ -99,7 +101,7 @@ def cmd_sphere(args: argparse.Namespace) -> int:
     from headlens.loading import cast_dtype
     from headlens.sphere_render import start_pool
 
-    prompt = read_prompt(args)
+    prompt = read_prompt(args) if not args.traces else ""
     if args.frame_seconds <= 0:
         raise HeadlensError(f"--frame-seconds must be positive, got {args.frame_seconds:g}")
     if not -1.0 <= args.cluster_threshold <= 1.0:
@@ -111,6 +113,8 @@ def cmd_sphere(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)  # created only when the first file is written
     dtype = cast_dtype(args.dtype)
+    if args.traces:
+        return _run_traces(args, out_dir)
     from headlens.capture import load_tokenizer, max_positions, prompt_ids
     from headlens.loading import open_model
 
@@ -138,13 +142,8 @@ def cmd_sphere(args: argparse.Namespace) -> int:
 
 def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
     import torch
-    from tqdm.auto import tqdm
 
     from headlens.capture import load_model, record_sites
-    from headlens.fileio import atomic_path, write_json
-    from headlens.sphere import SphereConfig, project
-    from headlens.sphere_html import write_sphere_html
-    from headlens.sphere_render import Deferred, render_frame, write_gif, write_metrics_png
 
     model = load_model(ck.directory, dtype, trust_remote_code=args.trust_remote_code)
     with torch.no_grad(), record_sites(model, ck.spec, (args.site,), layers,
@@ -153,13 +152,51 @@ def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
     if args.site in rec.missing:
         raise HeadlensError(rec.missing[args.site] + f"; use --site resid_pre or resid_post")
     hidden = {layer: rec.values[args.site][layer][0] for layer in layers}  # (N, d) each
+    header = (f"{ck.name}: {len(tokens)} tokens, {len(layers)} of {ck.shape.num_layers} layers; site {args.site}: "
+              f"{rec.hooks[args.site]}")
+    return project_and_write(args, ck.name, ck.describe(), header, hidden, tokens, prompt, out_dir, pool)
+
+
+def _run_traces(args, out_dir: Path) -> int:
+    """Frames from a toy trace file: the residual stream entering each layer, and leaving the last one."""
+    from headlens.sphere_render import start_pool
+    from headlens.toy import load_traces
+
+    meta, tensors = load_traces(args.traces)
+    n = int(meta["layers"])
+    stream = {l: tensors[f"layer{l}.input"] for l in range(n)}
+    stream[n] = tensors[f"layer{n - 1}.output"]
+    layers = parse_layers(args.layers, n + 1)
+    hidden = {l: stream[l].double() for l in layers}
+    tokens = [f"t{i}" for i in range(int(meta["tokens"]))]
+    name = Path(args.traces).name.removesuffix(".safetensors").removesuffix(".json")
+    header = (f"{name}: {len(tokens)} traced tokens, {len(layers)} of {n + 1} stream states (layer inputs, then the "
+              f"last layer's output) from {args.traces}")
+    pool = start_pool(args.workers)
+    try:
+        return project_and_write(args, name, {"name": name, "source": str(args.traces), **meta.get("config", {})},
+                                 header, hidden, tokens, "", out_dir, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def project_and_write(args, name: str, describe: dict, header: str, hidden: dict, tokens: list[str], prompt: str,
+                      out_dir: Path, pool) -> int:
+    """Project ``hidden`` ({layer: (N, d)}) on the sphere and write the GIF, page, metrics and JSON."""
+    from tqdm.auto import tqdm
+
+    from headlens.fileio import atomic_path, write_json
+    from headlens.sphere import SphereConfig, project
+    from headlens.sphere_html import write_sphere_html
+    from headlens.sphere_render import Deferred, render_frame, write_gif, write_metrics_png
+
     cfg = SphereConfig(align=args.align, basis=args.basis, drop_first=args.drop_first,
                        drop_outliers=args.drop_outliers, outlier_factor=args.outlier_factor,
                        cluster_threshold=args.cluster_threshold, seed=args.seed)
     result = project(hidden, tokens, cfg)
 
-    lines = [f"{ck.name}: {len(tokens)} tokens, {len(layers)} of {ck.shape.num_layers} layers; site {args.site}: "
-             f"{rec.hooks[args.site]}"]
+    lines = [header]
     for o in result.outliers:
         action = "dropped" if o.position in result.dropped else "kept; --drop-outliers leaves it out"
         lines.append(f"outlier: token {o.position} {o.token!r} has norm {o.norm:.1f} at layer {o.layer}, "
@@ -174,29 +211,29 @@ def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
                      f"{result.movement_aligned:.1f} (sum of squared displacements on the sphere)")
     print("\n".join(lines), flush=True)
 
-    title = f"{ck.name} {args.site}"
+    title = f"{name} {args.site}"
     jobs = [{"points": f.points, "tokens": [tokens[i] for i in f.kept], "positions": f.kept.tolist(),
              "title": f"{title} layer {f.layer}: PCA-3 explains {f.explained_total:.1%} of variance",
              "labels": not args.no_labels} for f in result.frames]
     metrics = result.to_json()["metrics"]
     mpng = out_dir / "sphere_metrics.png"
     mpng_args = (mpng, metrics, cfg.cluster_threshold,
-                 f"{ck.name}: clustering of the normalised tokens through depth ({args.site})")
+                 f"{name}: clustering of the normalised tokens through depth ({args.site})")
     # Worker processes draw the frames and the metrics plot while this process writes the page and tables.
     frame_calls = [Deferred(pool, render_frame, job) for job in jobs]
     metrics_call = Deferred(pool, write_metrics_png, *mpng_args)
     frames_html = [{"layer": f.layer, "points": f.points, "tokens": [tokens[i] for i in f.kept],
                     "positions": f.kept.tolist(), "norms": f.norms3, "full_norms": f.full_norms,
                     "explained_variance": f.explained_total, "site": args.site} for f in result.frames]
-    html = write_sphere_html(out_dir / "tokens.html", frames_html, title=f"{ck.name}: {args.site} on the unit sphere",
+    html = write_sphere_html(out_dir / "tokens.html", frames_html, title=f"{name}: {args.site} on the unit sphere",
                              metrics=metrics)
-    mjson = write_json(out_dir / "sphere_metrics.json", {"model": ck.describe(), "site": args.site,
+    mjson = write_json(out_dir / "sphere_metrics.json", {"model": describe, "site": args.site,
                                                          "metrics": metrics, "summary": result.summary})
     mcsv = out_dir / "sphere_metrics.csv"
     with atomic_path(mcsv) as tmp:
         tmp.write_text(_metrics_csv(metrics), encoding="utf-8")
     full = Path(args.json) if args.json else out_dir / "sphere.json"
-    write_json(full, {"model": ck.describe(), "site": args.site, "prompt": prompt, **result.to_json()})
+    write_json(full, {"model": describe, "site": args.site, "prompt": prompt, **result.to_json()})
     with tqdm(total=len(jobs), desc="rendering frames", unit="frame", file=sys.stderr, disable=None) as bar:
         pngs = []
         for call in frame_calls:  # in layer order
@@ -208,6 +245,8 @@ def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
            f"saved metrics -> {mjson}", f"saved metrics csv -> {mcsv}", f"saved json -> {full}"]
     print("\n".join(out + result.summary))
     return 0
+
+
 
 
 def _metrics_csv(metrics: list[dict]) -> str:

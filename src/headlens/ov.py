@@ -42,6 +42,7 @@ class OVConfig:
     fold_norm: bool = False  # analyse W_OV diag(gamma) with the pre-attention norm gain folded in
     dtype: torch.dtype = torch.float32  # weights are rounded to this (the model's run dtype) before analysis
     prompt: str | None = None  # real attention inputs for cache_error and the data-aware latent
+    traces: str | None = None  # or a toy trace file (headlens toy trace) providing the attention inputs
     heatmap: bool = False  # also record this head's attention pattern over the prompt
     probe_tokens: int = DEFAULT_PROBE_TOKENS  # Gaussian probes when there is no prompt
     seed: int = 0
@@ -116,7 +117,7 @@ def analyze_ov(
     when ``cfg.prompt`` is set (the CLI passes one that loads the HuggingFace model).
     """
     check_layer_head(ck, cfg.layer, cfg.head)
-    if cfg.heatmap and not cfg.prompt:
+    if cfg.heatmap and not (cfg.prompt or cfg.traces):
         raise HeadlensError("--heatmap needs --prompt TEXT (the tokens to draw attention over)")
     if cfg.prompt is not None and not cfg.prompt.strip():
         raise HeadlensError("--prompt is empty")
@@ -142,7 +143,7 @@ def analyze_ov(
     energy = cumulative_energy(S)
 
     capture: PromptCapture | None = None
-    if cfg.prompt:
+    if cfg.prompt or cfg.traces:
         if capture_fn is None:
             raise HeadlensError("--prompt needs a model that can run: pass --weights DIR (a HuggingFace "
                                 "model directory with config.json and tokenizer) or --hf-repo")
@@ -155,7 +156,7 @@ def analyze_ov(
             # W_OV diag(gamma) acts on x / gamma; where gamma is 0 the folded column is 0 as well.
             safe = torch.where(f.gain != 0, f.gain, torch.ones_like(f.gain))
             X = torch.where((f.gain != 0)[:, None], X / safe[:, None], torch.zeros_like(X))
-        cache_inputs, seed = "prompt", None
+        cache_inputs, seed = ("traces" if cfg.traces else "prompt"), None
     else:
         X = gaussian_probes(d, cfg.probe_tokens, cfg.seed)
         cache_inputs, seed = "gaussian", cfg.seed
@@ -253,20 +254,23 @@ def extra_lines(r: OVResult) -> list[str]:
     if r.cache_inputs == "prompt":
         lines.append(f"cache_error inputs: the prompt's {r.cache_tokens} tokens at the input of layer "
                      f"{r.layer}'s attention")
+    elif r.cache_inputs == "traces":
+        lines.append(f"cache_error inputs: {r.cache_tokens} traced tokens at the input of layer {r.layer}'s "
+                     f"attention (toy traces)")
     else:
         lines.append(f"cache_error inputs: {r.cache_tokens} seeded Gaussian probe tokens (seed {r.seed}); "
                      f"pass --prompt to use real activations")
     da = r.data_aware
     if da is not None:
-        lines.append(f"latent_dim={r.latent_dim} on the prompt: data-aware (whitened) error={da.whitened_error:.3e} "
+        lines.append(f"latent_dim={r.latent_dim} on the {r.cache_inputs}: data-aware (whitened) error={da.whitened_error:.3e} "
                      f"plain cache_error={da.plain_cache_error:.3e} (in-sample, {da.n_tokens} tokens)")
         if da.heldout_whitened_error is not None and da.heldout_plain_error is not None:
             lines.append(f"held-out (fit on {da.heldout_fit_tokens} even-position tokens, measured on "
                          f"{da.heldout_test_tokens} odd ones): data-aware error={da.heldout_whitened_error:.3e} "
                          f"plain cache_error={da.heldout_plain_error:.3e}")
         if da.n_tokens <= r.latent_dim:
-            lines.append(f"note: the prompt has {da.n_tokens} tokens <= latent_dim {r.latent_dim}, so the "
-                         f"data-aware latent is exact on them; use a longer prompt to measure it")
+            lines.append(f"note: the {r.cache_inputs} have {da.n_tokens} tokens <= latent_dim {r.latent_dim}, so "
+                         f"the data-aware latent is exact on them; use more tokens to measure it")
     return lines
 
 

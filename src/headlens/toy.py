@@ -1,0 +1,291 @@
+"""A toy attention stack in plain PyTorch, planted heads, and activation traces.
+
+The toy uses HuggingFace's Llama naming (``layers.{l}.self_attn.{q,k,v,o}_proj.weight``,
+``layers.{l}.input_layernorm.weight``), so its state dict saved as ``.pt`` or ``.safetensors`` is read by
+``headlens ov --weights toy.safetensors --num-heads H`` like any checkpoint.
+
+One layer (shapes in comments, N tokens, d model width, H query heads, G kv heads, hd head dim)::
+
+    a   = norm(x)                    if pre_norm else x          # (N, d)
+    q_h = a W_Q^h^T, k_g = a W_K^g^T, v_g = a W_V^g^T            # (N, hd); RoPE on q, k when rope
+    P_h = softmax(q_h k_g^T / sqrt(hd) + causal mask)            # (N, N), g = h // (H / G)
+    o_h = P_h v_g W_O^h^T                                         # (N, d): head h's write to the stream
+    y   = x + sum_h o_h               if residual else sum_h o_h
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from headlens.errors import HeadlensError
+
+
+@dataclass
+class ToyConfig:
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 4  # == n_heads: MHA; 1: MQA; in between: GQA
+    head_dim: int = 16
+    n_layers: int = 2
+    causal: bool = True
+    rope: bool = False
+    pre_norm: bool = True  # RMSNorm before attention (gain stored as input_layernorm.weight)
+    residual: bool = True
+    rope_theta: float = 10000.0
+
+    def validate(self) -> None:
+        if min(self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.n_layers) <= 0:
+            raise HeadlensError("toy sizes must be positive")
+        if self.n_heads % self.n_kv_heads:
+            raise HeadlensError(f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} kv heads")
+        if self.rope and self.head_dim % 2:
+            raise HeadlensError("RoPE needs an even head_dim")
+
+
+def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding on (..., N, hd), rotating pairs (i, i + hd/2) as Llama does."""
+    n, hd = x.shape[-2], x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :]  # (N, hd/2)
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class ToyAttention(nn.Module):
+    """One multi-head attention layer (MHA/MQA/GQA), Llama parameter names."""
+
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, H, G, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(d, H * hd, bias=False)
+        self.k_proj = nn.Linear(d, G * hd, bias=False)
+        self.v_proj = nn.Linear(d, G * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, d, bias=False)
+
+    def forward(self, a: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+        """a: (N, d) attention input -> (N, d) sum of the heads' writes (per-head parts in ``trace``)."""
+        cfg = self.cfg
+        N = a.shape[0]
+        H, G, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q = self.q_proj(a).view(N, H, hd).transpose(0, 1)  # (H, N, hd)
+        k = self.k_proj(a).view(N, G, hd).transpose(0, 1)  # (G, N, hd)
+        v = self.v_proj(a).view(N, G, hd).transpose(0, 1)  # (G, N, hd)
+        if cfg.rope:
+            q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+        group = torch.arange(H) // (H // G)
+        scores = q @ k[group].transpose(-1, -2) / math.sqrt(hd)  # (H, N, N)
+        if cfg.causal:
+            scores = scores.masked_fill(torch.triu(torch.ones(N, N, dtype=torch.bool), 1), float("-inf"))
+        probs = scores.softmax(-1)
+        ctx = probs @ v[group]  # (H, N, hd)
+        W_O = self.o_proj.weight.view(cfg.d_model, H, hd)  # (d, H, hd)
+        head_out = torch.einsum("hnk,dhk->hnd", ctx, W_O)  # (H, N, d)
+        if trace is not None:
+            trace.update(q=q, k=k, v=v, probs=probs, head_out=head_out)
+        return head_out.sum(0)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class ToyLayer(nn.Module):
+    def __init__(self, cfg: ToyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.input_layernorm = RMSNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
+        self.self_attn = ToyAttention(cfg)
+
+    def forward(self, x: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+        a = self.input_layernorm(x)
+        out = self.self_attn(a, trace)
+        if trace is not None:
+            trace.update(input=x, attn_in=a)
+        y = x + out if self.cfg.residual else out
+        if trace is not None:
+            trace["output"] = y
+        return y
+
+
+class ToyStack(nn.Module):
+    """A stack of toy attention layers; ``forward(x)`` on one sequence (N, d)."""
+
+    def __init__(self, cfg: ToyConfig, seed: int = 0):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList(ToyLayer(cfg) for _ in range(cfg.n_layers))
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("proj.weight"):
+                    p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+
+    def forward(self, x: torch.Tensor, traces: list[dict] | None = None) -> torch.Tensor:
+        for layer in self.layers:
+            t: dict | None = {} if traces is not None else None
+            x = layer(x, t)
+            if traces is not None:
+                traces.append(t)
+        return x
+
+    # ------------------------------------------------------------------------------ planted spectra
+
+    def plant_ov(self, layer: int, kv_head: int, singular_values: torch.Tensor, seed: int = 0) -> None:
+        """Set W_V^g and every W_O^h of group g so that ``W_O^h W_V^g`` has exactly ``singular_values``.
+
+        ``W_V^g = diag(s) V^T`` and ``W_O^h = U_h`` with random orthonormal U_h (d x hd), V (d x hd): then
+        ``W_O^h W_V^g = U_h diag(s) V^T`` is an SVD. s has length head_dim (zeros give a lower rank).
+        """
+        cfg = self.cfg
+        hd, d = cfg.head_dim, cfg.d_model
+        s = torch.as_tensor(singular_values, dtype=torch.float64)
+        if s.shape != (hd,):
+            raise HeadlensError(f"planted spectrum has {s.shape[0]} values, head_dim is {hd}")
+        if hd > d:
+            raise HeadlensError("a planted head needs head_dim <= d_model")
+        gen = torch.Generator().manual_seed(seed)
+        V, _ = torch.linalg.qr(torch.randn(d, hd, generator=gen, dtype=torch.float64))
+        attn = self.layers[layer].self_attn
+        g = kv_head
+        with torch.no_grad():
+            attn.v_proj.weight[g * hd:(g + 1) * hd] = (s[:, None] * V.T).to(attn.v_proj.weight.dtype)
+            per = cfg.n_heads // cfg.n_kv_heads
+            for h in range(g * per, (g + 1) * per):
+                U, _ = torch.linalg.qr(torch.randn(d, hd, generator=gen, dtype=torch.float64))
+                attn.o_proj.weight[:, h * hd:(h + 1) * hd] = U.to(attn.o_proj.weight.dtype)
+
+
+def spectrum_profile(kind: str, head_dim: int, rank: int | None = None, decay: float = 0.7,
+                     scale: float = 1.0) -> torch.Tensor:
+    """Planted singular values (head_dim,): ``geometric`` (s_i = decay^i), ``power`` (s_i = (i+1)^-decay) or
+    ``flat``; entries past ``rank`` are zero."""
+    i = torch.arange(head_dim, dtype=torch.float64)
+    if kind == "geometric":
+        s = decay**i
+    elif kind == "power":
+        s = (i + 1) ** (-decay)
+    elif kind == "flat":
+        s = torch.ones(head_dim, dtype=torch.float64)
+    else:
+        raise HeadlensError(f"unknown spectrum profile {kind!r}: choose geometric, power or flat")
+    if rank is not None:
+        if not 0 < rank <= head_dim:
+            raise HeadlensError(f"planted rank {rank} must be in 1..{head_dim}")
+        s[rank:] = 0
+    return scale * s
+
+
+# ---------------------------------------------------------------------------------------------- I/O
+
+
+def save_toy(model: ToyStack, path: Path) -> Path:
+    """State dict (``.pt`` or ``.safetensors``) plus ``<path>.toy.json`` with the config."""
+    from headlens.fileio import atomic_path, write_json
+
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp))
+        elif path.suffix in (".pt", ".bin"):
+            torch.save(sd, tmp)
+        else:
+            raise HeadlensError(f"{path}: save the toy as .safetensors or .pt")
+    write_json(Path(str(path) + ".toy.json"), asdict(model.cfg))
+    return path
+
+
+def load_toy(path: Path) -> ToyStack:
+    meta = Path(str(path) + ".toy.json")
+    if not meta.exists():
+        raise HeadlensError(f"{meta} is missing: a toy checkpoint keeps its config next to the weights")
+    cfg = ToyConfig(**json.loads(meta.read_text()))
+    model = ToyStack(cfg)
+    from headlens.tensors import open_path
+
+    src = open_path(path)
+    sd = {k: src.read(k) for k in src.keys()}
+    model.load_state_dict(sd)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def make_inputs(kind: str, n_tokens: int, d: int, seed: int = 0, decay: float = 0.8,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    """Token inputs (N, d): ``random`` (isotropic Gaussian), ``anisotropic`` (covariance eigenvalues decay^i in a
+    random basis) or ``embeddings`` (rows of a real checkpoint's embedding matrix, given)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(n_tokens, d, generator=gen)
+    if kind == "anisotropic":
+        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        scales = decay ** torch.arange(d, dtype=torch.float64)
+        return ((torch.randn(n_tokens, d, generator=gen, dtype=torch.float64) * scales) @ Q.T).float()
+    if kind == "embeddings":
+        if embeddings is None or embeddings.shape[1] != d:
+            raise HeadlensError(f"embedding inputs need an embedding matrix of width {d}")
+        idx = torch.randint(0, embeddings.shape[0], (n_tokens,), generator=gen)
+        return embeddings[idx].float()
+    raise HeadlensError(f"unknown inputs {kind!r}: choose random, anisotropic or embeddings")
+
+
+def trace(model: ToyStack, x: torch.Tensor) -> list[dict]:
+    """Run ``x`` (N, d) through the stack and return every layer's trace (see :func:`save_traces`)."""
+    traces: list[dict] = []
+    with torch.no_grad():
+        model(x, traces)
+    return traces
+
+
+def save_traces(path: Path, model: ToyStack, traces: list[dict], meta: dict | None = None) -> tuple[Path, Path]:
+    """``<path>.safetensors`` with, per layer l: ``layer{l}.input`` (N, d) residual stream in,
+    ``layer{l}.attn_in`` (N, d) attention input, ``layer{l}.q`` (H, N, hd), ``layer{l}.k``/``.v`` (G, N, hd),
+    ``layer{l}.probs`` (H, N, N), ``layer{l}.head_out`` (H, N, d), ``layer{l}.output`` (N, d); and
+    ``<path>.json`` with the config and metadata."""
+    from safetensors.torch import save_file
+
+    from headlens.fileio import atomic_path, write_json
+
+    tensors = {f"layer{l}.{k}": v.detach().float().contiguous().clone() for l, t in enumerate(traces)
+               for k, v in t.items()}
+    st, js = Path(str(path) + ".safetensors"), Path(str(path) + ".json")
+    with atomic_path(st) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "headlens-toy-traces"})
+    write_json(js, {"config": asdict(model.cfg), "layers": len(traces), "tokens": int(traces[0]["input"].shape[0]),
+                    **(meta or {})})
+    return st, js
+
+
+def load_traces(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a trace file written by :func:`save_traces` (path with or without suffix)."""
+    from safetensors.torch import load_file
+
+    base = str(path)
+    for suffix in (".safetensors", ".json"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    try:
+        meta = json.loads(Path(base + ".json").read_text())
+        tensors = load_file(base + ".safetensors")
+    except (OSError, ValueError) as exc:
+        raise HeadlensError(f"cannot read traces {base}: {exc}") from None
+    return meta, tensors
