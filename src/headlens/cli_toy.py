@@ -30,6 +30,8 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings-from", metavar="DIR",
                    help="HF model directory whose token embeddings feed the toy (--inputs embeddings)")
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--input-decay", type=float, default=0.8,
+                   help="anisotropic inputs: covariance eigenvalues decay^i in a random basis (default 0.8)")
     p.add_argument("--input-seed", type=int, default=1)
 
 
@@ -124,7 +126,9 @@ def _inputs(args, d: int):
         if emb.shape[1] != d:
             raise HeadlensError(f"the embeddings are {emb.shape[1]} wide but the toy's d_model is {d}: create the "
                                 f"toy with --d-model {emb.shape[1]}")
-    return make_inputs(args.inputs, args.tokens, d, seed=args.input_seed, embeddings=emb)
+    if not 0 < args.input_decay <= 1:
+        raise HeadlensError(f"--input-decay must be in (0, 1], got {args.input_decay:g}")
+    return make_inputs(args.inputs, args.tokens, d, seed=args.input_seed, decay=args.input_decay, embeddings=emb)
 
 
 def cmd_trace(args) -> int:
