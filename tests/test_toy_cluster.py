@@ -143,3 +143,11 @@ def test_cluster_demo_centred_picture(tmp_path):
     out = cluster_demo(ClusterConfig(layers=3), tmp_path, workers=1, center=True)
     with Image.open(out["gif"]) as im:
         assert im.n_frames == 4
+
+
+def test_cluster_demo_writes_the_interactive_page(tmp_path):
+    from headlens.toy_cluster import ClusterConfig, cluster_demo
+
+    res = cluster_demo(ClusterConfig(tokens=16, dim=6, layers=4), tmp_path, workers=1)
+    html = res["html"].read_text()
+    assert "<script src=\"http" not in html and html.count("layer") > 4

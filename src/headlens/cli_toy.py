@@ -65,8 +65,11 @@ def add_parser(sub, add_model_args) -> None:
     r.add_argument("--latent-dim", type=int, default=4)
     r.add_argument("--out-dir", default="headlens-out/toy", metavar="DIR")
     r.set_defaults(func=cmd_run)
-    toy.set_defaults(func=lambda a: (_ for _ in ()).throw(
-        HeadlensError("choose an action: create, trace, cluster or run (see headlens toy --help)")))
+    toy.set_defaults(func=_no_action)
+
+
+def _no_action(args) -> int:
+    raise HeadlensError("choose an action: create, trace, cluster or run (see headlens toy --help)")
 
 
 def _build(args):

@@ -213,4 +213,21 @@ def cluster_demo(cfg: ClusterConfig, out_dir, frame_seconds: float = 0.5, thresh
                                        "summary": summary})
     with atomic_path(paths["metrics_csv"]) as tmp:
         tmp.write_text(metrics_csv(metrics), encoding="utf-8")
+    from headlens.sphere_html import write_sphere_html
+
+    paths["html"] = out_dir / "tokens.html"
+    norms = {}
+    for k in shown:  # |3-D projection| of each token before it is put back on the sphere
+        l = result.layers[k]
+        if center:
+            norms[l] = result.frames[k].norms3
+        else:
+            U = hidden[l].double() / hidden[l].double().norm(dim=1, keepdim=True)
+            norms[l] = (U @ torch.linalg.svd(U, full_matrices=False)[2][:3].T).norm(dim=1).numpy()
+    by_layer = {m["layer"]: m for m in metrics}
+    frames_html = [{"layer": result.layers[k], "points": p, "tokens": names, "positions": list(range(cfg.tokens)),
+                    "norms": norms[result.layers[k]], "explained_variance": float(min(max(ev, 0.0), 1.0)),
+                    "site": picture} for k, p, ev in zip(shown, points, explained)]
+    write_sphere_html(paths["html"], frames_html, title=f"toy transformer (beta={cfg.beta:g}): tokens on the sphere",
+                      metrics=[by_layer[f["layer"]] for f in frames_html])
     return {**paths, "frame_layers": [result.layers[k] for k in shown], "metrics": metrics, "summary": summary}
