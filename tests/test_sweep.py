@@ -213,7 +213,7 @@ def test_bad_input(ckpts, capsys, tmp_path):
                                                "--target-energy", "0.9")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    assert "has no text" in _bad(capsys, tmp_path, "--weights", d, "--calib", str(empty))
+    assert "is empty" in _bad(capsys, tmp_path, "--weights", d, "--calib", str(empty))
     assert "data-aware mode runs the model" in _bad(capsys, tmp_path, "--weights",
                                                     str(ckpts.path("llama", "gqa", "pt")), "--num-heads", "4",
                                                     "--prompt", PROMPT)

@@ -35,15 +35,9 @@ def _texts(args) -> list[str]:
     from headlens.prompts import NOTEBOOK_PROMPT
 
     if args.prompt_file:
-        try:
-            texts = [ln for ln in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except OSError as exc:
-            raise HeadlensError(f"--prompt-file {args.prompt_file}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise HeadlensError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
-        if not texts:
-            raise HeadlensError(f"--prompt-file {args.prompt_file} is empty")
-        return texts
+        from headlens.fileio import read_text_lines
+
+        return read_text_lines(args.prompt_file, "--prompt-file")
     text = NOTEBOOK_PROMPT if args.prompt is None else args.prompt
     if not text.strip():
         raise HeadlensError("--prompt is empty")
@@ -51,7 +45,6 @@ def _texts(args) -> list[str]:
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from headlens.capture import load_model, load_tokenizer, max_positions
@@ -129,7 +122,6 @@ def _stats_csv(stats) -> str:
 def _figures(out_dir: Path, stats, name: str) -> list[Path]:
     import numpy as np
 
-    from headlens.fileio import atomic_path
     from headlens.plotting import _pyplot
 
     plt = _pyplot()

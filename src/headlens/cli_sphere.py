@@ -150,7 +150,7 @@ def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
                                        store_dtype=torch.float16 if args.half else None) as rec:
         model(input_ids=ids.to(model.device))  # the one forward pass
     if args.site in rec.missing:
-        raise HeadlensError(rec.missing[args.site] + f"; use --site resid_pre or resid_post")
+        raise HeadlensError(rec.missing[args.site] + "; use --site resid_pre or resid_post")
     hidden = {layer: rec.values[args.site][layer][0] for layer in layers}  # (N, d) each
     header = (f"{ck.name}: {len(tokens)} tokens, {len(layers)} of {ck.shape.num_layers} layers; site {args.site}: "
               f"{rec.hooks[args.site]}")

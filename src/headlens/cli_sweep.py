@@ -55,15 +55,9 @@ def parse_ks(text: str, head_dim: int | None = None) -> list[int]:
 
 def read_calibration(args) -> list[str] | None:
     if args.calib:
-        try:
-            texts = [ln for ln in Path(args.calib).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except OSError as exc:
-            raise HeadlensError(f"--calib {args.calib}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise HeadlensError(f"--calib {args.calib} is not UTF-8 text") from None
-        if not texts:
-            raise HeadlensError(f"--calib {args.calib} has no text")
-        return texts
+        from headlens.fileio import read_text_lines
+
+        return read_text_lines(args.calib, "--calib")
     if args.prompt is not None:
         if not args.prompt.strip():
             raise HeadlensError("--prompt is empty")
@@ -122,7 +116,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from headlens.cli_sphere import parse_layers
-    from headlens.fileio import atomic_path, check_writable_dir, ensure_dir, write_json
+    from headlens.fileio import check_writable_dir, ensure_dir, write_json
     from headlens.loading import cast_dtype, open_model
     from headlens.heads import find_non_finite
     from headlens.sweep import BudgetTarget, LayerResult, NonFiniteWeights, SweepConfig, analyze_layer, iter_layers

@@ -61,3 +61,32 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
             json.dump(obj, fh, indent=2, allow_nan=False)
             fh.write("\n")
     return Path(path)
+
+
+def read_text_lines(path: str | os.PathLike, flag: str) -> list[str]:
+    """Non-blank lines of a UTF-8 text file given with ``flag`` (one text per line); one-line errors."""
+    try:
+        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except OSError as exc:
+        raise HeadlensError(f"{flag} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise HeadlensError(f"{flag} {path} is not UTF-8 text") from None
+    if not lines:
+        raise HeadlensError(f"{flag} {path} is empty")
+    return lines
+
+
+def read_json_and_tensors(path: str | os.PathLike, what: str) -> tuple[dict, dict]:
+    """``<base>.json`` and ``<base>.safetensors`` of a pair written together; ``path`` may carry either suffix."""
+    from safetensors.torch import load_file
+
+    base = str(path)
+    for suffix in (".safetensors", ".json"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    try:
+        meta = json.loads(Path(base + ".json").read_text())
+        tensors = load_file(base + ".safetensors")
+    except (OSError, ValueError) as exc:
+        raise HeadlensError(f"cannot read {what} {base}: {exc}") from None
+    return meta, tensors

@@ -20,7 +20,6 @@ Router outputs whose rows already sum to 1 are taken as probabilities and not so
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,17 +252,9 @@ def write_dump(path: Path, report: RouterReport, layers: list[RouterLayer]) -> t
 
 def load_dump(path: str | Path) -> tuple[RouterReport, list[RouterLayer], dict[str, torch.Tensor]]:
     """Reload a dump written by :func:`write_dump` (``path`` with or without its suffix)."""
-    from safetensors.torch import load_file
+    from headlens.fileio import read_json_and_tensors
 
-    base = str(path)
-    for suffix in (".safetensors", ".json"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-    try:
-        meta = json.loads(Path(base + ".json").read_text())
-        tensors = load_file(base + ".safetensors")
-    except (OSError, ValueError) as exc:
-        raise HeadlensError(f"cannot read router dump {base}: {exc}") from None
+    meta, tensors = read_json_and_tensors(path, "router dump")
     stats = [LayerStats(**s) for s in meta.pop("stats")]
     report = RouterReport(stats=stats, **meta)
     layers = [RouterLayer(layer=l, logits=tensors[f"layer{l}.logits"], indices=tensors[f"layer{l}.indices"],

@@ -277,15 +277,6 @@ def save_traces(path: Path, model: ToyStack, traces: list[dict], meta: dict | No
 
 def load_traces(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a trace file written by :func:`save_traces` (path with or without suffix)."""
-    from safetensors.torch import load_file
+    from headlens.fileio import read_json_and_tensors
 
-    base = str(path)
-    for suffix in (".safetensors", ".json"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-    try:
-        meta = json.loads(Path(base + ".json").read_text())
-        tensors = load_file(base + ".safetensors")
-    except (OSError, ValueError) as exc:
-        raise HeadlensError(f"cannot read traces {base}: {exc}") from None
-    return meta, tensors
+    return read_json_and_tensors(path, "traces")
