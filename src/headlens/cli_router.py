@@ -122,7 +122,7 @@ def _stats_csv(stats) -> str:
 def _figures(out_dir: Path, stats, name: str) -> list[Path]:
     import numpy as np
 
-    from headlens.plotting import _pyplot
+    from headlens.plotting import _pyplot, save_figure
 
     plt = _pyplot()
     paths = []
@@ -136,7 +136,7 @@ def _figures(out_dir: Path, stats, name: str) -> list[Path]:
     ax.set_title(f"{name}: load share per expert\n(uniform = 1/{E} = {1 / E:.3f})", fontsize=10)
     fig.colorbar(im, ax=ax, label="share of token assignments")
     fig.tight_layout()
-    paths.append(_save(fig, out_dir / "router_load.png", plt))
+    paths.append(save_figure(fig, out_dir / "router_load.png", dpi=100))
     cols = min(L, 4)
     rows = (L + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
@@ -149,7 +149,7 @@ def _figures(out_dir: Path, stats, name: str) -> list[Path]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.8)
     fig.suptitle(f"{name}: expert co-activation over the top-k pairs of a token")
-    paths.append(_save(fig, out_dir / "router_coactivation.png", plt))
+    paths.append(save_figure(fig, out_dir / "router_coactivation.png", dpi=100))
     fig, ax = plt.subplots(figsize=(7, 4))
     ls = [s.layer for s in stats]
     ax.plot(ls, [s.load_entropy_norm for s in stats], marker="o", label="load entropy H(f)/log E")
@@ -161,17 +161,8 @@ def _figures(out_dir: Path, stats, name: str) -> list[Path]:
     ax.grid(True, alpha=0.3)
     ax.set_title(f"{name}: entropies per layer")
     fig.tight_layout()
-    paths.append(_save(fig, out_dir / "router_entropy.png", plt))
+    paths.append(save_figure(fig, out_dir / "router_entropy.png", dpi=100))
     return paths
-
-
-def _save(fig, path: Path, plt) -> Path:
-    from headlens.fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _html(path: Path, name: str, report, texts, ids, tok, layers, color_layer: int, pngs: list[Path]) -> Path:

@@ -1212,7 +1212,6 @@ def save_diagram_png(graph: LayerGraph, path: str | Path) -> Path:
     ax.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False,
               bbox_to_anchor=(0.5, -0.01))
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    from headlens.plotting import save_figure
+
+    return save_figure(fig, path, dpi=110)

@@ -19,6 +19,15 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG atomically (temporary name, then rename) and close it; returns ``path``."""
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def save_spectrum_plot(path: Path, singular_values: Sequence[float], energy: Sequence[float], latent_dim: int,
                        title: str, rank: int | None = None) -> Path:
     """Singular values (log scale) and cumulative energy with the latent dim marked."""
@@ -51,10 +60,7 @@ def save_spectrum_plot(path: Path, singular_values: Sequence[float], energy: Seq
     ax2.grid(True, alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def save_attention_heatmap(path: Path, probs: np.ndarray, tokens: Sequence[str], title: str) -> Path:
@@ -74,7 +80,4 @@ def save_attention_heatmap(path: Path, probs: np.ndarray, tokens: Sequence[str],
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention probability")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

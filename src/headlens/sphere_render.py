@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from headlens.fileio import atomic_path
-from headlens.plotting import _pyplot
+from headlens.plotting import _pyplot, save_figure
 
 SPHERE_GRID = 40  # the notebook drew a 100 x 100 surface; 40 x 40 looks the same at alpha 0.1
 
@@ -201,7 +201,4 @@ def write_metrics_png(path: Path, metrics: list[dict], threshold: float, title: 
         a.grid(True, alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

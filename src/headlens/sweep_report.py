@@ -30,7 +30,7 @@ import numpy as np
 
 from headlens.errors import HeadlensError
 from headlens.fileio import atomic_path
-from headlens.plotting import _pyplot
+from headlens.plotting import _pyplot, save_figure
 
 __all__ = [
     "write_table", "write_csv", "write_parquet", "read_table",
@@ -376,14 +376,6 @@ def _cmap(name: str):
     return matplotlib.colormaps[name].with_extremes(bad="0.85")  # missing heads: light grey
 
 
-def _save(fig, path: Path, dpi: int = 110) -> Path:
-    plt = _pyplot()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
-    return path
-
-
 def _rank_figure(path: Path, head_rows: Sequence[dict], model_name: str) -> Path:
     grid, layers, heads = _grid(head_rows, "ov_rank_e90")
     edges = _group_edges(head_rows, heads)
@@ -397,7 +389,7 @@ def _rank_figure(path: Path, head_rows: Sequence[dict], model_name: str) -> Path
         vmax = vmin + 1.0
     im = _panel(axes[0][0], grid, layers, heads, edges, _cmap("viridis"), vmin, vmax, ".0f", "")
     fig.colorbar(im, cax=cax).set_label("rank at 90% energy", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _per_k_figure(path: Path, head_rows: Sequence[dict], ks: Sequence[int], prefix: str, title: str,
@@ -421,7 +413,7 @@ def _per_k_figure(path: Path, head_rows: Sequence[dict], ks: Sequence[int], pref
     for idx in range(n, nrows * ncols):
         axes[idx // ncols][idx % ncols].set_visible(False)
     fig.colorbar(im, cax=cax).set_label(cbar_label, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def heatmaps(out_dir: Path, head_rows: Sequence[dict], ks: Sequence[int], model_name: str) -> list[Path]:
@@ -548,7 +540,7 @@ def budget_outputs(out_dir: Path, budget: dict | None, model_name: str) -> list[
     chars = max(int(width * 72 / (12 * 0.55)), 30)
     text = "\n".join(textwrap.wrap(title, chars) + (textwrap.wrap(_mpl_text(line), chars) if line else []))
     fig.suptitle(text, fontsize=12)
-    paths.append(_save(fig, out_dir / BUDGET_PNG))
+    paths.append(save_figure(fig, out_dir / BUDGET_PNG))
     return paths
 
 
