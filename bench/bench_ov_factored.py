@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from headlens.spectrum import factored_svd
+from headlens.circuits.spectrum import factored_svd
 
 
 def main() -> None:

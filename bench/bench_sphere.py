@@ -105,8 +105,9 @@ def headlens_sphere(model_dir: Path, prompt: str, out: Path) -> float:
 def capture_overhead(model_dir: Path, prompt: str, repeats: int) -> tuple[float, float]:
     import torch
 
-    from headlens.capture import load_hf_model, record_sites
-    from headlens.loading import open_model
+    from headlens.io.source import load_hf_model
+    from headlens.residual.capture import record_sites
+    from headlens.io.checkpoint import open_model
 
     ck = open_model(weights=model_dir, auto_infer=True)
     model, tok = load_hf_model(model_dir, torch.float32)
@@ -170,7 +171,7 @@ def main() -> None:
     p.add_argument("--run", choices=("notebook", "headlens"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    from headlens.loading import embedded_model_dir
+    from headlens.io.checkpoint import embedded_model_dir
     from headlens.prompts import NOTEBOOK_PROMPT
 
     model_dir = args.weights or embedded_model_dir()

@@ -57,7 +57,7 @@ READ_CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from headlens.loading import open_model
+from headlens.io.checkpoint import open_model
 ck = open_model(weights=sys.argv[1], auto_infer=True)
 t1 = time.perf_counter()
 nbytes = 0
@@ -76,7 +76,7 @@ print("RESULT " + json.dumps({"import_open_s": t1 - t0, "read_s": t2 - t1, "byte
 DENSE_CHILD = r"""
 import json, sys, time
 import torch
-from headlens.loading import open_model
+from headlens.io.checkpoint import open_model
 ck = open_model(weights=sys.argv[1], auto_infer=True)
 s = ck.shape
 H, G, hd = s.num_heads, s.num_kv_heads, s.head_dim

@@ -1,7 +1,7 @@
 """Independent dense float64 references, written from the HuggingFace modules directly.
 
 Nothing here imports headlens: the per-family splits are written out again from the modeling code so
-that a layout mistake in ``headlens.arch``/``headlens.heads`` cannot hide behind a shared helper.
+that a layout mistake in ``headlens.arch``/``headlens.circuits.heads`` cannot hide behind a shared helper.
 """
 
 from __future__ import annotations

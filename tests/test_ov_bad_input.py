@@ -39,7 +39,7 @@ def test_unreadable_path(ckpts, capsys, tmp_path, monkeypatch):
     shutil.copy(ckpts.path("llama", "gqa", "safetensors"), f)
     f.chmod(0)
     if os.geteuid() == 0:  # root reads any file whatever its mode: make the permission check see the mode
-        from headlens import tensors
+        from headlens.io import tensors
 
         monkeypatch.setattr(tensors.os, "access", lambda path, mode: not str(path).endswith("locked.safetensors"))
     assert "permission denied" in bad(capsys, tmp_path, "--weights", str(f), "--num-heads", "4")

@@ -150,7 +150,7 @@ def test_weight_only_reads_just_the_heads_tensors(ckpts, capsys, monkeypatch):
     """No model is built and only the requested layer's v/o (and norm) tensors are touched."""
     import transformers
 
-    from headlens import tensors
+    from headlens.io import tensors
 
     def boom(*a, **k):
         raise AssertionError("weight-only analysis built a model")
@@ -266,7 +266,7 @@ def test_python_dash_m_and_version():
 
 def test_unreachable_hub_without_offline_flag_uses_the_cache(ckpts, capsys, tmp_path, monkeypatch):
     """HF_HUB_OFFLINE unset but no route to the hub: cached repos work, others fail fast with one line."""
-    from headlens import loading
+    from headlens.io import checkpoint as loading
 
     import huggingface_hub.constants
 

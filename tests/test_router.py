@@ -11,7 +11,7 @@ import torch
 from tiny_models import MAX_PARAMS, PROMPT, build_model, save_checkpoint, tokenizer_for
 
 from headlens.cli import main
-from headlens.router import csr_to_dense, load_dump
+from headlens.moe.router import csr_to_dense, load_dump
 
 TEXTS = [PROMPT, "Octopuses have three hearts, and two of them stop beating when they swim.", "The prime number."]
 
@@ -232,7 +232,7 @@ def test_bad_input(moe_dirs, ckpts, capsys, tmp_path):
 
 
 def test_probabilities_are_not_softmaxed_twice():
-    from headlens.router import routing_distribution
+    from headlens.moe.router import routing_distribution
 
     p = torch.softmax(torch.randn(5, 6, dtype=torch.float64), -1)
     dist, kind = routing_distribution(p, "softmax_topk")

@@ -15,7 +15,7 @@ import torch
 from headlens.cli import main
 from headlens.errors import HeadlensError
 from headlens.prompts import NOTEBOOK_PROMPT
-from headlens.sphere import SphereConfig, clustering_metrics, project
+from headlens.residual.sphere import SphereConfig, clustering_metrics, project
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SEED = SHARED / "seeds" / "003_7fa2463b6aad0c9a.txt"
@@ -174,7 +174,7 @@ def test_qwen_tokenizer_labels_equal_the_notebooks():
         pytest.skip("../shared/data/qwen3-tokenizer or the seed notebook is absent: cannot check the 404 labels")
     from transformers import AutoTokenizer
 
-    from headlens.capture import prompt_ids
+    from headlens.residual.capture import prompt_ids
 
     tok = AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
     _, labels = prompt_ids(tok, NOTEBOOK_PROMPT, max_positions=40960)

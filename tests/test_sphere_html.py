@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from headlens.errors import HeadlensError
-from headlens.sphere_html import write_sphere_html
+from headlens.report.sphere_html import write_sphere_html
 
 NASTY = [
     "<s>",

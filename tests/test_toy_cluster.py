@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from headlens.errors import HeadlensError
-from headlens.sphere import clustering_metrics
-from headlens.toy_cluster import ClusterConfig, cluster_demo, frame_layers, make_weights, origin_frames, run_cluster
+from headlens.residual.sphere import clustering_metrics
+from headlens.toy.cluster import ClusterConfig, cluster_demo, frame_layers, make_weights, origin_frames, run_cluster
 
 
 def _spearman(a, b) -> float:
@@ -146,7 +146,7 @@ def test_cluster_demo_centred_picture(tmp_path):
 
 
 def test_cluster_demo_writes_the_interactive_page(tmp_path):
-    from headlens.toy_cluster import ClusterConfig, cluster_demo
+    from headlens.toy.cluster import ClusterConfig, cluster_demo
 
     res = cluster_demo(ClusterConfig(tokens=16, dim=6, layers=4), tmp_path, workers=1)
     html = res["html"].read_text()

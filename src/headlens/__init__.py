@@ -4,7 +4,7 @@ Library entry points (no side effects at import time):
 
 - :func:`headlens.loading.open_model` resolves a checkpoint (file, directory, hub repo, embedded default).
 - :func:`headlens.ov.analyze_ov` computes one head's OV circuit report.
-- :mod:`headlens.spectrum` holds the factored SVD and the latent-cache error measures.
+- :mod:`headlens.circuits.spectrum` holds the factored SVD and the latent-cache error measures.
 """
 
 __version__ = "0.1.0"

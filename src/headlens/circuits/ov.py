@@ -12,11 +12,11 @@ from typing import Callable
 
 import torch
 
-from headlens.capture import PromptCapture
+from headlens.residual.capture import PromptCapture
 from headlens.errors import HeadlensError
-from headlens.heads import check_layer_head, read_head
-from headlens.loading import Checkpoint
-from headlens.spectrum import (
+from headlens.circuits.heads import check_layer_head, read_head
+from headlens.io.checkpoint import Checkpoint
+from headlens.circuits.spectrum import (
     condition_number,
     cumulative_energy,
     data_aware_latent,

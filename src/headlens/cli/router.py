@@ -10,12 +10,15 @@ import io
 import sys
 from pathlib import Path
 
+from headlens.cli.common import model_source
 from headlens.errors import HeadlensError
 
 MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-def add_parser(sub, add_model_args) -> None:
+def add_parser(sub) -> None:
+    from headlens.cli.common import add_model_args
+
     p = sub.add_parser("router", help="mixture-of-experts router statistics and dumps",
                        description="Run text through a MoE checkpoint and report, per MoE layer, expert load, "
                                    "entropies, co-activation, repetition, layer-to-layer transitions and the "
@@ -35,7 +38,7 @@ def _texts(args) -> list[str]:
     from headlens.prompts import NOTEBOOK_PROMPT
 
     if args.prompt_file:
-        from headlens.fileio import read_text_lines
+        from headlens.io.files import read_text_lines
 
         return read_text_lines(args.prompt_file, "--prompt-file")
     text = NOTEBOOK_PROMPT if args.prompt is None else args.prompt
@@ -47,10 +50,10 @@ def _texts(args) -> list[str]:
 def cmd_router(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from headlens.capture import load_model, load_tokenizer, max_positions
-    from headlens.fileio import atomic_path, check_writable_dir, ensure_dir
-    from headlens.loading import cast_dtype, resolve_model_dir
-    from headlens.router import (RouterReport, capture_routing, layer_stats, prompt_hash, scoring_rule,
+    from headlens.residual.capture import max_positions
+    from headlens.io.files import atomic_path, check_writable_dir, ensure_dir
+    from headlens.io.checkpoint import cast_dtype
+    from headlens.moe.router import (RouterReport, capture_routing, layer_stats, prompt_hash, scoring_rule,
                                  transitions, write_dump)
 
     texts = _texts(args)
@@ -58,7 +61,8 @@ def cmd_router(args: argparse.Namespace) -> int:
         raise HeadlensError(f"--batch-size must be at least 1, got {args.batch_size}")
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
-    name, directory, config = resolve_model_dir(args.weights, args.hf_repo, args.revision, args.cache_dir)
+    source = model_source(args)
+    name, directory, config = source.model_dir()
     cfg = config.get("text_config") or config
     if not any(cfg.get(k) for k in MOE_CONFIG_KEYS):
         raise HeadlensError(f"no MoE layers in {name}: its config ({cfg.get('model_type')}) has no experts")
@@ -66,8 +70,8 @@ def cmd_router(args: argparse.Namespace) -> int:
     if args.color_layer is not None and not 0 <= args.color_layer < n_layers:
         raise HeadlensError(f"--color-layer {args.color_layer} is out of range: {name} has {n_layers} layers "
                             f"(valid 0..{n_layers - 1})")
-    tok = load_tokenizer(directory, args.trust_remote_code)
-    model = load_model(directory, cast_dtype(args.dtype), args.trust_remote_code)
+    tok = source.tokenizer(directory)
+    model = source.model(directory, cast_dtype(args.dtype))
     with tqdm(total=len(texts), desc="routing", unit="text", file=sys.stderr, disable=None) as bar:
         layers, n_tokens, ids = capture_routing(model, tok, texts, args.batch_size, max_positions(config),
                                                 progress=bar.update)
@@ -122,7 +126,7 @@ def _stats_csv(stats) -> str:
 def _figures(out_dir: Path, stats, name: str) -> list[Path]:
     import numpy as np
 
-    from headlens.plotting import _pyplot, save_figure
+    from headlens.report.figures import _pyplot, save_figure
 
     plt = _pyplot()
     paths = []
@@ -168,7 +172,7 @@ def _figures(out_dir: Path, stats, name: str) -> list[Path]:
 def _html(path: Path, name: str, report, texts, ids, tok, layers, color_layer: int, pngs: list[Path]) -> Path:
     from matplotlib import colormaps
 
-    from headlens.fileio import atomic_path
+    from headlens.io.files import atomic_path
 
     r = next(x for x in layers if x.layer == color_layer)
     top = r.indices[range(len(r.indices)), r.weights.argmax(-1)].tolist()

@@ -360,7 +360,7 @@ def iter_layers(ck, layers: list[int], cfg: SweepConfig, load_dtype: torch.dtype
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from headlens.heads import read_layer, read_layer_raw
+    from headlens.circuits.heads import read_layer, read_layer_raw
 
     def load(layer: int):  # I/O only: no torch compute competing with the analysis for the cores
         return read_layer_raw(ck, layer, with_qk=cfg.with_qk)

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from headlens.fileio import atomic_path
-from headlens.plotting import _pyplot, save_figure
+from headlens.io.files import atomic_path
+from headlens.report.figures import _pyplot, save_figure
 
 SPHERE_GRID = 40  # the notebook drew a 100 x 100 surface; 40 x 40 looks the same at alpha 0.1
 

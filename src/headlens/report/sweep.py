@@ -29,8 +29,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from headlens.errors import HeadlensError
-from headlens.fileio import atomic_path
-from headlens.plotting import _pyplot, save_figure
+from headlens.io.files import atomic_path
+from headlens.report.figures import _pyplot, save_figure
 
 __all__ = [
     "write_table", "write_csv", "write_parquet", "read_table",

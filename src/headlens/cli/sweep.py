@@ -7,12 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from headlens.cli.common import model_source
 from headlens.errors import HeadlensError
 
 PARTS = "sweep_layers"  # one JSON per finished layer: what --resume reads
 
 
-def add_parser(sub, add_model_args) -> None:
+def add_parser(sub) -> None:
+    from headlens.cli.common import add_model_args
+
     p = sub.add_parser("sweep", help="every head of every layer: OV/QK spectra, kv groups, latent-cache budget",
                        description="Sweep all layers and heads: factored OV and QK spectra, ranks at energy "
                                    "levels, stacked kv-group operators, optional data-aware (whitened) latents, "
@@ -55,7 +58,7 @@ def parse_ks(text: str, head_dim: int | None = None) -> list[int]:
 
 def read_calibration(args) -> list[str] | None:
     if args.calib:
-        from headlens.fileio import read_text_lines
+        from headlens.io.files import read_text_lines
 
         return read_text_lines(args.calib, "--calib")
     if args.prompt is not None:
@@ -65,61 +68,31 @@ def read_calibration(args) -> list[str] | None:
     return None
 
 
-def capture_attention_inputs(ck, texts: list[str], layers: list[int], dtype, max_tokens: int, trust: bool):
-    """Every selected layer's attention input for the calibration tokens: {layer: (d, N) float64 tensor}."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from headlens.capture import find_layer, load_model, load_tokenizer, max_positions
+def capture_calibration(source, ck, texts: list[str], layers: list[int], dtype, max_tokens: int):
+    """Every selected layer's attention input for the calibration tokens: ({layer: (d, N) float64}, N)."""
+    from headlens.residual.capture import capture_attention_inputs, max_positions
 
     if ck.directory is None:
         raise HeadlensError("data-aware mode runs the model: pass --weights DIR (a HuggingFace model directory "
                             "with config.json and tokenizer) or --hf-repo")
-    tok = load_tokenizer(ck.directory, trust)
+    tok = source.tokenizer(ck.directory)
     limit = max_positions(ck.config or {})
-    model = load_model(ck.directory, dtype, trust)
-    store: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    handles = []
-
-    def hook_for(layer):
-        def hook(_m, args, kwargs):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            store[layer].append(x.detach()[0].to("cpu", torch.float32))
-        return hook
-
-    for layer in layers:
-        _, blk = find_layer(model, ck.spec, layer)
-        handles.append(blk.get_submodule(ck.spec.attn_module).register_forward_pre_hook(hook_for(layer),
-                                                                                       with_kwargs=True))
-    n = 0
-    try:
-        with torch.no_grad():
-            for text in tqdm(texts, desc="calibration", unit="text", file=sys.stderr, disable=None):
-                ids = tok(text, return_tensors="pt")["input_ids"][:, : (limit or None)]
-                ids = ids[:, : max_tokens - n]
-                if ids.shape[1] == 0:
-                    break
-                model(input_ids=ids)
-                n += ids.shape[1]
-                if n >= max_tokens:
-                    break
-    finally:
-        for h in handles:
-            h.remove()
+    model = source.model(ck.directory, dtype)
+    X, n = capture_attention_inputs(model, tok, ck.spec, texts, layers, max_tokens, limit)
     if n < 4:
         raise HeadlensError(f"the calibration text gives {n} tokens: at least 4 are needed (half fit, half held out)")
-    return {layer: torch.cat(v).double().T for layer, v in store.items()}, n
+    return X, n
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from headlens.cli_sphere import parse_layers
-    from headlens.fileio import check_writable_dir, ensure_dir, write_json
-    from headlens.loading import cast_dtype, open_model
-    from headlens.heads import find_non_finite
-    from headlens.sweep import BudgetTarget, LayerResult, NonFiniteWeights, SweepConfig, analyze_layer, iter_layers
+    from headlens.cli.sphere import parse_layers
+    from headlens.io.files import check_writable_dir, ensure_dir, write_json
+    from headlens.io.checkpoint import cast_dtype
+    from headlens.circuits.heads import find_non_finite
+    from headlens.circuits.sweep import BudgetTarget, LayerResult, NonFiniteWeights, SweepConfig, analyze_layer, iter_layers
 
     ks_text = args.k
     if ks_text is not None:
@@ -137,9 +110,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_writable_dir(out_dir)
     _preload_report_modules()  # their imports overlap the layer loop, whose torch kernels release the GIL
     dtype = cast_dtype(args.dtype)
-    ck = open_model(weights=args.weights, hf_repo=args.hf_repo, revision=args.revision, cache_dir=args.cache_dir,
-                    auto_infer=args.auto_infer, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-                    full=texts is not None, roles=("q", "k", "v", "o", "qkv", "norm"))
+    source = model_source(args)
+    ck = source.checkpoint(full=texts is not None, roles=("q", "k", "v", "o", "qkv", "norm"))
     s = ck.shape
     if ks_text is None:
         ks = [k for k in (8, 16, 32, 64) if k <= s.head_dim] or [s.head_dim]
@@ -169,7 +141,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     X = {}
     n_calib = 0
     if texts is not None and todo:
-        X, n_calib = capture_attention_inputs(ck, texts, todo, dtype, args.max_calib_tokens, args.trust_remote_code)
+        X, n_calib = capture_calibration(source, ck, texts, todo, dtype, args.max_calib_tokens)
     ensure_dir(parts)
     write_json(parts / "run.json", run_id)
     print(f"{ck.name}: {s.num_layers} layers, {s.num_heads} query heads, {s.num_kv_heads} kv heads, head_dim "
@@ -182,7 +154,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if layer in X:
             Xl = X.pop(layer)
             if cfg.fold_norm:
-                from headlens.heads import norm_gain
+                from headlens.circuits.heads import norm_gain
 
                 gain, _ = norm_gain(ck, layer)
                 safe = torch.where(gain != 0, gain, torch.ones_like(gain))
@@ -212,8 +184,8 @@ def _preload_report_modules() -> None:
 
     def load() -> None:
         try:
-            import headlens.sweep_report  # noqa: F401
-            from headlens.sweep_report import _pyplot, _pyarrow
+            import headlens.report.sweep  # noqa: F401
+            from headlens.report.sweep import _pyplot, _pyarrow
 
             _pyplot()
             _pyarrow()
@@ -236,9 +208,9 @@ def _hash(texts: list[str]) -> str:
 
 
 def _write_outputs(args, ck, cfg, target, results, out_dir: Path, n_calib: int, data: bool) -> int:
-    from headlens.fileio import write_json
-    from headlens.sweep import budget
-    from headlens.sweep_report import budget_outputs, heatmaps, write_html, write_table
+    from headlens.io.files import write_json
+    from headlens.circuits.sweep import budget
+    from headlens.report.sweep import budget_outputs, heatmaps, write_html, write_table
 
     s = ck.shape
     head_rows = [row for r in results for row in r.head_rows]

@@ -229,7 +229,7 @@ def write_dump(path: Path, report: RouterReport, layers: list[RouterLayer]) -> t
     """``<path>.safetensors`` (per-layer logits, indices, weights, CSR dispatch, transitions) + ``<path>.json``."""
     from safetensors.torch import save_file
 
-    from headlens.fileio import atomic_path, write_json
+    from headlens.io.files import atomic_path, write_json
 
     tensors: dict[str, torch.Tensor] = {}
     for r in layers:
@@ -252,7 +252,7 @@ def write_dump(path: Path, report: RouterReport, layers: list[RouterLayer]) -> t
 
 def load_dump(path: str | Path) -> tuple[RouterReport, list[RouterLayer], dict[str, torch.Tensor]]:
     """Reload a dump written by :func:`write_dump` (``path`` with or without its suffix)."""
-    from headlens.fileio import read_json_and_tensors
+    from headlens.io.files import read_json_and_tensors
 
     meta, tensors = read_json_and_tensors(path, "router dump")
     stats = [LayerStats(**s) for s in meta.pop("stats")]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from headlens.errors import HeadlensError
-from headlens.loading import Checkpoint
+from headlens.io.checkpoint import Checkpoint
 
 
 @dataclass

@@ -8,6 +8,7 @@ import io
 import sys
 from pathlib import Path
 
+from headlens.cli.common import model_source
 from headlens.errors import HeadlensError
 from headlens.prompts import NOTEBOOK_PROMPT
 
@@ -46,7 +47,9 @@ def parse_layers(text: str | None, num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def add_parser(sub, add_model_args) -> None:
+def add_parser(sub) -> None:
+    from headlens.cli.common import add_model_args
+
     p = sub.add_parser("sphere", help="the residual stream of every layer on the unit sphere (GIF, HTML, metrics)",
                        description="Run a prompt, take each layer's residual stream, project it by PCA onto 3 "
                                    "components and the unit sphere, animate the layers, and measure clustering.")
@@ -97,9 +100,9 @@ def read_prompt(args) -> str:
 
 
 def cmd_sphere(args: argparse.Namespace) -> int:
-    from headlens.fileio import check_writable_dir
-    from headlens.loading import cast_dtype
-    from headlens.sphere_render import start_pool
+    from headlens.io.files import check_writable_dir
+    from headlens.io.checkpoint import cast_dtype
+    from headlens.report.sphere_frames import start_pool
 
     prompt = read_prompt(args) if not args.traces else ""
     if args.frame_seconds <= 0:
@@ -115,11 +118,10 @@ def cmd_sphere(args: argparse.Namespace) -> int:
     dtype = cast_dtype(args.dtype)
     if args.traces:
         return _run_traces(args, out_dir)
-    from headlens.capture import load_tokenizer, max_positions, prompt_ids
-    from headlens.loading import open_model
+    from headlens.residual.capture import max_positions, prompt_ids
 
-    ck = open_model(weights=args.weights, hf_repo=args.hf_repo, revision=args.revision, cache_dir=args.cache_dir,
-                    auto_infer=args.auto_infer, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, full=True)
+    source = model_source(args)
+    ck = source.checkpoint(full=True)
     layers = parse_layers(args.layers, ck.shape.num_layers)
     if ck.directory is None or ck.config is None:
         raise HeadlensError("sphere runs the model: pass --weights DIR (a HuggingFace model directory with "
@@ -129,23 +131,23 @@ def cmd_sphere(args: argparse.Namespace) -> int:
         raise HeadlensError(f"{spec.family} layers add attention and MLP to the same stream in parallel: there is "
                             "no resid_mid; use --site resid_pre or resid_post")
     # Everything that can be checked without the weights is checked before loading them.
-    tokenizer = load_tokenizer(ck.directory, trust_remote_code=args.trust_remote_code)
+    tokenizer = source.tokenizer(ck.directory)
     ids, tokens = prompt_ids(tokenizer, prompt, max_positions(ck.config), truncate=args.truncate)
     # Renderer processes start now: their plotting imports overlap loading and running the model.
     pool = start_pool(args.workers)
     try:
-        return _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool)
+        return _run(args, source, ck, layers, prompt, ids, tokens, dtype, out_dir, pool)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
 
-def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
+def _run(args, source, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
     import torch
 
-    from headlens.capture import load_model, record_sites
+    from headlens.residual.capture import record_sites
 
-    model = load_model(ck.directory, dtype, trust_remote_code=args.trust_remote_code)
+    model = source.model(ck.directory, dtype)
     with torch.no_grad(), record_sites(model, ck.spec, (args.site,), layers,
                                        store_dtype=torch.float16 if args.half else None) as rec:
         model(input_ids=ids.to(model.device))  # the one forward pass
@@ -159,8 +161,8 @@ def _run(args, ck, layers, prompt, ids, tokens, dtype, out_dir, pool) -> int:
 
 def _run_traces(args, out_dir: Path) -> int:
     """Frames from a toy trace file: the residual stream entering each layer, and leaving the last one."""
-    from headlens.sphere_render import start_pool
-    from headlens.toy import load_traces
+    from headlens.report.sphere_frames import start_pool
+    from headlens.toy.stack import load_traces
 
     meta, tensors = load_traces(args.traces)
     n = int(meta["layers"])
@@ -186,10 +188,10 @@ def project_and_write(args, name: str, describe: dict, header: str, hidden: dict
     """Project ``hidden`` ({layer: (N, d)}) on the sphere and write the GIF, page, metrics and JSON."""
     from tqdm.auto import tqdm
 
-    from headlens.fileio import atomic_path, write_json
-    from headlens.sphere import SphereConfig, project
-    from headlens.sphere_html import write_sphere_html
-    from headlens.sphere_render import Deferred, render_frame, write_gif, write_metrics_png
+    from headlens.io.files import atomic_path, write_json
+    from headlens.residual.sphere import SphereConfig, project
+    from headlens.report.sphere_html import write_sphere_html
+    from headlens.report.sphere_frames import Deferred, render_frame, write_gif, write_metrics_png
 
     cfg = SphereConfig(align=args.align, basis=args.basis, drop_first=args.drop_first,
                        drop_outliers=args.drop_outliers, outlier_factor=args.outlier_factor,

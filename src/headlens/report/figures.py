@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from headlens.fileio import atomic_path
+from headlens.io.files import atomic_path
 
 
 def _pyplot():

@@ -35,7 +35,9 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-seed", type=int, default=1)
 
 
-def add_parser(sub, add_model_args) -> None:
+def add_parser(sub) -> None:
+    from headlens.cli.common import add_model_args
+
     toy = sub.add_parser("toy", help="a toy attention stack: planted heads, traces, the clustering demo",
                          description="Create a toy multi-head attention stack (MHA/MQA/GQA, causal or not, optional "
                                      "RoPE, pre-norm, residual), plant OV spectra, trace activations, and run "
@@ -73,7 +75,7 @@ def _no_action(args) -> int:
 
 
 def _build(args):
-    from headlens.toy import ToyConfig, ToyStack, spectrum_profile
+    from headlens.toy.stack import ToyConfig, ToyStack, spectrum_profile
 
     cfg = ToyConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads or args.heads,
                     head_dim=args.head_dim, n_layers=args.layers, causal=not args.no_causal, rope=args.rope,
@@ -90,8 +92,8 @@ def _build(args):
 
 
 def cmd_create(args) -> int:
-    from headlens.fileio import check_writable_dir
-    from headlens.toy import save_toy
+    from headlens.io.files import check_writable_dir
+    from headlens.toy.stack import save_toy
 
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".pt"):
@@ -110,7 +112,7 @@ def cmd_create(args) -> int:
 
 
 def _inputs(args, d: int):
-    from headlens.toy import make_inputs
+    from headlens.toy.stack import make_inputs
 
     if args.tokens < 2:
         raise HeadlensError(f"--tokens must be at least 2, got {args.tokens}")
@@ -118,7 +120,7 @@ def _inputs(args, d: int):
     if args.inputs == "embeddings":
         if not args.embeddings_from:
             raise HeadlensError("--inputs embeddings needs --embeddings-from DIR (a HuggingFace model directory)")
-        from headlens.tensors import open_path
+        from headlens.io.tensors import open_path
 
         src = open_path(Path(args.embeddings_from))
         names = [k for k in src.keys() if k.endswith("embed_tokens.weight") or k.endswith("word_embeddings.weight")
@@ -135,8 +137,8 @@ def _inputs(args, d: int):
 
 
 def cmd_trace(args) -> int:
-    from headlens.fileio import check_writable_dir
-    from headlens.toy import load_toy, save_traces, trace
+    from headlens.io.files import check_writable_dir
+    from headlens.toy.stack import load_toy, save_traces, trace
 
     if not Path(args.weights).exists():
         raise HeadlensError(f"--weights {args.weights}: no such file")
@@ -152,8 +154,8 @@ def cmd_trace(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from headlens.fileio import check_writable_dir
-    from headlens.toy_cluster import ClusterConfig, cluster_demo
+    from headlens.io.files import check_writable_dir
+    from headlens.toy.cluster import ClusterConfig, cluster_demo
 
     cfg = ClusterConfig()
     for attr, val in (("tokens", args.tokens), ("dim", args.dim), ("layers", args.depth), ("beta", args.beta),
@@ -184,11 +186,11 @@ def cmd_run(args) -> int:
     """create -> trace -> ov on every head with the traced inputs -> sphere on the traced stream."""
     import torch
 
-    from headlens.fileio import check_writable_dir, ensure_dir, write_json
-    from headlens.loading import open_model
-    from headlens.ov import OVConfig, analyze_ov
-    from headlens.capture import PromptCapture
-    from headlens.toy import save_toy, save_traces, trace
+    from headlens.io.files import check_writable_dir, ensure_dir, write_json
+    from headlens.io.checkpoint import open_model
+    from headlens.circuits.ov import OVConfig, analyze_ov
+    from headlens.residual.capture import PromptCapture
+    from headlens.toy.stack import save_toy, save_traces, trace
 
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
@@ -228,7 +230,7 @@ def cmd_run(args) -> int:
                                                   else planted.tolist(), "heads": rows})
     print("\n".join(lines + [f"saved toy -> {wpath}", f"saved traces -> {tpath}", f"saved json -> {jpath}"]),
           flush=True)
-    from headlens.cli_sphere import _run_traces
+    from headlens.cli.sphere import _run_traces
 
     sphere_args = argparse.Namespace(traces=str(tpath), layers=None, workers=1, align=True, basis="layer",
                                      drop_first=False, drop_outliers=False, outlier_factor=8.0, cluster_threshold=0.9,

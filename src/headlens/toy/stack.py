@@ -196,7 +196,7 @@ def spectrum_profile(kind: str, head_dim: int, rank: int | None = None, decay: f
 
 def save_toy(model: ToyStack, path: Path) -> Path:
     """State dict (``.pt`` or ``.safetensors``) plus ``<path>.toy.json`` with the config."""
-    from headlens.fileio import atomic_path, write_json
+    from headlens.io.files import atomic_path, write_json
 
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
@@ -218,7 +218,7 @@ def load_toy(path: Path) -> ToyStack:
         raise HeadlensError(f"{meta} is missing: a toy checkpoint keeps its config next to the weights")
     cfg = ToyConfig(**json.loads(meta.read_text()))
     model = ToyStack(cfg)
-    from headlens.tensors import open_path
+    from headlens.io.tensors import open_path
 
     src = open_path(path)
     sd = {k: src.read(k) for k in src.keys()}
@@ -263,7 +263,7 @@ def save_traces(path: Path, model: ToyStack, traces: list[dict], meta: dict | No
     ``<path>.json`` with the config and metadata."""
     from safetensors.torch import save_file
 
-    from headlens.fileio import atomic_path, write_json
+    from headlens.io.files import atomic_path, write_json
 
     tensors = {f"layer{l}.{k}": v.detach().float().contiguous().clone() for l, t in enumerate(traces)
                for k, v in t.items()}
@@ -277,6 +277,6 @@ def save_traces(path: Path, model: ToyStack, traces: list[dict], meta: dict | No
 
 def load_traces(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a trace file written by :func:`save_traces` (path with or without suffix)."""
-    from headlens.fileio import read_json_and_tensors
+    from headlens.io.files import read_json_and_tensors
 
     return read_json_and_tensors(path, "traces")

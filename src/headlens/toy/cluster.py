@@ -117,7 +117,7 @@ def origin_frames(hidden: dict[int, torch.Tensor], layers: list[int]) -> tuple[l
     """3-D picture about the origin: per layer, the top-3 uncentred principal directions of the unit tokens,
     each token projected and put back on the sphere, aligned to the previous frame; and the fraction of
     the tokens' squared norm those 3 directions keep."""
-    from headlens.sphere import align_to
+    from headlens.residual.sphere import align_to
 
     points, kept = [], []
     for layer in layers:
@@ -136,7 +136,7 @@ def origin_frames(hidden: dict[int, torch.Tensor], layers: list[int]) -> tuple[l
 def metrics_csv(metrics: list[dict]) -> str:
     """The per-layer metrics as CSV text (``headlens sphere``'s columns)."""
     try:  # the same columns as headlens sphere's table when that helper is there
-        from headlens.cli_sphere import _metrics_csv
+        from headlens.cli.sphere import _metrics_csv
 
         return _metrics_csv(metrics)
     except ImportError:
@@ -166,9 +166,9 @@ def cluster_demo(cfg: ClusterConfig, out_dir, frame_seconds: float = 0.5, thresh
     Metrics are computed at every layer; the GIF shows up to ``max_frames`` evenly spaced layers (first and
     last included). Returns the paths, the frame layers, the per-layer metrics and the summary sentences.
     """
-    from headlens.fileio import atomic_path, check_writable_dir, write_json
-    from headlens.sphere import SphereConfig, project
-    from headlens.sphere_render import Deferred, render_frame, start_pool, write_gif, write_metrics_png
+    from headlens.io.files import atomic_path, check_writable_dir, write_json
+    from headlens.residual.sphere import SphereConfig, project
+    from headlens.report.sphere_frames import Deferred, render_frame, start_pool, write_gif, write_metrics_png
 
     if frame_seconds <= 0:
         raise HeadlensError(f"frame_seconds must be positive, got {frame_seconds:g}")
@@ -213,7 +213,7 @@ def cluster_demo(cfg: ClusterConfig, out_dir, frame_seconds: float = 0.5, thresh
                                        "summary": summary})
     with atomic_path(paths["metrics_csv"]) as tmp:
         tmp.write_text(metrics_csv(metrics), encoding="utf-8")
-    from headlens.sphere_html import write_sphere_html
+    from headlens.report.sphere_html import write_sphere_html
 
     paths["html"] = out_dir / "tokens.html"
     norms = {}

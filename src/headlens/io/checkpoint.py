@@ -17,7 +17,7 @@ import torch
 
 from headlens.arch import SPECS, ArchSpec, KeyMap, LayerKeys, detect_spec, spec_for_type
 from headlens.errors import HeadlensError
-from headlens.tensors import (
+from headlens.io.tensors import (
     SafetensorsSource,
     StateDictSource,
     TensorSource,

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from headlens.arch import ArchSpec
 from headlens.errors import HeadlensError
-from headlens.fileio import atomic_path
+from headlens.io.files import atomic_path
 
 STYLE_NAMES = {"pre": "pre-norm", "sandwich": "sandwich-norm", "parallel": "parallel", "post": "post-norm"}
 STYLE_HELP = {
@@ -1212,6 +1212,6 @@ def save_diagram_png(graph: LayerGraph, path: str | Path) -> Path:
     ax.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False,
               bbox_to_anchor=(0.5, -0.01))
     fig.tight_layout()
-    from headlens.plotting import save_figure
+    from headlens.report.figures import save_figure
 
     return save_figure(fig, path, dpi=110)

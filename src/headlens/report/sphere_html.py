@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from headlens.errors import HeadlensError
-from headlens.fileio import atomic_path
+from headlens.io.files import atomic_path
 
 __all__ = ["write_sphere_html"]
 

@@ -1,0 +1,55 @@
+"""What every subcommand shares: the one-line-error parser, integer parsing, and the model flags."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump) and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags every command shares to pick a checkpoint."""
+    g = p.add_argument_group("model (default: the embedded all-MiniLM-L6-v2 checkpoint)")
+    g.add_argument("--weights", metavar="PATH",
+                   help="a .safetensors file, a .pt/.bin state dict, or a HuggingFace model directory "
+                        "(single-file or sharded)")
+    g.add_argument("--hf-repo", metavar="ORG/NAME",
+                   help="a hub repo read through the local hub cache, e.g. Qwen/Qwen3-0.6B "
+                        "(honours HF_HUB_OFFLINE; downloads only the files needed)")
+    g.add_argument("--revision", help="hub revision (branch, tag or commit) for --hf-repo")
+    g.add_argument("--cache-dir", metavar="DIR", help="hub cache directory (default: HF_HUB_CACHE)")
+    g.add_argument("--auto-infer", action="store_true",
+                   help="read layers, heads, kv heads, head_dim and hidden size from config.json")
+    g.add_argument("--num-heads", type=int_arg, metavar="H",
+                   help="query heads, for a bare state dict without config.json")
+    g.add_argument("--num-kv-heads", type=int_arg, metavar="G",
+                   help="key/value heads (GQA/MQA), for a bare state dict; inferred from shapes if omitted")
+    g.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="precision the weights are rounded to and the model runs in (default float32); "
+                        "spectra are always accumulated in float64")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub repo's own modeling code (off unless you ask for it)")
+
+
+
+def model_source(args: argparse.Namespace):
+    """The :class:`~headlens.io.source.ModelSource` the model flags name."""
+    from headlens.io.source import ModelSource
+
+    return ModelSource(weights=args.weights, hf_repo=args.hf_repo, revision=args.revision, cache_dir=args.cache_dir,
+                       auto_infer=args.auto_infer, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                       trust_remote_code=args.trust_remote_code)

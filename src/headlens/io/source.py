@@ -1,0 +1,106 @@
+"""One model source for every command: where the model comes from, and how to load it.
+
+:class:`ModelSource` holds what the user named (a local file or HuggingFace directory, a hub repo, or nothing
+for the embedded default) and how to read it. It opens the weights lazily as a
+:class:`~headlens.io.checkpoint.Checkpoint` (weight-only analyses) and loads the HuggingFace model and
+tokenizer when a command runs text through the model. Device and precision handling live here, once.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from headlens.errors import HeadlensError
+from headlens.io.checkpoint import Checkpoint, open_model, resolve_model_dir
+
+ALL_ROLES = ("q", "k", "v", "o", "qkv", "norm")
+
+
+@dataclass
+class ModelSource:
+    """A checkpoint to analyse. With neither ``weights`` nor ``hf_repo`` it is the embedded default."""
+
+    weights: str | os.PathLike | None = None  # a .safetensors / .pt / .bin file or a HuggingFace directory
+    hf_repo: str | None = None  # a hub repo id ORG/NAME, read through the local hub cache
+    revision: str | None = None  # hub branch, tag or commit
+    cache_dir: str | None = None  # hub cache directory (default HF_HUB_CACHE)
+    auto_infer: bool = False  # read heads / kv heads / head_dim from config.json
+    num_heads: int | None = None  # query heads, for a bare state dict without config.json
+    num_kv_heads: int | None = None  # kv heads (GQA/MQA), for a bare state dict
+    trust_remote_code: bool = False  # allow a hub repo's own modeling code (never unless asked for)
+
+    def checkpoint(self, layers: list[int] | None = None, full: bool = False,
+                   roles: tuple[str, ...] = ("v", "o", "qkv", "norm")) -> Checkpoint:
+        """Open the weights lazily. ``layers``/``roles`` limit what a hub repo downloads; ``full`` fetches
+        everything a forward pass needs (config, all weights, tokenizer). Returns a :class:`Checkpoint`."""
+        return open_model(weights=self.weights, hf_repo=self.hf_repo, revision=self.revision,
+                          cache_dir=self.cache_dir, auto_infer=self.auto_infer, num_heads=self.num_heads,
+                          num_kv_heads=self.num_kv_heads, layers=layers, full=full, roles=roles)
+
+    def model_dir(self) -> tuple[str, Path, dict]:
+        """(name, HuggingFace directory, config) for commands that only run the model (e.g. ``router``)."""
+        return resolve_model_dir(self.weights, self.hf_repo, self.revision, self.cache_dir)
+
+    def tokenizer(self, directory: Path):
+        """The tokenizer saved next to the model in ``directory``."""
+        return load_tokenizer(directory, self.trust_remote_code)
+
+    def model(self, directory: Path, dtype: torch.dtype = torch.float32):
+        """The base HuggingFace model of ``directory`` in eval mode (default attention implementation)."""
+        return load_model(directory, dtype, self.trust_remote_code)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings while loading, and restore the caller's log level afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_tokenizer(directory: Path, trust_remote_code: bool = False):
+    """The tokenizer saved next to a HuggingFace model."""
+    from transformers import AutoTokenizer
+
+    if not (directory / "config.json").exists():
+        raise HeadlensError(f"{directory} has no config.json: a prompt needs a HuggingFace model directory")
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise HeadlensError(f"cannot load a tokenizer from {directory} ({_first_line(exc)}): a prompt needs "
+                            "the tokenizer files next to the weights") from None
+
+
+def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The base model of a HuggingFace directory, default attention implementation, in eval mode."""
+    from transformers import AutoModel
+
+    try:
+        with quiet_transformers():
+            model = AutoModel.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise HeadlensError(f"cannot build the model from {directory} ({_first_line(exc)})") from None
+    return model.eval()
+
+
+def load_hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """(model, tokenizer) from a HuggingFace directory; the base model, default attention implementation."""
+    tokenizer = load_tokenizer(directory, trust_remote_code)
+    return load_model(directory, dtype, trust_remote_code), tokenizer

@@ -1,0 +1,241 @@
+"""Run a prompt through the unmodified HuggingFace model and capture one layer's attention.
+
+Hooks sit on the model's own modules (reached by their real paths), so captured values match
+HuggingFace by construction:
+
+- the attention input of a layer is the first input of its attention module (the output of the
+  pre-attention norm in pre-norm families, the previous layer's output in post-norm BERT);
+- attention probabilities come from the eager attention path: SDPA/flash kernels return none, so the
+  forward runs with ``attn_implementation="eager"`` and is switched back afterwards. HuggingFace's eager
+  path applies each family's own masking, sliding windows and logit soft-capping.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from headlens.arch import ArchSpec
+from headlens.errors import HeadlensError
+from headlens.residual.modules import (count_layers, final_norm, find_layer, find_module, first_tensor,
+                                       hidden_states_input)
+from headlens.residual.sites import SITES, SiteHook, attention_input_hook, is_parallel, site_hook
+
+
+@dataclass
+class PromptCapture:
+    """What one forward pass recorded at one layer."""
+
+    input_ids: list[int]
+    tokens: list[str]  # each token decoded on its own
+    attn_input: torch.Tensor  # (N, d): the attention module's input for every prompt token
+    attn_probs: torch.Tensor | None  # (H, N, N) attention probabilities, query x key
+
+
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Run the block with eager attention (which returns probabilities), then restore the original."""
+    original = getattr(model.config, "_attn_implementation", None)
+    switched = original not in (None, "eager")
+    if switched:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation(original)
+
+
+def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, want_probs: bool,
+                  truncate: bool = False) -> PromptCapture:
+    """One forward pass of ``prompt``; record ``layer``'s attention input and (optionally) probabilities."""
+    hook = attention_input_hook(spec)
+    attn = find_module(model, spec, layer, hook.module)
+    if not prompt.strip():
+        raise HeadlensError("--prompt is empty")
+    ids, tokens = prompt_ids(tokenizer, prompt, max_positions(model), truncate=truncate)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_input(x: torch.Tensor) -> None:
+        seen["input"] = x.detach()[0].to("cpu")  # (N, d)
+
+    def post_hook(_module, _args, _kwargs, output):
+        if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+            seen["probs"] = output[1].detach()[0].to("cpu")  # (H, N, N)
+
+    handles = [register(attn, hook, keep_input)]
+    if want_probs:
+        handles.append(attn.register_forward_hook(post_hook, with_kwargs=True))
+    try:
+        ctx = eager_attention(model) if want_probs else nullcontext()
+        with ctx, torch.no_grad():
+            model(input_ids=ids.to(model.device))
+    finally:
+        for h in handles:
+            h.remove()
+    if "input" not in seen:
+        raise HeadlensError(f"layer {layer}'s attention module was not called during the forward pass")
+    probs = seen.get("probs")
+    if want_probs and probs is None:
+        raise HeadlensError(f"the attention module of layer {layer} returned no attention probabilities")
+    return PromptCapture(input_ids=[int(t) for t in ids[0]], tokens=tokens, attn_input=seen["input"],
+                         attn_probs=probs)
+
+
+def capture_attention_inputs(model, tokenizer, spec: ArchSpec, texts: list[str], layers: list[int],
+                             max_tokens: int, limit: int | None = None) -> tuple[dict[int, torch.Tensor], int]:
+    """Every selected layer's attention input over ``texts`` (one forward each, at most ``max_tokens`` tokens in
+    all, each text cut at ``limit`` positions). Returns ({layer: (d, N) float64}, N)."""
+    from tqdm.auto import tqdm
+
+    hook = attention_input_hook(spec)
+    store: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+
+    def saver(layer: int):
+        def save(x: torch.Tensor) -> None:
+            store[layer].append(x.detach()[0].to("cpu", torch.float32))
+        return save
+
+    handles = [register(find_module(model, spec, layer, hook.module), hook, saver(layer)) for layer in layers]
+    n = 0
+    try:
+        with torch.no_grad():
+            for text in tqdm(texts, desc="calibration", unit="text", file=sys.stderr, disable=None):
+                ids = tokenizer(text, return_tensors="pt")["input_ids"][:, : (limit or None)]
+                ids = ids[:, : max_tokens - n]
+                if ids.shape[1] == 0:
+                    break
+                model(input_ids=ids)
+                n += ids.shape[1]
+                if n >= max_tokens:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: torch.cat(v).double().T if v else torch.zeros(0, 0, dtype=torch.float64)
+            for layer, v in store.items()}, n
+
+
+# ------------------------------------------------------------------------------------ residual sites
+
+
+@dataclass
+class SiteRecording:
+    """What :func:`record_sites` captured: ``values[site][layer]`` is a CPU tensor (B, N, d).
+
+    The ``final`` site (the final norm's output) is stored under layer ``-1``. ``missing`` says, for each
+    requested site the family does not have, why (e.g. no resid_mid in a parallel-residual layer).
+    """
+
+    values: dict[str, dict[int, torch.Tensor]]
+    missing: dict[str, str]
+    hooks: dict[str, str]  # site -> "forward pre-hook on <module path>" / "forward hook on ..."
+
+
+def _store(dtype: torch.dtype | None):
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        out = t.to("cpu", dtype=dtype or t.dtype)
+        return out.clone() if out.data_ptr() == t.data_ptr() else out  # never alias a live buffer
+
+    return keep
+
+
+def register(module: torch.nn.Module, hook: SiteHook, fn: Callable[[torch.Tensor], None]):
+    """Register ``hook`` on ``module``; ``fn`` receives the captured hidden states. Returns the handle."""
+    if hook.hook == "forward_pre":
+        def pre(_m, args, kwargs):
+            fn(hidden_states_input(args, kwargs))
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(_m, _args, _kwargs, output):
+        fn(first_tensor(output))
+
+    return module.register_forward_hook(post, with_kwargs=True)
+
+
+@contextmanager
+def record_sites(
+    model: torch.nn.Module,
+    spec: ArchSpec,
+    sites: tuple[str, ...] | list[str] = ("resid_pre",),
+    layers: list[int] | None = None,
+    store_dtype: torch.dtype | None = None,
+) -> Iterator[SiteRecording]:
+    """Record named residual-stream sites of ``layers`` (all by default) during forwards inside the block.
+
+    Hooks sit on the unmodified HuggingFace modules, as the hook-site table (:mod:`headlens.residual.sites`)
+    says: ``resid_pre`` is a forward pre-hook on the layer (its ``hidden_states`` input, equal to
+    ``output_hidden_states[l]``), ``resid_post`` a forward hook on the layer, ``resid_mid`` a pre-hook on the
+    module that reads the stream after the attention block, ``attn_out`` / ``mlp_out`` forward hooks on what each
+    branch adds to the stream, ``final`` the final norm's output. Only requested sites are kept, moved to CPU as
+    they arrive (``store_dtype``, e.g. float16, to halve memory). All hooks are removed on exit, also when the
+    forward raises.
+    """
+    unknown = [s for s in sites if s not in SITES]
+    if unknown:
+        raise HeadlensError(f"unknown site {unknown[0]!r}: choose from {', '.join(SITES)}")
+    layers = list(range(count_layers(model, spec))) if layers is None else list(layers)
+    keep = _store(store_dtype)
+    rec = SiteRecording(values={s: {} for s in sites}, missing={}, hooks={})
+    handles: list = []
+    parallel = is_parallel(spec, model.config)
+
+    def saver(site: str, layer: int):
+        def save(x: torch.Tensor) -> None:
+            rec.values[site][layer] = keep(x)
+        return save
+
+    try:
+        layer_sites = [s for s in sites if s != "final"]
+        for layer in layers:
+            _path, mod = find_layer(model, spec, layer)
+            for site in layer_sites:
+                hook = site_hook(spec, site, parallel)
+                if isinstance(hook, str):
+                    rec.missing[site] = hook
+                    continue
+                handles.append(register(mod.get_submodule(hook.module) if hook.module else mod, hook,
+                                        saver(site, layer)))
+                rec.hooks[site] = hook.describe(spec)
+        if "final" in sites:
+            hook = site_hook(spec, "final", parallel)
+            fin = final_norm(model, spec) if not isinstance(hook, str) else None
+            if isinstance(hook, str) or fin is None:
+                rec.missing["final"] = hook if isinstance(hook, str) else \
+                    f"{spec.family} has no final norm after the last layer"
+            else:
+                handles.append(register(fin[1], hook, saver("final", -1)))
+                rec.hooks["final"] = hook.describe(spec, fin[0])
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def prompt_ids(tokenizer, prompt: str, max_positions: int | None, truncate: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Token ids (1, N) and each token decoded on its own (the notebook's ``labels``)."""
+    if not prompt.strip():
+        raise HeadlensError("the prompt is empty")
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if max_positions and ids.shape[1] > max_positions:
+        if not truncate:
+            raise HeadlensError(f"the prompt has {ids.shape[1]} tokens but the model takes at most {max_positions}: "
+                                f"shorten it or pass --truncate")
+        ids = ids[:, :max_positions]
+    return ids, [tokenizer.decode([int(t)]) for t in ids[0]]
+
+
+def max_positions(config) -> int | None:
+    """Longest input the model takes (a model, a config object or a config dict)."""
+    config = getattr(config, "config", config)
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    text = get("text_config")
+    if text is not None and get("max_position_embeddings") is None:
+        return max_positions(text)
+    return get("max_position_embeddings") or get("n_positions")
