@@ -11,7 +11,10 @@ from typing import Sequence
 
 from headlens import __version__
 from headlens.cli.common import Parser
-from headlens.errors import HeadlensError
+from headlens.errors import HeadlensError, as_flags
+
+# Library parameters whose flag is not spelled --<name with dashes>.
+FLAG_NAMES = {"ks": "--k"}
 
 COMMANDS = ("ov", "sphere", "sweep", "router", "toy", "diagram")
 
@@ -42,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except HeadlensError as exc:
-        print(f"headlens {args.command}: error: {exc}", file=sys.stderr)
+        print(f"headlens {args.command}: error: {as_flags(str(exc), FLAG_NAMES)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("headlens: interrupted", file=sys.stderr)

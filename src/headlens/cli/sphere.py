@@ -10,41 +10,10 @@ from pathlib import Path
 
 from headlens.cli.common import model_source
 from headlens.errors import HeadlensError
+from headlens.selection import parse_layers
 from headlens.prompts import NOTEBOOK_PROMPT
 
 SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")
-
-
-def parse_layers(text: str | None, num_layers: int) -> list[int]:
-    """``None``/``all``: every layer; ``7:35`` (Python slice, step allowed), ``5``, or ``1,4,9``."""
-    valid = f"valid layers are 0..{num_layers - 1}"
-    if text is None or text.strip() in ("", "all"):
-        return list(range(num_layers))
-    text = text.strip()
-    try:
-        if ":" in text:
-            parts = [p.strip() for p in text.split(":")]
-            if len(parts) > 3:
-                raise ValueError
-            start = int(parts[0]) if parts[0] else 0
-            stop = int(parts[1]) if len(parts) > 1 and parts[1] else num_layers
-            step = int(parts[2]) if len(parts) > 2 and parts[2] else 1
-            if step <= 0:
-                raise HeadlensError(f"--layers {text}: the step must be positive")
-            for v, name in ((start, "start"), (stop, "stop")):
-                if not -num_layers <= v <= num_layers:
-                    raise HeadlensError(f"--layers {text}: {name} {v} is out of range ({valid})")
-            layers = list(range(num_layers))[slice(start, stop, step)]
-        else:
-            layers = [int(p) for p in text.split(",")]
-            for v in layers:
-                if not 0 <= v < num_layers:
-                    raise HeadlensError(f"--layers {text}: layer {v} is out of range ({valid})")
-    except ValueError:
-        raise HeadlensError(f"--layers {text!r}: use a slice like 7:35, a list like 1,4,9, or all") from None
-    if not layers:
-        raise HeadlensError(f"--layers {text} selects no layer ({valid})")
-    return sorted(set(layers))
 
 
 def add_parser(sub) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from headlens.cli.common import model_source
 from headlens.errors import HeadlensError
+from headlens.selection import parse_ks, parse_layers
 
 PARTS = "sweep_layers"  # one JSON per finished layer: what --resume reads
 
@@ -43,19 +44,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
-def parse_ks(text: str, head_dim: int | None = None) -> list[int]:
-    try:
-        ks = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise HeadlensError(f"--k {text!r}: give positive integers separated by commas, e.g. 8,16,32") from None
-    if not ks or ks[0] <= 0:
-        raise HeadlensError(f"--k {text!r}: latent sizes must be positive integers, e.g. 8,16,32")
-    if head_dim is not None and ks[-1] > head_dim:
-        raise HeadlensError(f"--k {ks[-1]} is above head_dim {head_dim}: a head's OV circuit has rank <= {head_dim}; "
-                            f"choose sizes in 1..{head_dim}")
-    return ks
-
-
 def read_calibration(args) -> list[str] | None:
     if args.calib:
         from headlens.io.files import read_text_lines
@@ -88,7 +76,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from headlens.cli.sphere import parse_layers
     from headlens.io.files import check_writable_dir, ensure_dir, write_json
     from headlens.io.checkpoint import cast_dtype
     from headlens.circuits.heads import find_non_finite
