@@ -8,49 +8,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import MAX_PARAMS, PROMPT, build_model, save_checkpoint, tokenizer_for
+from tiny_models import MAX_PARAMS, PROMPT, build_model, build_tiny, save_checkpoint, tokenizer_for
 
 from headlens.cli import main
-from headlens.moe.router import csr_to_dense, load_dump
+from headlens.moe.dump import load_dump
+from headlens.moe.statistics import csr_to_dense
 
 TEXTS = [PROMPT, "Octopuses have three hearts, and two of them stop beating when they swim.", "The prime number."]
 
 
 def _extra_moe(family: str):
     """Tiny Qwen2-MoE (shared expert, a dense first layer), DeepSeek-V2 (softmax, group-limited top-k) and
-    DeepSeek-V3 (sigmoid + correction bias, grouped top-k)."""
+    DeepSeek-V3 (sigmoid + correction bias, grouped top-k), built through the config guard of tiny_models."""
     import transformers
 
-    torch.manual_seed(0)
     ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
     if family == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(vocab_size=512, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
-                                          num_attention_heads=4, num_key_value_heads=2, num_experts=6,
-                                          num_experts_per_tok=2, moe_intermediate_size=32,
-                                          shared_expert_intermediate_size=32, mlp_only_layers=[0],
-                                          norm_topk_prob=False, max_position_embeddings=256, **ids)
-        model = transformers.Qwen2MoeForCausalLM(cfg)
+        model = build_tiny(transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, vocab_size=512,
+                           hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=32, mlp_only_layers=[0], norm_topk_prob=False,
+                           max_position_embeddings=256, **ids)
     elif family == "deepseek_v2":
-        cfg = transformers.DeepseekV2Config(vocab_size=512, hidden_size=48, intermediate_size=64,
-                                            moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                            num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
-                                            n_group=4, topk_group=2, topk_method="group_limited_greedy",
-                                            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
-                                            q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                                            routed_scaling_factor=2.0, max_position_embeddings=256, **ids)
-        model = transformers.DeepseekV2ForCausalLM(cfg)
+        model = build_tiny(transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, vocab_size=512,
+                           hidden_size=48, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                           n_group=4, topk_group=2, topk_method="group_limited_greedy", n_shared_experts=1,
+                           first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                           qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.0, max_position_embeddings=256,
+                           **ids)
         with torch.no_grad():
             for layer in model.model.layers[1:]:
                 layer.mlp.gate.weight.normal_(0, 0.5)
     else:
-        cfg = transformers.DeepseekV3Config(vocab_size=512, hidden_size=48, intermediate_size=64,
-                                            moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                            num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
-                                            n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
-                                            kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-                                            qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5,
-                                            norm_topk_prob=True, max_position_embeddings=256, **ids)
-        model = transformers.DeepseekV3ForCausalLM(cfg)
+        model = build_tiny(transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, vocab_size=512,
+                           hidden_size=48, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                           n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                           q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                           routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256, **ids)
         with torch.no_grad():  # a non-zero correction bias and router, so the grouped rule matters
             for layer in model.model.layers[1:]:
                 layer.mlp.gate.weight.normal_(0, 0.5)
@@ -184,8 +180,9 @@ def test_routing_and_stats_against_direct_recomputation(moe_dirs, capsys, tmp_pa
         dense.scatter_(1, r.indices, r.weights)
         torch.testing.assert_close(csr_to_dense(csr), dense)
     assert len(report.transitions) == len(layers) - 1
-    for key, m in report.transitions.items():
-        assert np.asarray(m).sum() == report.tokens
+    assert [(t.source, t.target) for t in report.transitions] == list(zip(report.moe_layers, report.moe_layers[1:]))
+    for t in report.transitions:
+        assert np.asarray(t.counts).sum() == report.tokens
     for name in ("router_load.png", "router_coactivation.png", "router_entropy.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (tmp_path / "out" / "router.html").read_text()
@@ -232,7 +229,7 @@ def test_bad_input(moe_dirs, ckpts, capsys, tmp_path):
 
 
 def test_probabilities_are_not_softmaxed_twice():
-    from headlens.moe.router import routing_distribution
+    from headlens.moe.statistics import routing_distribution
 
     p = torch.softmax(torch.randn(5, 6, dtype=torch.float64), -1)
     dist, kind = routing_distribution(p, "softmax_topk")
@@ -258,3 +255,23 @@ def test_router_from_a_hub_cache(moe_dirs, capsys, tmp_path, monkeypatch):
     assert out.startswith("tiny-olmoe: 2 MoE layers")
     report, _, _ = load_dump(tmp_path / "out" / "router_dump")
     assert report.model["name"] == "tiny-olmoe"
+
+
+def test_route_from_python(moe_dirs, tmp_path):
+    """The library entry point: typed result without the CLI, errors naming parameters (not flags)."""
+    from headlens.errors import HeadlensError
+    from headlens.io.source import ModelSource
+    from headlens.moe.router import RouterConfig, route
+
+    d, model, tok = moe_dirs["qwen2_moe"]
+    r = route(ModelSource(weights=d), TEXTS, RouterConfig(batch_size=2, progress=False))
+    assert r.report.moe_layers == [1, 2] and r.report.dense_layers == [0] and r.color_layer == 1
+    assert r.report.tokens == sum(len(ids) for ids in r.token_ids) == sum(len(p) for p in r.token_pieces)
+    assert [len(ids) for ids in r.token_ids] == [len(tok(t)["input_ids"]) for t in TEXTS]
+    assert [(t.source, t.target) for t in r.report.transitions] == [(1, 2)]
+    with pytest.raises(HeadlensError, match=r"^`batch_size` must be at least 1, got 0$"):
+        RouterConfig(batch_size=0)
+    with pytest.raises(HeadlensError, match=r"^`color_layer` 7 is out of range"):
+        route(ModelSource(weights=d), PROMPT, RouterConfig(color_layer=7))
+    with pytest.raises(HeadlensError, match=r"^`color_layer` 0 is not a MoE layer: choose one of \[1, 2\]$"):
+        route(ModelSource(weights=d), PROMPT, RouterConfig(color_layer=0, progress=False))

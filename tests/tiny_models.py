@@ -9,6 +9,7 @@ FAMILY_VARIANTS     list of (family, variant) pairs worth testing
 VARIANTS            ("mha", "mqa", "gqa")
 SAVE_FORMATS        ("hf_dir", "hf_sharded", "safetensors", "pt", "bin")
 build_model(family, variant="gqa", seed=0, *, perturb_norms=False)
+build_tiny(config_cls, model_cls, seed=0, *, extra_ok=(), **config)   a family outside FAMILIES, same guard
 build_tokenizer(template="none")            (template: "none" | "bos" | "bert")
 tokenizer_for(family)                       build_tokenizer with the family's usual template
 save_checkpoint(model, tokenizer, out_dir, fmt) -> Path
@@ -77,6 +78,7 @@ __all__ = [
     "SAVE_FORMATS",
     "MHA_ONLY",
     "build_model",
+    "build_tiny",
     "build_tokenizer",
     "tokenizer_for",
     "save_checkpoint",
@@ -548,6 +550,20 @@ def _verify(family: str, variant: str, model: PreTrainedModel) -> None:
             assert layer.self_attn.sliding_window == want, (family, lt, layer.self_attn.sliding_window)
     if family == "gemma2":
         assert cfg.attn_logit_softcapping == 50.0
+
+
+def build_tiny(config_cls, model_cls, seed: int = 0, *, extra_ok: tuple[str, ...] = (),
+               **config_kwargs) -> PreTrainedModel:
+    """A tiny model of a family that ``FAMILIES`` does not build (DeepSeek, Qwen2-MoE, Gemma v1, RoBERTa...),
+    through the same guard: every config kwarg must be a field of ``config_cls`` and read back unchanged
+    (:func:`_make_config`), and the model must stay under ``MAX_PARAMS``. Seeded, in eval mode."""
+    config = _make_config(config_cls, extra_ok, **config_kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < MAX_PARAMS, f"{model_cls.__name__}: {n_params} parameters is not tiny"
+    model.eval()
+    return model
 
 
 def build_model(

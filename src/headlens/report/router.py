@@ -1,0 +1,200 @@
+"""``headlens router`` outputs: the dump, the statistics CSV, three figures and a page colouring the text.
+
+Takes a :class:`~headlens.moe.router.RouterResult`; writes every file atomically under one directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from headlens.moe.router import RouterResult
+from headlens.moe.statistics import LayerStats
+
+
+@dataclass
+class RouterFiles:
+    """What :func:`write_router_outputs` wrote."""
+
+    dump: Path  # router_dump.safetensors: the routing tensors
+    dump_json: Path  # router_dump.json: the report
+    csv: Path  # router_stats.csv: one row per MoE layer
+    figures: list[Path]  # router_load.png, router_coactivation.png, router_entropy.png
+    page: Path  # router.html: the text coloured by top expert, the table and the figures inlined
+
+    def all(self) -> list[Path]:
+        """Every file, in the order the command lists them."""
+        return [self.dump, self.dump_json, self.csv, *self.figures, self.page]
+
+
+def write_router_outputs(result: RouterResult, out_dir: Path) -> RouterFiles:
+    """Write the dump, the CSV, the figures and the page of ``result`` into ``out_dir`` (created)."""
+    from headlens.io.files import atomic_path, ensure_dir
+    from headlens.moe.dump import write_dump
+
+    report = result.report
+    name = report.model["name"]
+    ensure_dir(out_dir)
+    st, js = write_dump(out_dir / "router_dump", report, result.layers)
+    csv_path = out_dir / "router_stats.csv"
+    with atomic_path(csv_path) as tmp:
+        tmp.write_text(stats_csv(report.stats), encoding="utf-8")
+    pngs = [save_load_heatmap(out_dir / "router_load.png", report.stats, name),
+            save_coactivation(out_dir / "router_coactivation.png", report.stats, name),
+            save_entropies(out_dir / "router_entropy.png", report.stats, name)]
+    page = write_page(out_dir / "router.html", result, pngs)
+    return RouterFiles(dump=st, dump_json=js, csv=csv_path, figures=pngs, page=page)
+
+
+def summary_lines(result: RouterResult, files: RouterFiles) -> list[str]:
+    """What ``headlens router`` prints: the model line, one line per MoE layer, the definitions, the files."""
+    r = result.report
+    lines = [f"{r.model['name']}: {len(r.moe_layers)} MoE layers ({r.experts} experts, top-{r.top_k}, {r.rule}), "
+             f"{r.tokens} tokens from {len(result.texts)} text(s)"
+             + (f"; dense layers skipped: {r.dense_layers}" if r.dense_layers else "")]
+    for s in r.stats:
+        lines.append(f"layer {s.layer:3d}: load CV {s.load_cv:.3f}  max/mean {s.load_max_over_mean:.2f}  "
+                     f"dead {len(s.dead_experts)}  load entropy {s.load_entropy_norm:.3f}  routing entropy "
+                     f"{s.routing_entropy_norm:.3f}  consecutive overlap {s.repeat_consecutive:.3f}")
+    lines.append(f"routing entropy = mean over tokens of H({r.stats[0].routing_entropy_kind}) / log E; load entropy "
+                 f"= H(load share) / log E (1 = uniform load)")
+    lines.extend(f"saved -> {p}" for p in files.all())
+    return lines
+
+
+def stats_csv(stats: list[LayerStats]) -> str:
+    """One row per MoE layer: the scalar statistics, then the load share of each expert."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    cols = ["layer", "tokens", "experts", "top_k", "load_cv", "load_max_over_mean", "dead_experts",
+            "load_entropy_norm", "routing_entropy_norm", "repeat_consecutive"]
+    w.writerow(cols + [f"load_share_e{e}" for e in range(stats[0].experts)])
+    for s in stats:
+        w.writerow([s.layer, s.tokens, s.experts, s.top_k, f"{s.load_cv:.6g}", f"{s.load_max_over_mean:.6g}",
+                    len(s.dead_experts), f"{s.load_entropy_norm:.6g}", f"{s.routing_entropy_norm:.6g}",
+                    f"{s.repeat_consecutive:.6g}"] + [f"{x:.6g}" for x in s.load_share])
+    return buf.getvalue()
+
+
+def save_load_heatmap(path: Path, stats: list[LayerStats], name: str) -> Path:
+    """MoE layer x expert heatmap of the load share."""
+    import numpy as np
+
+    from headlens.report.figures import _pyplot, save_figure
+
+    plt = _pyplot()
+    L, E = len(stats), stats[0].experts
+    load = np.array([s.load_share for s in stats])  # (L, E)
+    fig, ax = plt.subplots(figsize=(max(7.0, min(3 + 0.35 * E, 24)), max(3.0, min(2 + 0.35 * L, 20))))
+    im = ax.imshow(load, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(L), [str(s.layer) for s in stats])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"{name}: load share per expert\n(uniform = 1/{E} = {1 / E:.3f})", fontsize=10)
+    fig.colorbar(im, ax=ax, label="share of token assignments")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=100)
+
+
+def save_coactivation(path: Path, stats: list[LayerStats], name: str) -> Path:
+    """One P(j | i) co-activation matrix per MoE layer, four to a row."""
+    import numpy as np
+
+    from headlens.report.figures import _pyplot, save_figure
+
+    plt = _pyplot()
+    L = len(stats)
+    cols = min(L, 4)
+    rows = (L + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax, s in zip(axes.flat, stats):
+        im = ax.imshow(np.array(s.coactivation), vmin=0, vmax=1, cmap="magma")  # (E, E)
+        ax.set_title(f"layer {s.layer}: P(j | i)", fontsize=9)
+        ax.set_xlabel("j")
+        ax.set_ylabel("i")
+    for ax in list(axes.flat)[L:]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.suptitle(f"{name}: expert co-activation over the top-k pairs of a token")
+    return save_figure(fig, path, dpi=100)
+
+
+def save_entropies(path: Path, stats: list[LayerStats], name: str) -> Path:
+    """Load entropy, mean routing entropy and consecutive-token overlap through the MoE layers."""
+    from headlens.report.figures import _pyplot, save_figure
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ls = [s.layer for s in stats]
+    ax.plot(ls, [s.load_entropy_norm for s in stats], marker="o", label="load entropy H(f)/log E")
+    ax.plot(ls, [s.routing_entropy_norm for s in stats], marker="s", label="mean routing entropy / log E")
+    ax.plot(ls, [s.repeat_consecutive for s in stats], marker=".", ls=":", label="consecutive-token overlap")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("MoE layer")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{name}: entropies per layer")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=100)
+
+
+def _expert_colors(experts: int) -> list[str]:
+    """One ``#rrggbb`` per expert from matplotlib's tab20 (repeating after 20)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return ["#%02x%02x%02x" % tuple(int(255 * c) for c in cmap(e % 20)[:3]) for e in range(experts)]
+
+
+def _text_spans(result: RouterResult, colors: list[str]) -> list[str]:
+    """One ``<p>`` per text, each token a span coloured by its top expert at ``result.color_layer``."""
+    r = next(x for x in result.layers if x.layer == result.color_layer)
+    top = r.indices[range(len(r.indices)), r.weights.argmax(-1)].tolist()  # (T,)
+    spans, t = [], 0
+    for pieces in result.token_pieces:
+        parts = []
+        for piece in pieces:
+            e = top[t]
+            w = float(r.weights[t].max())
+            parts.append(f'<span style="background:{colors[e]}" title="token {t}: expert {e} (weight {w:.3f})">'
+                         f"{html.escape(piece)}</span>")
+            t += 1
+        spans.append(f"<p class=\"text\">{''.join(parts)}</p>")
+    return spans
+
+
+def write_page(path: Path, result: RouterResult, pngs: list[Path]) -> Path:
+    """The HTML page: the text coloured by top expert, the per-layer table, the figures inlined."""
+    from headlens.io.files import atomic_path
+
+    report = result.report
+    name = report.model["name"]
+    colors = _expert_colors(report.experts)
+    spans = _text_spans(result, colors)
+    legend = "".join(f'<span class="key" style="background:{colors[e]}">expert {e}</span>'
+                     for e in range(report.experts))
+    imgs = "".join(f'<img alt="{html.escape(p.name)}" src="data:image/png;base64,'
+                   f'{base64.b64encode(p.read_bytes()).decode()}">' for p in pngs)
+    rows = "".join(f"<tr><td>{s.layer}</td><td>{s.load_cv:.3f}</td><td>{s.load_max_over_mean:.2f}</td>"
+                   f"<td>{len(s.dead_experts)}</td><td>{s.load_entropy_norm:.3f}</td>"
+                   f"<td>{s.routing_entropy_norm:.3f}</td><td>{s.repeat_consecutive:.3f}</td></tr>"
+                   for s in report.stats)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(name)} router</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} .text{{line-height:1.9}}
+.text span{{padding:1px 0;border-radius:2px}} .key{{display:inline-block;margin:2px;padding:2px 6px;border-radius:3px}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
+<h1>{html.escape(name)}: mixture-of-experts routing</h1>
+<p>{len(report.moe_layers)} MoE layers, {report.experts} experts, top-{report.top_k}, scoring rule
+<code>{html.escape(report.rule)}</code>, {report.tokens} tokens. Dense layers skipped: {report.dense_layers or 'none'}.</p>
+<h2>Text coloured by each token's top expert at layer {result.color_layer}</h2>{legend}{''.join(spans)}
+<h2>Per-layer statistics</h2><table><tr><th>layer</th><th>load CV</th><th>max/mean</th><th>dead</th>
+<th>load entropy</th><th>routing entropy</th><th>consecutive overlap</th></tr>{rows}</table>
+{imgs}</body></html>"""
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
