@@ -266,13 +266,13 @@ def test_python_dash_m_and_version():
 
 def test_unreachable_hub_without_offline_flag_uses_the_cache(ckpts, capsys, tmp_path, monkeypatch):
     """HF_HUB_OFFLINE unset but no route to the hub: cached repos work, others fail fast with one line."""
-    from headlens.io import checkpoint as loading
+    from headlens.io import hub
 
     import huggingface_hub.constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at import under `make test`
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=3.0: False)
     model, tok = ckpts.model("bert", "mha")
     cache = tmp_path / "hub"
     make_hub_cache(model, tok, cache, "org/bert")

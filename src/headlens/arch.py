@@ -5,22 +5,184 @@ code reads tensors through a spec and never branches on the family name.
 
 Tensor names are relative to one layer: the full key is ``<prefix><layers_path>.<l>.<name>``, where the
 prefix (``model.``, ``transformer.``, ``bert.``, or nothing) is discovered from the checkpoint itself.
-Weight layouts (HuggingFace, ``nn.Linear.weight`` is ``[out, in]``):
+Each spec's :class:`Layout` says which tensors hold q/k/v/o and how their rows are ordered (HuggingFace,
+``nn.Linear.weight`` is ``[out, in]``), and it is the one splitter every reader goes through:
 
-- ``separate``: ``v`` is ``[G*hd, d]``, ``o`` is ``[d, H*hd]`` (Llama, Qwen, Mistral, Gemma, MoE families, BERT).
-- ``fused_concat``: ``qkv`` is ``[(H + 2G)*hd, d]`` laid out q | k | v (Phi-3).
-- ``conv1d``: GPT-2 ``Conv1D`` stores ``[in, out]``: ``c_attn`` is ``[d, 3*H*hd]`` (q | k | v columns),
-  ``c_proj`` is ``[H*hd, d]``.
-- ``interleaved``: GPT-NeoX ``query_key_value`` is ``[H*3*hd, d]``, per head ``[q_h; k_h; v_h]``.
+- separate (Llama, Qwen, Mistral, Gemma, MoE families, BERT): ``v`` is ``[G*hd, d]``, ``o`` is ``[d, H*hd]``.
+- fused concat (Phi-3): ``qkv`` is ``[(H + 2G)*hd, d]`` laid out q | k | v.
+- fused concat, transposed (GPT-2 ``Conv1D`` stores ``[in, out]``): ``c_attn`` is ``[d, 3*H*hd]`` (q | k | v
+  columns), ``c_proj`` is ``[H*hd, d]``.
+- fused interleaved (GPT-NeoX): ``query_key_value`` is ``[H*3*hd, d]``, per head ``[q_h; k_h; v_h]``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from headlens.errors import HeadlensError
+
+if TYPE_CHECKING:
+    import torch
+
+QKV = ("q", "k", "v")
+Index = tuple[slice, slice]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Where one head's block of a projection lies in the tensor that stores it."""
+
+    tensor: str  # role of the stored tensor: "q", "k", "v", "o" or "qkv"
+    index: Index  # (rows, columns) of the stored tensor to read
+    transposed: bool  # stored [in, out]: transpose what is read to get the Linear-layout block
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """One layer's projections split per head, Linear layout, as views of the stored tensors where possible."""
+
+    W_Q: "torch.Tensor | None"  # (H, hd, d); None when q was not read
+    W_K: "torch.Tensor | None"  # (G, hd, d); None when k was not read
+    W_V: "torch.Tensor"  # (G, hd, d)
+    W_O: "torch.Tensor"  # (H, d, hd)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a family stores one layer's q/k/v/o projections (names relative to the layer).
+
+    Either ``q``, ``k`` and ``v`` are separate tensors, or ``qkv`` fuses them; the methods turn that into the
+    slice of one head's block (:meth:`head_block`), the split of a whole layer (:meth:`split`), the expected
+    stored shapes (:meth:`shapes`) and the kv-head count the stored shapes imply (:meth:`kv_heads`).
+    """
+
+    name: str  # a label: "separate", "fused_concat", "conv1d", "interleaved"
+    o: str  # output projection: [d, H*hd] ([H*hd, d] when ``transposed``)
+    q: str | None = None  # separate query projection [H*hd, d]
+    k: str | None = None  # separate key projection [G*hd, d]
+    v: str | None = None  # separate value projection [G*hd, d]
+    qkv: str | None = None  # fused projection: [(H + 2G)*hd, d] rows ([d, (H + 2G)*hd] when ``transposed``)
+    interleaved: bool = False  # fused rows per head [q_h; k_h; v_h] (GPT-NeoX) instead of blocks q | k | v
+    transposed: bool = False  # qkv and o stored [in, out], as GPT-2's Conv1D does
+    grouped: bool = True  # a fused qkv may hold G < H kv heads (Phi-3); False: it always holds H (G = H)
+
+    def __post_init__(self) -> None:
+        separate = self.q is not None and self.k is not None and self.v is not None
+        if separate == (self.qkv is not None) or (self.qkv is None and (self.interleaved or self.transposed)):
+            raise ValueError(f"layout {self.name}: give q, k and v, or one fused qkv")
+        if self.interleaved and self.grouped:
+            raise ValueError(f"layout {self.name}: interleaved q/k/v rows hold one kv head per query head")
+
+    @property
+    def fused(self) -> bool:
+        """True when one tensor ``qkv`` holds q, k and v."""
+        return self.qkv is not None
+
+    @property
+    def anchor_role(self) -> str:
+        """The role of the tensor every layer has and shape inference reads with ``o``: ``v``, or ``qkv``."""
+        return "qkv" if self.fused else "v"
+
+    @property
+    def anchor(self) -> str:
+        """The relative name of the :attr:`anchor_role` tensor."""
+        name = getattr(self, self.anchor_role)
+        assert name is not None
+        return name
+
+    def stored(self, with_qk: bool = True) -> tuple[str, ...]:
+        """Roles of the stored tensors a whole-layer read needs, in reading order."""
+        if self.fused:
+            return ("qkv", "o")
+        return ("v", "o", "q", "k") if with_qk else ("v", "o")
+
+    def shapes(self, H: int, G: int, hd: int, d: int) -> dict[str, tuple[int, int]]:
+        """The stored shape of every tensor of the layout (role -> shape) for H query and G kv heads."""
+        out = (H * hd, d) if self.transposed else (d, H * hd)
+        if not self.fused:
+            return {"q": (H * hd, d), "k": (G * hd, d), "v": (G * hd, d), "o": out}
+        rows = (H + 2 * G) * hd
+        return {"qkv": (d, rows) if self.transposed else (rows, d), "o": out}
+
+    def _rows(self, role: str, head: int, H: int, G: int, hd: int) -> slice:
+        """Linear-layout rows of query head (q) or kv head (k, v) ``head`` in the tensor that stores ``role``."""
+        if not self.fused:
+            start = head * hd
+        elif self.interleaved:  # per head [q_h; k_h; v_h]
+            start = (3 * head + QKV.index(role)) * hd
+        else:  # q (H heads) | k (G heads) | v (G heads)
+            start = ({"q": 0, "k": H, "v": H + G}[role] + head) * hd
+        return slice(start, start + hd)
+
+    def head_block(self, role: str, head: int, H: int, G: int, hd: int) -> Block:
+        """Where ``role``'s block of one head is stored: query head ``head`` for q and o, kv head ``head``
+        for k and v. Reading ``index`` (then ``.T`` when ``transposed``) gives ``(hd, d)`` for q/k/v and
+        ``(d, hd)`` for o."""
+        whole = slice(None)
+        if role == "o":
+            cols = slice(head * hd, (head + 1) * hd)
+            return Block("o", (cols, whole) if self.transposed else (whole, cols), self.transposed)
+        rows = self._rows(role, head, H, G, hd)
+        tensor = "qkv" if self.fused else role
+        return Block(tensor, (whole, rows) if self.transposed else (rows, whole), self.transposed)
+
+    def split(self, stored: Mapping[str, "torch.Tensor"], H: int, G: int, hd: int, d: int) -> LayerSplit:
+        """Per-head W_Q (H, hd, d), W_K (G, hd, d), W_V (G, hd, d), W_O (H, d, hd) from the stored tensors
+        (role -> tensor, shapes as :meth:`shapes` says). W_Q/W_K are None when a separate q/k was not read."""
+        o = stored["o"].T if self.transposed else stored["o"]  # (d, H*hd)
+        W_O = o.reshape(d, H, hd).permute(1, 0, 2)  # (H, d, hd)
+        if not self.fused:
+            q, k = stored.get("q"), stored.get("k")
+            return LayerSplit(W_Q=q.reshape(H, hd, d) if q is not None else None,  # (H, hd, d)
+                              W_K=k.reshape(G, hd, d) if k is not None else None,  # (G, hd, d)
+                              W_V=stored["v"].reshape(G, hd, d), W_O=W_O)  # (G, hd, d)
+        qkv = stored["qkv"].T if self.transposed else stored["qkv"]  # ((H + 2G)*hd, d)
+        if self.interleaved:
+            per = qkv.reshape(H, 3, hd, d)  # (H, [q, k, v], hd, d)
+            q, k, v = (per[:, i].contiguous() for i in range(3))  # each (H, hd, d): rows are strided, copy
+            return LayerSplit(W_Q=q, W_K=k, W_V=v, W_O=W_O)
+        q, k, v = qkv[: H * hd], qkv[H * hd: (H + G) * hd], qkv[(H + G) * hd:]
+        return LayerSplit(W_Q=q.reshape(H, hd, d), W_K=k.reshape(G, hd, d), W_V=v.reshape(G, hd, d),  # (., hd, d)
+                          W_O=W_O)
+
+    def widths(self, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int, int]:
+        """(hidden size d, total head width H*hd, Linear-layout rows of the value or fused block) from the
+        stored 2-D shapes of ``o`` and ``v``/``qkv`` (role -> shape)."""
+        o, rows_of = shapes["o"], shapes[self.anchor_role]
+        width, d = o if self.transposed else o[::-1]
+        return d, width, rows_of[1] if self.transposed else rows_of[0]
+
+    def kv_heads(self, rows: int, H: int, hd: int) -> int:
+        """G from the Linear-layout rows of the value (or fused) block, for H query heads of dim ``hd``.
+
+        Raises HeadlensError, pointing at ``num_heads``, when the rows do not fit the layout."""
+        if not self.fused:
+            if rows % hd:
+                raise HeadlensError(f"value projection has {rows} rows, not a multiple of head_dim {hd}: "
+                                    f"check `num_heads`")
+            return rows // hd
+        if not self.grouped:  # q, k, v fused for every head: no GQA
+            if rows != 3 * H * hd:
+                raise HeadlensError(f"fused qkv has {rows} outputs, expected 3 * {H} * {hd}: check `num_heads`")
+            return H
+        extra = rows - H * hd
+        if rows % hd or extra <= 0 or extra % (2 * hd):
+            raise HeadlensError(f"fused qkv projection has {rows} rows, which is not (H + 2G) * head_dim for "
+                                f"H={H}, head_dim={hd}: check `num_heads`")
+        return extra // (2 * hd)
+
+
+_ATTN = "self_attn."
+SEPARATE = Layout("separate", q=_ATTN + "q_proj.weight", k=_ATTN + "k_proj.weight", v=_ATTN + "v_proj.weight",
+                  o=_ATTN + "o_proj.weight")
+FUSED_CONCAT = Layout("fused_concat", qkv=_ATTN + "qkv_proj.weight", o=_ATTN + "o_proj.weight")
+CONV1D = Layout("conv1d", qkv="attn.c_attn.weight", o="attn.c_proj.weight", transposed=True, grouped=False)
+INTERLEAVED = Layout("interleaved", qkv="attention.query_key_value.weight", o="attention.dense.weight",
+                     interleaved=True, grouped=False)
+BERT_SEPARATE = Layout("separate", q="attention.self.query.weight", k="attention.self.key.weight",
+                       v="attention.self.value.weight", o="attention.output.dense.weight")
 
 
 @dataclass(frozen=True)
@@ -29,12 +191,7 @@ class ArchSpec:
 
     family: str  # a readable family name
     layers_path: str  # dotted path of the layer list, e.g. "layers", "h", "encoder.layer"
-    layout: str  # "separate" | "fused_concat" | "conv1d" | "interleaved"
-    q: str = "self_attn.q_proj.weight"  # query projection (separate layout)
-    k: str = "self_attn.k_proj.weight"  # key projection (separate layout)
-    v: str = "self_attn.v_proj.weight"  # value projection (separate layout)
-    o: str = "self_attn.o_proj.weight"  # output projection
-    qkv: str | None = None  # fused projection (other layouts)
+    layout: Layout  # which tensors hold q/k/v/o and how their heads are laid out
     attn_module: str = "self_attn"  # module whose first input is the attention input (for hooks)
     # Norm whose output feeds the attention: relative to the same layer (pre-norm families), or, for
     # post-norm encoders, the previous layer's output norm (``prev_norm``) and the embedding norm.
@@ -57,7 +214,7 @@ class ArchSpec:
     aliases: tuple[str, ...] = field(default=())
 
 
-_LLAMA = dict(layers_path="layers", layout="separate")
+_LLAMA = dict(layers_path="layers", layout=SEPARATE)
 _SANDWICH = dict(residual="sandwich", attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
                  mid_input="pre_feedforward_layernorm")
 
@@ -73,16 +230,11 @@ SPECS: dict[str, ArchSpec] = {
     "gemma": ArchSpec("Gemma", norm_offset=1.0, **_LLAMA),
     "gemma2": ArchSpec("Gemma 2", norm_offset=1.0, **_SANDWICH, **_LLAMA),
     "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, **_SANDWICH, **_LLAMA),
-    "phi3": ArchSpec(
-        "Phi-3", layers_path="layers", layout="fused_concat", qkv="self_attn.qkv_proj.weight", v=""
-    ),
+    "phi3": ArchSpec("Phi-3", layers_path="layers", layout=FUSED_CONCAT),
     "gpt2": ArchSpec(
         "GPT-2",
         layers_path="h",
-        layout="conv1d",
-        qkv="attn.c_attn.weight",
-        v="",
-        o="attn.c_proj.weight",
+        layout=CONV1D,
         attn_module="attn",
         norm="ln_1.weight",
         attn_out="attn",
@@ -92,10 +244,7 @@ SPECS: dict[str, ArchSpec] = {
     "gpt_neox": ArchSpec(
         "GPT-NeoX/Pythia",
         layers_path="layers",
-        layout="interleaved",
-        qkv="attention.query_key_value.weight",
-        v="",
-        o="attention.dense.weight",
+        layout=INTERLEAVED,
         attn_module="attention",
         residual="parallel",
         attn_out="attention",
@@ -105,11 +254,7 @@ SPECS: dict[str, ArchSpec] = {
     "bert": ArchSpec(
         "BERT",
         layers_path="encoder.layer",
-        layout="separate",
-        q="attention.self.query.weight",
-        k="attention.self.key.weight",
-        v="attention.self.value.weight",
-        o="attention.output.dense.weight",
+        layout=BERT_SEPARATE,
         attn_module="attention.self",
         norm=None,
         prev_norm="output.LayerNorm.weight",
@@ -142,7 +287,7 @@ def spec_for_type(model_type: str | None, keys: Iterable[str] | None = None) -> 
     """
     if model_type in SPECS:
         return SPECS[model_type]
-    if keys is not None and any(k.endswith("self_attn.v_proj.weight") for k in keys):
+    if keys is not None and any(k.endswith(GENERIC.layout.anchor) for k in keys):
         return GENERIC
     raise HeadlensError(
         f"unsupported architecture {model_type!r}: supported model types are "
@@ -182,6 +327,12 @@ class LayerKeys:
     q: str | None = None
     k: str | None = None
 
+    def name(self, role: str) -> str:
+        """The full name of the tensor stored for ``role`` (``q``, ``k``, ``v``, ``o``, ``qkv``)."""
+        name = getattr(self, role)
+        assert name is not None, f"this layout stores no {role} tensor"
+        return name
+
 
 class KeyMap:
     """Finds the prefix and the layer count of a checkpoint for a spec."""
@@ -189,8 +340,7 @@ class KeyMap:
     def __init__(self, spec: ArchSpec, keys: Iterable[str]):
         self.spec = spec
         keys = list(keys)
-        anchor = spec.v if spec.layout == "separate" else spec.qkv
-        assert anchor
+        anchor = spec.layout.anchor
         pattern = re.compile(r"^(.*?)" + re.escape(spec.layers_path) + r"\.(\d+)\." + re.escape(anchor) + "$")
         prefixes: dict[str, set[int]] = {}
         for k in keys:
@@ -217,7 +367,8 @@ class KeyMap:
         self._keys = set(keys)
 
     def layer(self, layer: int) -> LayerKeys:
-        s, p = self.spec, self.prefix
+        """The full tensor names of ``layer``'s attention (and of the norm feeding it, when the checkpoint has it)."""
+        s, p, lay = self.spec, self.prefix, self.spec.layout
         base = f"{p}{s.layers_path}.{layer}."
         norm: str | None = None
         if s.norm:
@@ -226,11 +377,8 @@ class KeyMap:
             norm = f"{p}{s.layers_path}.{layer - 1}.{s.prev_norm}"
         elif s.first_norm:
             norm = p + s.first_norm
-        return LayerKeys(
-            v=base + s.v if s.layout == "separate" else None,
-            o=base + s.o,
-            qkv=base + s.qkv if s.qkv else None,
-            norm=norm if norm in self._keys else None,
-            q=base + s.q if s.layout == "separate" else None,
-            k=base + s.k if s.layout == "separate" else None,
-        )
+        def full(rel: str | None) -> str | None:
+            return base + rel if rel else None
+
+        return LayerKeys(v=full(lay.v), o=base + lay.o, qkv=full(lay.qkv), norm=norm if norm in self._keys else None,
+                         q=full(lay.q), k=full(lay.k))

@@ -225,16 +225,16 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def open_path(path: Path) -> TensorSource:
     """Open a checkpoint file or HuggingFace directory as a TensorSource."""
     if not path.exists():
-        raise HeadlensError(f"--weights {path}: no such file or directory")
+        raise HeadlensError(f"`weights` {path}: no such file or directory")
     if path.is_dir():
         return _open_dir(path)
     if not os.access(path, os.R_OK):
-        raise HeadlensError(f"--weights {path}: permission denied")
+        raise HeadlensError(f"`weights` {path}: permission denied")
     if path.suffix == ".safetensors":
         return SafetensorsSource(path)
     if path.suffix in STATE_DICT_SUFFIXES:
         return StateDictSource([path])
-    raise HeadlensError(f"--weights {path}: unsupported file type {path.suffix!r}; expected {ACCEPTED}")
+    raise HeadlensError(f"`weights` {path}: unsupported file type {path.suffix!r}; expected {ACCEPTED}")
 
 
 def _open_dir(path: Path) -> TensorSource:
@@ -262,7 +262,7 @@ def _open_dir(path: Path) -> TensorSource:
         if (path / name).exists():
             return StateDictSource([path / name], description=str(path))
     raise HeadlensError(
-        f"--weights {path}: directory has no model.safetensors, model.safetensors.index.json or "
+        f"`weights` {path}: directory has no model.safetensors, model.safetensors.index.json or "
         "pytorch_model.bin"
     )
 
