@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from reference import capture_attention_io, dense_svals, dense_wov, norm_gain, value_output_blocks
-from tiny_models import FAMILY_VARIANTS, MAX_PARAMS, PROMPT
+from tiny_models import FAMILY_VARIANTS, MAX_PARAMS, PROMPT, build_tiny
 
 from headlens.circuits.heads import read_head
 from headlens.io.checkpoint import open_model
@@ -267,22 +267,24 @@ def test_planted_low_rank_head_reports_its_rank(tmp_path):
 
 
 def _extra_family(name: str):
-    """Families in the spec table that share another family's layout: Gemma (v1), Qwen2-MoE, RoBERTa."""
+    """Families in the spec table that share another family's layout: Gemma (v1), Qwen2-MoE, RoBERTa (built
+    through the config guard of tiny_models)."""
     import transformers
 
-    torch.manual_seed(0)
     common = dict(vocab_size=512, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=128)
     if name == "gemma":
-        cfg = transformers.GemmaConfig(num_key_value_heads=2, head_dim=16, **common)
-        model, ref_family = transformers.GemmaForCausalLM(cfg), "gemma"
+        model = build_tiny(transformers.GemmaConfig, transformers.GemmaForCausalLM, num_key_value_heads=2,
+                           head_dim=16, **common)
+        ref_family = "gemma"
     elif name == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                          moe_intermediate_size=32, shared_expert_intermediate_size=32, **common)
-        model, ref_family = transformers.Qwen2MoeForCausalLM(cfg), "qwen2_moe"
+        model = build_tiny(transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, num_key_value_heads=2,
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=32, **common)
+        ref_family = "qwen2_moe"
     else:
-        cfg = transformers.RobertaConfig(**common, pad_token_id=1)
-        model, ref_family = transformers.RobertaModel(cfg), "bert"
+        model = build_tiny(transformers.RobertaConfig, transformers.RobertaModel, pad_token_id=1, **common)
+        ref_family = "bert"
     assert sum(p.numel() for p in model.parameters()) < MAX_PARAMS
     with torch.no_grad():  # non-trivial norm gains so that folding is visible
         for n, p in model.named_parameters():
@@ -302,3 +304,35 @@ def test_other_table_families(tmp_path, name):
         W = dense_wov(model, ref_family, 1, head) * norm_gain(model, ref_family, 1)[None, :]
         hd = ck.shape.head_dim
         np.testing.assert_allclose(r.singular_values, dense_svals(W, hd), rtol=1e-5)
+
+
+def test_analyze_head_from_python(ckpts):
+    """The notebook entry point: a ModelSource and an OVConfig with a prompt give the same numbers as the
+    capture written by hand; errors name parameters, not flags."""
+    from headlens.circuits.ov import analyze_head
+    from headlens.errors import HeadlensError
+    from headlens.io.source import ModelSource, load_hf_model
+    from headlens.residual.capture import capture_layer
+
+    ck, _ = _open(ckpts, "qwen3", "gqa", "hf_dir")
+    source = ModelSource(weights=ck.directory)
+    cfg = OVConfig(layer=1, head=2, latent_dim=4, prompt=PROMPT, heatmap=True, dtype=torch.float64)
+    r = analyze_head(source, cfg)
+    m, tok = load_hf_model(ck.directory, torch.float64)
+    cap = capture_layer(m, tok, ck.spec, 1, PROMPT, want_probs=True)
+    ref = analyze_ov(ck, cfg, lambda: cap)
+    assert r.cache_inputs == "prompt" and r.tokens == cap.tokens
+    assert r.singular_values == ref.singular_values and r.cache_error == pytest.approx(ref.cache_error, rel=1e-12)
+    assert r.data_aware.whitened_error == pytest.approx(ref.data_aware.whitened_error, rel=1e-12)
+    np.testing.assert_allclose(r.attention, ref.attention, rtol=1e-12)
+    plain = analyze_head(source, OVConfig(layer=1, head=2, latent_dim=4, seed=3))
+    assert plain.cache_inputs == "gaussian" and plain.singular_values == pytest.approx(r.singular_values, rel=1e-6)
+    for kwargs, message in ((dict(heatmap=True), "`heatmap` needs `prompt`"), (dict(prompt=" "), "`prompt` is empty"),
+                            (dict(latent_dim=0), "`latent_dim` must be positive")):
+        with pytest.raises(HeadlensError, match=message):
+            OVConfig(layer=0, head=0, **kwargs)
+    with pytest.raises(HeadlensError, match="`latent_dim` 17 is above the rank"):
+        analyze_head(source, OVConfig(layer=0, head=0, latent_dim=17))
+    bare = ModelSource(weights=ckpts.path("qwen3", "gqa", "pt"), num_heads=4)
+    with pytest.raises(HeadlensError, match="^`prompt` needs config.json and tokenizer files: pass `weights`"):
+        analyze_head(bare, OVConfig(layer=0, head=0, prompt=PROMPT))

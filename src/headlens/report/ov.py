@@ -1,0 +1,185 @@
+"""``headlens ov`` outputs: the seed tool's lines and headlens' own, the spectrum plot, the attention heatmap
+and the JSON file. Takes an :class:`~headlens.circuits.ov.OVResult`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from headlens.circuits.ov import OVResult
+from headlens.report.figures import _pyplot, save_figure
+
+
+def default_stem(model_name: str, layer: int, head: int) -> str:
+    """``<model>_layer<L>_head<H>``, as the seed tool named its plots."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name) or "model"
+    return f"{safe}_layer{layer}_head{head}"
+
+
+@dataclass
+class OVFiles:
+    """Where the report goes; None: not asked for."""
+
+    plot: Path | None  # the spectrum / cumulative energy PNG
+    heatmap: Path | None  # the attention heatmap PNG
+    json: Path | None  # every number of the OVResult
+
+    @classmethod
+    def choose(cls, model_name: str, layer: int, head: int, out_dir: Path, plot: bool = False,
+               plot_path: str | None = None, heatmap: bool = False, json: str | None = None) -> "OVFiles":
+        """The seed's names under ``out_dir`` (``<stem>.png``, ``<stem>_heatmap.png``, ``<stem>.json``);
+        ``plot_path`` moves the plot (and the heatmap next to it); ``json=""`` means the default name."""
+        stem = default_stem(model_name, layer, head)
+        plot_file = Path(plot_path) if plot_path else out_dir / f"{stem}.png"
+        heatmap_file = plot_file.with_name(plot_file.stem + "_heatmap.png") if plot_path \
+            else out_dir / f"{stem}_heatmap.png"
+        json_file = None if json is None else (Path(json) if json else out_dir / f"{stem}.json")
+        return cls(plot=plot_file if plot or plot_path is not None else None,
+                   heatmap=heatmap_file if heatmap else None, json=json_file)
+
+    def directories(self) -> list[Path]:
+        """The directories the files go into (plot, heatmap, json order), to check before any work."""
+        return [p.parent for p in (self.plot, self.heatmap, self.json) if p is not None]
+
+
+def write_ov_outputs(result: OVResult, files: OVFiles) -> list[str]:
+    """Write the files ``files`` names (recording them in ``result.files``); returns the lines to print."""
+    from headlens.io.files import write_json
+
+    name = result.model["name"]
+    lines = report_lines(result)
+    if files.plot is not None:
+        title = f"{name} layer {result.layer} head {result.head}: W_OV spectrum (rank {result.rank})"
+        save_spectrum_plot(files.plot, result.singular_values, result.cumulative_energy, result.latent_dim, title,
+                           rank=result.rank)
+        result.files["plot"] = str(files.plot)
+        lines.append(f"saved plot -> {files.plot}")
+    if files.heatmap is not None:
+        assert result.attention is not None and result.tokens is not None
+        title = f"{name} layer {result.layer} head {result.head} (kv head {result.kv_head}): attention"
+        save_attention_heatmap(files.heatmap, np.asarray(result.attention), result.tokens, title)
+        result.files["heatmap"] = str(files.heatmap)
+        lines.append(f"saved heatmap -> {files.heatmap}")
+    lines.extend(extra_lines(result))
+    if files.json is not None:
+        result.files["json"] = str(files.json)
+        write_json(files.json, result.to_json())
+        lines.append(f"saved json -> {files.json}")
+    return lines
+
+
+def _fmt_list(values: list[float], fmt: str, n: int = 10) -> str:
+    return " ".join(format(v, fmt) for v in values[:n])
+
+
+def report_lines(r: OVResult) -> list[str]:
+    """The seed tool's lines, in its order and number formats (file lines are added by the caller)."""
+    return [
+        f"layer={r.layer} head={r.head} num_heads={r.num_heads} num_value_heads={r.num_value_heads}",
+        f"W_OV shape: ({r.shape[0]}, {r.shape[1]}) rank: {r.rank}",
+        f"condition number: {r.condition_number:.3e}",
+        f"latent_dim={r.latent_dim} rel_error={r.rel_error:.3e} cache_error={r.cache_error:.3e}",
+        f"singular values (top 10): {_fmt_list(r.singular_values, '.3e')}",
+        f"cumulative energy (top 10): {_fmt_list(r.cumulative_energy, '.3f')}",
+    ]
+
+
+def _inputs_line(r: OVResult) -> str:
+    if r.cache_inputs == "prompt":
+        return f"cache_error inputs: the prompt's {r.cache_tokens} tokens at the input of layer {r.layer}'s attention"
+    if r.cache_inputs == "traces":
+        return (f"cache_error inputs: {r.cache_tokens} traced tokens at the input of layer {r.layer}'s "
+                f"attention (toy traces)")
+    return (f"cache_error inputs: {r.cache_tokens} seeded Gaussian probe tokens (seed {r.seed}); "
+            f"pass --prompt to use real activations")
+
+
+def extra_lines(r: OVResult) -> list[str]:
+    """What headlens adds after the seed's lines: definitions and the data-aware comparison."""
+    group = r.num_heads // r.num_value_heads
+    kind = "MHA" if group == 1 else ("MQA" if r.num_value_heads == 1 else "GQA")
+    norm = "no" if not r.norm_folded else "yes"
+    lines = [
+        f"condition number is sigma_1/sigma_r over the numerical rank r={r.rank} "
+        f"(tolerance {r.rank_tolerance:.3e} = max(d, d) * eps({r.rank_eps_dtype}) * sigma_1)",
+        f"head map: query head {r.head} reads kv head {r.kv_head} ({kind}, {group} query head(s) per kv head), "
+        f"head_dim={r.head_dim} hidden_size={r.hidden_size}; norm gain folded: {norm}"
+        + (f" ({r.norm_key})" if r.norm_key and r.norm_folded else ""),
+        _inputs_line(r),
+    ]
+    da = r.data_aware
+    if da is not None:
+        lines.append(f"latent_dim={r.latent_dim} on the {r.cache_inputs}: data-aware (whitened) error="
+                     f"{da.whitened_error:.3e} plain cache_error={da.plain_cache_error:.3e} (in-sample, "
+                     f"{da.n_tokens} tokens)")
+        if da.heldout_whitened_error is not None and da.heldout_plain_error is not None:
+            lines.append(f"held-out (fit on {da.heldout_fit_tokens} even-position tokens, measured on "
+                         f"{da.heldout_test_tokens} odd ones): data-aware error={da.heldout_whitened_error:.3e} "
+                         f"plain cache_error={da.heldout_plain_error:.3e}")
+        if da.n_tokens <= r.latent_dim:
+            lines.append(f"note: the {r.cache_inputs} have {da.n_tokens} tokens <= latent_dim {r.latent_dim}, so "
+                         f"the data-aware latent is exact on them; use more tokens to measure it")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def save_spectrum_plot(path: Path, singular_values: Sequence[float], energy: Sequence[float], latent_dim: int,
+                       title: str, rank: int | None = None) -> Path:
+    """Singular values (log scale) and cumulative energy with the latent dim marked."""
+    plt = _pyplot()
+    s = np.asarray(singular_values, dtype=float)
+    e = np.asarray(energy, dtype=float)
+    idx = np.arange(1, len(s) + 1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    positive = s > 0
+    ax1.semilogy(idx[positive], s[positive], marker=".", lw=1)
+    ax1.axvline(latent_dim, color="C3", ls="--", lw=1, label=f"latent dim k={latent_dim}")
+    if rank is not None and rank < len(s):
+        ax1.axvline(rank, color="0.5", ls=":", lw=1, label=f"numerical rank {rank}")
+    ax1.set_xlabel("index i")
+    ax1.set_ylabel("singular value $\\sigma_i$")
+    ax1.set_title("singular spectrum of $W_{OV}$")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend()
+    ax2.plot(idx, e, marker=".", lw=1)
+    ax2.axvline(latent_dim, color="C3", ls="--", lw=1)
+    if 0 < latent_dim <= len(e):
+        ek = e[latent_dim - 1]
+        ax2.axhline(ek, color="C3", ls=":", lw=1)
+        ax2.annotate(f"E_{latent_dim} = {ek:.3f}", (latent_dim, ek), textcoords="offset points",
+                     xytext=(6, -14), color="C3")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlabel("k")
+    ax2.set_ylabel("cumulative energy $E_k$")
+    ax2.set_title("$E_k = \\sum_{i\\leq k} \\sigma_i^2 / \\sum_i \\sigma_i^2$")
+    ax2.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def save_attention_heatmap(path: Path, probs: np.ndarray, tokens: Sequence[str], title: str) -> Path:
+    """Attention probabilities ``probs`` (N, N), query rows x key columns, labelled with the decoded tokens."""
+    n = len(tokens)
+    assert probs.shape == (n, n), (probs.shape, n)
+    plt = _pyplot()
+    labels = [repr(t)[1:-1] if t.strip() else repr(t) for t in tokens]
+    size = min(4 + 0.32 * n, 40)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=max(float(np.max(probs)), 1e-12), aspect="equal")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels(labels, rotation=90, fontsize=8)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("key token (attended to)")
+    ax.set_ylabel("query token")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention probability")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
