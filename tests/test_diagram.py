@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from headlens.residual import diagram
 from headlens.arch import SPECS
 from headlens.cli import main
-from headlens.residual.diagram import (
+from headlens.report.diagram import save_diagram_png, to_mermaid
+from headlens.residual.tracing import (
+    STYLE_NAMES,
     build_layer_graph,
     hook_guide,
     hook_sites,
     register_site_hook,
-    save_diagram_png,
     template_layer_graph,
-    to_mermaid,
     trace_layer,
 )
+from headlens.residual.tracing import diagram as tracing_diagram  # build_layer_graph calls its trace_layer
 
 LLAMA_LIKE = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 CASES = {
@@ -192,7 +192,7 @@ def test_template_fallback_when_the_trace_fails(ckpts, family, monkeypatch):
     def broken(*_a, **_k):
         raise RuntimeError("tracing is broken")
 
-    monkeypatch.setattr(diagram, "trace_layer", broken)
+    monkeypatch.setattr(tracing_diagram, "trace_layer", broken)
     graph = build_layer_graph(model, spec, 0)
     assert graph.source == "template"
     assert graph.source_note.startswith(f"template for {spec.family}") and "tracing is broken" in graph.source_note
@@ -225,7 +225,7 @@ def test_cli_prints_model_then_diagram(ckpts, family, tmp_path, capsys):
     lines = out.splitlines()
     assert lines[: len(model_text.splitlines())] == model_text.splitlines()
     style = CASES[family][1]
-    assert f"{diagram.STYLE_NAMES[style]} residual, {N_JOINS[style]} join" in out
+    assert f"{STYLE_NAMES[style]} residual, {N_JOINS[style]} join" in out
     assert "structure derived from a traced forward" in out
     stem = f"{path.name}_layer1_diagram"
     assert f"saved diagram -> {out_dir / (stem + '.png')}" in lines
@@ -243,7 +243,7 @@ def test_cli_prints_model_then_diagram(ckpts, family, tmp_path, capsys):
 
 
 def test_cli_template_fallback_is_said(ckpts, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(diagram, "trace_layer", lambda *a, **k: (_ for _ in ()).throw(ValueError("nope")))
+    monkeypatch.setattr(tracing_diagram, "trace_layer", lambda *a, **k: (_ for _ in ()).throw(ValueError("nope")))
     path = ckpts.path("qwen3", "gqa", "hf_dir")
     code, out, err = _run(capsys, "--weights", str(path), "--out-dir", str(tmp_path))
     assert code == 0, err

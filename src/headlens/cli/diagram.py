@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 from headlens.cli.common import int_arg, model_source
-from headlens.errors import HeadlensError
 
 
 def add_parser(sub) -> None:
@@ -33,46 +32,33 @@ def diagram_stem(model_name: str, layer: int) -> str:
     return f"{safe}_layer{layer}_diagram"
 
 
-def cmd_diagram(args: argparse.Namespace) -> int:
-    from headlens.residual.diagram import build_layer_graph, hook_guide, save_diagram_png, save_mermaid, summary_lines
-    from headlens.io.files import ensure_dir, write_json
-    from headlens.circuits.heads import check_layer_head
-    from headlens.io.checkpoint import cast_dtype
-
-    dtype = cast_dtype(args.dtype)
-    source = model_source(args)
-    ck = source.checkpoint(full=True)
-    check_layer_head(ck, args.layer)
-    if ck.directory is None or not (ck.directory / "config.json").exists():
-        raise HeadlensError("a diagram runs the model, so it needs a HuggingFace model directory with config.json: "
-                            "pass --weights DIR or --hf-repo, not a bare state dict")
+def _paths(args: argparse.Namespace, model_name: str) -> tuple[Path, Path, Path | None]:
+    """(PNG, Mermaid, JSON or None) paths for the model called ``model_name``."""
     out_dir = Path(args.out_dir)
-    stem = diagram_stem(ck.name, args.layer)
-    png_path = out_dir / f"{stem}.png"
-    mmd_path = out_dir / f"{stem}.mmd"
+    stem = diagram_stem(model_name, args.layer)
     json_path = None if args.json is None else (Path(args.json) if args.json else out_dir / f"{stem}.json")
-    ensure_dir(out_dir)
-    if json_path is not None:
-        ensure_dir(json_path.parent if str(json_path.parent) else Path("."))
+    return out_dir / f"{stem}.png", out_dir / f"{stem}.mmd", json_path
 
-    model = source.model(ck.directory, dtype)
-    graph = build_layer_graph(model, ck.spec, args.layer)
-    lines = [str(model), ""]
-    lines += summary_lines(graph)
-    lines += hook_guide(model, ck.spec, graph)
-    files = {"png": str(png_path), "mermaid": str(mmd_path)}
-    save_diagram_png(graph, png_path)
+
+def cmd_diagram(args: argparse.Namespace) -> int:
+    from headlens.io.checkpoint import cast_dtype
+    from headlens.io.files import ensure_dir
+    from headlens.report.diagram import write_diagram_files
+    from headlens.residual.tracing import trace_model_layer
+
+    def make_dirs(ck) -> None:  # before the model loads: a bad --out-dir fails fast
+        _png, _mmd, json_path = _paths(args, ck.name)
+        ensure_dir(Path(args.out_dir))
+        if json_path is not None:
+            ensure_dir(json_path.parent if str(json_path.parent) else Path("."))
+
+    result = trace_model_layer(model_source(args), args.layer, cast_dtype(args.dtype), before_load=make_dirs)
+    png_path, mmd_path, json_path = _paths(args, result.model_name)
+    write_diagram_files(result, png_path, mmd_path, json_path)
+    lines = result.lines()
     lines.append(f"saved diagram -> {png_path}")
-    save_mermaid(graph, mmd_path)
     lines.append(f"saved mermaid -> {mmd_path}")
     if json_path is not None:
-        from headlens.residual.diagram import hook_sites
-
-        files["json"] = str(json_path)
-        data = {"model": ck.describe(), "graph": graph.to_json(),
-                "hooks": [vars(s) for s in hook_sites(model, ck.spec, graph)],
-                "hook_guide": hook_guide(model, ck.spec, graph), "files": files}
-        write_json(json_path, data)
         lines.append(f"saved json -> {json_path}")
     print("\n".join(lines))
     return 0
