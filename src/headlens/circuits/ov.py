@@ -147,11 +147,7 @@ def analyze_head(source: ModelSource, cfg: OVConfig, checkpoint: Checkpoint | No
     """
     cfg.check()
     ck = checkpoint if checkpoint is not None else open_head(source, cfg)
-    capture_fn = None
-    if cfg.prompt:
-        capture_fn = _prompt_capture(source, ck, cfg)
-    elif cfg.traces:
-        capture_fn = _trace_capture(cfg)
+    capture_fn = _prompt_capture(source, ck, cfg) if cfg.prompt else None  # traces: analyze_ov reads them
     return analyze_ov(ck, cfg, capture_fn=capture_fn)
 
 
@@ -257,7 +253,7 @@ def analyze_ov(
     :class:`OVResult`.
 
     ``capture_fn`` returns that layer's attention inputs (a :class:`PromptCapture`); it is required when
-    ``cfg.prompt`` or ``cfg.traces`` is set (:func:`analyze_head` builds it).
+    ``cfg.prompt`` is set (:func:`analyze_head` builds it); without one, ``cfg.traces`` is read from its file.
     """
     check_layer_head(ck, cfg.layer, cfg.head)
     cfg.check()
@@ -268,6 +264,8 @@ def analyze_ov(
     svd = factored_svd(f.W_O, f.W_V)  # W_OV = U diag(S) Vh, (d, hd) (hd,) (hd, d)
     rank, tol, latent_dim = _rank_and_latent(svd.S, d, cfg)
 
+    if capture_fn is None and cfg.traces:
+        capture_fn = _trace_capture(cfg)
     capture: PromptCapture | None = None
     if cfg.prompt or cfg.traces:
         if capture_fn is None:
