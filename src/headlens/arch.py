@@ -65,12 +65,12 @@ class Layout:
     v: str | None = None  # separate value projection [G*hd, d]
     qkv: str | None = None  # fused projection: [(H + 2G)*hd, d] rows ([d, (H + 2G)*hd] when ``transposed``)
     interleaved: bool = False  # fused rows per head [q_h; k_h; v_h] (GPT-NeoX) instead of blocks q | k | v
-    transposed: bool = False  # qkv and o stored [in, out], as GPT-2's Conv1D does
+    transposed: bool = False  # every tensor stored [in, out], as GPT-2's Conv1D does
     grouped: bool = True  # a fused qkv may hold G < H kv heads (Phi-3); False: it always holds H (G = H)
 
     def __post_init__(self) -> None:
         separate = self.q is not None and self.k is not None and self.v is not None
-        if separate == (self.qkv is not None) or (self.qkv is None and (self.interleaved or self.transposed)):
+        if separate == (self.qkv is not None) or (self.qkv is None and self.interleaved):
             raise ValueError(f"layout {self.name}: give q, k and v, or one fused qkv")
         if self.interleaved and self.grouped:
             raise ValueError(f"layout {self.name}: interleaved q/k/v rows hold one kv head per query head")
@@ -100,11 +100,13 @@ class Layout:
 
     def shapes(self, H: int, G: int, hd: int, d: int) -> dict[str, tuple[int, int]]:
         """The stored shape of every tensor of the layout (role -> shape) for H query and G kv heads."""
-        out = (H * hd, d) if self.transposed else (d, H * hd)
+        def stored(rows: int, cols: int) -> tuple[int, int]:  # Linear layout [rows, cols] as stored
+            return (cols, rows) if self.transposed else (rows, cols)
+
+        out = stored(d, H * hd)
         if not self.fused:
-            return {"q": (H * hd, d), "k": (G * hd, d), "v": (G * hd, d), "o": out}
-        rows = (H + 2 * G) * hd
-        return {"qkv": (d, rows) if self.transposed else (rows, d), "o": out}
+            return {"q": stored(H * hd, d), "k": stored(G * hd, d), "v": stored(G * hd, d), "o": out}
+        return {"qkv": stored((H + 2 * G) * hd, d), "o": out}
 
     def _rows(self, role: str, head: int, H: int, G: int, hd: int) -> slice:
         """Linear-layout rows of query head (q) or kv head (k, v) ``head`` in the tensor that stores ``role``."""
@@ -131,14 +133,17 @@ class Layout:
     def split(self, stored: Mapping[str, "torch.Tensor"], H: int, G: int, hd: int, d: int) -> LayerSplit:
         """Per-head W_Q (H, hd, d), W_K (G, hd, d), W_V (G, hd, d), W_O (H, d, hd) from the stored tensors
         (role -> tensor, shapes as :meth:`shapes` says). W_Q/W_K are None when a separate q/k was not read."""
-        o = stored["o"].T if self.transposed else stored["o"]  # (d, H*hd)
-        W_O = o.reshape(d, H, hd).permute(1, 0, 2)  # (H, d, hd)
+        def linear(role: str) -> "torch.Tensor | None":  # the stored tensor in Linear layout [out, in]
+            t = stored.get(role)
+            return t.T if t is not None and self.transposed else t
+
+        W_O = linear("o").reshape(d, H, hd).permute(1, 0, 2)  # (d, H*hd) -> (H, d, hd)
         if not self.fused:
-            q, k = stored.get("q"), stored.get("k")
+            q, k = linear("q"), linear("k")
             return LayerSplit(W_Q=q.reshape(H, hd, d) if q is not None else None,  # (H, hd, d)
                               W_K=k.reshape(G, hd, d) if k is not None else None,  # (G, hd, d)
-                              W_V=stored["v"].reshape(G, hd, d), W_O=W_O)  # (G, hd, d)
-        qkv = stored["qkv"].T if self.transposed else stored["qkv"]  # ((H + 2G)*hd, d)
+                              W_V=linear("v").reshape(G, hd, d), W_O=W_O)  # (G, hd, d)
+        qkv = linear("qkv")  # ((H + 2G)*hd, d)
         if self.interleaved:
             per = qkv.reshape(H, 3, hd, d)  # (H, [q, k, v], hd, d)
             q, k, v = (per[:, i].contiguous() for i in range(3))  # each (H, hd, d): rows are strided, copy
