@@ -249,3 +249,22 @@ def test_a_layout_is_either_separate_or_fused():
         Layout("separate, interleaved", q="q", k="k", v="v", o="o", interleaved=True)
     with pytest.raises(ValueError, match="one kv head per query head"):
         Layout("grouped interleaved", qkv="qkv", o="o", interleaved=True)
+
+
+def test_a_layer_whose_shapes_differ_from_layer_0_is_refused_where_it_is_read(ckpts, tmp_path, capsys):
+    """Shape inference reads layer 0; every later read checks its own tensors' shapes against the record."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(ckpts.path("llama", "gqa", "safetensors")))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    sd[name] = sd[name][:HD].clone()  # one kv head instead of two
+    path = tmp_path / "odd.safetensors"
+    save_file(sd, str(path))
+    ck = open_model(weights=path, num_heads=H)
+    read_head(ck, 0, 0)
+    with pytest.raises(HeadlensError, match=r"^unexpected shapes in layer 1: W_V \(16, 48\)$"):
+        read_head(ck, 1, 0)
+    with pytest.raises(HeadlensError, match=r"^unexpected shapes in layer 1: W_V \(16, 48\), W_O \(48, 64\)$"):
+        read_layer(ck, 1)
+    assert _cli_error(capsys, "--weights", str(path), "--num-heads", "4", "--layer", "1") == (
+        "headlens ov: error: unexpected shapes in layer 1: W_V (16, 48)")
