@@ -10,10 +10,12 @@ import torch
 from reference import dense_svals, dense_wov, value_output_blocks
 from tiny_models import PROMPT
 
+from headlens.circuits.budget import BudgetTarget, budget
+from headlens.circuits.spectrum import factored_svd, gram_spectrum, tail_ratio
+from headlens.circuits.sweep_layer import AnalysisConfig, analyze_layer
+from headlens.circuits.sweep_results import LayerResult, to_rows
 from headlens.cli import main
-from headlens.circuits.spectrum import factored_svd
-from headlens.circuits.sweep import BudgetTarget, LayerResult, SweepConfig, analyze_layer, budget, gram_spectrum, tail_error
-from headlens.report.sweep import read_table
+from headlens.io.tables import read_table
 
 
 def _sweep(capsys, tmp_path, *argv) -> tuple[list[dict], list[dict], dict, str]:
@@ -104,24 +106,23 @@ def test_data_aware_planted_cases():
     # tokens in a k-dimensional subspace: a k-dim data-aware latent is exact, predicted and held out
     basis = torch.randn(d, k, generator=g, dtype=torch.float64)
     X = basis @ torch.randn(k, 400, generator=g, dtype=torch.float64)
-    r = analyze_layer(0, W_O, W_V, SweepConfig(ks=[k, 1]), X_fit=X[:, ::2], X_test=X[:, 1::2])
-    for row in r.head_rows:
-        assert row[f"white_pred_k{k}"] < 1e-6 and row[f"white_heldout_k{k}"] < 1e-6
-        assert row[f"plain_heldout_k{k}"] > 0.05  # the data-free latent does not know the subspace
+    r = analyze_layer(0, W_O, W_V, AnalysisConfig(ks=[k, 1]), X_fit=X[:, ::2], X_test=X[:, 1::2])
+    for h in r.heads:
+        assert h.latents.white_pred[k] < 1e-6 and h.latents.white_heldout[k] < 1e-6
+        assert h.latents.plain_heldout[k] > 0.05  # the data-free latent does not know the subspace
     # held-out tokens identical to the fit tokens: measured error == spectrum prediction
     Y = torch.randn(d, 300, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2, d, dtype=torch.float64)[:, None]
-    r = analyze_layer(0, W_O, W_V, SweepConfig(ks=[1, 2, 5]), X_fit=Y, X_test=Y)
-    for row in r.head_rows + r.group_rows:
-        p = "stack_" if "group_size" in row else ""
+    r = analyze_layer(0, W_O, W_V, AnalysisConfig(ks=[1, 2, 5]), X_fit=Y, X_test=Y)
+    for lat in [h.latents for h in r.heads] + [g.latents for g in r.groups]:
         for kk in (1, 2, 5):
-            assert row[f"{p}white_heldout_k{kk}"] == pytest.approx(row[f"{p}white_pred_k{kk}"], rel=1e-8)
-            assert row[f"{p}white_pred_k{kk}"] <= row[f"{p}plain_heldout_k{kk}"] + 1e-12
+            assert lat.white_heldout[kk] == pytest.approx(lat.white_pred[kk], rel=1e-8)
+            assert lat.white_pred[kk] <= lat.plain_heldout[kk] + 1e-12
     # and against a dense whitening route (Cholesky of X X^T with a ridge, DOMAIN.md)
     W = (W_O[0] @ W_V[0]).numpy()
     Xf = Y.numpy()
     S = np.linalg.cholesky(Xf @ Xf.T + 1e-12 * np.eye(d))
     sv = np.linalg.svd(W @ S, compute_uv=False)
-    assert r.head_rows[0]["white_pred_k2"] == pytest.approx(np.sqrt(np.sum(sv[2:] ** 2) / np.sum(sv**2)), rel=1e-6)
+    assert r.heads[0].latents.white_pred[2] == pytest.approx(np.sqrt(np.sum(sv[2:] ** 2) / np.sum(sv**2)), rel=1e-6)
 
 
 def test_budget_arithmetic_by_hand():
@@ -130,19 +131,21 @@ def test_budget_arithmetic_by_hand():
     s2 = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # energies 1/4, 2/4, 3/4, 1
     res = [LayerResult(0, [], [], s1[None], None), LayerResult(1, [], [], s2[None], None)]
     b = budget(res, BudgetTarget("energy", 0.9), num_kv_heads=1, head_dim=4, bytes_per_value=2)
-    assert [r["k_plain"] for r in b["rows"]] == [2, 4]
-    t = b["totals"]
-    assert t["kv_bytes_before"] == 2 * (2 * 1 * 4 * 2) == 32
-    assert t["kv_bytes_after_plain"] == (1 * 4 + 2) * 2 + (1 * 4 + 4) * 2 == 28
-    assert t["saving_plain_pct"] == pytest.approx(100 * (1 - 28 / 32))
-    assert [r["k_uniform"] for r in b["rows"]] == [3, 3]  # same total, 6 dims over 2 groups
-    assert b["rows"][0]["err_uniform_plain"] == pytest.approx(0.0)
-    assert b["rows"][1]["err_uniform_plain"] == pytest.approx(0.5)  # sqrt(1/4)
-    assert t["max_err_uniform"] == pytest.approx(0.5) and t["max_err_plain"] == pytest.approx(np.sqrt(1 / 14))
+    assert [r.k_plain for r in b.rows] == [2, 4]
+    t = b.totals
+    assert t.kv_bytes_before == 2 * (2 * 1 * 4 * 2) == 32
+    assert t.kv_bytes_after_plain == (1 * 4 + 2) * 2 + (1 * 4 + 4) * 2 == 28
+    assert t.saving_plain_pct == pytest.approx(100 * (1 - 28 / 32))
+    assert [r.k_uniform for r in b.rows] == [3, 3]  # same total, 6 dims over 2 groups
+    assert b.rows[0].err_uniform_plain == pytest.approx(0.0)
+    assert b.rows[1].err_uniform_plain == pytest.approx(0.5)  # sqrt(1/4)
+    assert t.max_err_uniform == pytest.approx(0.5) and t.max_err_plain == pytest.approx(np.sqrt(1 / 14))
+    assert not b.data_aware and t.kv_bytes_after_data is None and b.rows[0].k_data is None
     e = budget(res, BudgetTarget("error", 0.6), 1, 4, 2)
     # s1: k=1 leaves sqrt(5/14)=0.598 <= 0.6; s2: k=2 leaves sqrt(2/4)=0.707, k=3 leaves sqrt(1/4)=0.5
-    assert [r["k_plain"] for r in e["rows"]] == [1, 3]
-    assert e["rows"][0]["err_plain"] == pytest.approx(float(tail_error(s1, 1)))
+    assert [r.k_plain for r in e.rows] == [1, 3]
+    assert e.rows[0].err_plain == pytest.approx(float(tail_ratio(s1, 1)))
+    assert [p.layer for p in e.layer_latents()] == [0, 1] and e.layer_latents()[1].k_plain == 3
 
 
 def test_data_aware_sweep_and_budget(ckpts, capsys, tmp_path):
@@ -244,13 +247,13 @@ def test_budget_reports_held_out_errors_of_data_aware_latents():
     W_O = torch.randn(H, d, hd, generator=g, dtype=torch.float64)
     W_V = torch.randn(G, hd, d, generator=g, dtype=torch.float64)
     X = torch.randn(d, 60, generator=g, dtype=torch.float64)
-    r = analyze_layer(0, W_O, W_V, SweepConfig(ks=[2]), X_fit=X[:, ::2], X_test=X[:, 1::2])
+    r = analyze_layer(0, W_O, W_V, AnalysisConfig(ks=[2]), X_fit=X[:, ::2], X_test=X[:, 1::2])
     b = budget([r], BudgetTarget("error", 0.5), G, hd, 2)
-    for row, grow in zip(b["rows"], r.group_rows):
-        assert row["err_data_heldout"] is not None and 0 <= row["err_data_heldout"] <= 1
-        if row["k_data"] == 2:
-            assert row["err_data_heldout"] == pytest.approx(grow["stack_white_heldout_k2"], rel=1e-10)
-    assert b["totals"]["mean_err_data_heldout"] is not None
+    for row, grp in zip(b.rows, r.groups):
+        assert row.err_data_heldout is not None and 0 <= row.err_data_heldout <= 1
+        if row.k_data == 2:
+            assert row.err_data_heldout == pytest.approx(grp.latents.white_heldout[2], rel=1e-10)
+    assert b.totals.mean_err_data_heldout is not None and b.data_aware
 
 
 def test_non_finite_weights_are_named(ckpts, capsys, tmp_path):
@@ -269,3 +272,125 @@ def test_non_finite_weights_are_named(ckpts, capsys, tmp_path):
     # layer 0 finished before the bad tensor was met: its part is kept for --resume, no table was written
     assert sorted(p.name for p in (out_dir / "sweep_layers").iterdir()) == ["layer_0000.json", "run.json"]
     assert not (out_dir / "sweep_heads.csv").exists()
+
+
+HEAD_COLUMNS = ["layer", "head", "kv_head", "ov_rank", "ov_sigma_max", "ov_frobenius", "ov_condition", "ov_rank_e50",
+                "ov_rank_e90", "ov_rank_e95", "ov_rank_e99", "ov_energy_k2", "ov_rel_error_k2", "ov_energy_k4",
+                "ov_rel_error_k4", "qk_sigma_max", "qk_rank_e90", "qk_rank", "plain_pred_k2", "plain_heldout_k2",
+                "white_pred_k2", "white_heldout_k2", "plain_pred_k4", "plain_heldout_k4", "white_pred_k4",
+                "white_heldout_k4"]
+GROUP_COLUMNS = ["layer", "kv_head", "group_size", "stack_rank", "stack_rank_e50", "stack_rank_e90", "stack_rank_e95",
+                 "stack_rank_e99", "stack_energy_k2", "stack_rel_error_k2", "stack_energy_k4", "stack_rel_error_k4",
+                 "v_rank", "v_sigma_max", "v_rank_e90", "stack_plain_heldout_k2", "stack_white_pred_k2",
+                 "stack_white_heldout_k2", "stack_plain_heldout_k4", "stack_white_pred_k4", "stack_white_heldout_k4"]
+
+
+def _first_at(E: np.ndarray, level: float) -> int:
+    return next(i + 1 for i, e in enumerate(E) if e >= level - 1e-12)
+
+
+def _spectrum_cells(prefix: str, s: np.ndarray, ks, levels=(50, 90, 95, 99)) -> dict:
+    E = np.cumsum(s**2) / np.sum(s**2)
+    out = {f"{prefix}_rank_e{p}": _first_at(E, p / 100) for p in levels}
+    for k in ks:
+        out[f"{prefix}_energy_k{k}"] = E[k - 1]
+        out[f"{prefix}_rel_error_k{k}"] = np.sqrt(np.sum(s[k:] ** 2) / np.sum(s**2))
+    return out
+
+
+def _latent_cells(prefix: str, W: np.ndarray, Xf: np.ndarray, Xt: np.ndarray, ks, plain_pred: bool) -> dict:
+    """Dense float64: plain latent (right singular vectors of W) and data-aware one (left ones of W X_fit)."""
+    _, _, Vt = np.linalg.svd(W)
+    Uw, sw, _ = np.linalg.svd(W @ Xf, full_matrices=False)
+    out = {}
+    for k in ks:
+        P = Vt[:k].T @ Vt[:k]  # the plain latent's projection of the inputs
+        if plain_pred:
+            out[f"{prefix}plain_pred_k{k}"] = np.linalg.norm(W @ Xf - W @ P @ Xf) / np.linalg.norm(W @ Xf)
+        out[f"{prefix}plain_heldout_k{k}"] = np.linalg.norm(W @ Xt - W @ P @ Xt) / np.linalg.norm(W @ Xt)
+        out[f"{prefix}white_pred_k{k}"] = np.sqrt(np.sum(sw[k:] ** 2) / np.sum(sw**2))
+        Y = W @ Xt
+        out[f"{prefix}white_heldout_k{k}"] = np.linalg.norm(Y - Uw[:, :k] @ (Uw[:, :k].T @ Y)) / np.linalg.norm(Y)
+    return out
+
+
+def _assert_cells(row: dict, want: dict) -> None:
+    for key, value in want.items():
+        if isinstance(value, int):
+            assert type(row[key]) is int and row[key] == value, (key, row[key], value)
+        else:
+            assert type(row[key]) is float, (key, type(row[key]))
+            assert row[key] == pytest.approx(float(value), rel=1e-7, abs=1e-10), key
+
+
+def test_typed_results_give_todays_rows_with_dense_float64_values():
+    """The rows the tables and resume files hold, made from the typed results: today's columns in today's order,
+    and for one head and one kv group every value against an independent dense float64 computation."""
+    g = torch.Generator().manual_seed(7)
+    H, G, d, hd, ks = 4, 2, 20, 6, [2, 4]
+    W_O, W_Q = (torch.randn(H, *shape, generator=g, dtype=torch.float64) for shape in ((d, hd), (hd, d)))
+    W_V, W_K = (torch.randn(G, hd, d, generator=g, dtype=torch.float64) for _ in range(2))
+    X = torch.randn(d, 50, generator=g, dtype=torch.float64)
+    cfg = AnalysisConfig(ks=ks, rank_eps=float(np.finfo(np.float64).eps))
+    r = analyze_layer(5, W_O, W_V, cfg, W_Q, W_K, X[:, ::2], X[:, 1::2])
+    heads, groups = to_rows([r])
+    assert [list(row) for row in heads] == [HEAD_COLUMNS] * H
+    assert [list(row) for row in groups] == [GROUP_COLUMNS] * G
+    Xf, Xt = X[:, ::2].numpy(), X[:, 1::2].numpy()
+    W = W_O[3].numpy() @ W_V[1].numpy()  # head 3 reads kv head 1
+    s = np.linalg.svd(W, compute_uv=False)[:hd]
+    sq = np.linalg.svd(W_Q[3].numpy().T @ W_K[1].numpy(), compute_uv=False)[:hd]
+    want = {"layer": 5, "head": 3, "kv_head": 1, "ov_rank": hd, "ov_sigma_max": s[0],
+            "ov_frobenius": np.linalg.norm(s), "ov_condition": s[0] / s[-1], **_spectrum_cells("ov", s, ks),
+            "qk_sigma_max": sq[0], "qk_rank_e90": _first_at(np.cumsum(sq**2) / np.sum(sq**2), 0.9), "qk_rank": hd,
+            **_latent_cells("", W, Xf, Xt, ks, plain_pred=True)}
+    assert sorted(want) == sorted(HEAD_COLUMNS)
+    _assert_cells(heads[3], want)
+    M = np.vstack([W_O[h].numpy() @ W_V[1].numpy() for h in (2, 3)])  # kv group 1's stacked operator
+    sm = np.linalg.svd(M, compute_uv=False)[:hd]
+    sv = np.linalg.svd(W_V[1].numpy(), compute_uv=False)
+    want = {"layer": 5, "kv_head": 1, "group_size": 2, "stack_rank": hd, **_spectrum_cells("stack", sm, ks),
+            "v_rank": hd, "v_sigma_max": sv[0], "v_rank_e90": _first_at(np.cumsum(sv**2) / np.sum(sv**2), 0.9),
+            **_latent_cells("stack_", M, Xf, Xt, ks, plain_pred=False)}
+    assert sorted(want) == sorted(GROUP_COLUMNS)
+    _assert_cells(groups[1], want)
+
+
+def test_resume_store_gives_back_the_same_rows(tmp_path):
+    from headlens.circuits.sweep_parts import SweepParts
+    from headlens.errors import HeadlensError
+
+    g = torch.Generator().manual_seed(3)
+    W_O = torch.randn(4, 12, 4, generator=g, dtype=torch.float64)
+    W_V = torch.randn(2, 4, 12, generator=g, dtype=torch.float64)
+    X = torch.randn(12, 30, generator=g, dtype=torch.float64)
+    runs = [analyze_layer(2, W_O, W_V, AnalysisConfig(ks=[1, 3]), W_O.mT, W_V, X[:, ::2], X[:, 1::2]),
+            analyze_layer(2, W_O, W_V, AnalysisConfig(ks=[1, 3], with_qk=False))]
+    for r in runs:
+        parts = SweepParts(tmp_path / str(r.group_white is None))
+        parts.start({"model": "m", "config": {"ks": [1, 3]}, "data": None})
+        parts.save(r)
+        back = parts.load({"model": "m", "config": {"ks": [1, 3]}, "data": None}, [0, 2], [1, 3])
+        assert list(back) == [2]
+        assert to_rows([back[2]]) == to_rows([r])
+        assert [list(row) for row in to_rows([back[2]])[0]] == [list(row) for row in to_rows([r])[0]]
+        torch.testing.assert_close(back[2].group_plain, r.group_plain, rtol=0, atol=0)
+        assert (back[2].group_white is None) == (r.group_white is None)
+        with pytest.raises(HeadlensError, match="`resume`: .* different model or configuration"):
+            parts.load({"model": "other", "config": {"ks": [1, 3]}, "data": None}, [2], [1, 3])
+
+
+def test_run_sweep_from_python_matches_the_command(ckpts, capsys, tmp_path):
+    from headlens.circuits.sweep import SweepConfig, run_sweep
+    from headlens.io.source import ModelSource
+
+    d = ckpts.path("qwen3", "gqa", "hf_dir")
+    heads, groups, summary, _ = _sweep(capsys, tmp_path, "--weights", str(d), "--layers", "1", "--k", "2,4",
+                                       "--prompt", PROMPT * 2)
+    starts = []
+    result = run_sweep(ModelSource(weights=d), SweepConfig(layers=[1], ks=[2, 4], calibration=[PROMPT * 2]),
+                       on_start=starts.append)
+    assert result.rows() == (heads, groups)
+    assert json.loads(json.dumps(result.summary())) == summary
+    assert starts[0].todo == [1] and starts[0].data_aware and starts[0].calibration_tokens > 4
+    assert result.layers[0].heads[0].ov.rel_error[4] == heads[0]["ov_rel_error_k4"]

@@ -74,7 +74,8 @@ def peak_kib():
 BASELINE = PEAK + r"""
 import sys
 import torch
-import headlens.cli, headlens.cli.sweep, headlens.circuits.heads, headlens.io.checkpoint, headlens.circuits.sweep, headlens.report.sweep
+import headlens.cli, headlens.cli.sweep, headlens.circuits.heads, headlens.io.checkpoint, headlens.circuits.sweep
+import headlens.io.tables, headlens.report.sweep, headlens.report.sweep_figures, headlens.report.sweep_html
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot

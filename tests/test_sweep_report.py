@@ -1,6 +1,6 @@
 """`headlens sweep` outputs: table round-trips (CSV and Parquet), heatmap and budget PNGs, the self-contained page.
 
-Synthetic rows only (3 layers x 4 query heads, 2 kv heads, ks [2, 4]); no model is built.
+Synthetic typed results only (3 layers x 4 query heads, 2 kv heads, ks [2, 4]); no model is built.
 """
 
 from __future__ import annotations
@@ -15,51 +15,72 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch
+
+from headlens.circuits.budget import Budget, BudgetLayer, BudgetRow, BudgetTarget, BudgetTotals
+from headlens.circuits.sweep_results import (GroupSpectrum, HeadSpectrum, LatentErrors, LayerResult, Spectrum,
+                                             layer_aggregates, to_rows)
 from headlens.errors import HeadlensError
-from headlens.report.sweep import (BUDGET_CSV, BUDGET_LAYERS_CSV, BUDGET_PNG, ERROR_PNG, HELDOUT_PNG, RANK_PNG,
-                                   budget_outputs, heatmaps, layer_aggregates, read_table, write_csv, write_html,
-                                   write_parquet, write_table)
+from headlens.io.tables import read_table, write_csv, write_parquet, write_table
+from headlens.report.sweep import budget_outputs
+from headlens.report.sweep_common import (BUDGET_CSV, BUDGET_LAYERS_CSV, BUDGET_PNG, ERROR_PNG, HELDOUT_PNG,
+                                          RANK_PNG)
+from headlens.report.sweep_figures import heatmaps
+from headlens.report.sweep_html import write_html
 
 KS = [2, 4]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NASTY_NAME = "<script>alert('x')</script> & \"Qwen\"/$x$_1"
 
 
-def make_head_rows(n_layers=3, n_heads=4, n_kv=2, ks=KS, data_aware=True, seed=0) -> list[dict]:
-    """One dict per (layer, query head) with the keys the sweep writes, awkward floats and a few None."""
+def _latents(rng, ks, heads: bool) -> LatentErrors:
+    draw = lambda: {k: float(rng.uniform(0, 1)) for k in ks}  # noqa: E731
+    return LatentErrors(plain_pred=draw() if heads else None, plain_heldout=draw(), white_pred=draw(),
+                        white_heldout=draw())
+
+
+def _head(rng, layer: int, head: int, kv_head: int, ks, data_aware: bool) -> HeadSpectrum:
+    e = np.sort(rng.uniform(0, 1, size=len(ks)))
+    ov = Spectrum(rank=int(rng.integers(8, 33)), condition=float(rng.lognormal(1.0, 0.5)),
+                  sigma_max=float(rng.uniform(0.5, 3.0)), frobenius=float(rng.uniform(2.0, 9.0)),
+                  rank_at={50: int(rng.integers(1, 5)), 90: int(rng.integers(5, 20)), 95: int(rng.integers(20, 25)),
+                           99: int(rng.integers(25, 32))},
+                  energy={k: float(ek) for k, ek in zip(ks, e)},
+                  rel_error={k: math.sqrt(1.0 - float(ek)) for k, ek in zip(ks, e)})
+    qk = Spectrum(rank=int(rng.integers(8, 33)), sigma_max=float(rng.uniform(1, 5)),
+                  rank_at={90: int(rng.integers(5, 20))})
+    return HeadSpectrum(layer, head, kv_head, ov, qk, _latents(rng, ks, True) if data_aware else None)
+
+
+def _group(rng, layer: int, g: int, group_size: int, ks, data_aware: bool) -> GroupSpectrum:
+    stack = Spectrum(rank=64, rank_at={50: 4, 90: 30 + layer + g, 95: 40, 99: 55},
+                     energy={k: 1 - (0.9 / k) ** 2 for k in ks}, rel_error={k: 0.9 / k for k in ks})
+    v = Spectrum(rank=32, sigma_max=1.5 + g, rank_at={90: 20 + g})
+    return GroupSpectrum(layer, g, group_size, stack, v, _latents(rng, ks, False) if data_aware else None)
+
+
+def make_layers(n_layers=3, n_heads=4, n_kv=2, ks=KS, data_aware=True, seed=0) -> list[LayerResult]:
+    """Typed results shaped like a sweep's: ``n_layers`` x ``n_heads`` query heads over ``n_kv`` kv heads, with
+    awkward floats (repr-only precision, a denormal, an integral float, inf)."""
     rng = np.random.default_rng(seed)
     per_group = n_heads // n_kv
-    rows = []
+    layers = []
     for layer in range(n_layers):
-        for head in range(n_heads):
-            e = np.sort(rng.uniform(0, 1, size=len(ks)))
-            r = {
-                "layer": layer, "head": head, "kv_head": head // per_group,
-                "ov_rank": int(rng.integers(8, 33)),
-                "ov_condition": float(rng.lognormal(1.0, 0.5)),
-                "ov_sigma_max": float(rng.uniform(0.5, 3.0)),
-                "ov_frobenius": float(rng.uniform(2.0, 9.0)),
-                "ov_rank_e50": int(rng.integers(1, 5)), "ov_rank_e90": int(rng.integers(5, 20)),
-                "ov_rank_e95": int(rng.integers(20, 25)), "ov_rank_e99": int(rng.integers(25, 32)),
-                "qk_rank": int(rng.integers(8, 33)), "qk_sigma_max": float(rng.uniform(1, 5)),
-                "qk_rank_e90": int(rng.integers(5, 20)),
-            }
-            for k, ek in zip(ks, e):
-                r[f"ov_energy_k{k}"] = float(ek)
-                r[f"ov_rel_error_k{k}"] = math.sqrt(1.0 - float(ek))
-            if data_aware:
-                for k in ks:
-                    r[f"plain_pred_k{k}"] = float(rng.uniform(0, 1))
-                    r[f"plain_heldout_k{k}"] = float(rng.uniform(0, 1))
-                    r[f"white_pred_k{k}"] = float(rng.uniform(0, 1))
-                    r[f"white_heldout_k{k}"] = float(rng.uniform(0, 1))
-            rows.append(r)
-    # Values that break naive formatting: repr-only precision, denormals, integral floats, huge ints, None.
-    rows[0]["ov_condition"] = 0.1 + 0.2
-    rows[1]["ov_condition"] = 5e-324
-    rows[2]["ov_condition"] = 3.0
+        heads = [_head(rng, layer, h, h // per_group, ks, data_aware) for h in range(n_heads)]
+        groups = [_group(rng, layer, g, per_group, ks, data_aware) for g in range(n_kv)]
+        layers.append(LayerResult(layer, heads, groups, torch.zeros(n_kv, 4, dtype=torch.float64), None))
+    first = layers[0].heads
+    for h, cond in zip(first, (0.1 + 0.2, 5e-324, 3.0, math.inf)):
+        h.ov.condition = cond
+    layers[-1].heads[0].ov.sigma_max = 1 / 3
+    return layers
+
+
+def make_head_rows(n_layers=3, n_heads=4, n_kv=2, ks=KS, data_aware=True, seed=0) -> list[dict]:
+    """The ``sweep_heads`` rows of :func:`make_layers`, plus cells a generic table must also carry: None,
+    -0.0 and an int beyond float precision."""
+    rows = to_rows(make_layers(n_layers, n_heads, n_kv, ks, data_aware, seed))[0]
     rows[3]["ov_condition"] = None
-    rows[4]["ov_sigma_max"] = 1 / 3
     rows[5]["ov_frobenius"] = -0.0
     rows[6]["qk_rank"] = None
     rows[7]["ov_rank"] = 2**62 + 1
@@ -69,40 +90,27 @@ def make_head_rows(n_layers=3, n_heads=4, n_kv=2, ks=KS, data_aware=True, seed=0
     return rows
 
 
-def make_group_rows(n_layers=3, n_kv=2, group_size=2, ks=KS, data_aware=True) -> list[dict]:
-    rows = []
-    for layer in range(n_layers):
-        for g in range(n_kv):
-            r = {"layer": layer, "kv_head": g, "group_size": group_size, "v_rank": 32, "v_sigma_max": 1.5 + g,
-                 "v_rank_e90": 20 + g, "stack_rank": 64, "stack_rank_e50": 4, "stack_rank_e90": 30 + layer + g,
-                 "stack_rank_e95": 40, "stack_rank_e99": 55}
-            for k in ks:
-                r[f"stack_rel_error_k{k}"] = 0.9 / k
-                if data_aware:
-                    r[f"stack_white_pred_k{k}"] = 0.5 / k
-                    r[f"stack_white_heldout_k{k}"] = 0.6 / k
-                    r[f"stack_plain_heldout_k{k}"] = None if k == ks[-1] else 0.8 / k
-            rows.append(r)
-    return rows
-
-
-def make_budget(n_layers=3, n_kv=2, data_aware=True) -> dict:
+def make_budget(n_layers=3, n_kv=2, data_aware=True) -> Budget:
     rows, per_layer = [], []
     for layer in range(n_layers):
         for g in range(n_kv):
-            rows.append({"layer": layer, "kv_head": g, "k_plain": 40 + 10 * layer + g, "err_plain": 0.09 + 0.001 * g,
-                         "k_data": (20 + 5 * layer + g) if data_aware else None,
-                         "err_data": 0.08 if data_aware else None,
-                         "k_uniform": 48, "err_uniform_plain": 0.1 + 0.01 * layer,
-                         "err_uniform_data": 0.07 if data_aware else None})
-        per_layer.append({"layer": layer, "kv_bytes_before": 1024, "kv_bytes_after_plain": 448,
-                          "kv_bytes_after_data": 333 if data_aware else None, "kv_bytes_after_uniform": 384})
-    totals = {"kv_bytes_before": 3072, "kv_bytes_after_plain": 1344, "saving_plain_pct": 56.25,
-              "kv_bytes_after_data": 1000 if data_aware else None,
-              "saving_data_pct": 100 * (1 - 1000 / 3072) if data_aware else None,
-              "uniform_k": 48.0, "mean_err_plain": 0.0832111, "max_err_plain": 0.0999,
-              "mean_err_uniform": 0.123456, "max_err_uniform": 0.14}
-    return {"target": "error 0.1", "bytes_per_value": 2, "rows": rows, "per_layer": per_layer, "totals": totals}
+            rows.append(BudgetRow(layer=layer, kv_head=g, k_plain=40 + 10 * layer + g, err_plain=0.09 + 0.001 * g,
+                                  k_data=(20 + 5 * layer + g) if data_aware else None,
+                                  err_data=0.08 if data_aware else None,
+                                  k_uniform=48, err_uniform_plain=0.1 + 0.01 * layer,
+                                  err_uniform_data=0.07 if data_aware else None))
+        per_layer.append(BudgetLayer(layer=layer, kv_bytes_before=1024, kv_bytes_after_plain=448,
+                                     kv_bytes_after_data=333 if data_aware else None, kv_bytes_after_uniform=384))
+    when = lambda v: v if data_aware else None  # noqa: E731
+    totals = BudgetTotals(
+        kv_bytes_before=3072, kv_bytes_after_plain=1344, saving_plain_pct=56.25, kv_bytes_after_data=when(1000),
+        saving_data_pct=when(100 * (1 - 1000 / 3072)), latent_dims_plain=sum(r.k_plain for r in rows),
+        latent_dims_data=when(sum(r.k_data or 0 for r in rows)), uniform_k=48.0, mean_err_plain=0.0832111,
+        max_err_plain=0.0999, mean_err_uniform=0.123456, max_err_uniform=0.14, mean_err_data=when(0.08),
+        max_err_data=when(0.08), mean_err_uniform_data=when(0.07), max_err_uniform_data=when(0.07),
+        mean_err_data_heldout=None, max_err_data_heldout=None, mean_err_uniform_data_heldout=None,
+        max_err_uniform_data_heldout=None)
+    return Budget(target=BudgetTarget("error", 0.1), bytes_per_value=2, rows=rows, per_layer=per_layer, totals=totals)
 
 
 # Shaped like the summary `headlens sweep` writes: nested dicts, lists of ints, lists of per-layer dicts.
@@ -242,8 +250,8 @@ def test_rewrite_replaces_the_file_atomically(tmp_path):
 
 @pytest.mark.parametrize("data_aware", [True, False])
 def test_heatmaps_small_grid(tmp_path, data_aware):
-    rows = make_head_rows(n_layers=2, n_heads=4, data_aware=data_aware)
-    paths = heatmaps(tmp_path, rows, KS, NASTY_NAME)
+    heads = [h for r in make_layers(n_layers=2, n_heads=4, data_aware=data_aware) for h in r.heads]
+    paths = heatmaps(tmp_path, heads, KS, NASTY_NAME)
     want = [RANK_PNG, ERROR_PNG] + ([HELDOUT_PNG] if data_aware else [])
     assert [p.name for p in paths] == want
     for p in paths:
@@ -253,11 +261,11 @@ def test_heatmaps_small_grid(tmp_path, data_aware):
 
 
 def test_heatmaps_36x32_is_fast_and_readable_size(tmp_path):
-    rows = make_head_rows(n_layers=36, n_heads=32, n_kv=8, ks=[8, 16, 32, 64])
+    heads = [h for r in make_layers(n_layers=36, n_heads=32, n_kv=8, ks=[8, 16, 32, 64]) for h in r.heads]
     import matplotlib.pyplot  # noqa: F401  (import cost is not what is timed)
 
     t0 = time.perf_counter()
-    paths = heatmaps(tmp_path, rows, [8, 16, 32, 64], "Qwen3-4B")
+    paths = heatmaps(tmp_path, heads, [8, 16, 32, 64], "Qwen3-4B")
     elapsed = time.perf_counter() - t0
     assert elapsed < 5.0, f"36 x 32 heatmaps took {elapsed:.2f} s"
     assert len(paths) == 3
@@ -267,11 +275,13 @@ def test_heatmaps_36x32_is_fast_and_readable_size(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_heatmaps_reject_bad_rows(tmp_path):
+def test_heatmaps_reject_bad_input(tmp_path):
     with pytest.raises(HeadlensError, match="non-empty"):
         heatmaps(tmp_path, [], KS, "m")
-    with pytest.raises(HeadlensError, match="layer must be an int"):
-        heatmaps(tmp_path, [{"layer": None, "head": 0}], KS, "m")
+    with pytest.raises(HeadlensError, match="must be a HeadSpectrum"):
+        heatmaps(tmp_path, [{"layer": 0, "head": 0}], KS, "m")
+    with pytest.raises(HeadlensError, match="at least one latent size"):
+        heatmaps(tmp_path, make_layers(n_layers=1)[0].heads, [], "m")
 
 
 @pytest.mark.parametrize("data_aware", [True, False])
@@ -279,31 +289,30 @@ def test_budget_outputs(tmp_path, data_aware):
     budget = make_budget(data_aware=data_aware)
     paths = budget_outputs(tmp_path, budget, NASTY_NAME)
     assert [p.name for p in paths] == [BUDGET_CSV, BUDGET_LAYERS_CSV, BUDGET_PNG]
-    assert_rows_equal(read_table(tmp_path / BUDGET_CSV), budget["rows"])
-    assert_rows_equal(read_table(tmp_path / BUDGET_LAYERS_CSV), budget["per_layer"])
+    assert_rows_equal(read_table(tmp_path / BUDGET_CSV), budget.to_json()["rows"])
+    assert_rows_equal(read_table(tmp_path / BUDGET_LAYERS_CSV), budget.to_json()["per_layer"])
+    header = (tmp_path / BUDGET_CSV).read_text().splitlines()[0]
+    assert header == ("layer,kv_head,k_plain,err_plain,k_data,err_data,err_data_heldout,k_uniform,err_uniform_plain,"
+                      "err_uniform_data,err_uniform_data_heldout")
     check_png(tmp_path / BUDGET_PNG)
     assert budget_outputs(tmp_path / "none", None, "m") == []
     assert leftovers(tmp_path) == []
 
 
 def test_layer_aggregates():
-    heads = make_head_rows()
-    groups = make_group_rows()
-    agg = layer_aggregates(heads, groups)
-    assert [d["layer"] for d in agg] == [0, 1, 2]
-    layer0 = [r for r in heads if r["layer"] == 0]
-    ranks = [r["ov_rank_e90"] for r in layer0 if r["ov_rank_e90"] is not None]  # head 0's is None
-    assert len(ranks) == 3
-    assert agg[0]["ov_rank_e90_mean"] == pytest.approx(np.mean(ranks))
-    assert agg[0]["ov_rank_e90_min"] == min(ranks) and agg[0]["ov_rank_e90_max"] == max(ranks)
-    errs = [r["ov_rel_error_k4"] for r in layer0]
-    assert agg[0]["ov_rel_error_k4_mean"] == pytest.approx(np.mean(errs))
-    assert agg[0]["kv_groups"] == 2
-    assert (agg[2]["stack_rank_e90_min"], agg[2]["stack_rank_e90_max"]) == (32, 33)
-    held = [r["white_heldout_k2"] for r in layer0 if r["white_heldout_k2"] is not None]
-    assert agg[0]["white_heldout_k2_mean"] == pytest.approx(np.mean(held))
-    plain = layer_aggregates(make_head_rows(data_aware=False))
-    assert not any(k.startswith("white_") or k.startswith("stack_") for k in plain[0])
+    layers = make_layers()
+    agg = layer_aggregates(layers, KS)
+    assert [a.layer for a in agg] == [0, 1, 2]
+    heads0 = layers[0].heads
+    ranks = [h.ov.rank_at[90] for h in heads0]
+    assert agg[0].heads == 4 and agg[0].rank_e90.mean == pytest.approx(np.mean(ranks))
+    assert agg[0].rank_e90.min == min(ranks) and agg[0].rank_e90.max == max(ranks)
+    assert agg[0].rel_error[4].mean == pytest.approx(np.mean([h.ov.rel_error[4] for h in heads0]))
+    assert agg[0].kv_groups == 2
+    assert (agg[2].stack_rank_e90.min, agg[2].stack_rank_e90.max) == (32, 33)
+    assert agg[0].white_heldout[2] == pytest.approx(np.mean([h.latents.white_heldout[2] for h in heads0]))
+    plain = layer_aggregates(make_layers(data_aware=False), KS)
+    assert plain[0].white_heldout == {}
 
 
 # ------------------------------------------------------------------------------------------------ page
@@ -323,11 +332,11 @@ class _Tags(HTMLParser):
 
 @pytest.mark.parametrize("data_aware", [True, False])
 def test_html_is_self_contained_and_escaped(tmp_path, data_aware):
-    heads = make_head_rows(data_aware=data_aware)
-    groups = make_group_rows(data_aware=data_aware)
+    layers = make_layers(data_aware=data_aware)
     budget = make_budget(data_aware=data_aware)
+    heads = [h for r in layers for h in r.heads]
     images = heatmaps(tmp_path, heads, KS, NASTY_NAME) + budget_outputs(tmp_path, budget, NASTY_NAME)[2:]
-    page_path = write_html(tmp_path / "sweep.html", SUMMARY, heads, groups, budget, images)
+    page_path = write_html(tmp_path / "sweep.html", SUMMARY, layers, budget, images)
     assert page_path == tmp_path / "sweep.html"
     page = page_path.read_text(encoding="utf-8")
 
@@ -367,20 +376,21 @@ def test_html_is_self_contained_and_escaped(tmp_path, data_aware):
 
 
 def test_html_without_budget_or_images(tmp_path):
-    heads = make_head_rows(data_aware=False)
-    path = write_html(tmp_path / "p.html", {"model_name": "tiny"}, heads, [], None, [])
+    layers = make_layers(data_aware=False)
+    path = write_html(tmp_path / "p.html", {"model_name": "tiny"}, layers, None, [])
     page = path.read_text(encoding="utf-8")
     assert "headlens sweep: tiny" in page and "No budget was computed" in page and "<img" not in page
     with pytest.raises(HeadlensError, match="cannot read image"):
-        write_html(tmp_path / "q.html", {}, heads, [], None, [tmp_path / "missing.png"])
+        write_html(tmp_path / "q.html", {}, layers, None, [tmp_path / "missing.png"])
+    with pytest.raises(HeadlensError, match="non-empty list of LayerResult"):
+        write_html(tmp_path / "q.html", {}, [], None, [])
     assert not (tmp_path / "q.html").exists() and leftovers(tmp_path) == []
 
 
 def test_html_full_size_sweep_is_written_quickly(tmp_path):
-    heads = make_head_rows(n_layers=36, n_heads=32, n_kv=8, ks=[8, 16, 32, 64])
-    groups = make_group_rows(n_layers=36, n_kv=8, group_size=4, ks=[8, 16, 32, 64])
+    layers = make_layers(n_layers=36, n_heads=32, n_kv=8, ks=[8, 16, 32, 64])
     t0 = time.perf_counter()
-    page = write_html(tmp_path / "big.html", {"model": "Qwen3-4B"}, heads, groups, make_budget(36, 8), [])
+    page = write_html(tmp_path / "big.html", {"model": "Qwen3-4B"}, layers, make_budget(36, 8), [])
     assert time.perf_counter() - t0 < 5.0
     text = page.read_text(encoding="utf-8")
     assert "every query head (1152 rows)" in text
@@ -390,7 +400,7 @@ def test_html_full_size_sweep_is_written_quickly(tmp_path):
 def test_html_header_takes_the_name_from_a_model_dict(tmp_path):
     summary = {"model": {"name": "all-MiniLM-L6-v2", "num_layers": 6, "source": "/x/<y>"},
                "budget": {"totals": {"kv_bytes_before": 9216}}, "notes": "one note"}
-    page = write_html(tmp_path / "p.html", summary, make_head_rows(data_aware=False), [], None, []).read_text()
+    page = write_html(tmp_path / "p.html", summary, make_layers(data_aware=False), None, []).read_text()
     assert "<h1>headlens sweep: all-MiniLM-L6-v2</h1>" in page and "/x/&lt;y&gt;" in page
     assert "full run summary (1 more entries)" in page and "budget.totals.kv_bytes_before" in page
     assert "<li>one note</li>" in page

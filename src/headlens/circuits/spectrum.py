@@ -9,6 +9,12 @@ Everything here follows ``DOMAIN.md``:
 - data-aware latent: the best rank-k map for X comes from the SVD of ``W S`` with ``S S^T = X X^T``. The
   nonzero singular values of ``W S`` are those of ``W X``, which are those of ``R_a (B X)`` (r x N) when
   ``A = Q_a R_a``, so the whitened spectrum needs no d x d matrix either.
+- the Gram route (whole-model sweeps): ``GA = A^T A = R^T R`` and ``GB = B B^T`` give
+  ``sigma(A B)^2 = eig(R GB R^T)`` from r x r matrices only, batched over heads. It squares the condition
+  number, so it runs in float64 (tests check it against the QR route).
+
+Every function on singular values takes ``S`` sorted descending along the last axis, with any leading batch
+dimensions, and returns one value per batch element.
 """
 
 from __future__ import annotations
@@ -60,11 +66,25 @@ def condition_number(S: torch.Tensor, rank: int) -> float:
     return float(S[0] / S[rank - 1])
 
 
+def condition_numbers(S: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Batched :func:`condition_number`: S (..., r) and ranks (...,) -> ``sigma_1 / sigma_rank`` (...,)."""
+    assert rank.shape == S.shape[:-1], (tuple(rank.shape), tuple(S.shape))
+    idx = (rank - 1).clamp_min(0)
+    smin = torch.gather(S, -1, idx.unsqueeze(-1)).squeeze(-1)  # (...,) sigma_rank
+    return torch.where(rank > 0, S[..., 0] / smin, torch.full_like(smin, float("inf")))
+
+
 def cumulative_energy(S: torch.Tensor) -> torch.Tensor:
     """``E_k`` for k = 1..r along the last axis (squares of the singular values)."""
     sq = S.to(torch.float64) ** 2
     total = sq.sum(-1, keepdim=True)
     return torch.cumsum(sq, -1) / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def rank_at_energy(E: torch.Tensor, level: float) -> torch.Tensor:
+    """Smallest k with ``E_k >= level`` from cumulative energies E (..., r); at most r. Returns (...,)."""
+    r = E.shape[-1]
+    return ((E < level - 1e-12).sum(-1) + 1).clamp(max=r)
 
 
 def tail_ratio(S: torch.Tensor, k: int) -> torch.Tensor:
@@ -80,6 +100,21 @@ def tail_ratio(S: torch.Tensor, k: int) -> torch.Tensor:
 def rel_error(S: torch.Tensor, k: int) -> torch.Tensor:
     """``||W - W_k||_F / ||W||_F = sqrt(1 - E_k)``."""
     return tail_ratio(S, k)
+
+
+def subspace_errors(U: torch.Tensor, T: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """``sqrt(1 - tr(U_k^T T U_k) / tr T)`` for each k: the error of projecting data with second moment T
+    (..., r, r) onto the first k columns of U (..., r, r). Returns (..., len(ks))."""
+    assert U.shape == T.shape, (tuple(U.shape), tuple(T.shape))
+    p = torch.einsum("...ik,...ij,...jk->...k", U, T, U)  # (..., r) captured energy per direction
+    tot = torch.diagonal(T, dim1=-2, dim2=-1).sum(-1)
+    cum = torch.cumsum(p, -1)
+    r = U.shape[-1]
+    out = []
+    for k in ks:
+        kept = cum[..., min(k, r) - 1] if k > 0 else torch.zeros_like(tot)
+        out.append(torch.sqrt((1 - kept / torch.where(tot > 0, tot, torch.ones_like(tot))).clamp_min(0)))
+    return torch.stack(out, -1)
 
 
 def plain_cache_error(svd: FactoredSVD, X: torch.Tensor, k: int) -> float:
@@ -127,6 +162,40 @@ def data_aware_latent(svd: FactoredSVD, W_V: torch.Tensor, X: torch.Tensor) -> D
     S_full[: S.shape[0]] = S[:r]
     U = svd.Q_a @ Um[:, : min(r, Um.shape[1])]
     return DataAwareLatent(S=S_full, U=U, n_tokens=int(X.shape[1]))
+
+
+# ------------------------------------------------------------------------------------------ Gram route
+
+
+def _psd_sqrt(G: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh(G)
+    return (vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)) @ vecs.mT
+
+
+def gram_factor(GA: torch.Tensor) -> torch.Tensor:
+    """R (..., r, r) with ``R^T R = GA``: Cholesky where GA is positive definite, a PSD square root elsewhere."""
+    L, info = torch.linalg.cholesky_ex(GA)
+    R = L.mT.clone()
+    bad = info != 0
+    if bool(bad.any()):
+        R[bad] = _psd_sqrt(GA[bad])
+    return R
+
+
+def gram_spectrum(GA: torch.Tensor, GB: torch.Tensor, vectors: bool = False):
+    """Singular values (descending, (..., r)) of ``A B`` from ``GA = A^T A`` and ``GB = B B^T`` (..., r, r).
+
+    Returns ``(S, R)`` or, with ``vectors``, ``(S, R, U)`` where R (..., r, r) is :func:`gram_factor` of GA
+    and U (..., r, r) holds the left singular vectors of ``A B`` in R coordinates (columns, descending).
+    """
+    assert GA.shape == GB.shape and GA.shape[-1] == GA.shape[-2], (tuple(GA.shape), tuple(GB.shape))
+    R = gram_factor(GA)
+    C = R @ GB @ R.mT
+    C = 0.5 * (C + C.mT)
+    if vectors:
+        vals, U = torch.linalg.eigh(C)
+        return vals.flip(-1).clamp_min(0).sqrt(), R, U.flip(-1)
+    return torch.linalg.eigvalsh(C).flip(-1).clamp_min(0).sqrt(), R
 
 
 def gaussian_probes(d: int, n: int, seed: int) -> torch.Tensor:
