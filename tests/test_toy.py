@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from headlens.cli import main
-from headlens.toy.stack import (ToyConfig, ToyStack, load_traces, make_inputs, save_toy, save_traces, spectrum_profile,
-                          trace)
+from headlens.toy.stack import ToyConfig, ToyStack, save_toy, spectrum_profile
+from headlens.toy.traces import load_traces, make_inputs, save_traces, trace
 
 
 @pytest.mark.parametrize("kind,rank,kv", [("geometric", None, 4), ("power", 5, 2), ("flat", 3, 1)])
@@ -116,6 +116,7 @@ def test_toy_cli_create_trace_run_and_sphere(capsys, tmp_path):
                  "--layers", "1", "--heads", "2", "--d-model", "32", "--head-dim", "8", "--tokens", "64"])
     out = capsys.readouterr().out
     assert code == 0
+    assert "traces: 64 traced tokens, 2 of 2 stream states" in out and "saved gif -> " in out
     res = json.loads((tmp_path / "run" / "toy_ov.json").read_text())
     assert all(h["planted_max_rel_dev"] < 1e-6 and h["rank"] == 6 for h in res["heads"])
     assert (tmp_path / "run" / "sphere" / "tokens.html").exists()

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from headlens.errors import HeadlensError
-from headlens.residual.sphere import clustering_metrics
-from headlens.toy.cluster import ClusterConfig, cluster_demo, frame_layers, make_weights, origin_frames, run_cluster
+from headlens.report.cluster import write_cluster_demo
+from headlens.residual.clustering import clustering_metrics
+from headlens.toy.cluster import ClusterConfig, frame_layers, make_weights, origin_frames, run_cluster, run_demo
 
 
 def _spearman(a, b) -> float:
@@ -110,23 +111,26 @@ def test_bad_config():
 
 def test_cluster_demo_writes_files(tmp_path):
     cfg = ClusterConfig(layers=24, beta=4.0, step=0.35)
-    out = cluster_demo(cfg, tmp_path / "demo", frame_seconds=0.2, workers=1, max_frames=6)
-    assert out["frame_layers"][0] == 0 and out["frame_layers"][-1] == 24 and len(out["frame_layers"]) == 6
-    with Image.open(out["gif"]) as im:
+    demo = run_demo(cfg, max_frames=6)
+    files = write_cluster_demo(demo, tmp_path / "demo", frame_seconds=0.2, workers=1)
+    assert demo.frame_layers[0] == 0 and demo.frame_layers[-1] == 24 and len(demo.frame_layers) == 6
+    with Image.open(files.gif) as im:
         assert im.format == "GIF" and im.n_frames == 6
-    with Image.open(out["metrics_png"]) as im:
+    with Image.open(files.metrics_png) as im:
         assert im.format == "PNG"
-    data = json.loads(out["metrics_json"].read_text())
+    data = json.loads(files.metrics_json.read_text())
     assert [m["layer"] for m in data["metrics"]] == list(range(25))  # metrics at every layer
-    assert data["config"]["layers"] == 24 and data["summary"] == out["summary"]
-    rows = list(csv.DictReader(out["metrics_csv"].open()))
-    assert len(rows) == 25 and float(rows[-1]["mean_cos"]) == pytest.approx(out["metrics"][-1]["mean_cos"], rel=1e-5)
-    first, last = out["metrics"][0], out["metrics"][-1]
-    assert last["mean_cos"] > first["mean_cos"] + 0.5 and last["n_clusters"] < first["n_clusters"]
-    text = " ".join(out["summary"])
+    assert data["config"]["layers"] == 24 and data["summary"] == demo.summary
+    assert data["frame_layers"] == demo.frame_layers
+    metrics = demo.sphere.metrics
+    rows = list(csv.DictReader(files.metrics_csv.open()))
+    assert len(rows) == 25 and float(rows[-1]["mean_cos"]) == pytest.approx(metrics[-1].mean_cos, rel=1e-5)
+    first, last = metrics[0], metrics[-1]
+    assert last.mean_cos > first.mean_cos + 0.5 and last.n_clusters < first.n_clusters
+    text = " ".join(demo.summary)
     assert "64 tokens in 16 dimensions" in text and "beta = 4" in text
-    assert f"{first['mean_cos']:.2f}" in text and f"{last['mean_cos']:.2f}" in text
-    assert f"go from {first['n_clusters']} to {last['n_clusters']}" in text
+    assert f"{first.mean_cos:.2f}" in text and f"{last.mean_cos:.2f}" in text
+    assert f"go from {first.n_clusters} to {last.n_clusters}" in text
 
 
 def test_picture_about_the_origin_keeps_the_cluster_a_point():
@@ -140,14 +144,38 @@ def test_picture_about_the_origin_keeps_the_cluster_a_point():
 
 
 def test_cluster_demo_centred_picture(tmp_path):
-    out = cluster_demo(ClusterConfig(layers=3), tmp_path, workers=1, center=True)
-    with Image.open(out["gif"]) as im:
+    files = write_cluster_demo(run_demo(ClusterConfig(layers=3), center=True), tmp_path, workers=1)
+    with Image.open(files.gif) as im:
         assert im.n_frames == 4
 
 
-def test_cluster_demo_writes_the_interactive_page(tmp_path):
-    from headlens.toy.cluster import ClusterConfig, cluster_demo
+@pytest.mark.parametrize("center", [False, True])
+def test_cluster_demo_page_carries_every_frame_and_token(tmp_path, center):
+    """The page's own data: one plotly frame per pictured layer, each with every token's label, hover text,
+    position and unit point, and a title naming its layer and picture."""
+    from test_sphere_html import figure_from_page
 
-    res = cluster_demo(ClusterConfig(tokens=16, dim=6, layers=4), tmp_path, workers=1)
-    html = res["html"].read_text()
-    assert "<script src=\"http" not in html and html.count("layer") > 4
+    demo = run_demo(ClusterConfig(tokens=16, dim=6, layers=40), center=center, max_frames=7)
+    assert len(demo.frame_layers) == 7 and demo.frame_layers[0] == 0 and demo.frame_layers[-1] == 40
+    files = write_cluster_demo(demo, tmp_path, workers=1)
+    html = files.html.read_text(encoding="utf-8")
+    assert "<script src=\"http" not in html
+    data, layout, _config, frames = figure_from_page(html)
+    names = [f"t{i}" for i in range(16)]
+    picture = "centred PCA-3" if center else "PCA-3 about the origin"
+    assert [f["name"] for f in frames] == [str(layer) for layer in demo.frame_layers]
+    assert [s["label"] for s in layout["sliders"][0]["steps"]] == [str(layer) for layer in demo.frame_layers]
+    assert data[2]["text"] == names and data[2]["marker"]["color"] == list(range(16))
+    for fr, shown in zip(frames, demo.frames):
+        (points,) = fr["data"]
+        assert points["text"] == names
+        assert [h.split("<br>")[0] for h in points["hovertext"]] == [f'<b>"{t}"</b>' for t in names]
+        assert all(f"<br>position {i}<br>" in h for i, h in enumerate(points["hovertext"]))
+        xyz = np.column_stack([points["x"], points["y"], points["z"]])
+        np.testing.assert_allclose(xyz, np.round(shown.points, 5), atol=1e-12)
+        np.testing.assert_allclose(np.linalg.norm(xyz, axis=1), 1.0, atol=1e-4)
+        title = fr["layout"]["title"]["text"]
+        assert f"layer {shown.layer} ({picture})" in title and "16 tokens" in title
+        m = demo.sphere.metrics[shown.layer]
+        assert f"clusters {m.n_clusters}" in title
+    assert frames[0]["layout"]["title"]["text"] == layout["title"]["text"]

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from headlens.errors import HeadlensError
+
+if TYPE_CHECKING:
+    from headlens.toy.run import ToyHeadOV
+    from headlens.toy.stack import Planting, ToyConfig
+    from headlens.toy.traces import TraceInputs
 
 
 def _toy_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +42,6 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    from headlens.cli.common import add_model_args
-
     toy = sub.add_parser("toy", help="a toy attention stack: planted heads, traces, the clustering demo",
                          description="Create a toy multi-head attention stack (MHA/MQA/GQA, causal or not, optional "
                                      "RoPE, pre-norm, residual), plant OV spectra, trace activations, and run "
@@ -74,32 +78,36 @@ def _no_action(args) -> int:
     raise HeadlensError("choose an action: create, trace, cluster or run (see headlens toy --help)")
 
 
-def _build(args):
-    from headlens.toy.stack import ToyConfig, ToyStack, spectrum_profile
+def _toy_config(args) -> ToyConfig:
+    from headlens.toy.stack import ToyConfig
 
-    cfg = ToyConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads or args.heads,
-                    head_dim=args.head_dim, n_layers=args.layers, causal=not args.no_causal, rope=args.rope,
-                    pre_norm=not args.no_norm, residual=not args.no_residual)
-    cfg.validate()
-    model = ToyStack(cfg, seed=args.seed)
-    planted = None
-    if args.plant:
-        planted = spectrum_profile(args.plant, cfg.head_dim, args.plant_rank, args.plant_decay)
-        for layer in range(cfg.n_layers):
-            for g in range(cfg.n_kv_heads):
-                model.plant_ov(layer, g, planted, seed=args.seed * 1000 + layer * 100 + g)
-    return model, planted
+    return ToyConfig(d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads or args.heads,
+                     head_dim=args.head_dim, n_layers=args.layers, causal=not args.no_causal, rope=args.rope,
+                     pre_norm=not args.no_norm, residual=not args.no_residual)
+
+
+def _planting(args) -> Planting | None:
+    from headlens.toy.stack import Planting
+
+    return Planting(kind=args.plant, rank=args.plant_rank, decay=args.plant_decay) if args.plant else None
+
+
+def _trace_inputs(args) -> TraceInputs:
+    from headlens.toy.traces import TraceInputs
+
+    return TraceInputs(inputs=args.inputs, tokens=args.tokens, input_decay=args.input_decay,
+                       input_seed=args.input_seed, embeddings_from=args.embeddings_from)
 
 
 def cmd_create(args) -> int:
     from headlens.io.files import check_writable_dir
-    from headlens.toy.stack import save_toy
+    from headlens.toy.stack import build_toy, save_toy
 
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".pt"):
         raise HeadlensError(f"--out {out}: save the toy as .safetensors or .pt")
     check_writable_dir(out.parent)
-    model, planted = _build(args)
+    model, planted = build_toy(_toy_config(args), args.seed, _planting(args))
     save_toy(model, out)
     c = model.cfg
     print(f"toy: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} query heads, {c.n_kv_heads} kv heads, "
@@ -111,40 +119,16 @@ def cmd_create(args) -> int:
     return 0
 
 
-def _inputs(args, d: int):
-    from headlens.toy.stack import make_inputs
-
-    if args.tokens < 2:
-        raise HeadlensError(f"--tokens must be at least 2, got {args.tokens}")
-    emb = None
-    if args.inputs == "embeddings":
-        if not args.embeddings_from:
-            raise HeadlensError("--inputs embeddings needs --embeddings-from DIR (a HuggingFace model directory)")
-        from headlens.io.tensors import open_path
-
-        src = open_path(Path(args.embeddings_from))
-        names = [k for k in src.keys() if k.endswith("embed_tokens.weight") or k.endswith("word_embeddings.weight")
-                 or k.endswith("wte.weight") or k.endswith("embed_in.weight")]
-        if not names:
-            raise HeadlensError(f"no token embedding matrix found in {args.embeddings_from}")
-        emb = src.read(names[0]).float()
-        if emb.shape[1] != d:
-            raise HeadlensError(f"the embeddings are {emb.shape[1]} wide but the toy's d_model is {d}: create the "
-                                f"toy with --d-model {emb.shape[1]}")
-    if not 0 < args.input_decay <= 1:
-        raise HeadlensError(f"--input-decay must be in (0, 1], got {args.input_decay:g}")
-    return make_inputs(args.inputs, args.tokens, d, seed=args.input_seed, decay=args.input_decay, embeddings=emb)
-
-
 def cmd_trace(args) -> int:
     from headlens.io.files import check_writable_dir
-    from headlens.toy.stack import load_toy, save_traces, trace
+    from headlens.toy.stack import load_toy
+    from headlens.toy.traces import save_traces, toy_inputs, trace
 
     if not Path(args.weights).exists():
         raise HeadlensError(f"--weights {args.weights}: no such file")
     check_writable_dir(Path(args.out).parent)
     model = load_toy(Path(args.weights))
-    x = _inputs(args, model.cfg.d_model)
+    x = toy_inputs(_trace_inputs(args), model.cfg.d_model)
     traces = trace(model, x)
     st, js = save_traces(Path(args.out), model, traces, {"inputs": args.inputs, "input_seed": args.input_seed,
                                                           "weights": str(args.weights)})
@@ -155,7 +139,8 @@ def cmd_trace(args) -> int:
 
 def cmd_cluster(args) -> int:
     from headlens.io.files import check_writable_dir
-    from headlens.toy.cluster import ClusterConfig, cluster_demo
+    from headlens.report.cluster import write_cluster_demo
+    from headlens.toy.cluster import ClusterConfig, run_demo
 
     cfg = ClusterConfig()
     for attr, val in (("tokens", args.tokens), ("dim", args.dim), ("layers", args.depth), ("beta", args.beta),
@@ -168,71 +153,45 @@ def cmd_cluster(args) -> int:
         raise HeadlensError(f"--frame-seconds must be positive, got {args.frame_seconds:g}")
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
-    res = cluster_demo(cfg, out_dir, frame_seconds=args.frame_seconds)
-    m = res["metrics"]
+    demo = run_demo(cfg)
+    files = write_cluster_demo(demo, out_dir, frame_seconds=args.frame_seconds)
     print(f"clustering demo: {cfg.tokens} tokens in {cfg.dim} dims, {cfg.layers} shared-weight layers, beta "
           f"{cfg.beta:g}")
-    for row in m:
-        print(f"layer {row['layer']:3d}: mean cos {row['mean_cos']:.3f}  clusters {row['n_clusters']}  eff. rank "
-              f"{row['effective_rank']:.2f}")
-    for key, path in res.items():
-        if isinstance(path, Path):
-            print(f"saved {key} -> {path}")
-    print("\n".join(res.get("summary", [])))
+    for m in demo.sphere.metrics:
+        print(f"layer {m.layer:3d}: mean cos {m.mean_cos:.3f}  clusters {m.n_clusters}  eff. rank "
+              f"{m.effective_rank:.2f}")
+    print("\n".join(files.lines()))
+    print("\n".join(demo.summary))
     return 0
+
+
+def _head_line(h: ToyHeadOV, planted: bool) -> str:
+    return (f"layer {h.layer} head {h.head}: rank {h.rank}  rel_error {h.rel_error:.3e}  plain cache_error "
+            f"{h.cache_error_plain:.3e}  data-aware {h.data_aware_error:.3e} (held-out "
+            f"{h.heldout_data_aware:.3e} vs plain {h.heldout_plain:.3e})"
+            + (f"  |sigma - planted| / sigma_1 = {h.planted_max_rel_dev:.1e}" if planted else ""))
 
 
 def cmd_run(args) -> int:
     """create -> trace -> ov on every head with the traced inputs -> sphere on the traced stream."""
-    import torch
-
-    from headlens.io.files import check_writable_dir, ensure_dir, write_json
-    from headlens.io.checkpoint import open_model
-    from headlens.circuits.ov import OVConfig, analyze_ov
-    from headlens.residual.capture import PromptCapture
-    from headlens.toy.stack import save_toy, save_traces, trace
+    from headlens.io.files import check_writable_dir, write_json
+    from headlens.report.sphere import sphere_lines, write_sphere_outputs
+    from headlens.residual.sphere import SphereConfig
+    from headlens.toy.run import run_toy
+    from headlens.toy.traces import sphere_from_traces
 
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
-    model, planted = _build(args)
-    x = _inputs(args, model.cfg.d_model)
-    ensure_dir(out_dir)
-    wpath = save_toy(model, out_dir / "toy.safetensors")
-    traces = trace(model, x)
-    tpath, _ = save_traces(out_dir / "traces", model, traces, {"inputs": args.inputs})
-    ck = open_model(weights=wpath, num_heads=model.cfg.n_heads)
-    c = model.cfg
-    k = min(args.latent_dim, c.head_dim)
-    rows = []
+    run = run_toy(_toy_config(args), _trace_inputs(args), out_dir, args.seed, _planting(args), args.latent_dim)
+    c = run.config
     lines = [f"toy: {c.n_layers} layers, {c.n_heads} heads ({c.n_kv_heads} kv), head_dim {c.head_dim}; "
-             f"{x.shape[0]} {args.inputs} tokens; latent_dim {k}"]
-    for layer in range(c.n_layers):
-        X = traces[layer]["attn_in"]
-        cap = PromptCapture(input_ids=list(range(len(X))), tokens=[f"t{i}" for i in range(len(X))], attn_input=X,
-                            attn_probs=traces[layer]["probs"])
-        for head in range(c.n_heads):
-            r = analyze_ov(ck, OVConfig(layer=layer, head=head, latent_dim=min(k, c.head_dim), traces=str(tpath)),
-                           capture_fn=lambda cap=cap: cap)
-            row = {"layer": layer, "head": head, "rank": r.rank, "rel_error": r.rel_error,
-                   "cache_error_plain": r.cache_error, "data_aware_error": r.data_aware.whitened_error,
-                   "heldout_data_aware": r.data_aware.heldout_whitened_error,
-                   "heldout_plain": r.data_aware.heldout_plain_error, "singular_values": r.singular_values}
-            if planted is not None:
-                row["planted_max_rel_dev"] = float(
-                    (torch.tensor(r.singular_values) - planted).abs().max() / planted.abs().max())
-            rows.append(row)
-            lines.append(f"layer {layer} head {head}: rank {r.rank}  rel_error {r.rel_error:.3e}  plain cache_error "
-                         f"{r.cache_error:.3e}  data-aware {r.data_aware.whitened_error:.3e} (held-out "
-                         f"{r.data_aware.heldout_whitened_error:.3e} vs plain {r.data_aware.heldout_plain_error:.3e})"
-                         + (f"  |sigma - planted| / sigma_1 = {row['planted_max_rel_dev']:.1e}"
-                            if planted is not None else ""))
-    jpath = write_json(out_dir / "toy_ov.json", {"config": c.__dict__, "planted": None if planted is None
-                                                  else planted.tolist(), "heads": rows})
-    print("\n".join(lines + [f"saved toy -> {wpath}", f"saved traces -> {tpath}", f"saved json -> {jpath}"]),
-          flush=True)
-    from headlens.cli.sphere import _run_traces
-
-    sphere_args = argparse.Namespace(traces=str(tpath), layers=None, workers=1, align=True, basis="layer",
-                                     drop_first=False, drop_outliers=False, outlier_factor=8.0, cluster_threshold=0.9,
-                                     seed=0, frame_seconds=1.0, no_labels=True, json=None, site="resid_pre")
-    return _run_traces(sphere_args, out_dir / "sphere")
+             f"{run.n_tokens} {run.inputs} tokens; latent_dim {run.latent_dim}"]
+    lines += [_head_line(h, run.planted is not None) for h in run.heads]
+    jpath = write_json(out_dir / "toy_ov.json", run.to_json())
+    print("\n".join(lines + [f"saved toy -> {run.weights}", f"saved traces -> {run.traces}",
+                             f"saved json -> {jpath}"]), flush=True)
+    result = sphere_from_traces(str(run.traces), SphereConfig(labels=False, workers=1))
+    print("\n".join(sphere_lines(result)), flush=True)
+    files = write_sphere_outputs(result, out_dir / "sphere")
+    print("\n".join(files.lines() + result.summary))
+    return 0

@@ -21,8 +21,6 @@ from headlens.report.figures import _pyplot, save_figure
 SPHERE_GRID = 40  # the notebook drew a 100 x 100 surface; 40 x 40 looks the same at alpha 0.1
 
 
-
-
 def render_frame(job: dict) -> bytes:
     """PNG bytes of one frame: translucent unit sphere, the points coloured by position, every token label.
 
@@ -110,6 +108,33 @@ def start_pool(workers: int | None = None) -> ProcessPoolExecutor | None:
     for _ in range(workers):
         pool.submit(warm_up)
     return pool
+
+
+class RendererPool:
+    """Renderer processes started on demand and shut down when the ``with`` block ends.
+
+    ``start()`` (e.g. passed as ``on_checked`` to :func:`headlens.residual.sphere.sphere_from_model`) starts
+    them once the cheap checks have passed, so their imports overlap loading and running the model;
+    ``executor`` is then the pool, or None when there is one process only (see :func:`start_pool`).
+    """
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers
+        self.executor: ProcessPoolExecutor | None = None
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self.executor = start_pool(self.workers)
+
+    def __enter__(self) -> "RendererPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+            self.executor = None
 
 
 class Deferred:

@@ -238,15 +238,8 @@ def _frame_points(go, fr: dict):
                         marker={"color": d["marker_color"]})
 
 
-def _build_figure(title: str, frames: list[dict], metrics: list[dict | None]):
-    import plotly.graph_objects as go
-
-    all_pos = [p for fr in frames for p in fr["positions"]]
-    cmin = min(all_pos) if all_pos else 0
-    cmax = max(all_pos) if all_pos else 1
-    if cmax <= cmin:
-        cmax = cmin + 1
-
+def _frame_names(frames: list[dict]) -> tuple[list[str], list[str]]:
+    """(unique plotly frame names, slider labels): the layer, with the site when a layer repeats."""
     layers = [fr["layer"] for fr in frames]
     duplicated = len(set(layers)) != len(layers)
     names, labels = [], []
@@ -256,6 +249,18 @@ def _build_figure(title: str, frames: list[dict], metrics: list[dict | None]):
             label = f"{fr['layer']} {fr['site']}"
         labels.append(label)
         names.append(label if label not in names else f"{label} #{i}")
+    return names, labels
+
+
+def _build_figure(title: str, frames: list[dict], metrics: list[dict | None]):
+    import plotly.graph_objects as go
+
+    all_pos = [p for fr in frames for p in fr["positions"]]
+    cmin = min(all_pos) if all_pos else 0
+    cmax = max(all_pos) if all_pos else 1
+    if cmax <= cmin:
+        cmax = cmin + 1
+    names, labels = _frame_names(frames)
 
     plotly_frames = [
         go.Frame(name=names[i], data=[_frame_points(go, fr)], traces=[_POINTS],

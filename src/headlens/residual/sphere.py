@@ -9,35 +9,67 @@ Definitions (DOMAIN.md):
   are aligned to the previous layer's (sign fix, then orthogonal Procrustes with det +1). Both steps only
   ever lower the summed squared movement of the tokens between consecutive frames (the identity is
   always a candidate), so alignment never increases it. ``basis="global"`` fits one basis on all layers.
-- Clustering through depth is measured on the full-width tokens normalised to unit norm: mean pairwise
-  cosine and its histogram, the number of clusters at a cosine threshold (connected components of the
-  graph ``cos >= threshold``, i.e. single linkage), the effective rank (Roy & Vetterli: ``exp`` of the
-  entropy of the normalised singular values), and a baseline from random isotropic directions of the
-  same count and width (anisotropy = mean cosine above that baseline).
+- Clustering through depth is measured on the full-width tokens (:mod:`headlens.residual.clustering`).
+
+Entry points: :func:`sphere_from_model` runs a prompt through a checkpoint (one forward pass, hooks on the
+unmodified HuggingFace model) and :func:`sphere_from_stream` projects a stream given as tensors (a toy's
+traces, see :func:`headlens.toy.traces.sphere_from_traces`). Both return a :class:`SphereResult`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
 from headlens.errors import HeadlensError
+from headlens.residual.clustering import LayerMetrics, clustering_metrics, summarize
 
-COS_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-HIST_BINS = 40
+SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")
+# The options that shape the projection and the metrics: what sphere.json records as its "config".
+PROJECTION_OPTIONS = ("align", "basis", "drop_first", "drop_outliers", "outlier_factor", "cluster_threshold", "seed")
 
 
 @dataclass
 class SphereConfig:
+    """Every option of a sphere run: the projection and metrics (:data:`PROJECTION_OPTIONS`), what to run, and
+    how the report draws it."""
+
     align: bool = True  # align each layer's 3-D basis to the previous one
     basis: str = "layer"  # "layer": PCA per layer; "global": one PCA basis for all selected layers
     drop_first: bool = False  # leave the first token out (attention sink of decoder models)
     drop_outliers: bool = False  # leave out tokens whose norm is > outlier_factor x the layer median
-    outlier_factor: float = 8.0
+    outlier_factor: float = 8.0  # a token is an outlier above this multiple of its layer's median norm
     cluster_threshold: float = 0.9  # cosine threshold for counting clusters
     seed: int = 0  # random-direction baseline
+    prompt: str | None = None  # text run through the model (None: the notebook's prompt)
+    truncate: bool = False  # cut a prompt longer than the model's positions instead of refusing it
+    layers: str | None = None  # layer selection: "7:35" (slice), "1,4,9", "all" or None (every layer)
+    site: str = "resid_pre"  # residual site per layer: resid_pre, resid_mid or resid_post
+    dtype: str = "float32"  # precision the model runs in: float32, float64, bfloat16 or float16
+    half: bool = False  # store the captured residual stream in float16
+    frame_seconds: float = 1.0  # report: GIF seconds per frame
+    labels: bool = True  # report: draw every token's label in the GIF frames
+    workers: int | None = None  # report: frame-rendering processes (None: up to 4 cores)
+
+    def check(self) -> None:
+        """Raise HeadlensError on an option out of range (before any file is read)."""
+        if self.frame_seconds <= 0:
+            raise HeadlensError(f"`frame_seconds` must be positive, got {self.frame_seconds:g}")
+        if not -1.0 <= self.cluster_threshold <= 1.0:
+            raise HeadlensError(f"`cluster_threshold` must be a cosine in [-1, 1], got {self.cluster_threshold:g}")
+        if self.outlier_factor <= 1.0:
+            raise HeadlensError(f"`outlier_factor` must be above 1, got {self.outlier_factor:g}")
+        if self.workers is not None and self.workers < 1:
+            raise HeadlensError(f"`workers` must be at least 1, got {self.workers}")
+        if self.site not in SPHERE_SITES:
+            raise HeadlensError(f"`site` {self.site!r}: choose {', '.join(SPHERE_SITES)}")
+
+    def projection_json(self) -> dict:
+        """The options that shape the projection and metrics, as ``sphere.json`` records them."""
+        return {name: getattr(self, name) for name in PROJECTION_OPTIONS}
 
 
 @dataclass
@@ -58,6 +90,8 @@ class Frame:
 
 @dataclass
 class Outlier:
+    """A token whose residual norm is far above its layer's median (e.g. a decoder's attention sink)."""
+
     position: int
     token: str
     max_ratio: float  # largest norm / median-norm ratio over the selected layers
@@ -66,24 +100,10 @@ class Outlier:
 
 
 @dataclass
-class LayerMetrics:
-    layer: int
-    n_tokens: int
-    mean_cos: float  # mean pairwise cosine of the full-width normalised tokens (off-diagonal)
-    cos_quantiles: dict[str, float]
-    cos_hist: list[int]  # HIST_BINS bins over [-1, 1]
-    n_clusters: int  # connected components of cos >= threshold
-    largest_cluster: int
-    effective_rank: float
-    baseline_mean_cos: float  # same N, same width, random isotropic directions
-    baseline_effective_rank: float
-    anisotropy: float  # mean_cos - baseline_mean_cos
-    mean_norm: float  # mean residual norm (before normalising)
-    explained_variance_3: float
-
-
-@dataclass
 class SphereResult:
+    """The projected layers, their metrics and the summary; ``name``/``model``/``header``/``prompt`` say what
+    was run (``header`` is the one-line description the CLI prints first)."""
+
     layers: list[int]
     tokens: list[str]
     frames: list[Frame]
@@ -94,17 +114,26 @@ class SphereResult:
     movement_aligned: float | None = None
     movement_unaligned: float | None = None
     summary: list[str] = field(default_factory=list)
+    name: str = ""  # the model's (or trace file's) short name
+    model: dict = field(default_factory=dict)  # what the checkpoint or trace is (written as "model")
+    header: str = ""  # "<name>: N tokens, L of M layers; site ...: <hook>"
+    prompt: str = ""  # the text run ("" for traces)
+
+    def metrics_json(self) -> list[dict]:
+        """The per-layer metrics as plain dicts (the rows of ``sphere_metrics.json``)."""
+        return [asdict(m) for m in self.metrics]
 
     def to_json(self) -> dict:
+        """Everything computed, as JSON-ready data (``sphere.json`` adds model, site and prompt)."""
         return {
             "layers": self.layers,
             "tokens": self.tokens,
             "dropped_positions": self.dropped,
             "outliers": [asdict(o) for o in self.outliers],
-            "config": asdict(self.config),
+            "config": self.config.projection_json(),
             "movement_aligned": self.movement_aligned,
             "movement_unaligned": self.movement_unaligned,
-            "metrics": [asdict(m) for m in self.metrics],
+            "metrics": self.metrics_json(),
             "frames": [
                 {"layer": f.layer, "explained_variance": f.explained_variance.tolist(), "kept": f.kept.tolist(),
                  "points": f.points.tolist(), "norms3": f.norms3.tolist(), "full_norms": f.full_norms.tolist()}
@@ -141,7 +170,7 @@ def _pca(Xc: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
     total = (S**2).sum()
     frac = (S[:k] ** 2) / total if total > 0 else torch.zeros(k, dtype=Xc.dtype)
-    V = Vh[:k].T
+    V = Vh[:k].T  # (d, k)
     if V.shape[1] < k:  # fewer tokens than components: pad with zero directions
         V = torch.cat([V, torch.zeros(V.shape[0], k - V.shape[1], dtype=V.dtype)], 1)
         frac = torch.cat([frac, torch.zeros(k - frac.shape[0], dtype=frac.dtype)])
@@ -149,6 +178,7 @@ def _pca(Xc: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _global_basis(centred: list[torch.Tensor], k: int = 3) -> torch.Tensor:
+    """One (d, k) basis for every layer's centred tokens (each (N, d))."""
     d = centred[0].shape[1]
     n = sum(x.shape[0] for x in centred)
     if n > d:  # accumulate the d x d covariance instead of stacking every layer's tokens
@@ -160,6 +190,7 @@ def _global_basis(centred: list[torch.Tensor], k: int = 3) -> torch.Tensor:
 
 
 def _normalise(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of Y (N, 3) put on the unit sphere, their norms (N,) before)."""
     n = Y.norm(dim=1)
     return Y / torch.where(n > 0, n, torch.ones_like(n))[:, None], n
 
@@ -185,15 +216,8 @@ def movement(frames: list[np.ndarray]) -> float:
     return float(sum(np.sum((b - a) ** 2) for a, b in zip(frames, frames[1:])))
 
 
-def project(hidden: dict[int, torch.Tensor], tokens: list[str], cfg: SphereConfig) -> SphereResult:
-    """Project every layer of ``hidden`` (layer -> (N, d) residual stream) onto the unit sphere."""
-    if not hidden:
-        raise HeadlensError("no layers selected")
-    if cfg.basis not in ("layer", "global"):
-        raise HeadlensError(f"--basis {cfg.basis!r}: choose layer or global")
-    layers = sorted(hidden)
-    n = len(tokens)
-    outliers = find_outliers(hidden, tokens, cfg.outlier_factor)
+def _kept_positions(n: int, outliers: list[Outlier], cfg: SphereConfig) -> tuple[np.ndarray, list[int]]:
+    """(positions kept (K,), positions dropped) after ``drop_first`` / ``drop_outliers``."""
     drop = set()
     if cfg.drop_first:
         drop.add(0)
@@ -203,16 +227,15 @@ def project(hidden: dict[int, torch.Tensor], tokens: list[str], cfg: SphereConfi
     if len(kept) < 4:
         raise HeadlensError(f"only {len(kept)} tokens left after dropping: a sphere needs at least 4; use a "
                             "longer prompt or drop fewer tokens")
-    idx = torch.from_numpy(kept)
-    X = {l: hidden[l].double()[idx] for l in layers}  # (N, d) each
-    centred = {l: X[l] - X[l].mean(0, keepdim=True) for l in layers}
-    gbasis = _global_basis([centred[l] for l in layers]) if cfg.basis == "global" else None
+    return kept, sorted(drop)
 
-    raw: list[np.ndarray] = []
-    norms3: list[np.ndarray] = []
-    evs: list[np.ndarray] = []
-    for l in layers:
-        Xc = centred[l]
+
+def _project_layers(centred: list[torch.Tensor], basis: str) -> tuple[list[np.ndarray], list[np.ndarray],
+                                                                      list[np.ndarray]]:
+    """Per layer: (unit 3-D points (N, 3), 3-D norms (N,), explained variance (3,)), before alignment."""
+    gbasis = _global_basis(centred) if basis == "global" else None
+    raw, norms3, evs = [], [], []
+    for Xc in centred:
         if gbasis is None:
             V, frac = _pca(Xc)
         else:
@@ -224,6 +247,28 @@ def project(hidden: dict[int, torch.Tensor], tokens: list[str], cfg: SphereConfi
         raw.append(P.numpy())
         norms3.append(nrm.numpy())
         evs.append(frac.numpy())
+    return raw, norms3, evs
+
+
+def project(hidden: dict[int, torch.Tensor], tokens: list[str], cfg: SphereConfig) -> SphereResult:
+    """Project every layer of ``hidden`` (layer -> (N, d) residual stream, N = len(tokens)) onto the unit
+    sphere; returns the frames, per-layer metrics, outliers and summary as a :class:`SphereResult`."""
+    if not hidden:
+        raise HeadlensError("no layers selected")
+    if cfg.basis not in ("layer", "global"):
+        raise HeadlensError(f"`basis` {cfg.basis!r}: choose layer or global")
+    layers = sorted(hidden)
+    n = len(tokens)
+    for l in layers:
+        if hidden[l].ndim != 2 or hidden[l].shape[0] != n:
+            raise HeadlensError(f"`hidden` layer {l} has shape {tuple(hidden[l].shape)}: expected ({n}, d), one row "
+                                "per token")
+    outliers = find_outliers(hidden, tokens, cfg.outlier_factor)
+    kept, dropped = _kept_positions(n, outliers, cfg)
+    idx = torch.from_numpy(kept)
+    X = {l: hidden[l].double()[idx] for l in layers}  # (K, d) each
+    centred = [X[l] - X[l].mean(0, keepdim=True) for l in layers]
+    raw, norms3, evs = _project_layers(centred, cfg.basis)
 
     unaligned_move = movement(raw)
     points = [raw[0]]
@@ -238,120 +283,76 @@ def project(hidden: dict[int, torch.Tensor], tokens: list[str], cfg: SphereConfi
                     kept=kept) for l, p, n3, ev in zip(layers, points, norms3, evs)]
     metrics = [clustering_metrics(X[l], l, cfg.cluster_threshold, cfg.seed, float(ev.sum()))
                for l, ev in zip(layers, evs)]
-    result = SphereResult(layers=layers, tokens=tokens, frames=frames, metrics=metrics, outliers=outliers,
-                          dropped=sorted(drop), config=cfg, movement_aligned=aligned_move,
-                          movement_unaligned=unaligned_move)
-    result.summary = summarize(result)
+    return SphereResult(layers=layers, tokens=tokens, frames=frames, metrics=metrics, outliers=outliers,
+                        dropped=dropped, config=cfg, movement_aligned=aligned_move,
+                        movement_unaligned=unaligned_move, summary=summarize(metrics, cfg.cluster_threshold))
+
+
+# ---------------------------------------------------------------------------------------- entry points
+
+
+def sphere_from_stream(hidden: dict[int, torch.Tensor], tokens: list[str], cfg: SphereConfig, *, name: str = "",
+                       model: dict | None = None, header: str = "", prompt: str = "") -> SphereResult:
+    """:func:`project` ``hidden`` ({layer: (N, d)}) and label the result with what was run."""
+    cfg.check()
+    result = project(hidden, tokens, cfg)
+    result.name, result.model, result.header, result.prompt = name, dict(model or {}), header, prompt
     return result
 
 
-# -------------------------------------------------------------------------------------------- metrics
+def _check_site(ck, site: str) -> None:
+    """Refuse a site the checkpoint's layers do not have (no resid_mid in parallel-residual layers)."""
+    spec = ck.spec
+    if site == "resid_mid" and (not spec.mid_input or (spec.parallel_flag and ck.config.get(spec.parallel_flag))):
+        raise HeadlensError(f"{spec.family} layers add attention and MLP to the same stream in parallel: there is "
+                            "no resid_mid; use `site` resid_pre or resid_post")
 
 
-def _components(adj: np.ndarray) -> list[int]:
-    """Sizes of the connected components of a boolean adjacency matrix (union-find)."""
-    n = adj.shape[0]
-    parent = list(range(n))
+def _record_stream(source, ck, layers: list[int], ids: torch.Tensor, cfg: SphereConfig) -> tuple[dict, str]:
+    """Load the model, run ``ids`` (1, N) once with hooks on ``cfg.site`` of ``layers``; returns
+    ({layer: (N, d) stream}, the hook's description)."""
+    from headlens.io.checkpoint import cast_dtype
+    from headlens.residual.capture import record_sites
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in zip(*np.nonzero(np.triu(adj, 1))):
-        ri, rj = root(int(i)), root(int(j))
-        if ri != rj:
-            parent[ri] = rj
-    sizes: dict[int, int] = {}
-    for i in range(n):
-        r = root(i)
-        sizes[r] = sizes.get(r, 0) + 1
-    return sorted(sizes.values(), reverse=True)
+    model = source.model(ck.directory, cast_dtype(cfg.dtype))
+    with torch.no_grad(), record_sites(model, ck.spec, (cfg.site,), layers,
+                                       store_dtype=torch.float16 if cfg.half else None) as rec:
+        model(input_ids=ids.to(model.device))  # the one forward pass
+    if cfg.site in rec.missing:
+        raise HeadlensError(rec.missing[cfg.site] + "; use `site` resid_pre or resid_post")
+    hidden = {}
+    for layer in layers:
+        x = rec.values[cfg.site][layer]  # (1, N, d)
+        assert x.ndim == 3 and x.shape[:2] == ids.shape, (tuple(x.shape), tuple(ids.shape))
+        hidden[layer] = x[0]  # (N, d)
+    return hidden, rec.hooks[cfg.site]
 
 
-def effective_rank(X: torch.Tensor) -> float:
-    """Roy & Vetterli effective rank: exp(entropy of sigma_i / sum sigma)."""
-    s = torch.linalg.svdvals(X.double())
-    s = s[s > 0]
-    if s.numel() == 0:
-        return 0.0
-    p = s / s.sum()
-    return float(torch.exp(-(p * p.log()).sum()))
+def sphere_from_model(source, cfg: SphereConfig, on_checked: Callable[[], object] | None = None) -> SphereResult:
+    """Run ``cfg.prompt`` through ``source`` (a :class:`~headlens.io.source.ModelSource`) and project the
+    residual stream at ``cfg.site`` of each selected layer onto the unit sphere. Returns a :class:`SphereResult`.
 
+    Everything that can be checked without the weights (the options, the layer selection, the site, the
+    prompt's length) is checked before they load; ``on_checked`` is called then, just before loading (the
+    CLI starts its renderer processes there, so their imports overlap loading and running the model).
+    """
+    from headlens.prompts import NOTEBOOK_PROMPT
+    from headlens.residual.capture import max_positions, prompt_ids
+    from headlens.selection import parse_layers
 
-def _cos_stats(U: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    C = U @ U.T
-    n = C.shape[0]
-    off = C[~torch.eye(n, dtype=torch.bool)].numpy()
-    return off, C
-
-
-def clustering_metrics(X: torch.Tensor, layer: int, threshold: float, seed: int,
-                       explained3: float = float("nan")) -> LayerMetrics:
-    """Clustering statistics of the tokens X (N, d) after normalising each to unit norm."""
-    X = X.double()
-    norms = X.norm(dim=1)
-    U = X / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
-    off, C = _cos_stats(U)
-    sizes = _components((C >= threshold).numpy())
-    gen = torch.Generator().manual_seed(seed + 7919 * layer)
-    R = torch.randn(X.shape, generator=gen, dtype=torch.float64)
-    R = R / R.norm(dim=1, keepdim=True)
-    base_off, _ = _cos_stats(R)
-    qs = np.quantile(off, COS_QUANTILES)
-    hist, _ = np.histogram(off, bins=HIST_BINS, range=(-1.0, 1.0))
-    mean_cos = float(off.mean())
-    base = float(base_off.mean())
-    return LayerMetrics(
-        layer=layer,
-        n_tokens=int(X.shape[0]),
-        mean_cos=mean_cos,
-        cos_quantiles={f"q{int(q * 100):02d}": float(v) for q, v in zip(COS_QUANTILES, qs)},
-        cos_hist=hist.astype(int).tolist(),
-        n_clusters=len(sizes),
-        largest_cluster=sizes[0],
-        effective_rank=effective_rank(U),
-        baseline_mean_cos=base,
-        baseline_effective_rank=effective_rank(R),
-        anisotropy=mean_cos - base,
-        mean_norm=float(norms.mean()),
-        explained_variance_3=explained3,
-    )
-
-
-def summarize(r: SphereResult) -> list[str]:
-    """One or two sentences about the tokens through depth, computed from the metrics."""
-    m = r.metrics
-    if len(m) < 2:
-        x = m[0]
-        return [f"Only layer {x.layer} was selected: its tokens have mean pairwise cosine {x.mean_cos:.2f} "
-                f"(random directions: {x.baseline_mean_cos:.2f}) and form {x.n_clusters} clusters at cosine >= "
-                f"{r.config.cluster_threshold:g}."]
-    first, last = m[0], m[-1]
-    peak = max(m, key=lambda x: x.mean_cos)
-    fewest = min(m, key=lambda x: x.n_clusters)
-    delta = last.mean_cos - first.mean_cos
-    if peak.mean_cos - max(first.mean_cos, last.mean_cos) > 0.1 and peak is not first and peak is not last:
-        trend = (f"gather towards shared directions up to layer {peak.layer} (mean pairwise cosine "
-                 f"{first.mean_cos:.2f} -> {peak.mean_cos:.2f}) and spread again by layer {last.layer} "
-                 f"({last.mean_cos:.2f})")
-    elif delta > 0.05:
-        trend = (f"draw together through depth: mean pairwise cosine rises from {first.mean_cos:.2f} at layer "
-                 f"{first.layer} to {last.mean_cos:.2f} at layer {last.layer}")
-    elif delta < -0.05:
-        trend = (f"spread apart through depth: mean pairwise cosine falls from {first.mean_cos:.2f} at layer "
-                 f"{first.layer} to {last.mean_cos:.2f} at layer {last.layer}")
-    else:
-        trend = (f"keep about the same spread: mean pairwise cosine stays near {first.mean_cos:.2f} "
-                 f"(layer {first.layer}: {first.mean_cos:.2f}, layer {last.layer}: {last.mean_cos:.2f})")
-    base = float(np.mean([x.baseline_mean_cos for x in m]))
-    s1 = (f"The {first.n_tokens} tokens {trend}, against {base:.2f} for random directions; clusters at "
-          f"cosine >= {r.config.cluster_threshold:g} go from {first.n_clusters} to {last.n_clusters} "
-          f"(fewest: {fewest.n_clusters} at layer {fewest.layer}).")
-    ev = [x.explained_variance_3 for x in m]
-    s2 = (f"Effective rank goes from {first.effective_rank:.1f} to {last.effective_rank:.1f} "
-          f"(random: {first.baseline_effective_rank:.1f}); the 3-D pictures keep {min(ev):.0%}-{max(ev):.0%} "
-          f"of each layer's variance, so read them as a {'rough sketch' if min(ev) < 0.3 else 'fair view'} of "
-          f"the full-width geometry.")
-    return [s1, s2]
+    cfg.check()
+    ck = source.checkpoint(full=True)
+    layers = parse_layers(cfg.layers, ck.shape.num_layers)
+    if ck.directory is None or ck.config is None:
+        raise HeadlensError("sphere runs the model: pass `weights` DIR (a HuggingFace model directory with "
+                            "config.json and tokenizer) or `hf_repo`, not a bare state dict")
+    _check_site(ck, cfg.site)
+    prompt = NOTEBOOK_PROMPT if cfg.prompt is None else cfg.prompt
+    tokenizer = source.tokenizer(ck.directory)
+    ids, tokens = prompt_ids(tokenizer, prompt, max_positions(ck.config), truncate=cfg.truncate)  # ids (1, N)
+    if on_checked is not None:
+        on_checked()
+    hidden, hook = _record_stream(source, ck, layers, ids, cfg)
+    header = (f"{ck.name}: {len(tokens)} tokens, {len(layers)} of {ck.shape.num_layers} layers; site {cfg.site}: "
+              f"{hook}")
+    return sphere_from_stream(hidden, tokens, cfg, name=ck.name, model=ck.describe(), header=header, prompt=prompt)

@@ -8,9 +8,9 @@ towards the softmax-weighted average of the others,
 
 with the same ``Q``, ``K``, ``V`` at every layer (``step`` is the residual step size, ``beta`` the inverse
 temperature). With ``Q = K = V = I`` the tokens collapse through depth: first into a few clusters, then into
-one. This module runs that toy model and feeds its residual stream to :func:`headlens.sphere.project`,
+one. This module runs that toy model and feeds its residual stream to :func:`headlens.residual.sphere.project`,
 exactly like a real model's stream, so the GIF and the clustering metrics of ``headlens sphere`` show the
-collapse on a case where it is known to happen.
+collapse on a case where it is known to happen (:func:`run_demo`; :mod:`headlens.report.cluster` draws it).
 
 The metrics are computed on the full-width normalised tokens (``dim`` > 3 is the interesting case). The
 picture is a 3-D PCA of the full-width tokens: by default about the origin (the centre of the sphere the
@@ -20,15 +20,13 @@ tokens live on), so a collapsed cluster stays a point; ``center=True`` centres e
 
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from headlens.errors import HeadlensError
+from headlens.residual.sphere import SphereConfig, SphereResult, align_to, project
 
 MAX_FRAMES = 30
 
@@ -46,14 +44,15 @@ class ClusterConfig:
     weights: str = "identity"  # "identity": Q = K = V = I; "random": a random well-conditioned matrix each
 
     def check(self) -> None:
+        """Raise HeadlensError (naming the field) on a size or weight kind the demo cannot run."""
         if self.tokens < 4:
-            raise HeadlensError(f"tokens must be at least 4 (a sphere needs 4 points), got {self.tokens}")
+            raise HeadlensError(f"`tokens` must be at least 4 (a sphere needs 4 points), got {self.tokens}")
         if self.dim < 3:
-            raise HeadlensError(f"dim must be at least 3, got {self.dim}")
+            raise HeadlensError(f"`dim` must be at least 3, got {self.dim}")
         if self.layers < 1 or self.heads < 1:
-            raise HeadlensError(f"layers and heads must be at least 1, got {self.layers} and {self.heads}")
+            raise HeadlensError(f"`layers` and `heads` must be at least 1, got {self.layers} and {self.heads}")
         if self.weights not in ("identity", "random"):
-            raise HeadlensError(f"weights {self.weights!r}: choose identity or random")
+            raise HeadlensError(f"`weights` {self.weights!r}: choose identity or random")
 
 
 def _well_conditioned(d: int, gen: torch.Generator) -> torch.Tensor:
@@ -113,44 +112,41 @@ def frame_layers(num_states: int, max_frames: int = MAX_FRAMES) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, num_states - 1, max(max_frames, 2))})
 
 
+def _origin_view(X: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+    """One layer's tokens X (N, d) seen about the origin: (unit 3-D points (N, 3), the norm (N,) of each unit
+    token's projection on the top-3 uncentred principal directions, the fraction of squared norm they keep)."""
+    X = X.double()
+    U = X / X.norm(dim=1, keepdim=True)  # (N, d) unit rows
+    _, S, Vh = torch.linalg.svd(U, full_matrices=False)
+    Y = U @ Vh[:3].T  # (N, 3)
+    P = (Y / Y.norm(dim=1, keepdim=True).clamp_min(1e-300)).numpy()
+    return P, Y.norm(dim=1).numpy(), float((S[:3] ** 2).sum() / (S**2).sum())
+
+
 def origin_frames(hidden: dict[int, torch.Tensor], layers: list[int]) -> tuple[list[np.ndarray], list[float]]:
     """3-D picture about the origin: per layer, the top-3 uncentred principal directions of the unit tokens,
-    each token projected and put back on the sphere, aligned to the previous frame; and the fraction of
-    the tokens' squared norm those 3 directions keep."""
-    from headlens.residual.sphere import align_to
-
-    points, kept = [], []
-    for layer in layers:
-        X = hidden[layer].double()
-        U = X / X.norm(dim=1, keepdim=True)
-        _, S, Vh = torch.linalg.svd(U, full_matrices=False)
-        Y = U @ Vh[:3].T
-        P = (Y / Y.norm(dim=1, keepdim=True).clamp_min(1e-300)).numpy()
-        if points:
-            P = P @ align_to(P, points[-1])
-        points.append(P)
-        kept.append(float((S[:3] ** 2).sum() / (S**2).sum()))
+    each token projected and put back on the sphere, aligned to the previous frame ((N, 3) each); and the
+    fraction of the tokens' squared norm those 3 directions keep."""
+    points, kept, _ = _origin_frames(hidden, layers)
     return points, kept
 
 
-def metrics_csv(metrics: list[dict]) -> str:
-    """The per-layer metrics as CSV text (``headlens sphere``'s columns)."""
-    try:  # the same columns as headlens sphere's table when that helper is there
-        from headlens.cli.sphere import _metrics_csv
-
-        return _metrics_csv(metrics)
-    except ImportError:
-        pass
-    flat = [{k: v for k, v in {**m, **m["cos_quantiles"]}.items() if k not in ("cos_quantiles", "cos_hist")}
-            for m in metrics]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(flat[0]))
-    w.writeheader()
-    w.writerows(flat)
-    return buf.getvalue()
+def _origin_frames(hidden: dict[int, torch.Tensor], layers: list[int]) -> tuple[list[np.ndarray], list[float],
+                                                                               list[np.ndarray]]:
+    """:func:`origin_frames` and the norms (N,) of each frame's 3-D projections before normalising."""
+    points, kept, norms = [], [], []
+    for layer in layers:
+        P, n3, frac = _origin_view(hidden[layer])
+        if points:
+            P = P @ align_to(P, points[-1])
+        points.append(P)
+        kept.append(frac)
+        norms.append(n3)
+    return points, kept, norms
 
 
 def describe(cfg: ClusterConfig) -> str:
+    """One sentence saying which toy was run."""
     w = "Q = K = V = I" if cfg.weights == "identity" else "random well-conditioned Q, K, V"
     heads = f"{cfg.heads} heads" if cfg.heads > 1 else "1 head"
     return (f"Toy transformer (Geshkovski et al.): {cfg.tokens} tokens in {cfg.dim} dimensions, {cfg.layers} layers "
@@ -158,76 +154,60 @@ def describe(cfg: ClusterConfig) -> str:
             f"{', renormalised to the unit sphere after every layer' if cfg.normalize else ''}.")
 
 
-def cluster_demo(cfg: ClusterConfig, out_dir, frame_seconds: float = 0.5, threshold: float = 0.9,
-                 workers: int | None = None, labels: bool = False, center: bool = False,
-                 max_frames: int = MAX_FRAMES) -> dict:
-    """Run the toy model and write ``tokens.gif``, ``sphere_metrics.png``, ``sphere_metrics.json`` and ``.csv``.
+@dataclass
+class ClusterFrame:
+    """One layer of the demo's picture."""
 
-    Metrics are computed at every layer; the GIF shows up to ``max_frames`` evenly spaced layers (first and
-    last included). Returns the paths, the frame layers, the per-layer metrics and the summary sentences.
-    """
-    from headlens.io.files import atomic_path, check_writable_dir, write_json
-    from headlens.residual.sphere import SphereConfig, project
-    from headlens.report.sphere_frames import Deferred, render_frame, start_pool, write_gif, write_metrics_png
+    layer: int
+    points: np.ndarray  # (N, 3) unit rows
+    norms: np.ndarray  # (N,) norm of each token's 3-D projection before it is put back on the sphere
+    explained: float  # fraction of the variance (centred) or squared norm (about the origin) the view keeps
 
-    if frame_seconds <= 0:
-        raise HeadlensError(f"frame_seconds must be positive, got {frame_seconds:g}")
+
+@dataclass
+class ClusterDemo:
+    """The clustering demo: metrics at every layer, pictures of up to ``max_frames`` of them."""
+
+    config: ClusterConfig
+    threshold: float  # cosine threshold of the cluster count
+    center: bool  # pictures centred per layer (as headlens sphere) instead of about the origin
+    tokens: list[str]  # "t0", "t1", ...
+    sphere: SphereResult  # the projection and clustering metrics of every layer
+    frames: list[ClusterFrame]  # the pictured layers, in depth order
+    summary: list[str]  # sentences: which toy, how the tokens cluster, what the picture keeps
+
+    @property
+    def picture(self) -> str:
+        """What the 3-D view is, for titles and the page's site label."""
+        return "centred PCA-3" if self.center else "PCA-3 about the origin"
+
+    @property
+    def frame_layers(self) -> list[int]:
+        return [f.layer for f in self.frames]
+
+
+def run_demo(cfg: ClusterConfig, threshold: float = 0.9, center: bool = False,
+             max_frames: int = MAX_FRAMES) -> ClusterDemo:
+    """Run the toy model; metrics at every layer, pictures of up to ``max_frames`` evenly spaced layers (first
+    and last included). Returns a :class:`ClusterDemo`."""
     if not -1.0 <= threshold <= 1.0:
-        raise HeadlensError(f"threshold must be a cosine in [-1, 1], got {threshold:g}")
-    out_dir = Path(out_dir)
-    check_writable_dir(out_dir)
+        raise HeadlensError(f"`threshold` must be a cosine in [-1, 1], got {threshold:g}")
     hidden = run_cluster(cfg)
     names = [f"t{i}" for i in range(cfg.tokens)]
     result = project(hidden, names, SphereConfig(cluster_threshold=threshold, seed=cfg.seed))
-    shown = frame_layers(len(result.layers), max_frames)
+    shown = [result.layers[k] for k in frame_layers(len(result.layers), max_frames)]
     if center:  # headlens sphere's picture: each layer centred, then PCA
-        frames = [result.frames[k] for k in shown]
-        points, explained = [f.points for f in frames], [f.explained_total for f in frames]
+        by_layer = {f.layer: f for f in result.frames}
+        frames = [ClusterFrame(layer=l, points=by_layer[l].points, norms=by_layer[l].norms3,
+                               explained=by_layer[l].explained_total) for l in shown]
     else:
-        points, explained = origin_frames(hidden, [result.layers[k] for k in shown])
-    picture = "centred PCA-3" if center else "PCA-3 about the origin"
-    jobs = [{"points": p, "tokens": names, "positions": list(range(cfg.tokens)), "labels": labels,
-             "title": f"toy transformer, beta={cfg.beta:g}, layer {result.layers[k]}: {picture} keeps {ev:.0%}"}
-            for k, p, ev in zip(shown, points, explained)]
-
-    metrics = result.to_json()["metrics"]
+        points, explained, norms = _origin_frames(hidden, shown)
+        frames = [ClusterFrame(layer=l, points=p, norms=n3, explained=ev)
+                  for l, p, n3, ev in zip(shown, points, norms, explained)]
     summary = [describe(cfg)] + result.summary
     if not center:
+        kept = [f.explained for f in frames]
         summary.append(f"The GIF projects about the origin (the sphere's centre), so a cluster stays a point; its "
-                       f"3-D views keep {min(explained):.0%}-{max(explained):.0%} of the tokens' squared norm.")
-    paths = {"gif": out_dir / "tokens.gif", "metrics_png": out_dir / "sphere_metrics.png",
-             "metrics_json": out_dir / "sphere_metrics.json", "metrics_csv": out_dir / "sphere_metrics.csv"}
-    pool = start_pool(workers) if len(jobs) > 4 else None
-    try:  # Deferred draws in this process when there is no pool or it broke (e.g. no importable __main__)
-        calls = [Deferred(pool, render_frame, job) for job in jobs]
-        pngs = [call.result() for call in calls]
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    write_gif(paths["gif"], pngs, frame_seconds)
-    write_metrics_png(paths["metrics_png"], metrics, threshold,
-                      f"toy transformer (beta={cfg.beta:g}, step={cfg.step:g}, {cfg.weights} weights): "
-                      "clustering through depth")
-    write_json(paths["metrics_json"], {"model": "toy_cluster", "config": asdict(cfg), "threshold": threshold,
-                                       "frame_layers": [result.layers[k] for k in shown], "metrics": metrics,
-                                       "summary": summary})
-    with atomic_path(paths["metrics_csv"]) as tmp:
-        tmp.write_text(metrics_csv(metrics), encoding="utf-8")
-    from headlens.report.sphere_html import write_sphere_html
-
-    paths["html"] = out_dir / "tokens.html"
-    norms = {}
-    for k in shown:  # |3-D projection| of each token before it is put back on the sphere
-        l = result.layers[k]
-        if center:
-            norms[l] = result.frames[k].norms3
-        else:
-            U = hidden[l].double() / hidden[l].double().norm(dim=1, keepdim=True)
-            norms[l] = (U @ torch.linalg.svd(U, full_matrices=False)[2][:3].T).norm(dim=1).numpy()
-    by_layer = {m["layer"]: m for m in metrics}
-    frames_html = [{"layer": result.layers[k], "points": p, "tokens": names, "positions": list(range(cfg.tokens)),
-                    "norms": norms[result.layers[k]], "explained_variance": float(min(max(ev, 0.0), 1.0)),
-                    "site": picture} for k, p, ev in zip(shown, points, explained)]
-    write_sphere_html(paths["html"], frames_html, title=f"toy transformer (beta={cfg.beta:g}): tokens on the sphere",
-                      metrics=[by_layer[f["layer"]] for f in frames_html])
-    return {**paths, "frame_layers": [result.layers[k] for k in shown], "metrics": metrics, "summary": summary}
+                       f"3-D views keep {min(kept):.0%}-{max(kept):.0%} of the tokens' squared norm.")
+    return ClusterDemo(config=cfg, threshold=threshold, center=center, tokens=names, sphere=result, frames=frames,
+                       summary=summary)

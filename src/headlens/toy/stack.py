@@ -1,4 +1,4 @@
-"""A toy attention stack in plain PyTorch, planted heads, and activation traces.
+"""A toy attention stack in plain PyTorch, with planted heads; saved and loaded as an ordinary checkpoint.
 
 The toy uses HuggingFace's Llama naming (``layers.{l}.self_attn.{q,k,v,o}_proj.weight``,
 ``layers.{l}.input_layernorm.weight``), so its state dict saved as ``.pt`` or ``.safetensors`` is read by
@@ -11,6 +11,8 @@ One layer (shapes in comments, N tokens, d model width, H query heads, G kv head
     P_h = softmax(q_h k_g^T / sqrt(hd) + causal mask)            # (N, N), g = h // (H / G)
     o_h = P_h v_g W_O^h^T                                         # (N, d): head h's write to the stream
     y   = x + sum_h o_h               if residual else sum_h o_h
+
+Inputs and activation traces live in :mod:`headlens.toy.traces`.
 """
 
 from __future__ import annotations
@@ -24,20 +26,21 @@ import torch
 from torch import nn
 
 from headlens.errors import HeadlensError
+from headlens.toy.traces import load_traces  # noqa: F401  (cli/ov reads trace files through this name)
 
 
 @dataclass
 class ToyConfig:
-    d_model: int = 64
-    n_heads: int = 4
-    n_kv_heads: int = 4  # == n_heads: MHA; 1: MQA; in between: GQA
-    head_dim: int = 16
-    n_layers: int = 2
-    causal: bool = True
-    rope: bool = False
+    d_model: int = 64  # d, width of the residual stream
+    n_heads: int = 4  # H, query heads
+    n_kv_heads: int = 4  # G, kv heads: == n_heads: MHA; 1: MQA; in between: GQA
+    head_dim: int = 16  # hd
+    n_layers: int = 2  # attention layers (no MLPs)
+    causal: bool = True  # mask future tokens
+    rope: bool = False  # rotary embedding on q and k (Llama's pairing)
     pre_norm: bool = True  # RMSNorm before attention (gain stored as input_layernorm.weight)
-    residual: bool = True
-    rope_theta: float = 10000.0
+    residual: bool = True  # add the attention output to the stream (else replace it)
+    rope_theta: float = 10000.0  # RoPE base
 
     def validate(self) -> None:
         if min(self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.n_layers) <= 0:
@@ -213,6 +216,7 @@ def save_toy(model: ToyStack, path: Path) -> Path:
 
 
 def load_toy(path: Path) -> ToyStack:
+    """The toy saved by :func:`save_toy` at ``path`` (its config read from ``<path>.toy.json``)."""
     meta = Path(str(path) + ".toy.json")
     if not meta.exists():
         raise HeadlensError(f"{meta} is missing: a toy checkpoint keeps its config next to the weights")
@@ -226,57 +230,24 @@ def load_toy(path: Path) -> ToyStack:
     return model
 
 
-# ------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Planting:
+    """A spectrum planted in every kv group's ``W_OV`` (see :func:`spectrum_profile`)."""
+
+    kind: str  # "geometric" (s_i = decay^i), "power" (s_i = (i+1)^-decay) or "flat"
+    rank: int | None = None  # planted rank: zeros after it (None: head_dim)
+    decay: float = 0.7  # geometric ratio or power-law exponent
 
 
-def make_inputs(kind: str, n_tokens: int, d: int, seed: int = 0, decay: float = 0.8,
-                embeddings: torch.Tensor | None = None) -> torch.Tensor:
-    """Token inputs (N, d): ``random`` (isotropic Gaussian), ``anisotropic`` (covariance eigenvalues decay^i in a
-    random basis) or ``embeddings`` (rows of a real checkpoint's embedding matrix, given)."""
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        return torch.randn(n_tokens, d, generator=gen)
-    if kind == "anisotropic":
-        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-        scales = decay ** torch.arange(d, dtype=torch.float64)
-        return ((torch.randn(n_tokens, d, generator=gen, dtype=torch.float64) * scales) @ Q.T).float()
-    if kind == "embeddings":
-        if embeddings is None or embeddings.shape[1] != d:
-            raise HeadlensError(f"embedding inputs need an embedding matrix of width {d}")
-        idx = torch.randint(0, embeddings.shape[0], (n_tokens,), generator=gen)
-        return embeddings[idx].float()
-    raise HeadlensError(f"unknown inputs {kind!r}: choose random, anisotropic or embeddings")
-
-
-def trace(model: ToyStack, x: torch.Tensor) -> list[dict]:
-    """Run ``x`` (N, d) through the stack and return every layer's trace (see :func:`save_traces`)."""
-    traces: list[dict] = []
-    with torch.no_grad():
-        model(x, traces)
-    return traces
-
-
-def save_traces(path: Path, model: ToyStack, traces: list[dict], meta: dict | None = None) -> tuple[Path, Path]:
-    """``<path>.safetensors`` with, per layer l: ``layer{l}.input`` (N, d) residual stream in,
-    ``layer{l}.attn_in`` (N, d) attention input, ``layer{l}.q`` (H, N, hd), ``layer{l}.k``/``.v`` (G, N, hd),
-    ``layer{l}.probs`` (H, N, N), ``layer{l}.head_out`` (H, N, d), ``layer{l}.output`` (N, d); and
-    ``<path>.json`` with the config and metadata."""
-    from safetensors.torch import save_file
-
-    from headlens.io.files import atomic_path, write_json
-
-    tensors = {f"layer{l}.{k}": v.detach().float().contiguous().clone() for l, t in enumerate(traces)
-               for k, v in t.items()}
-    st, js = Path(str(path) + ".safetensors"), Path(str(path) + ".json")
-    with atomic_path(st) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "headlens-toy-traces"})
-    write_json(js, {"config": asdict(model.cfg), "layers": len(traces), "tokens": int(traces[0]["input"].shape[0]),
-                    **(meta or {})})
-    return st, js
-
-
-def load_traces(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a trace file written by :func:`save_traces` (path with or without suffix)."""
-    from headlens.io.files import read_json_and_tensors
-
-    return read_json_and_tensors(path, "traces")
+def build_toy(cfg: ToyConfig, seed: int = 0, planting: Planting | None = None) -> tuple[ToyStack, torch.Tensor | None]:
+    """A seeded toy; with ``planting`` every kv group's ``W_OV`` gets that spectrum. Returns (model, the planted
+    singular values (head_dim,) or None)."""
+    cfg.validate()
+    model = ToyStack(cfg, seed=seed)
+    planted = None
+    if planting is not None:
+        planted = spectrum_profile(planting.kind, cfg.head_dim, planting.rank, planting.decay)
+        for layer in range(cfg.n_layers):
+            for g in range(cfg.n_kv_heads):
+                model.plant_ov(layer, g, planted, seed=seed * 1000 + layer * 100 + g)
+    return model, planted
