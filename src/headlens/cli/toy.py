@@ -142,11 +142,8 @@ def cmd_cluster(args) -> int:
     from headlens.report.cluster import write_cluster_demo
     from headlens.toy.cluster import ClusterConfig, run_demo
 
-    cfg = ClusterConfig()
-    for attr, val in (("tokens", args.tokens), ("dim", args.dim), ("layers", args.depth), ("beta", args.beta),
-                      ("seed", args.seed)):
-        if val is not None:
-            setattr(cfg, attr, val)
+    given = {"tokens": args.tokens, "dim": args.dim, "layers": args.depth, "beta": args.beta, "seed": args.seed}
+    cfg = ClusterConfig(**{k: v for k, v in given.items() if v is not None})
     if cfg.tokens < 4 or cfg.dim < 3 or cfg.layers < 1:
         raise HeadlensError("the clustering demo needs --tokens >= 4, --dim >= 3 and --depth >= 1")
     if args.frame_seconds <= 0:
