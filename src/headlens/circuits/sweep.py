@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -25,7 +25,11 @@ from headlens.circuits.sweep_parts import SweepParts, run_id
 from headlens.circuits.sweep_results import (GroupSpectrum, HeadSpectrum, LayerAggregate, LayerResult,
                                              layer_aggregates, to_rows)
 from headlens.errors import HeadlensError
+from headlens.io.checkpoint import Checkpoint, ModelShape
 from headlens.selection import parse_ks, parse_layers
+
+if TYPE_CHECKING:
+    from headlens.io.source import ModelSource
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -73,6 +77,7 @@ class SweepConfig:
             raise HeadlensError("`resume` needs `out_dir`, where the finished layers are kept")
 
     def target(self) -> BudgetTarget:
+        """The budget target: ``target_energy`` if given, else ``target_error`` (default 0.1)."""
         if self.target_energy is not None:
             return BudgetTarget("energy", self.target_energy)
         return BudgetTarget("error", 0.1 if self.target_error is None else self.target_error)
@@ -93,11 +98,11 @@ class SweepStart:
     """What :func:`run_sweep` is about to do, handed to ``on_start`` before the first layer."""
 
     name: str  # the model's short name
-    shape: Any  # its ModelShape
+    shape: ModelShape  # its layers, heads, kv heads, head_dim and hidden size
     todo: list[int]  # layers to analyse now
     done: list[int]  # layers taken from the resume store
     calibration_tokens: int  # captured now (0 without calibration or when nothing is left to do)
-    data_aware: bool
+    data_aware: bool  # calibration texts were given
 
 
 @dataclass
@@ -106,18 +111,20 @@ class SweepResult:
 
     model: dict[str, Any]  # the checkpoint's description (name, source, family, shape)
     name: str  # the model's short name
-    shape: Any  # its ModelShape
-    config: AnalysisConfig
-    dtype: str
-    layers: list[LayerResult]
-    budget: Budget
-    data_aware: bool
-    calibration_tokens: int
+    shape: ModelShape  # its layers, heads, kv heads, head_dim and hidden size
+    config: AnalysisConfig  # what each layer's analysis computed (latent sizes, rank precision, ...)
+    dtype: str  # precision the weights were rounded to
+    layers: list[LayerResult]  # the selected layers, in order (resumed ones included)
+    budget: Budget  # the KV-cache budget over those layers
+    data_aware: bool  # calibration texts were given
+    calibration_tokens: int  # tokens captured in this run (fit + held out)
 
     def heads(self) -> list[HeadSpectrum]:
+        """Every query head of every layer, in layer order."""
         return [h for r in self.layers for h in r.heads]
 
     def groups(self) -> list[GroupSpectrum]:
+        """Every kv group of every layer, in layer order."""
         return [g for r in self.layers for g in r.groups]
 
     def rows(self) -> tuple[list[dict], list[dict]]:
@@ -125,9 +132,11 @@ class SweepResult:
         return to_rows(self.layers)
 
     def aggregates(self) -> list[LayerAggregate]:
+        """One :class:`LayerAggregate` per layer (means/min/max over its heads and kv groups)."""
         return layer_aggregates(self.layers, self.config.ks)
 
     def config_json(self) -> dict[str, Any]:
+        """``{"ks", "fold_norm", "with_qk", "rank_eps", "dtype"}``, as in ``run.json`` and the summary."""
         return {**asdict(self.config), "dtype": self.dtype}
 
     def summary(self) -> dict[str, Any]:
@@ -147,7 +156,7 @@ class SweepResult:
                 "budget": self.budget.to_json(with_rows=False), "per_layer": per_layer, "notes": notes}
 
 
-def capture_calibration(source, ck, texts: list[str], layers: list[int], dtype: torch.dtype,
+def capture_calibration(source: "ModelSource", ck: Checkpoint, texts: list[str], layers: list[int], dtype: torch.dtype,
                         max_tokens: int) -> tuple[dict[int, torch.Tensor], int]:
     """Every selected layer's attention input for the calibration tokens: ({layer: (d, N) float64}, N)."""
     from headlens.residual.capture import capture_attention_inputs, max_positions
@@ -164,7 +173,7 @@ def capture_calibration(source, ck, texts: list[str], layers: list[int], dtype: 
     return X, n
 
 
-def _fit_and_test(ck, layer: int, X: torch.Tensor | None, fold_norm: bool):
+def _fit_and_test(ck: Checkpoint, layer: int, X: torch.Tensor | None, fold_norm: bool):
     """(fit tokens, held-out tokens) of a layer's captured inputs X (d, N): even and odd positions; inputs
     rescaled by 1/gamma when the norm gain is folded into the weights (so W X is unchanged)."""
     if X is None:
@@ -179,7 +188,7 @@ def _fit_and_test(ck, layer: int, X: torch.Tensor | None, fold_norm: bool):
     return X[:, 0::2], X[:, 1::2]
 
 
-def _analyze(ck, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor | None) -> LayerResult:
+def _analyze(ck: Checkpoint, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor | None) -> LayerResult:
     Xf, Xt = _fit_and_test(ck, layer, X, cfg.fold_norm)
     try:
         return analyze_layer(layer, f.W_O, f.W_V, cfg, f.W_Q, f.W_K, Xf, Xt)
@@ -190,7 +199,7 @@ def _analyze(ck, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor | None) -> 
         raise
 
 
-def run_sweep(source, cfg: SweepConfig, on_start: Callable[[SweepStart], None] | None = None,
+def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[SweepStart], None] | None = None,
               progress: Callable[[Iterable, int], Iterable] | None = None) -> SweepResult:
     """Sweep the layers ``cfg`` selects of ``source`` (a ModelSource); returns a :class:`SweepResult`.
 

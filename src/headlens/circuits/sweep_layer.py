@@ -26,6 +26,7 @@ from headlens.circuits.spectrum import (condition_numbers, cumulative_energy, gr
                                         rank_at_energy, subspace_errors, tail_ratio)
 from headlens.circuits.sweep_results import (OV_LEVELS, QK_LEVELS, V_LEVELS, GroupSpectrum, HeadSpectrum,
                                              LatentErrors, LayerResult, Spectrum)
+from headlens.io.checkpoint import Checkpoint
 
 ENERGY_LEVELS = tuple(p / 100 for p in OV_LEVELS)  # (0.5, 0.9, 0.95, 0.99)
 
@@ -70,7 +71,9 @@ def spectra(S: torch.Tensor, d: int, eps: float, ks: list[int] | None, levels=OV
 
 def _qk_spectra(W_Q: torch.Tensor, W_K: torch.Tensor, group: torch.Tensor, layer: int, d: int,
                 eps: float) -> list[Spectrum]:
-    """sigma_max, rank at 90% (and the numerical rank for float64 weights) of each head's W_Q^h^T W_K^g."""
+    """sigma_max, rank at 90% (and the numerical rank for float64 weights) of each head's W_Q^h^T W_K^g.
+    W_Q (H, hd, d), W_K (G, hd, d)."""
+    assert W_Q.shape[0] == group.shape[0] and W_K.shape[1:] == W_Q.shape[1:], (tuple(W_Q.shape), tuple(W_K.shape))
     # The QK circuit is approximate anyway (RoPE and q/k norms act between W_Q and W_K): its Gram products
     # may run in the precision W_Q/W_K were given in (float32 in a sweep); the eigenproblems run in float64.
     GQ = (W_Q @ W_Q.mT).to(torch.float64)  # (H, hd, hd)
@@ -157,7 +160,7 @@ def analyze_layer(
                        group_white_heldout=white_g_heldout)
 
 
-def iter_layers(ck, layers: list[int], cfg: AnalysisConfig, load_dtype: torch.dtype) -> Iterator:
+def iter_layers(ck: Checkpoint, layers: list[int], cfg: AnalysisConfig, load_dtype: torch.dtype) -> Iterator:
     """Yield ``(layer, LayerFactors)`` one layer at a time, reading the next layer in a background thread.
 
     At most two layers' weights are alive at once (the one being analysed and the one being read), so the

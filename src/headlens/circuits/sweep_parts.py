@@ -71,9 +71,11 @@ class SweepParts:
 
     @staticmethod
     def _from_json(part: dict[str, Any], layer: int, ks: Sequence[int]) -> LayerResult:
+        plain = torch.tensor(part["group_plain"], dtype=torch.float64)  # (G, r)
+        assert plain.dim() == 2 and plain.shape[0] == len(part["group_rows"]), tuple(plain.shape)
         return LayerResult(layer=layer, heads=[head_from_row(r, ks) for r in part["head_rows"]],
                            groups=[group_from_row(r, ks) for r in part["group_rows"]],
-                           group_plain=torch.tensor(part["group_plain"], dtype=torch.float64),
+                           group_plain=plain,
                            group_white=_tensor(part["group_white"]),
                            group_white_heldout=_tensor(part.get("group_white_heldout")))
 
