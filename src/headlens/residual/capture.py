@@ -56,7 +56,7 @@ def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, wan
     hook = attention_input_hook(spec)
     attn = find_module(model, spec, layer, hook.module)
     if not prompt.strip():
-        raise HeadlensError("--prompt is empty")
+        raise HeadlensError("`prompt` is empty")
     ids, tokens = prompt_ids(tokenizer, prompt, max_positions(model), truncate=truncate)
     seen: dict[str, torch.Tensor] = {}
 
@@ -226,7 +226,7 @@ def prompt_ids(tokenizer, prompt: str, max_positions: int | None, truncate: bool
     if max_positions and ids.shape[1] > max_positions:
         if not truncate:
             raise HeadlensError(f"the prompt has {ids.shape[1]} tokens but the model takes at most {max_positions}: "
-                                f"shorten it or pass --truncate")
+                                f"shorten it or pass `truncate`")
         ids = ids[:, :max_positions]
     return ids, [tokenizer.decode([int(t)]) for t in ids[0]]
 

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from headlens.errors import HeadlensError
-from headlens.toy.traces import load_traces  # noqa: F401  (cli/ov reads trace files through this name)
 
 
 @dataclass
