@@ -1,14 +1,65 @@
 """headlens: open up the attention heads and the residual stream of transformer checkpoints.
 
-Library entry points (no side effects at import time):
+The library behind the ``headlens`` command, usable from a notebook in a few lines::
 
-- :func:`headlens.loading.open_model` resolves a checkpoint (file, directory, hub repo, embedded default).
-- :func:`headlens.ov.analyze_ov` computes one head's OV circuit report.
-- :mod:`headlens.circuits.spectrum` holds the factored SVD and the latent-cache error measures.
+    import headlens as hl
+
+    src = hl.ModelSource()                    # the embedded all-MiniLM-L6-v2; or weights="dir", hf_repo="ORG/NAME"
+    head = hl.analyze_head(src, hl.OVConfig(layer=3, head=5, latent_dim=8, prompt="Octopuses have three hearts."))
+    head.rank, head.cache_error, head.data_aware.whitened_error
+
+    sweep = hl.run_sweep(src, hl.SweepConfig(calibration=["Some calibration text ..."], target_error=0.3))
+    sphere = hl.sphere_from_model(src, hl.SphereConfig(prompt="The Eiffel Tower ..."))
+    routing = hl.route(hl.ModelSource(weights="path/to/moe-dir"), ["a text", "another"])
+
+Every entry point returns a plain dataclass (``.to_json()`` where the command writes JSON); bad arguments raise
+:class:`HeadlensError` naming the parameter. Importing ``headlens`` is cheap and has no side effects: the
+names below load their modules on first use.
 """
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
 from headlens.errors import HeadlensError  # noqa: E402
 
-__all__ = ["HeadlensError", "__version__"]
+# name -> module that defines it: the notebook-facing API.
+_API = {
+    "ModelSource": "headlens.io.source",
+    "Checkpoint": "headlens.io.checkpoint",
+    "open_model": "headlens.io.checkpoint",
+    "OVConfig": "headlens.circuits.ov",
+    "OVResult": "headlens.circuits.ov",
+    "analyze_head": "headlens.circuits.ov",
+    "analyze_ov": "headlens.circuits.ov",
+    "SweepConfig": "headlens.circuits.sweep",
+    "SweepResult": "headlens.circuits.sweep",
+    "run_sweep": "headlens.circuits.sweep",
+    "SphereConfig": "headlens.residual.sphere",
+    "SphereResult": "headlens.residual.sphere",
+    "sphere_from_model": "headlens.residual.sphere",
+    "sphere_from_stream": "headlens.residual.sphere",
+    "record_sites": "headlens.residual.capture",
+    "capture_attention_inputs": "headlens.residual.capture",
+    "trace_model_layer": "headlens.residual.tracing",
+    "RouterConfig": "headlens.moe.router",
+    "RouterResult": "headlens.moe.router",
+    "route": "headlens.moe.router",
+    "load_dump": "headlens.moe.dump",
+}
+
+__all__ = ["HeadlensError", "__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'headlens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
