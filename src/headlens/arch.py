@@ -18,7 +18,7 @@ Each spec's :class:`Layout` says which tensors hold q/k/v/o and how their rows a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from headlens.errors import HeadlensError
@@ -201,22 +201,21 @@ class ArchSpec:
     # Norm whose output feeds the attention: relative to the same layer (pre-norm families), or, for
     # post-norm encoders, the previous layer's output norm (``prev_norm``) and the embedding norm.
     norm: str | None = "input_layernorm.weight"
-    prev_norm: str | None = None
+    prev_norm: str | None = None  # post-norm encoders: the previous layer's output norm feeds attention
     first_norm: str | None = None  # relative to the prefix (outside the layer list)
     norm_offset: float = 0.0  # Gemma RMSNorm multiplies by (1 + weight)
-    decoder: bool = True
+    decoder: bool = True  # a causal decoder (False: a bidirectional encoder such as BERT)
     # Residual structure of one layer and the modules (relative to the layer) whose hooks give each site:
     #   "pre": x + attn(norm(x)), then + mlp(norm(.))              (Llama, Qwen, Mistral, MoE families, GPT-2)
     #   "sandwich": like "pre" but each branch output is normed before the add           (Gemma 2/3)
     #   "parallel": x + attn(norm1(x)) + mlp(norm2(x))                                    (GPT-NeoX)
     #   "post": norm(x + attn(x)), then norm(. + mlp(.))                                  (BERT)
-    residual: str = "pre"
+    residual: str = "pre"  # one of the four residual structures above
     attn_out: str = "self_attn"  # forward hook, output (or output[0]): what attention adds to the stream
     mlp_out: str = "mlp"  # forward hook, output: what the MLP adds to the stream
     mid_input: str | None = "post_attention_layernorm"  # forward pre-hook, first input: resid_mid
     final_norm: str | None = "norm"  # relative to the layer list's parent; forward hook, output
     parallel_flag: str | None = None  # config flag that turns the residual "parallel" (then no resid_mid)
-    aliases: tuple[str, ...] = field(default=())
 
 
 _LLAMA = dict(layers_path="layers", layout=SEPARATE)
@@ -236,41 +235,18 @@ SPECS: dict[str, ArchSpec] = {
     "gemma2": ArchSpec("Gemma 2", norm_offset=1.0, **_SANDWICH, **_LLAMA),
     "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, **_SANDWICH, **_LLAMA),
     "phi3": ArchSpec("Phi-3", layers_path="layers", layout=FUSED_CONCAT),
-    "gpt2": ArchSpec(
-        "GPT-2",
-        layers_path="h",
-        layout=CONV1D,
-        attn_module="attn",
-        norm="ln_1.weight",
-        attn_out="attn",
-        mid_input="ln_2",
-        final_norm="ln_f",
-    ),
-    "gpt_neox": ArchSpec(
-        "GPT-NeoX/Pythia",
-        layers_path="layers",
-        layout=INTERLEAVED,
-        attn_module="attention",
-        residual="parallel",
-        attn_out="attention",
-        final_norm="final_layer_norm",
-        parallel_flag="use_parallel_residual",
-    ),
-    "bert": ArchSpec(
-        "BERT",
-        layers_path="encoder.layer",
-        layout=BERT_SEPARATE,
-        attn_module="attention.self",
-        norm=None,
-        prev_norm="output.LayerNorm.weight",
-        first_norm="embeddings.LayerNorm.weight",
-        decoder=False,
-        residual="post",
-        attn_out="attention.output.dense",
-        mlp_out="output.dense",
-        mid_input="intermediate",
-        final_norm=None,
-    ),
+    # Each entry below: where the weights are, then the norm feeding attention, then the residual sites.
+    "gpt2": ArchSpec("GPT-2", layers_path="h", layout=CONV1D, attn_module="attn",
+                     norm="ln_1.weight",
+                     attn_out="attn", mid_input="ln_2", final_norm="ln_f"),
+    "gpt_neox": ArchSpec("GPT-NeoX/Pythia", layers_path="layers", layout=INTERLEAVED, attn_module="attention",
+                         residual="parallel", parallel_flag="use_parallel_residual",
+                         attn_out="attention", final_norm="final_layer_norm"),
+    "bert": ArchSpec("BERT", layers_path="encoder.layer", layout=BERT_SEPARATE, attn_module="attention.self",
+                     norm=None, prev_norm="output.LayerNorm.weight", first_norm="embeddings.LayerNorm.weight",
+                     decoder=False, residual="post",
+                     attn_out="attention.output.dense", mlp_out="output.dense", mid_input="intermediate",
+                     final_norm=None),
 }
 SPECS["roberta"] = SPECS["bert"]
 SPECS["xlm-roberta"] = SPECS["bert"]

@@ -21,6 +21,13 @@ def int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
 
 
+def command_parser(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """The subcommand ``name`` with the model flags every command that reads a checkpoint shares."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_model_args(p)
+    return p
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags every command shares to pick a checkpoint."""
     g = p.add_argument_group("model (default: the embedded all-MiniLM-L6-v2 checkpoint)")

@@ -6,18 +6,15 @@ import argparse
 import re
 from pathlib import Path
 
-from headlens.cli.common import int_arg, model_source
+from headlens.cli.common import command_parser, int_arg, model_source
 
 
 def add_parser(sub) -> None:
-    from headlens.cli.common import add_model_args
-
-    p = sub.add_parser("diagram", help="print the model and draw one decoder layer: modules, norms, skip connections",
+    p = command_parser(sub, "diagram", help="print the model and draw one decoder layer: modules, norms, skip connections",
                        description="Print the model as print(model) does, then derive one decoder layer's structure "
                                    "from a traced forward (modules in order with their shapes, the norms, where each "
                                    "skip connection branches off and joins back), save it as PNG and Mermaid, and "
                                    "say which module and hook capture each residual site.")
-    add_model_args(p)
     p.add_argument("--layer", type=int_arg, default=0, help="layer index (default 0)")
     p.add_argument("--out-dir", default="headlens-out", metavar="DIR",
                    help="directory for the PNG, the Mermaid text and JSON (default headlens-out)")

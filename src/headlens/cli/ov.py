@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from headlens.cli.common import add_model_args, int_arg, model_source
+from headlens.cli.common import command_parser, int_arg, model_source
 
 
 def add_parser(sub) -> None:
-    ov = sub.add_parser("ov", help="one head's OV circuit: rank, spectrum, latent-cache error, heatmap",
-                        description="Isolate one attention head, build its OV circuit W_OV = W_O^h W_V^g, "
+    ov = command_parser(sub, "ov", help="one head's OV circuit: rank, spectrum, latent-cache error, heatmap",
+                       description="Isolate one attention head, build its OV circuit W_OV = W_O^h W_V^g, "
                                     "report its spectrum and the error of a rank-k latent cache.")
-    add_model_args(ov)
     ov.add_argument("--layer", type=int_arg, default=0, help="layer index (default 0)")
     ov.add_argument("--head", type=int_arg, default=0, help="query head index (default 0)")
     ov.add_argument("--latent-dim", type=int_arg, default=None, metavar="K",

@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from headlens.cli.common import add_model_args, model_source
+from headlens.cli.common import command_parser, model_source
 from headlens.errors import HeadlensError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("router", help="mixture-of-experts router statistics and dumps",
+    p = command_parser(sub, "router", help="mixture-of-experts router statistics and dumps",
                        description="Run text through a MoE checkpoint and report, per MoE layer, expert load, "
                                    "entropies, co-activation, repetition, layer-to-layer transitions and the "
                                    "token x expert dispatch structure.")
-    add_model_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", metavar="TEXT", help="text to route (default: the notebook's prompt)")
     g.add_argument("--prompt-file", metavar="FILE", help="one text per line (batched)")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from headlens.cli.common import model_source
+from headlens.cli.common import command_parser, model_source
 from headlens.errors import HeadlensError
 from headlens.prompts import NOTEBOOK_PROMPT
 
@@ -17,12 +17,9 @@ SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")  # residual.sphere.SPHER
 
 
 def add_parser(sub) -> None:
-    from headlens.cli.common import add_model_args
-
-    p = sub.add_parser("sphere", help="the residual stream of every layer on the unit sphere (GIF, HTML, metrics)",
+    p = command_parser(sub, "sphere", help="the residual stream of every layer on the unit sphere (GIF, HTML, metrics)",
                        description="Run a prompt, take each layer's residual stream, project it by PCA onto 3 "
                                    "components and the unit sphere, animate the layers, and measure clustering.")
-    add_model_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", metavar="TEXT", help="text to run (default: the notebook's prompt)")
     g.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a text file")

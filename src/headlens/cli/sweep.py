@@ -6,18 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from headlens.cli.common import model_source
+from headlens.cli.common import command_parser, model_source
 from headlens.errors import HeadlensError
 
 
 def add_parser(sub) -> None:
-    from headlens.cli.common import add_model_args
-
-    p = sub.add_parser("sweep", help="every head of every layer: OV/QK spectra, kv groups, latent-cache budget",
+    p = command_parser(sub, "sweep", help="every head of every layer: OV/QK spectra, kv groups, latent-cache budget",
                        description="Sweep all layers and heads: factored OV and QK spectra, ranks at energy "
                                    "levels, stacked kv-group operators, optional data-aware (whitened) latents, "
                                    "and the KV-cache budget of an MLA-style latent per layer and kv group.")
-    add_model_args(p)
     p.add_argument("--layers", metavar="SEL", help="layers to sweep: 0:12 (slice), 1,4,9, or all (default)")
     p.add_argument("--k", default=None, metavar="K,K,...",
                    help="latent sizes to report (default 8,16,32,64, those not above head_dim)")

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from headlens.errors import HeadlensError
 
 if TYPE_CHECKING:
-    from headlens.toy.run import ToyHeadOV
     from headlens.toy.stack import Planting, ToyConfig
     from headlens.toy.traces import TraceInputs
 
@@ -101,6 +100,7 @@ def _trace_inputs(args) -> TraceInputs:
 
 def cmd_create(args) -> int:
     from headlens.io.files import check_writable_dir
+    from headlens.report.toy import create_lines
     from headlens.toy.stack import build_toy, save_toy
 
     out = Path(args.out)
@@ -109,13 +109,7 @@ def cmd_create(args) -> int:
     check_writable_dir(out.parent)
     model, planted = build_toy(_toy_config(args), args.seed, _planting(args))
     save_toy(model, out)
-    c = model.cfg
-    print(f"toy: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} query heads, {c.n_kv_heads} kv heads, "
-          f"head_dim {c.head_dim}, causal={c.causal}, rope={c.rope}, pre_norm={c.pre_norm}, residual={c.residual}")
-    if planted is not None:
-        print("planted W_OV singular values: " + " ".join(f"{v:.3e}" for v in planted.tolist()))
-    print(f"saved toy -> {out} (config: {out}.toy.json); analyse it with: headlens ov --weights {out} "
-          f"--num-heads {c.n_heads}")
+    print("\n".join(create_lines(model.cfg, planted, out)))
     return 0
 
 
@@ -140,6 +134,7 @@ def cmd_trace(args) -> int:
 def cmd_cluster(args) -> int:
     from headlens.io.files import check_writable_dir
     from headlens.report.cluster import write_cluster_demo
+    from headlens.report.toy import cluster_lines
     from headlens.toy.cluster import ClusterConfig, run_demo
 
     given = {"tokens": args.tokens, "dim": args.dim, "layers": args.depth, "beta": args.beta, "seed": args.seed}
@@ -152,27 +147,15 @@ def cmd_cluster(args) -> int:
     check_writable_dir(out_dir)
     demo = run_demo(cfg)
     files = write_cluster_demo(demo, out_dir, frame_seconds=args.frame_seconds)
-    print(f"clustering demo: {cfg.tokens} tokens in {cfg.dim} dims, {cfg.layers} shared-weight layers, beta "
-          f"{cfg.beta:g}")
-    for m in demo.sphere.metrics:
-        print(f"layer {m.layer:3d}: mean cos {m.mean_cos:.3f}  clusters {m.n_clusters}  eff. rank "
-              f"{m.effective_rank:.2f}")
-    print("\n".join(files.lines()))
-    print("\n".join(demo.summary))
+    print("\n".join(cluster_lines(cfg, demo, files)))
     return 0
-
-
-def _head_line(h: ToyHeadOV, planted: bool) -> str:
-    return (f"layer {h.layer} head {h.head}: rank {h.rank}  rel_error {h.rel_error:.3e}  plain cache_error "
-            f"{h.cache_error_plain:.3e}  data-aware {h.data_aware_error:.3e} (held-out "
-            f"{h.heldout_data_aware:.3e} vs plain {h.heldout_plain:.3e})"
-            + (f"  |sigma - planted| / sigma_1 = {h.planted_max_rel_dev:.1e}" if planted else ""))
 
 
 def cmd_run(args) -> int:
     """create -> trace -> ov on every head with the traced inputs -> sphere on the traced stream."""
     from headlens.io.files import check_writable_dir, write_json
     from headlens.report.sphere import sphere_lines, write_sphere_outputs
+    from headlens.report.toy import run_lines
     from headlens.residual.sphere import SphereConfig
     from headlens.toy.run import run_toy
     from headlens.toy.traces import sphere_from_traces
@@ -180,13 +163,8 @@ def cmd_run(args) -> int:
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
     run = run_toy(_toy_config(args), _trace_inputs(args), out_dir, args.seed, _planting(args), args.latent_dim)
-    c = run.config
-    lines = [f"toy: {c.n_layers} layers, {c.n_heads} heads ({c.n_kv_heads} kv), head_dim {c.head_dim}; "
-             f"{run.n_tokens} {run.inputs} tokens; latent_dim {run.latent_dim}"]
-    lines += [_head_line(h, run.planted is not None) for h in run.heads]
     jpath = write_json(out_dir / "toy_ov.json", run.to_json())
-    print("\n".join(lines + [f"saved toy -> {run.weights}", f"saved traces -> {run.traces}",
-                             f"saved json -> {jpath}"]), flush=True)
+    print("\n".join(run_lines(run, jpath)), flush=True)
     result = sphere_from_traces(str(run.traces), SphereConfig(labels=False, workers=1))
     print("\n".join(sphere_lines(result)), flush=True)
     files = write_sphere_outputs(result, out_dir / "sphere")
