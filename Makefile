@@ -37,6 +37,8 @@ demo: $(VENV)/.installed
 	@ls -l $(OUT)
 
 test: $(VENV)/.installed
+	$(BIN)/lint-imports          # the house rules: computation never imports report/ or cli/, only report/ draws
+	$(BIN)/ruff check src tests bench
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 clean:

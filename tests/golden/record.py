@@ -13,7 +13,7 @@ Record (with the code whose output is the reference on ``PYTHONPATH``)::
     HF_HUB_OFFLINE=1 python tests/golden/record.py --record --golden-dir /tmp/again   # e.g. to diff two runs
     HF_HUB_OFFLINE=1 python tests/golden/record.py --check [--only NAME ...]          # compare, print diffs
 
-Imported by ``tests/test_golden_outputs.py``, which runs the same cases against the current code. Only
+Imported by ``tests/cli/test_golden_outputs.py``, which runs the same cases against the current code. Only
 ``headlens.cli.main`` and ``headlens.errors.HeadlensError`` are imported from the package, so the recordings stay
 usable however the package is organised inside.
 

@@ -17,7 +17,7 @@ from headlens.errors import HeadlensError
 from headlens.prompts import NOTEBOOK_PROMPT
 from headlens.residual.sphere import SphereConfig, clustering_metrics, project
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 SEED = SHARED / "seeds" / "003_7fa2463b6aad0c9a.txt"
 QWEN_TOKENIZER = SHARED / "data" / "qwen3-tokenizer"
 SHORT = "The true meaning of life is absurdity and suffering. Octopuses have three hearts, and two stop when they swim."

@@ -153,7 +153,7 @@ def test_cluster_demo_centred_picture(tmp_path):
 def test_cluster_demo_page_carries_every_frame_and_token(tmp_path, center):
     """The page's own data: one plotly frame per pictured layer, each with every token's label, hover text,
     position and unit point, and a title naming its layer and picture."""
-    from test_sphere_html import figure_from_page
+    from pages import figure_from_page
 
     demo = run_demo(ClusterConfig(tokens=16, dim=6, layers=40), center=center, max_frames=7)
     assert len(demo.frame_layers) == 7 and demo.frame_layers[0] == 0 and demo.frame_layers[-1] == 40

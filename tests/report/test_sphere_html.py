@@ -3,7 +3,6 @@ and a headless-Chromium render (skipped with a message where Chromium is not ins
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from headlens.errors import HeadlensError
 from headlens.report.sphere_html import write_sphere_html
+from pages import figure_from_page
 
 NASTY = [
     "<s>",
@@ -60,28 +60,6 @@ def make_frames(layers=LAYERS, tokens=NASTY, seed=0, drop=True, site="resid_pre"
 def make_metrics(layers=LAYERS):
     return [{"layer": L, "mean_cos": 0.1 * L, "n_clusters": L % 3 + 1, "effective_rank": 2.9 - 0.1 * L}
             for L in layers]
-
-
-def figure_from_page(html: str):
-    """(data, layout, config, frames) decoded from the page's Plotly.newPlot / Plotly.addFrames calls."""
-    dec = json.JSONDecoder()
-
-    def args_after(marker: str, count: int):
-        """The JSON arguments after the first (the div id, quoted either way) of the last ``marker`` call."""
-        start = html.rindex(marker) + len(marker)
-        first = re.compile(r"\s*(['\"])headlens-sphere\1").match(html, start)
-        assert first, html[start:start + 200]
-        i, out = first.end(), []
-        for _ in range(count):
-            while html[i] in " \n\t,":
-                i += 1
-            obj, i = dec.raw_decode(html, i)
-            out.append(obj)
-        return out
-
-    data, layout, config = args_after("Plotly.newPlot(", 3)
-    (frames,) = args_after("Plotly.addFrames(", 1)
-    return data, layout, config, frames
 
 
 def figure_json_part(html: str) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MB = 1024 * 1024
 
 # A small variant of Qwen3 (float32): 58 layers of 10.5 MB of attention weights each (~610 MB on disk).
