@@ -29,7 +29,7 @@ class BudgetTarget:
         """Smallest latent size meeting the target for one spectrum S (r,)."""
         r = S.shape[-1]
         if self.kind == "energy":
-            return int(rank_at_energy(cumulative_energy(S), self.value))
+            return int(rank_at_energy(cumulative_energy(S), self.value, S))
         sq = S.to(torch.float64) ** 2
         tot = float(sq.sum())
         if tot <= 0:
@@ -152,10 +152,12 @@ class Budget:
 
 
 def _heldout(r: LayerResult, g: int, k: int) -> float | None:
-    """Held-out error of group g's data-aware latent of size k (1.0 at k = 0)."""
+    """Held-out error of group g's data-aware latent of size k (1.0 at k = 0, 0.0 for a zero group)."""
     if r.group_white_heldout is None:
         return None
-    return 1.0 if k <= 0 else float(r.group_white_heldout[g, min(k, r.group_white_heldout.shape[1]) - 1])
+    if k <= 0:  # no latent: the whole output is lost, which is nothing for a zero (pruned) group
+        return 0.0 if float(r.group_plain[g, 0]) == 0 else 1.0
+    return float(r.group_white_heldout[g, min(k, r.group_white_heldout.shape[1]) - 1])
 
 
 def _uniform_split(total: int, n: int, cap: int) -> list[int]:

@@ -75,16 +75,20 @@ def condition_numbers(S: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
 
 
 def cumulative_energy(S: torch.Tensor) -> torch.Tensor:
-    """``E_k`` for k = 1..r along the last axis (squares of the singular values)."""
+    """``E_k`` for k = 1..r along the last axis (squares of the singular values). A zero operator (a pruned
+    head) has ``E_k = 1`` for every k: any latent, even an empty one, keeps it exactly (``rel_error`` 0)."""
     sq = S.to(torch.float64) ** 2
     total = sq.sum(-1, keepdim=True)
-    return torch.cumsum(sq, -1) / torch.where(total > 0, total, torch.ones_like(total))
+    E = torch.cumsum(sq, -1) / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, E, torch.ones_like(E))
 
 
-def rank_at_energy(E: torch.Tensor, level: float) -> torch.Tensor:
-    """Smallest k with ``E_k >= level`` from cumulative energies E (..., r); at most r. Returns (...,)."""
+def rank_at_energy(E: torch.Tensor, level: float, S: torch.Tensor | None = None) -> torch.Tensor:
+    """Smallest k with ``E_k >= level`` from cumulative energies E (..., r); at most r. Returns (...,).
+    Given the singular values S (..., r), a zero operator gets 0 (it needs no latent at all)."""
     r = E.shape[-1]
-    return ((E < level - 1e-12).sum(-1) + 1).clamp(max=r)
+    k = ((E < level - 1e-12).sum(-1) + 1).clamp(max=r)
+    return k if S is None else torch.where(S[..., 0] > 0, k, torch.zeros_like(k))
 
 
 def tail_ratio(S: torch.Tensor, k: int) -> torch.Tensor:
@@ -113,7 +117,8 @@ def subspace_errors(U: torch.Tensor, T: torch.Tensor, ks: list[int]) -> torch.Te
     out = []
     for k in ks:
         kept = cum[..., min(k, r) - 1] if k > 0 else torch.zeros_like(tot)
-        out.append(torch.sqrt((1 - kept / torch.where(tot > 0, tot, torch.ones_like(tot))).clamp_min(0)))
+        err = torch.sqrt((1 - kept / torch.where(tot > 0, tot, torch.ones_like(tot))).clamp_min(0))
+        out.append(torch.where(tot > 0, err, torch.zeros_like(err)))  # nothing to project: no error
     return torch.stack(out, -1)
 
 

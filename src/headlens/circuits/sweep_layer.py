@@ -61,7 +61,7 @@ def spectra(S: torch.Tensor, d: int, eps: float, ks: list[int] | None, levels=OV
     cols = {"rank": rank.tolist(), "sigma_max": S[..., 0].tolist(),
             "frobenius": torch.linalg.norm(S, dim=-1).tolist() if "frobenius" in fields else None,
             "condition": condition_numbers(S, rank).tolist() if "condition" in fields else None}
-    at = {p: rank_at_energy(E, p / 100).tolist() for p in levels}
+    at = {p: rank_at_energy(E, p / 100, S).tolist() for p in levels}
     energy = {k: E[..., min(k, E.shape[-1]) - 1].tolist() for k in ks or []}
     rel = {k: tail_ratio(S, k).tolist() for k in ks or []}
     return [Spectrum(**{f: cols[f][i] for f in fields}, rank_at={p: v[i] for p, v in at.items()},

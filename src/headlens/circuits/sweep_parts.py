@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,6 +44,16 @@ def _list(t: torch.Tensor | None):
     return None if t is None else t.tolist()
 
 
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A table row as strict JSON: the one non-finite value a row holds, the condition number of a rank-0
+    operator (inf), is written as null (read back by :func:`_table_row`)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def _table_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: float("inf") if v is None and k.endswith("_condition") else v for k, v in row.items()}
+
+
 class SweepParts:
     """The per-layer parts of one sweep's output directory."""
 
@@ -73,8 +84,8 @@ class SweepParts:
     def _from_json(part: dict[str, Any], layer: int, ks: Sequence[int]) -> LayerResult:
         plain = torch.tensor(part["group_plain"], dtype=torch.float64)  # (G, r)
         assert plain.dim() == 2 and plain.shape[0] == len(part["group_rows"]), tuple(plain.shape)
-        return LayerResult(layer=layer, heads=[head_from_row(r, ks) for r in part["head_rows"]],
-                           groups=[group_from_row(r, ks) for r in part["group_rows"]],
+        return LayerResult(layer=layer, heads=[head_from_row(_table_row(r), ks) for r in part["head_rows"]],
+                           groups=[group_from_row(_table_row(r), ks) for r in part["group_rows"]],
                            group_plain=plain,
                            group_white=_tensor(part["group_white"]),
                            group_white_heldout=_tensor(part.get("group_white_heldout")))
@@ -86,8 +97,8 @@ class SweepParts:
 
     def save(self, result: LayerResult) -> Path:
         """Write one finished layer; returns its path."""
-        part = {"head_rows": [head_row(h) for h in result.heads],
-                "group_rows": [group_row(g) for g in result.groups],
+        part = {"head_rows": [_json_row(head_row(h)) for h in result.heads],
+                "group_rows": [_json_row(group_row(g)) for g in result.groups],
                 "group_plain": result.group_plain.tolist(), "group_white": _list(result.group_white),
                 "group_white_heldout": _list(result.group_white_heldout)}
         return write_json(self.layer_path(result.layer), part)
