@@ -52,7 +52,8 @@ class LayerStats:
     load_entropy_norm: float  # H(load share) / log E
     routing_entropy_norm: float  # mean over tokens of H(routing distribution) / log E
     routing_entropy_kind: str  # which distribution that is (see routing_distribution)
-    repeat_consecutive: float  # mean |S_t ∩ S_{t+1}| / k over consecutive tokens of the same text
+    repeat_consecutive: float | None  # mean |S_t ∩ S_{t+1}| / k over consecutive tokens of the same text;
+    #                                   None when no text has two tokens (nothing to compare)
     coactivation: list[list[float]]  # (E, E) P(j | i) over all top-k pairs of a token (diagonal 0)
 
 
@@ -77,10 +78,10 @@ def layer_stats(r: RouterLayer, num_experts: int, rule: str) -> LayerStats:
         load_cv=float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0,
         load_max_over_mean=float(counts.max() / mean) if mean > 0 else 0.0,
         dead_experts=torch.nonzero(counts == 0).flatten().tolist(),
-        load_entropy_norm=float(_entropy(share) / math.log(E)),
-        routing_entropy_norm=float(_entropy(dist).mean() / math.log(E)),
+        load_entropy_norm=float(_entropy(share) / math.log(E)) if E > 1 else 1.0,  # one expert: uniform
+        routing_entropy_norm=float(_entropy(dist).mean() / math.log(E)) if E > 1 else 0.0,
         routing_entropy_kind=kind,
-        repeat_consecutive=float(overlap[same].mean()) if bool(same.any()) else float("nan"),
+        repeat_consecutive=float(overlap[same].mean()) if bool(same.any()) else None,
         coactivation=cond.tolist(),
     )
 

@@ -50,6 +50,11 @@ def write_router_outputs(result: RouterResult, out_dir: Path) -> RouterFiles:
     return RouterFiles(dump=st, dump_json=js, csv=csv_path, figures=pngs, page=page)
 
 
+def _overlap(s: LayerStats, fmt: str, missing: str = "n/a") -> str:
+    """The consecutive-token overlap, or ``missing`` when no text had two tokens."""
+    return missing if s.repeat_consecutive is None else format(s.repeat_consecutive, fmt)
+
+
 def summary_lines(result: RouterResult, files: RouterFiles) -> list[str]:
     """What ``headlens router`` prints: the model line, one line per MoE layer, the definitions, the files."""
     r = result.report
@@ -59,9 +64,12 @@ def summary_lines(result: RouterResult, files: RouterFiles) -> list[str]:
     for s in r.stats:
         lines.append(f"layer {s.layer:3d}: load CV {s.load_cv:.3f}  max/mean {s.load_max_over_mean:.2f}  "
                      f"dead {len(s.dead_experts)}  load entropy {s.load_entropy_norm:.3f}  routing entropy "
-                     f"{s.routing_entropy_norm:.3f}  consecutive overlap {s.repeat_consecutive:.3f}")
+                     f"{s.routing_entropy_norm:.3f}  consecutive overlap {_overlap(s, '.3f')}")
     lines.append(f"routing entropy = mean over tokens of H({r.stats[0].routing_entropy_kind}) / log E; load entropy "
                  f"= H(load share) / log E (1 = uniform load)")
+    if any(s.repeat_consecutive is None for s in r.stats):
+        lines.append("consecutive overlap n/a: no text has two tokens, so there are no consecutive tokens to compare "
+                     "(null in the JSON, empty in the CSV)")
     lines.extend(f"saved -> {p}" for p in files.all())
     return lines
 
@@ -76,7 +84,7 @@ def stats_csv(stats: list[LayerStats]) -> str:
     for s in stats:
         w.writerow([s.layer, s.tokens, s.experts, s.top_k, f"{s.load_cv:.6g}", f"{s.load_max_over_mean:.6g}",
                     len(s.dead_experts), f"{s.load_entropy_norm:.6g}", f"{s.routing_entropy_norm:.6g}",
-                    f"{s.repeat_consecutive:.6g}"] + [f"{x:.6g}" for x in s.load_share])
+                    _overlap(s, ".6g", "")] + [f"{x:.6g}" for x in s.load_share])
     return buf.getvalue()
 
 
@@ -132,7 +140,8 @@ def save_entropies(path: Path, stats: list[LayerStats], name: str) -> Path:
     ls = [s.layer for s in stats]
     ax.plot(ls, [s.load_entropy_norm for s in stats], marker="o", label="load entropy H(f)/log E")
     ax.plot(ls, [s.routing_entropy_norm for s in stats], marker="s", label="mean routing entropy / log E")
-    ax.plot(ls, [s.repeat_consecutive for s in stats], marker=".", ls=":", label="consecutive-token overlap")
+    ax.plot(ls, [float("nan") if s.repeat_consecutive is None else s.repeat_consecutive for s in stats],
+            marker=".", ls=":", label="consecutive-token overlap")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("MoE layer")
     ax.legend(fontsize=8)
@@ -181,7 +190,7 @@ def write_page(path: Path, result: RouterResult, pngs: list[Path]) -> Path:
                    f'{base64.b64encode(p.read_bytes()).decode()}">' for p in pngs)
     rows = "".join(f"<tr><td>{s.layer}</td><td>{s.load_cv:.3f}</td><td>{s.load_max_over_mean:.2f}</td>"
                    f"<td>{len(s.dead_experts)}</td><td>{s.load_entropy_norm:.3f}</td>"
-                   f"<td>{s.routing_entropy_norm:.3f}</td><td>{s.repeat_consecutive:.3f}</td></tr>"
+                   f"<td>{s.routing_entropy_norm:.3f}</td><td>{_overlap(s, '.3f')}</td></tr>"
                    for s in report.stats)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(name)} router</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} .text{{line-height:1.9}}
