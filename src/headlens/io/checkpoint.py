@@ -98,7 +98,28 @@ def read_config(path: Path) -> dict:
         raise HeadlensError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise HeadlensError(f"{path} is not a model config (not a JSON object)")
+    check_config_fields(config, path)
     return config
+
+
+# Config fields that give a size: when present (and not null) each must be a positive integer.
+SIZE_FIELDS = ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "num_kv_heads", "head_dim",
+               "attention_head_size", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer",
+               "num_layers", "vocab_size")
+
+
+def check_config_fields(config: dict, path: Path | str = "config.json") -> None:
+    """Refuse (naming the field) a size field of ``config`` (or its ``text_config``) that is not a positive
+    integer, e.g. ``"num_attention_heads": 0`` or ``"four"``."""
+    for where, cfg in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(cfg, dict):
+            continue
+        for name in SIZE_FIELDS:
+            value = cfg.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise HeadlensError(f"{path}: {where}{name} is {json.dumps(value)}; it must be a positive integer")
 
 
 # ---------------------------------------------------------------------------------------------- shape
@@ -128,13 +149,15 @@ class _ConfigShape:
     @classmethod
     def read(cls, config: dict | None) -> "_ConfigShape":
         cfg = _text_config(config) if config else {}
-        heads = _first(cfg, "num_attention_heads", "n_head", "num_heads")
+        heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")  # n_heads: DistilBERT
         kv = _first(cfg, "num_key_value_heads", "num_kv_heads")
-        if kv is None and heads is not None:
-            kv = 1 if cfg.get("multi_query") else heads
+        if cfg.get("multi_query") and not cfg.get("new_decoder_architecture"):
+            kv = 1  # GPTBigCode, Falcon-7B: one kv head (Falcon's num_kv_heads then repeats the query heads)
+        elif kv is None and heads is not None:
+            kv = heads
         return cls(heads=heads, kv_heads=kv, head_dim=_first(cfg, "head_dim", "attention_head_size"),
-                   hidden=_first(cfg, "hidden_size", "n_embd", "d_model"),
-                   layers=_first(cfg, "num_hidden_layers", "n_layer", "num_layers"))
+                   hidden=_first(cfg, "hidden_size", "n_embd", "d_model", "dim"),  # dim: DistilBERT
+                   layers=_first(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers"))
 
 
 def _query_heads(cfg: _ConfigShape, config: dict | None, auto_infer: bool, num_heads: int | None,

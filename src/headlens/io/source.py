@@ -35,6 +35,14 @@ class ModelSource:
     num_kv_heads: int | None = None  # kv heads (GQA/MQA), for a bare state dict
     trust_remote_code: bool = False  # allow a hub repo's own modeling code (never unless asked for)
 
+    def __post_init__(self) -> None:
+        if self.weights is not None and self.hf_repo is not None:
+            raise HeadlensError("give either `weights` or `hf_repo`, not both")
+        for name in ("revision", "cache_dir"):  # hub-only settings are refused rather than ignored
+            if getattr(self, name) is not None and self.hf_repo is None:
+                where = f"`weights` {self.weights}" if self.weights is not None else "the embedded default model"
+                raise HeadlensError(f"`{name}` applies to `hf_repo` only; {where} is read from disk as it is")
+
     def checkpoint(self, layers: list[int] | None = None, full: bool = False,
                    roles: tuple[str, ...] = ("v", "o", "qkv", "norm")) -> Checkpoint:
         """Open the weights lazily. ``layers``/``roles`` limit what a hub repo downloads; ``full`` fetches
