@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -23,7 +23,10 @@ from headlens.arch import ArchSpec
 from headlens.errors import HeadlensError
 from headlens.residual.modules import (count_layers, final_norm, find_layer, find_module, first_tensor,
                                        hidden_states_input)
-from headlens.residual.sites import SITES, SiteHook, attention_input_hook, is_parallel, site_hook
+from headlens.residual.sites import SITES, SiteHook, attention_input_hook, site_hook
+
+if TYPE_CHECKING:
+    from headlens.residual.plan import SitePlan
 
 
 @dataclass
@@ -133,7 +136,8 @@ class SiteRecording:
 
     values: dict[str, dict[int, torch.Tensor]]
     missing: dict[str, str]
-    hooks: dict[str, str]  # site -> "forward pre-hook on <module path>" / "forward hook on ..."
+    hooks: dict[str, str]  # site -> "forward pre-hook on <module path>" / "forward hook on ..." / "by difference"
+    plan: "SitePlan | None" = None  # where each site came from (the trace, or the spec table)
 
 
 def _store(dtype: torch.dtype | None):
@@ -166,56 +170,68 @@ def record_sites(
     sites: tuple[str, ...] | list[str] = ("resid_pre",),
     layers: list[int] | None = None,
     store_dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> Iterator[SiteRecording]:
     """Record named residual-stream sites of ``layers`` (all by default) during forwards inside the block.
 
-    Hooks sit on the unmodified HuggingFace modules, as the hook-site table (:mod:`headlens.residual.sites`)
-    says: ``resid_pre`` is a forward pre-hook on the layer (its ``hidden_states`` input, equal to
-    ``output_hidden_states[l]``), ``resid_post`` a forward hook on the layer, ``resid_mid`` a pre-hook on the
-    module that reads the stream after the attention block, ``attn_out`` / ``mlp_out`` forward hooks on what each
-    branch adds to the stream, ``final`` the final norm's output. Only requested sites are kept, moved to CPU as
-    they arrive (``store_dtype``, e.g. float16, to halve memory). All hooks are removed on exit, also when the
-    forward raises.
+    The sites come from the model's :class:`~headlens.residual.plan.SitePlan` (the hook-site table checked against
+    a traced forward of one layer): ``resid_pre`` is a forward pre-hook on the layer (its ``hidden_states`` input,
+    equal to ``output_hidden_states[l]``), ``resid_post`` a forward hook on the layer, ``resid_mid`` a hook on the
+    module that carries the stream between the two joins, ``attn_out`` / ``mlp_out`` forward hooks on the modules
+    whose outputs are added to the stream, or the difference of the stream around their join where no module
+    outputs what is added (Granite); ``final`` is the final norm's output. Only requested sites are kept, moved to
+    CPU as they arrive (``store_dtype``, e.g. float16, to halve memory).
+
+    With ``verify`` the first forward checks the residual identities of every layer
+    (:mod:`headlens.residual.verify`) and raises HeadlensError, naming the family and the site, when they fail.
+    All hooks are removed on exit, also when the forward raises.
     """
+    from headlens.residual.plan import site_plan
+    from headlens.residual.verify import SiteStream
+
     unknown = [s for s in sites if s not in SITES]
     if unknown:
         raise HeadlensError(f"unknown site {unknown[0]!r}: choose from {', '.join(SITES)}")
-    layers = list(range(count_layers(model, spec))) if layers is None else list(layers)
-    keep = _store(store_dtype)
-    rec = SiteRecording(values={s: {} for s in sites}, missing={}, hooks={})
+    n_layers = count_layers(model, spec)
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    plan = site_plan(model, spec)
+    rec = SiteRecording(values={s: {} for s in sites}, missing={}, hooks={}, plan=plan)
+    for site in (s for s in sites if s != "final"):
+        if site in plan.missing:
+            rec.missing[site] = plan.missing[site]
+        else:
+            rec.hooks[site] = plan.describe(site, spec)
+    stream = SiteStream(plan, rec.values, _store(store_dtype), layers, list(range(n_layers)) if verify else [],
+                        lambda site: plan.describe(site, spec))
     handles: list = []
-    parallel = is_parallel(spec, model.config)
-
-    def saver(site: str, layer: int):
-        def save(x: torch.Tensor) -> None:
-            rec.values[site][layer] = keep(x)
-        return save
-
     try:
-        layer_sites = [s for s in sites if s != "final"]
-        for layer in layers:
+        for layer in sorted(set(layers) | stream.pending):
             _path, mod = find_layer(model, spec, layer)
-            for site in layer_sites:
-                hook = site_hook(spec, site, parallel)
-                if isinstance(hook, str):
-                    rec.missing[site] = hook
-                    continue
+            for site, hook in plan.hooks.items():
                 handles.append(register(mod.get_submodule(hook.module) if hook.module else mod, hook,
-                                        saver(site, layer)))
-                rec.hooks[site] = hook.describe(spec)
+                                        stream.saver(layer, site)))
+            handles.append(mod.register_forward_hook(stream.layer_done(layer, mod)))  # after the site hooks
         if "final" in sites:
-            hook = site_hook(spec, "final", parallel)
-            fin = final_norm(model, spec) if not isinstance(hook, str) else None
-            if isinstance(hook, str) or fin is None:
-                rec.missing["final"] = hook if isinstance(hook, str) else \
-                    f"{spec.family} has no final norm after the last layer"
-            else:
-                handles.append(register(fin[1], hook, saver("final", -1)))
-                rec.hooks["final"] = hook.describe(spec, fin[0])
+            _record_final(model, spec, rec, handles, _store(store_dtype))
         yield rec
     finally:
         for h in handles:
             h.remove()
+
+
+def _record_final(model, spec: ArchSpec, rec: SiteRecording, handles: list, keep) -> None:
+    """Hook the final norm's output into ``rec.values["final"][-1]`` (or say why there is none)."""
+    hook = site_hook(spec, "final")
+    fin = final_norm(model, spec) if not isinstance(hook, str) else None
+    if isinstance(hook, str) or fin is None:
+        rec.missing["final"] = hook if isinstance(hook, str) else f"{spec.family} has no final norm after the last layer"
+        return
+
+    def save(x: torch.Tensor) -> None:
+        rec.values["final"][-1] = keep(x)
+
+    handles.append(register(fin[1], hook, save))
+    rec.hooks["final"] = hook.describe(spec, fin[0])
 
 
 def prompt_ids(tokenizer, prompt: str, max_positions: int | None, truncate: bool = False) -> tuple[torch.Tensor, list[str]]:

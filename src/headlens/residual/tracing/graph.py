@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from headlens.residual.tracing.exact import TracedSites
+
 STYLE_NAMES = {"pre": "pre-norm", "sandwich": "sandwich-norm", "parallel": "parallel", "post": "post-norm"}
 STYLE_HELP = {
     "pre": "each branch reads a norm of the stream; its output is added to the stream unnormed",
@@ -33,6 +35,7 @@ class Node:
     out_shape: list[int] | None = None  # shape of its (first) output in the traced forward
     input_via: str | None = None  # how its main input was passed: "args[0]" | "kwargs['hidden_states']"
     output_kind: str | None = None  # "tensor" | "tuple" (then its output[0] is the hidden states)
+    site: str | None = None  # the residual site its output is (a post-norm's "resid_mid" / "resid_post")
 
 
 @dataclass
@@ -79,6 +82,7 @@ class LayerGraph:
     input_shape: list[int] | None = None  # shape of the layer's hidden-states input in the traced forward
     input_via: str | None = None  # how the layer's hidden states are passed to it
     output_kind: str | None = None  # "tensor" | "tuple": what the layer returns
+    traced: TracedSites | None = None  # the modules that give each site exactly (None: from the template)
     extra: dict = field(default_factory=dict)  # further JSON fields, merged into to_json()
 
     # -- look-ups
@@ -127,7 +131,8 @@ class LayerGraph:
                                    "branch_names": self.names(j.branch),
                                    "terminal_names": self.names(j.terminals)} for j in self.joins],
             "edges": [asdict(e) for e in self.edges], "order": self.order, "stream": self.stream,
-            "mid_consumers": self.names(self.mid_consumers), **self.extra,
+            "mid_consumers": self.names(self.mid_consumers),
+            "traced_sites": self.traced.to_json() if self.traced else None, **self.extra,
         }
 
 
@@ -147,7 +152,8 @@ def _node_line(n: Node) -> str:
     shape = f" -> {n.out_shape}" if n.out_shape else ""
     params = f"  [{', '.join(n.params)}]" if n.params else ""
     role = " (on the stream)" if n.role == "stream" else ""
-    return f"  {n.name}: {n.cls}{role}{params}{shape}"
+    site = f" = {n.site}" if n.site else ""
+    return f"  {n.name}: {n.cls}{role}{params}{shape}{site}"
 
 
 def summary_lines(graph: LayerGraph) -> list[str]:

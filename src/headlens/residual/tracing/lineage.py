@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from headlens.arch import ArchSpec
+from headlens.residual.tracing.exact import TracedSites, traced_sites
 from headlens.residual.tracing.graph import Edge, Join, LayerGraph, Node, element_sort
 from headlens.residual.tracing.module_info import is_transparent, module_kind, param_summary
 from headlens.residual.tracing.recorder import TRACE_TOKENS, Call, Recorder, record_layer
@@ -178,15 +179,30 @@ def _order(display: _Display, raw: list[RawJoin]) -> list[str]:
     return ["in"] + sorted(position, key=lambda x: position[x]) + ["out"]
 
 
-def _style(nodes: list[Node], joins: list[Join], stream_nodes) -> str:
+def _style(nodes: list[Node], joins: list[Join], stream_nodes, traced: TracedSites) -> str:
     if stream_nodes:
         return "post"
-    if any(len(j.terminals) > 1 for j in joins):
+    if traced.parallel or any(len(j.terminals) > 1 for j in joins):
         return "parallel"
     kinds = {n.id: n.kind for n in nodes}
     if joins and all(j.terminals and all(kinds[t] == "norm" for t in j.terminals) for j in joins):
         return "sandwich"
     return "pre"
+
+
+def _label_sites(joins: list[Join], nodes: list[Node], stream_nodes: dict[str, int], traced: TracedSites) -> None:
+    """Name the site each join gives where it really is: after the post-norm that follows it (BERT), and none
+    between the two joins of a parallel layer (``residual + attn + mlp`` added left to right)."""
+    if traced.parallel and len(joins) == 2:
+        joins[0].result = "after join 1 (not a site: the MLP reads the layer input)"
+        return
+    by_name = {n.name: n for n in nodes if n.id in stream_nodes}
+    if traced.post_norms and len(traced.post_norms) == len(joins):
+        for j, norm in zip(joins, traced.post_norms):
+            node = by_name.get(norm)
+            if node is None:
+                return
+            node.site, j.result = j.result, f"{norm} (normed into {j.result})"
 
 
 def _mid_consumers(edges: list[Edge], joins: list[Join], stream_seq: list[str]) -> list[str]:
@@ -226,13 +242,16 @@ def analyze(model: nn.Module, spec: ArchSpec, layer: int, layer_path: str, rec: 
     stream_seq = ["in"] + [x for x in order if x in stream_ids and x != "in"]
     rank = {x: i for i, x in enumerate(order)}
     edges.sort(key=lambda e: (rank[e.dst], rank[e.src], e.kind))
+    traced = traced_sites(rec, flow, raw, conts)
+    _label_sites(joins, nodes, stream_nodes, traced)
+    style = _style(nodes, joins, stream_nodes, traced)
     return LayerGraph(
         model_class=type(model).__name__, model_type=getattr(getattr(model, "config", None), "model_type", None),
         family=spec.family, layer=layer, layer_path=layer_path, layer_class=type(layer_call.module).__name__,
         source="trace", source_note=f"derived from a traced forward ({TRACE_TOKENS} tokens through the real model)",
-        style=_style(nodes, joins, stream_nodes), nodes=nodes, joins=joins, edges=edges, order=order,
-        stream=stream_seq, mid_consumers=_mid_consumers(edges, joins, stream_seq),
-        input_shape=layer_call.in_shape, input_via=layer_call.via, output_kind=layer_call.output_kind,
+        style=style, nodes=nodes, joins=joins, edges=edges, order=order, stream=stream_seq,
+        mid_consumers=[] if traced.parallel else _mid_consumers(edges, joins, stream_seq),
+        input_shape=layer_call.in_shape, input_via=layer_call.via, output_kind=layer_call.output_kind, traced=traced,
     )
 
 
