@@ -60,7 +60,7 @@ def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, wan
     attn = find_module(model, spec, layer, hook.module)
     if not prompt.strip():
         raise HeadlensError("`prompt` is empty")
-    ids, tokens = prompt_ids(tokenizer, prompt, max_positions(model), truncate=truncate)
+    ids, tokens = prompt_ids(tokenizer, prompt, max_positions(model), truncate=truncate, vocab_size=vocab_size(model))
     seen: dict[str, torch.Tensor] = {}
 
     def keep_input(x: torch.Tensor) -> None:
@@ -104,6 +104,7 @@ def capture_attention_inputs(model, tokenizer, spec: ArchSpec, texts: list[str],
         return save
 
     handles = [register(find_module(model, spec, layer, hook.module), hook, saver(layer)) for layer in layers]
+    vocab = vocab_size(model)
     n = 0
     try:
         with torch.no_grad():
@@ -112,6 +113,9 @@ def capture_attention_inputs(model, tokenizer, spec: ArchSpec, texts: list[str],
                 ids = ids[:, : max_tokens - n]
                 if ids.shape[1] == 0:
                     break
+                if vocab and int(ids.max()) >= vocab:
+                    raise HeadlensError(f"the tokenizer gives token id {int(ids.max())}, but the model's vocabulary "
+                                        f"has {vocab} entries: the tokenizer belongs to another model")
                 model(input_ids=ids)
                 n += ids.shape[1]
                 if n >= max_tokens:
@@ -234,17 +238,45 @@ def _record_final(model, spec: ArchSpec, rec: SiteRecording, handles: list, keep
     rec.hooks["final"] = hook.describe(spec, fin[0])
 
 
-def prompt_ids(tokenizer, prompt: str, max_positions: int | None, truncate: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """Token ids (1, N) and each token decoded on its own (the notebook's ``labels``)."""
+def prompt_ids(tokenizer, prompt: str, max_positions: int | None, truncate: bool = False,
+               vocab_size: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Token ids (1, N) and each token decoded on its own (the notebook's ``labels``).
+
+    One-line errors: an empty prompt, a prompt that tokenizes to no tokens (e.g. a tokenizer without a
+    vocabulary), one longer than ``max_positions`` (unless ``truncate``), and ids the model's embedding of
+    ``vocab_size`` rows cannot look up (a tokenizer from another model)."""
     if not prompt.strip():
         raise HeadlensError("the prompt is empty")
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise HeadlensError(f"`prompt` tokenizes to no tokens with {type(tokenizer).__name__}: check that the "
+                            "tokenizer files next to the weights belong to this model")
     if max_positions and ids.shape[1] > max_positions:
         if not truncate:
             raise HeadlensError(f"the prompt has {ids.shape[1]} tokens but the model takes at most {max_positions}: "
                                 f"shorten it or pass `truncate`")
         ids = ids[:, :max_positions]
+    top = int(ids.max())
+    if vocab_size and (top >= vocab_size or int(ids.min()) < 0):
+        raise HeadlensError(f"the tokenizer gives token id {top}, but the model's vocabulary has {vocab_size} "
+                            "entries: the tokenizer next to the weights belongs to another model")
     return ids, [tokenizer.decode([int(t)]) for t in ids[0]]
+
+
+def vocab_size(config) -> int | None:
+    """Rows of the model's input embedding (a model), or its config's ``vocab_size`` (a config object or dict)."""
+    get_emb = getattr(config, "get_input_embeddings", None)
+    if callable(get_emb):
+        emb = get_emb()
+        if emb is not None and hasattr(emb, "num_embeddings"):
+            return int(emb.num_embeddings)
+    config = getattr(config, "config", config)
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    text = get("text_config")
+    if text is not None and get("vocab_size") is None:
+        return vocab_size(text)
+    value = get("vocab_size")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def max_positions(config) -> int | None:

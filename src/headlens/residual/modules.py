@@ -80,3 +80,22 @@ def hidden_states_input(args: tuple, kwargs: dict) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise HeadlensError("the hooked module received no hidden_states tensor")
     return x
+
+
+def find_blocks(model: nn.Module) -> str:
+    """The real path of the model's layer list, for a family the spec table does not know: the largest (by
+    parameters) ``nn.ModuleList`` of blocks of one class, the language model's first in a multimodal model.
+
+    Raises HeadlensError when the model has no such list."""
+    found: list[tuple[str, int]] = []
+    for name, m in model.named_modules():
+        if not name or not isinstance(m, nn.ModuleList) or len(m) == 0:
+            continue
+        if len({type(b) for b in m}) != 1 or not any(True for _ in m[0].children()):
+            continue  # mixed classes, or a list of leaf modules (Linear experts), are not blocks
+        found.append((name, sum(p.numel() for p in m.parameters())))
+    found = [(n, size) for n, size in found if not any(n.startswith(o + ".") for o, _ in found)]  # outermost
+    if not found:
+        raise HeadlensError(f"cannot find the layers of {type(model).__name__}: no nn.ModuleList of identical blocks")
+    lm = [(n, size) for n, size in found if "language_model" in n or "text_model" in n]
+    return max(lm or found, key=lambda item: item[1])[0]

@@ -300,26 +300,26 @@ def sphere_from_stream(hidden: dict[int, torch.Tensor], tokens: list[str], cfg: 
     return result
 
 
-def _check_site(ck, site: str) -> None:
-    """Refuse a site the checkpoint's layers do not have (no resid_mid in parallel-residual layers)."""
-    spec = ck.spec
-    if site == "resid_mid" and (not spec.mid_input or (spec.parallel_flag and ck.config.get(spec.parallel_flag))):
+def _check_site(target, site: str) -> None:
+    """Refuse resid_mid where the config already says the layers are parallel (the trace decides the rest)."""
+    from headlens.residual.sites import is_parallel
+
+    spec = target.spec
+    if site == "resid_mid" and spec is not None and spec.parallel_flag and is_parallel(spec, target.config):
         raise HeadlensError(f"{spec.family} layers add attention and MLP to the same stream in parallel: there is "
                             "no resid_mid; use `site` resid_pre or resid_post")
 
 
-def _record_stream(source, ck, layers: list[int], ids: torch.Tensor, cfg: SphereConfig) -> tuple[dict, str]:
-    """Load the model, run ``ids`` (1, N) once with hooks on ``cfg.site`` of ``layers``; returns
-    ({layer: (N, d) stream}, the hook's description)."""
-    from headlens.io.checkpoint import cast_dtype
+def _record_stream(model, spec, layers: list[int], ids: torch.Tensor, cfg: SphereConfig) -> tuple[dict, str]:
+    """Run ``ids`` (1, N) once through ``model`` with hooks on ``cfg.site`` of ``layers`` (the residual identities
+    are checked on the way); returns ({layer: (N, d) stream}, how the site was captured)."""
     from headlens.residual.capture import record_sites
 
-    model = source.model(ck.directory, cast_dtype(cfg.dtype))
-    with torch.no_grad(), record_sites(model, ck.spec, (cfg.site,), layers,
+    with torch.no_grad(), record_sites(model, spec, (cfg.site,), layers,
                                        store_dtype=torch.float16 if cfg.half else None) as rec:
+        if cfg.site in rec.missing:  # decided from the traced structure (parallel layers have no resid_mid)
+            raise HeadlensError(rec.missing[cfg.site] + "; use `site` resid_pre or resid_post")
         model(input_ids=ids.to(model.device))  # the one forward pass
-    if cfg.site in rec.missing:
-        raise HeadlensError(rec.missing[cfg.site] + "; use `site` resid_pre or resid_post")
     hidden = {}
     for layer in layers:
         x = rec.values[cfg.site][layer]  # (1, N, d)
@@ -332,27 +332,34 @@ def sphere_from_model(source, cfg: SphereConfig, on_checked: Callable[[], object
     """Run ``cfg.prompt`` through ``source`` (a :class:`~headlens.io.source.ModelSource`) and project the
     residual stream at ``cfg.site`` of each selected layer onto the unit sphere. Returns a :class:`SphereResult`.
 
-    Everything that can be checked without the weights (the options, the layer selection, the site, the
-    prompt's length) is checked before they load; ``on_checked`` is called then, just before loading (the
-    CLI starts its renderer processes there, so their imports overlap loading and running the model).
+    Any model whose blocks can be found runs, also one whose family the spec table does not know. Everything
+    that can be checked without the weights (the options, the layer selection, the site, the prompt's length and
+    ids) is checked before they load; ``on_checked`` is called then, just before loading (the CLI starts its
+    renderer processes there, so their imports overlap loading and running the model).
     """
+    from headlens.io.checkpoint import cast_dtype
     from headlens.prompts import NOTEBOOK_PROMPT
-    from headlens.residual.capture import max_positions, prompt_ids
+    from headlens.residual.capture import max_positions, prompt_ids, vocab_size
+    from headlens.residual.modules import count_layers
+    from headlens.residual.target import open_run_target
     from headlens.selection import parse_layers
 
     cfg.check()
-    ck = source.checkpoint(full=True)
-    layers = parse_layers(cfg.layers, ck.shape.num_layers)
-    if ck.directory is None or ck.config is None:
-        raise HeadlensError("sphere runs the model: pass `weights` DIR (a HuggingFace model directory with "
-                            "config.json and tokenizer) or `hf_repo`, not a bare state dict")
-    _check_site(ck, cfg.site)
+    target = open_run_target(source, "sphere runs the model: pass `weights` DIR (a HuggingFace model directory "
+                                     "with config.json and tokenizer) or `hf_repo`, not a bare state dict")
+    layers = parse_layers(cfg.layers, target.num_layers) if target.num_layers else None
+    _check_site(target, cfg.site)
     prompt = NOTEBOOK_PROMPT if cfg.prompt is None else cfg.prompt
-    tokenizer = source.tokenizer(ck.directory)
-    ids, tokens = prompt_ids(tokenizer, prompt, max_positions(ck.config), truncate=cfg.truncate)  # ids (1, N)
+    tokenizer = source.tokenizer(target.directory)
+    ids, tokens = prompt_ids(tokenizer, prompt, max_positions(target.config), truncate=cfg.truncate,
+                             vocab_size=vocab_size(target.config))  # ids (1, N)
     if on_checked is not None:
         on_checked()
-    hidden, hook = _record_stream(source, ck, layers, ids, cfg)
-    header = (f"{ck.name}: {len(tokens)} tokens, {len(layers)} of {ck.shape.num_layers} layers; site {cfg.site}: "
-              f"{hook}")
-    return sphere_from_stream(hidden, tokens, cfg, name=ck.name, model=ck.describe(), header=header, prompt=prompt)
+    model = source.model(target.directory, cast_dtype(cfg.dtype))
+    spec = target.spec_for(model)
+    n_layers = count_layers(model, spec)
+    if layers is None:
+        layers = parse_layers(cfg.layers, n_layers)
+    hidden, hook = _record_stream(model, spec, layers, ids, cfg)
+    header = (f"{target.name}: {len(tokens)} tokens, {len(layers)} of {n_layers} layers; site {cfg.site}: {hook}")
+    return sphere_from_stream(hidden, tokens, cfg, name=target.name, model=target.info, header=header, prompt=prompt)
