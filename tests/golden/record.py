@@ -320,7 +320,8 @@ class StepResult:
 
 
 def _files(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+    return ({p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+             and p.name != ".headlens-manifest.json"} if root.exists() else set())  # the output sets' record
 
 
 def run_argv(argv: list[str], cwd: Path) -> tuple[object, str, str, list[str]]:

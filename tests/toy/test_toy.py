@@ -127,7 +127,7 @@ def test_toy_bad_input(capsys, tmp_path):
                       (["toy", "create", "--out", str(tmp_path / "x.pt"), "--heads", "4", "--kv-heads", "3"],
                        "cannot be grouped"),
                       (["toy", "create", "--out", str(tmp_path / "x.pt"), "--plant", "flat", "--plant-rank", "99"],
-                       "planted rank 99"),
+                       "--plant-rank 99 (the planted rank)"),
                       (["toy", "trace", "--weights", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "t")],
                        "no such file"),
                       (["toy"], "choose an action")):

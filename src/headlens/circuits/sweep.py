@@ -217,7 +217,8 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     analysis = cfg.analysis(s.head_dim)
     layers = parse_layers(None if cfg.layers is None else _text(cfg.layers), s.num_layers)
     target = cfg.target()
-    run = run_id(ck.describe(), {**asdict(analysis), "dtype": cfg.dtype}, cfg.calibration, cfg.max_calib_tokens)
+    model = SweepParts.fingerprint(ck) if cfg.out_dir is not None else ck.describe()  # parts carry a content hash
+    run = run_id(model, {**asdict(analysis), "dtype": cfg.dtype}, cfg.calibration, cfg.max_calib_tokens)
     parts = SweepParts(cfg.out_dir) if cfg.out_dir is not None else None
     done = parts.load(run, layers, analysis.ks) if parts is not None and cfg.resume else {}
     todo = [layer for layer in layers if layer not in done]

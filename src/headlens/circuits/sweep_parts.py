@@ -1,9 +1,13 @@
 """The sweep's resume store: one JSON file per finished layer under ``<out_dir>/sweep_layers/``.
 
-- ``run.json``: what produced the parts (model description, analysis config and dtype, calibration data);
-  a resumed run must match it exactly.
-- ``layer_XXXX.json``: ``{"head_rows", "group_rows", "group_plain", "group_white", "group_white_heldout"}``,
-  the layer's table rows (:mod:`headlens.circuits.sweep_results`) and its kv-group spectra as nested lists.
+- ``run.json``: what produced the latest parts (the run's fingerprint, see :func:`run_id`), for people.
+- ``layer_XXXX.json``: ``{"fingerprint", "head_rows", "group_rows", "group_plain", "group_white",
+  "group_white_heldout"}``: the fingerprint of the run that computed it (model with a content hash, analysis
+  config and dtype, calibration data), the layer's table rows (:mod:`headlens.circuits.sweep_results`) and its
+  kv-group spectra as nested lists. ``--resume`` reuses a part only when its fingerprint equals the current
+  run's; any other part (another model, ``--k``, ``--fold-norm``, calibration, or weights changed on disk) is
+  recomputed and overwritten. Parts are written at once (not staged with the command's output set), so an
+  interrupted sweep keeps them.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from headlens.circuits.sweep_results import LayerResult, group_from_row, group_row, head_from_row, head_row
 from headlens.errors import HeadlensError
 from headlens.io.files import ensure_dir, write_json
+
+if TYPE_CHECKING:
+    from headlens.io.checkpoint import Checkpoint
 
 PARTS = "sweep_layers"  # the directory under out_dir
 RUN = "run.json"
@@ -34,6 +41,43 @@ def run_id(model: dict, config: dict, texts: list[str] | None, max_tokens: int) 
     return {"model": model, "config": config,
             "data": None if texts is None else {"texts": len(texts), "max_tokens": max_tokens,
                                                 "hash": texts_hash(texts)}}
+
+
+def _file_stats(ck: "Checkpoint") -> list[list]:
+    """[name, size, mtime_ns] of the files the checkpoint's tensors come from (where they are known)."""
+    paths: set[Path] = set()
+    info = getattr(ck.tensors, "_info", None)  # SafetensorsSource: {tensor: (path, ...)}
+    if isinstance(info, dict):
+        paths = {Path(v[0]) for v in info.values()}
+    elif ck.directory is not None:
+        paths = {f for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth") for f in Path(ck.directory).glob(pattern)}
+    elif Path(str(ck.source)).is_file():
+        paths = {Path(str(ck.source))}
+    stats = []
+    for f in sorted(paths):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        stats.append([f.name, st.st_size, st.st_mtime_ns])
+    return stats
+
+
+def model_fingerprint(ck: "Checkpoint") -> dict[str, Any]:
+    """The checkpoint's description plus ``content``: a SHA-256 (16 hex digits) of every tensor's name, shape
+    and dtype, the bytes of its first and last rows, and the size and modification time of its files. Cheap
+    (two rows per tensor), and it changes when the weights are replaced or rewritten."""
+    h = hashlib.sha256()
+    src = ck.tensors
+    for name in sorted(src.keys()):
+        shape = tuple(src.shape(name))
+        h.update(f"{name}|{shape}|{src.dtype(name)}\n".encode())
+        rows = [slice(0, 1), slice(shape[0] - 1, shape[0])] if shape and shape[0] > 0 else [None]
+        for rows_index in rows:
+            t = src.read(name, rows_index).contiguous()
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps(_file_stats(ck)).encode())
+    return {**ck.describe(), "content": h.hexdigest()[:16]}
 
 
 def _tensor(values) -> torch.Tensor | None:
@@ -59,25 +103,33 @@ class SweepParts:
 
     def __init__(self, out_dir: str | Path):
         self.dir = Path(out_dir) / PARTS
+        self.run: dict[str, Any] | None = None  # the fingerprint saved parts carry (set by load/start)
+        self.stale: list[int] = []  # layers whose part was computed by another run (found by load)
+
+    fingerprint = staticmethod(model_fingerprint)
 
     def layer_path(self, layer: int) -> Path:
         return self.dir / f"layer_{layer:04d}.json"
 
     def load(self, run: dict[str, Any], layers: Sequence[int], ks: Sequence[int]) -> dict[int, LayerResult]:
-        """The finished layers among ``layers`` of a previous run; {} when there is none. Raises a
-        HeadlensError (naming ``resume``) when the previous run had another model or configuration."""
-        path = self.dir / RUN
-        if not path.exists():
-            return {}
-        previous = json.loads(path.read_text())
-        if previous != json.loads(json.dumps(run)):
-            raise HeadlensError(f"`resume`: {self.dir} was written by a different model or configuration; use "
-                                "another `out_dir` or drop `resume`")
+        """The finished layers among ``layers`` whose part carries ``run`` (:func:`run_id`) as its fingerprint;
+        the others (another model or configuration, an older format, unreadable) go to ``self.stale`` and are
+        computed again."""
+        self.run = json.loads(json.dumps(run))
+        self.stale = []
         done = {}
         for layer in layers:
             f = self.layer_path(layer)
-            if f.exists():
-                done[layer] = self._from_json(json.loads(f.read_text()), layer, ks)
+            if not f.exists():
+                continue
+            try:
+                part = json.loads(f.read_text())
+            except (OSError, ValueError):
+                part = None
+            if not isinstance(part, dict) or part.get("fingerprint") != self.run:
+                self.stale.append(layer)
+                continue
+            done[layer] = self._from_json(part, layer, ks)
         return done
 
     @staticmethod
@@ -91,14 +143,18 @@ class SweepParts:
                            group_white_heldout=_tensor(part.get("group_white_heldout")))
 
     def start(self, run: dict[str, Any]) -> None:
-        """Create the directory and (re)write ``run.json``."""
+        """Create the directory and (re)write ``run.json``; later parts carry ``run`` as their fingerprint."""
+        self.run = json.loads(json.dumps(run))
         ensure_dir(self.dir)
-        write_json(self.dir / RUN, run)
+        write_json(self.dir / RUN, run, immediate=True)
 
     def save(self, result: LayerResult) -> Path:
-        """Write one finished layer; returns its path."""
-        part = {"head_rows": [_json_row(head_row(h)) for h in result.heads],
+        """Write one finished layer at once (with the run's fingerprint); returns its path."""
+        if self.run is None:
+            raise HeadlensError("the sweep's resume store was not started")
+        part = {"fingerprint": self.run,
+                "head_rows": [_json_row(head_row(h)) for h in result.heads],
                 "group_rows": [_json_row(group_row(g)) for g in result.groups],
                 "group_plain": result.group_plain.tolist(), "group_white": _list(result.group_white),
                 "group_white_heldout": _list(result.group_white_heldout)}
-        return write_json(self.layer_path(result.layer), part)
+        return write_json(self.layer_path(result.layer), part, immediate=True)

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from headlens import __version__
 from headlens.cli.common import Parser
 from headlens.errors import HeadlensError, as_flags
 
-# Library parameters whose flag is not spelled --<name with dashes>.
+# Library parameters whose flag is not spelled --<name with dashes>, for every command and per command.
 FLAG_NAMES = {"ks": "--k"}
+COMMAND_FLAG_NAMES = {"toy": {"n_heads": "--heads", "n_kv_heads": "--kv-heads", "n_layers": "--layers",
+                              "kind": "--plant", "rank": "--plant-rank", "decay": "--plant-decay",
+                              "layers": "--depth"}}
+# Flags naming one output file, checked before the command runs (a directory or an unwritable place: exit 2).
+FILE_FLAGS = (("json", "--json"), ("plot_path", "--plot-path"))
 
 COMMANDS = ("ov", "sphere", "sweep", "router", "toy", "diagram")
 
@@ -32,6 +38,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def output_dirs(args: argparse.Namespace) -> list[Path]:
+    """The directories a command writes into: ``--out-dir``, those of ``--json``/``--plot-path``, and toy's
+    ``--out`` (a directory itself when it names one)."""
+    from headlens.io.files import is_dir_target
+
+    dirs = [Path(args.out_dir)] if getattr(args, "out_dir", None) else []
+    for attr, _ in FILE_FLAGS:
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and value:
+            dirs.append(Path(value).parent)
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and out:
+        dirs.append(Path(out) if is_dir_target(out) else Path(out).parent)
+    return dirs
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """Run the command inside its output set (:mod:`headlens.io.output_set`): its files appear together at
+    the end or not at all, and its output directories are locked while it writes them."""
+    from headlens.io.files import check_file_target
+    from headlens.io.output_set import output_set
+
+    for attr, flag in FILE_FLAGS:
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and value:
+            check_file_target(value, flag)
+    command = " ".join(x for x in (args.command, getattr(args, "toy_command", None)) if x)
+    words = sys.argv[1:] if argv is None else list(argv)
+    with output_set(command, output_dirs(args), argv=" ".join(["headlens", *words])):
+        return int(args.func(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -43,9 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"headlens: error: choose a command: {names} (see headlens --help)", file=sys.stderr)
         return 2
     try:
-        return int(args.func(args))
+        return _run(args, argv)
     except HeadlensError as exc:
-        print(f"headlens {args.command}: error: {as_flags(str(exc), FLAG_NAMES)}", file=sys.stderr)
+        renames = {**FLAG_NAMES, **COMMAND_FLAG_NAMES.get(args.command, {})}
+        print(f"headlens {args.command}: error: {as_flags(str(exc), renames)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("headlens: interrupted", file=sys.stderr)

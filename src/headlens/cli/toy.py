@@ -48,12 +48,16 @@ def add_parser(sub) -> None:
     tsub = toy.add_subparsers(dest="toy_command", metavar="ACTION")
     c = tsub.add_parser("create", help="build a toy and save it (.safetensors or .pt)")
     _toy_args(c)
-    c.add_argument("--out", required=True, metavar="FILE", help="toy.safetensors or toy.pt")
+    c.add_argument("--out", required=True, metavar="FILE",
+                   help="toy.safetensors or toy.pt; a directory (an existing one, or a path ending in /) gets "
+                        "DIR/toy.safetensors")
     c.set_defaults(func=cmd_create)
     t = tsub.add_parser("trace", help="run inputs through a saved toy and export every layer's activations")
     t.add_argument("--weights", required=True, metavar="FILE", help="a toy saved by `headlens toy create`")
     _trace_args(t)
-    t.add_argument("--out", required=True, metavar="STEM", help="writes STEM.safetensors and STEM.json")
+    t.add_argument("--out", required=True, metavar="STEM",
+                   help="writes STEM.safetensors and STEM.json; a directory (an existing one, or a path ending in "
+                        "/) gets DIR/traces.safetensors and DIR/traces.json")
     t.set_defaults(func=cmd_trace)
     k = tsub.add_parser("cluster", help="the token-clustering demo: deep shared-weight attention on the sphere")
     k.add_argument("--tokens", type=int, default=None)
@@ -99,11 +103,11 @@ def _trace_inputs(args) -> TraceInputs:
 
 
 def cmd_create(args) -> int:
-    from headlens.io.files import check_writable_dir
+    from headlens.io.files import check_writable_dir, file_in_dir
     from headlens.report.toy import create_lines
     from headlens.toy.stack import build_toy, save_toy
 
-    out = Path(args.out)
+    out = file_in_dir(args.out, "toy.safetensors")
     if out.suffix not in (".safetensors", ".pt"):
         raise HeadlensError(f"--out {out}: save the toy as .safetensors or .pt")
     check_writable_dir(out.parent)
@@ -114,18 +118,21 @@ def cmd_create(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from headlens.io.files import check_writable_dir
+    from headlens.io.files import check_writable_dir, file_in_dir
     from headlens.toy.stack import load_toy
     from headlens.toy.traces import save_traces, toy_inputs, trace
 
     if not Path(args.weights).exists():
         raise HeadlensError(f"--weights {args.weights}: no such file")
-    check_writable_dir(Path(args.out).parent)
+    stem = file_in_dir(args.out, "traces")
+    check_writable_dir(stem.parent)
+    spec = _trace_inputs(args)
+    spec.validate()
     model = load_toy(Path(args.weights))
-    x = toy_inputs(_trace_inputs(args), model.cfg.d_model)
+    x = toy_inputs(spec, model.cfg.d_model)
     traces = trace(model, x)
-    st, js = save_traces(Path(args.out), model, traces, {"inputs": args.inputs, "input_seed": args.input_seed,
-                                                          "weights": str(args.weights)})
+    st, js = save_traces(stem, model, traces, {"inputs": args.inputs, "input_seed": args.input_seed,
+                                                "weights": str(args.weights)})
     print(f"traced {x.shape[0]} {args.inputs} tokens through {len(traces)} layers")
     print(f"saved traces -> {st}\nsaved metadata -> {js}")
     return 0
@@ -141,6 +148,7 @@ def cmd_cluster(args) -> int:
     cfg = ClusterConfig(**{k: v for k, v in given.items() if v is not None})
     if cfg.tokens < 4 or cfg.dim < 3 or cfg.layers < 1:
         raise HeadlensError("the clustering demo needs --tokens >= 4, --dim >= 3 and --depth >= 1")
+    cfg.check()
     if args.frame_seconds <= 0:
         raise HeadlensError(f"--frame-seconds must be positive, got {args.frame_seconds:g}")
     out_dir = Path(args.out_dir)
@@ -165,7 +173,7 @@ def cmd_run(args) -> int:
     run = run_toy(_toy_config(args), _trace_inputs(args), out_dir, args.seed, _planting(args), args.latent_dim)
     jpath = write_json(out_dir / "toy_ov.json", run.to_json())
     print("\n".join(run_lines(run, jpath)), flush=True)
-    result = sphere_from_traces(str(run.traces), SphereConfig(labels=False, workers=1))
+    result = sphere_from_traces(str(run.traces), SphereConfig(labels=False, workers=1))  # read while staged
     print("\n".join(sphere_lines(result)), flush=True)
     files = write_sphere_outputs(result, out_dir / "sphere")
     print("\n".join(files.lines() + result.summary))

@@ -1,4 +1,8 @@
-"""Atomic file writes: nothing half-written survives an error or an interrupt."""
+"""Atomic file writes: nothing half-written survives an error or an interrupt.
+
+Every file headlens writes goes through :func:`atomic_path`; inside a command it is staged and committed with
+the command's whole set (:mod:`headlens.io.output_set`).
+"""
 
 from __future__ import annotations
 
@@ -35,12 +39,51 @@ def check_writable_dir(path: Path) -> None:
         raise HeadlensError(f"output directory {path} is not writable ({probe})")
 
 
+def is_dir_target(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a directory: it ends with a separator, has no file name, or is an existing one."""
+    text = os.fspath(path)
+    return (text.endswith(os.sep) or bool(os.altsep and text.endswith(os.altsep)) or Path(text).name in ("", ".", "..")
+            or Path(text).is_dir())
+
+
+def file_in_dir(path: str | os.PathLike, default_name: str) -> Path:
+    """``path`` as a file path: a directory (see :func:`is_dir_target`) becomes ``path/default_name``."""
+    return Path(path) / default_name if is_dir_target(path) else Path(path)
+
+
+def check_file_target(path: str | os.PathLike, flag: str) -> None:
+    """Fail early, creating nothing, unless ``path`` (given with ``flag``) names a file that can be written."""
+    if is_dir_target(path):
+        raise HeadlensError(f"{flag} {os.fspath(path)} is a directory: give a file name")
+    parent = Path(path).parent
+    try:
+        check_writable_dir(parent if str(parent) else Path("."))
+    except HeadlensError as exc:
+        raise HeadlensError(f"{flag} {os.fspath(path)}: {exc}") from None
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, immediate: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; it becomes ``path`` only if the block succeeds.
+
+    Inside a command's output set (:mod:`headlens.io.output_set`) the file is staged and renamed when the
+    command ends, together with the rest of its set; ``immediate=True`` renames it at once (files a later run
+    must find even if this one is interrupted, such as the sweep's resume parts). Outside one, at once.
+    """
+    from headlens.io import output_set
+
+    if is_dir_target(path):
+        raise HeadlensError(f"cannot write {os.fspath(path)}: it is a directory")
     final = Path(path)
-    ensure_dir(final.parent if str(final.parent) else Path("."))
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    parent = final.parent if str(final.parent) else Path(".")
+    out = output_set.active()
+    if out is not None and out.covers(final):
+        out.prepare(parent)
+    else:
+        out = None
+        ensure_dir(parent)
+    prefix = out.temp_prefix() if out is not None else f".{final.name}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -48,15 +91,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, final)
+        if out is None or immediate:
+            os.replace(tmp_path, final)
+        else:
+            staged = out.stage_name(final)
+            os.replace(tmp_path, staged)
+            out.register(final, staged)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically; returns the final path."""
-    with atomic_path(path) as tmp:
+def readable(path: str | os.PathLike) -> Path:
+    """Where to read ``path`` that this command may have written: its staged file until the command ends."""
+    from headlens.io import output_set
+
+    out = output_set.active()
+    return out.readable(Path(path)) if out is not None else Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, immediate: bool = False) -> Path:
+    """Write ``obj`` as indented JSON atomically (see :func:`atomic_path`); returns the final path."""
+    with atomic_path(path, immediate=immediate) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2, allow_nan=False)
             fh.write("\n")
@@ -85,8 +141,8 @@ def read_json_and_tensors(path: str | os.PathLike, what: str) -> tuple[dict, dic
         if base.endswith(suffix):
             base = base[: -len(suffix)]
     try:
-        meta = json.loads(Path(base + ".json").read_text())
-        tensors = load_file(base + ".safetensors")
+        meta = json.loads(readable(base + ".json").read_text())
+        tensors = load_file(str(readable(base + ".safetensors")))
     except (OSError, ValueError) as exc:
         raise HeadlensError(f"cannot read {what} {base}: {exc}") from None
     return meta, tensors

@@ -178,7 +178,7 @@ def _text_spans(result: RouterResult, colors: list[str]) -> list[str]:
 
 def write_page(path: Path, result: RouterResult, pngs: list[Path]) -> Path:
     """The HTML page: the text coloured by top expert, the per-layer table, the figures inlined."""
-    from headlens.io.files import atomic_path
+    from headlens.io.files import atomic_path, readable  # the figures are staged until the command ends
 
     report = result.report
     name = report.model["name"]
@@ -187,7 +187,7 @@ def write_page(path: Path, result: RouterResult, pngs: list[Path]) -> Path:
     legend = "".join(f'<span class="key" style="background:{colors[e]}">expert {e}</span>'
                      for e in range(report.experts))
     imgs = "".join(f'<img alt="{html.escape(p.name)}" src="data:image/png;base64,'
-                   f'{base64.b64encode(p.read_bytes()).decode()}">' for p in pngs)
+                   f'{base64.b64encode(readable(p).read_bytes()).decode()}">' for p in pngs)
     rows = "".join(f"<tr><td>{s.layer}</td><td>{s.load_cv:.3f}</td><td>{s.load_max_over_mean:.2f}</td>"
                    f"<td>{len(s.dead_experts)}</td><td>{s.load_entropy_norm:.3f}</td>"
                    f"<td>{s.routing_entropy_norm:.3f}</td><td>{_overlap(s, '.3f')}</td></tr>"

@@ -179,7 +179,9 @@ def _image_tag(path: Path) -> str:
     if mime is None:
         raise HeadlensError(f"cannot embed {path}: not an image type the page knows ({', '.join(_MIME)})")
     try:
-        data = path.read_bytes()
+        from headlens.io.files import readable  # the figure is staged until the command ends
+
+        data = readable(path).read_bytes()
     except OSError as exc:
         raise HeadlensError(f"cannot read image {path}: {exc.strerror or exc}") from None
     caption = _CAPTIONS.get(path.name, path.name)

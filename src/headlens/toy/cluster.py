@@ -20,6 +20,7 @@ tokens live on), so a collapsed cluster stays a point; ``center=True`` centres e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,9 @@ from headlens.errors import HeadlensError
 from headlens.residual.sphere import SphereConfig, SphereResult, align_to, project
 
 MAX_FRAMES = 30
+# Upper limits: the demo keeps (N, N) attention and every layer's (N, d) stream in float64.
+CLUSTER_LIMITS = {"tokens": 4096, "dim": 4096, "layers": 10_000, "heads": 64}
+MAX_STREAM_VALUES = 100_000_000  # (layers + 1) * tokens * dim, kept in float64 (800 MB)
 
 
 @dataclass
@@ -53,6 +57,18 @@ class ClusterConfig:
             raise HeadlensError(f"`layers` and `heads` must be at least 1, got {self.layers} and {self.heads}")
         if self.weights not in ("identity", "random"):
             raise HeadlensError(f"`weights` {self.weights!r}: choose identity or random")
+        for name, limit in CLUSTER_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value > limit:
+                raise HeadlensError(f"`{name}` must be an integer of at most {limit}, got {value}")
+        cells = (self.layers + 1) * self.tokens * self.dim
+        if cells > MAX_STREAM_VALUES:
+            raise HeadlensError(f"`tokens` x `dim` x (`layers` + 1) = {cells:,} stream values (limit "
+                                f"{MAX_STREAM_VALUES:,}): lower one of them")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and 0 <= self.beta <= 1e6):
+            raise HeadlensError(f"`beta` (the inverse temperature) must be a finite number in [0, 1e6], got {self.beta}")
+        if not (isinstance(self.step, (int, float)) and math.isfinite(self.step) and 0 < self.step <= 1e3):
+            raise HeadlensError(f"`step` (the residual step size) must be a finite number in (0, 1e3], got {self.step}")
 
 
 def _well_conditioned(d: int, gen: torch.Generator) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from headlens.errors import HeadlensError
 from headlens.toy.stack import Planting, ToyConfig, build_toy, save_toy
 from headlens.toy.traces import TraceInputs, save_traces, toy_inputs, trace
 
@@ -74,19 +75,26 @@ def run_toy(cfg: ToyConfig, inputs: TraceInputs, out_dir: Path, seed: int = 0, p
             latent_dim: int = 4) -> ToyRun:
     """Build the toy (:func:`~headlens.toy.stack.build_toy`), save it as ``out_dir/toy.safetensors``, trace
     ``inputs`` through it into ``out_dir/traces.{safetensors,json}``, and analyse every head at latent size
-    ``min(latent_dim, head_dim)`` on its layer's traced attention inputs. Returns a :class:`ToyRun`."""
-    from headlens.io.files import ensure_dir
+    ``latent_dim`` (1..head_dim) on its layer's traced attention inputs. Returns a :class:`ToyRun`."""
+    from headlens.io.files import ensure_dir, readable
     from headlens.io.source import ModelSource
     from headlens.residual.capture import PromptCapture
 
+    cfg.validate()
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim <= 0:
+        raise HeadlensError(f"`latent_dim` must be positive, got {latent_dim}")
+    if latent_dim > cfg.head_dim:
+        raise HeadlensError(f"`latent_dim` {latent_dim} is above the toy's head_dim ({cfg.head_dim}): choose "
+                            f"1..{cfg.head_dim}")
+    inputs.validate()
     model, planted = build_toy(cfg, seed, planting)
     x = toy_inputs(inputs, cfg.d_model)  # (N, d)
     ensure_dir(out_dir)
     wpath = save_toy(model, out_dir / "toy.safetensors")
     traces = trace(model, x)
     tpath, _ = save_traces(out_dir / "traces", model, traces, {"inputs": inputs.inputs})
-    ck = ModelSource(weights=wpath, num_heads=cfg.n_heads).checkpoint()
-    k = min(latent_dim, cfg.head_dim)
+    ck = ModelSource(weights=readable(wpath), num_heads=cfg.n_heads).checkpoint()  # staged until the command ends
+    k = latent_dim
     heads = []
     for layer in range(cfg.n_layers):
         X = traces[layer]["attn_in"]  # (N, d)

@@ -28,6 +28,11 @@ from torch import nn
 from headlens.errors import HeadlensError
 
 
+# Upper limits of the toy's sizes: a toy is small (each limit alone is far above the defaults).
+TOY_LIMITS = {"d_model": 4096, "n_heads": 256, "n_kv_heads": 256, "head_dim": 1024, "n_layers": 256}
+MAX_TOY_PARAMS = 50_000_000  # attention weights of the whole stack (200 MB in float32)
+
+
 @dataclass
 class ToyConfig:
     d_model: int = 64  # d, width of the residual stream
@@ -42,12 +47,22 @@ class ToyConfig:
     rope_theta: float = 10000.0  # RoPE base
 
     def validate(self) -> None:
-        if min(self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.n_layers) <= 0:
-            raise HeadlensError("toy sizes must be positive")
+        """Raise a HeadlensError naming the first size that is not a positive integer within the toy's limits."""
+        for name, limit in TOY_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise HeadlensError(f"`{name}` must be an integer in 1..{limit}, got {value}")
+        params = self.n_layers * self.d_model * self.head_dim * 2 * (self.n_heads + self.n_kv_heads)
+        if params > MAX_TOY_PARAMS:
+            raise HeadlensError(f"the toy would have {params:,} attention weights (limit {MAX_TOY_PARAMS:,}): lower "
+                                "`d_model`, `head_dim`, `n_heads` or `n_layers`")
         if self.n_heads % self.n_kv_heads:
-            raise HeadlensError(f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} kv heads")
+            raise HeadlensError(f"`n_heads` {self.n_heads} query heads cannot be grouped over `n_kv_heads` "
+                                f"{self.n_kv_heads} kv heads")
         if self.rope and self.head_dim % 2:
-            raise HeadlensError("RoPE needs an even head_dim")
+            raise HeadlensError(f"RoPE needs an even `head_dim`, got {self.head_dim}")
+        if not math.isfinite(self.rope_theta) or self.rope_theta <= 1:
+            raise HeadlensError(f"`rope_theta` must be a finite number above 1, got {self.rope_theta:g}")
 
 
 def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -173,6 +188,9 @@ class ToyStack(nn.Module):
                 attn.o_proj.weight[:, h * hd:(h + 1) * hd] = U.to(attn.o_proj.weight.dtype)
 
 
+PROFILES = ("geometric", "power", "flat")
+
+
 def spectrum_profile(kind: str, head_dim: int, rank: int | None = None, decay: float = 0.7,
                      scale: float = 1.0) -> torch.Tensor:
     """Planted singular values (head_dim,): ``geometric`` (s_i = decay^i), ``power`` (s_i = (i+1)^-decay) or
@@ -188,7 +206,7 @@ def spectrum_profile(kind: str, head_dim: int, rank: int | None = None, decay: f
         raise HeadlensError(f"unknown spectrum profile {kind!r}: choose geometric, power or flat")
     if rank is not None:
         if not 0 < rank <= head_dim:
-            raise HeadlensError(f"planted rank {rank} must be in 1..{head_dim}")
+            raise HeadlensError(f"`rank` {rank} (the planted rank) must be in 1..{head_dim}")
         s[rank:] = 0
     return scale * s
 
@@ -237,11 +255,26 @@ class Planting:
     rank: int | None = None  # planted rank: zeros after it (None: head_dim)
     decay: float = 0.7  # geometric ratio or power-law exponent
 
+    def validate(self) -> None:
+        """Raise a HeadlensError naming ``kind``, ``rank`` or ``decay`` when the profile is not a descending
+        spectrum of finite values (``rank`` is checked against head_dim by :func:`spectrum_profile`)."""
+        if self.kind not in PROFILES:
+            raise HeadlensError(f"`kind` {self.kind!r}: choose {', '.join(PROFILES)}")
+        d = self.decay
+        if not isinstance(d, (int, float)) or not math.isfinite(d):
+            raise HeadlensError(f"`decay` must be a finite number, got {d}")
+        if self.kind == "geometric" and not 0 < d <= 1:
+            raise HeadlensError(f"`decay` of a geometric spectrum (s_i = decay^i) must be in (0, 1], got {d:g}")
+        if self.kind == "power" and not 0 <= d <= 100:
+            raise HeadlensError(f"`decay` of a power-law spectrum (s_i = (i+1)^-decay) must be in [0, 100], got {d:g}")
+
 
 def build_toy(cfg: ToyConfig, seed: int = 0, planting: Planting | None = None) -> tuple[ToyStack, torch.Tensor | None]:
     """A seeded toy; with ``planting`` every kv group's ``W_OV`` gets that spectrum. Returns (model, the planted
     singular values (head_dim,) or None)."""
     cfg.validate()
+    if planting is not None:
+        planting.validate()
     model = ToyStack(cfg, seed=seed)
     planted = None
     if planting is not None:

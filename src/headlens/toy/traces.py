@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from headlens.toy.stack import ToyStack
 
 INPUT_KINDS = ("random", "anisotropic", "embeddings")
+MAX_TOKENS = 8192  # traced tokens: each layer keeps (H, N, N) attention probabilities
 # Names of the token-embedding matrix in the families headlens reads (Llama-like, BERT, GPT-2, GPT-NeoX).
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight")
 
@@ -32,6 +33,17 @@ class TraceInputs:
     input_decay: float = 0.8  # anisotropic: covariance eigenvalues decay^i in a random basis
     input_seed: int = 1  # seed of the inputs (and of the embedding rows drawn)
     embeddings_from: str | None = None  # HuggingFace model directory whose token embeddings feed the toy
+
+    def validate(self) -> None:
+        """Raise a HeadlensError naming ``inputs``, ``tokens``, ``input_decay`` or ``embeddings_from``."""
+        if self.inputs not in INPUT_KINDS:
+            raise HeadlensError(f"`inputs` {self.inputs!r}: choose {', '.join(INPUT_KINDS)}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or not 2 <= self.tokens <= MAX_TOKENS:
+            raise HeadlensError(f"`tokens` must be an integer in 2..{MAX_TOKENS}, got {self.tokens}")
+        if not 0 < self.input_decay <= 1:  # also refuses nan
+            raise HeadlensError(f"`input_decay` must be in (0, 1], got {self.input_decay:g}")
+        if self.inputs == "embeddings" and not self.embeddings_from:
+            raise HeadlensError("`inputs` embeddings needs `embeddings_from` DIR (a HuggingFace model directory)")
 
 
 def make_inputs(kind: str, n_tokens: int, d: int, seed: int = 0, decay: float = 0.8,
@@ -71,15 +83,10 @@ def embedding_matrix(directory: str, d_model: int) -> torch.Tensor:
 
 def toy_inputs(spec: TraceInputs, d_model: int) -> torch.Tensor:
     """The (N, d_model) inputs ``spec`` describes; checks its options first."""
-    if spec.tokens < 2:
-        raise HeadlensError(f"`tokens` must be at least 2, got {spec.tokens}")
+    spec.validate()
     emb = None
     if spec.inputs == "embeddings":
-        if not spec.embeddings_from:
-            raise HeadlensError("`inputs` embeddings needs `embeddings_from` DIR (a HuggingFace model directory)")
         emb = embedding_matrix(spec.embeddings_from, d_model)
-    if not 0 < spec.input_decay <= 1:
-        raise HeadlensError(f"`input_decay` must be in (0, 1], got {spec.input_decay:g}")
     return make_inputs(spec.inputs, spec.tokens, d_model, seed=spec.input_seed, decay=spec.input_decay,
                        embeddings=emb)
 

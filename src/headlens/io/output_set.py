@@ -1,0 +1,333 @@
+"""Output sets: a command's files appear together or not at all, and one command writes a directory at a time.
+
+``cli.main`` opens :func:`output_set` around each command with the directories it writes (``--out-dir``, the
+directories of ``--json``/``--plot-path``, toy's ``--out``). While it is open:
+
+- :func:`headlens.io.files.atomic_path` *stages* every file written into those directories: the bytes go to
+  ``.headlens-<id>.<name>`` next to the target, and the renames onto the final names happen at the end of the
+  command (:meth:`OutputSet.commit`). On an error or an interrupt the staged files are removed
+  (:meth:`OutputSet.rollback`): the previous set stays whole and no temporary file is left behind.
+- The first write into a directory takes its lock, ``.headlens.lock`` (pid, host, command, start time); a
+  second command writing there meanwhile refuses with one line naming the holder. A lock left by a process
+  that is gone (same host, dead pid) is taken over, with its staged files.
+- On commit, ``.headlens-manifest.json`` in each directory records the set (keyed by the command and the
+  common stem of the file names, e.g. ``ov:all-MiniLM-L6-v2_layer3_head5``, ``sweep:sweep``, ``sphere:``),
+  and the files of that command's previous set with the same key that this run did not write are removed, so
+  the directory holds exactly one run's set.
+- Worker processes (``sphere`` draws in a spawned pool) inherit the staging decision through the environment
+  (:data:`ENV`): they stage under the same id, and the commit collects their files by name.
+
+Files the command must keep at once (the sweep's resume parts) are written with ``atomic_path(...,
+immediate=True)``: renamed at once, under the directory's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from headlens.errors import HeadlensError
+
+LOCK = ".headlens.lock"
+MANIFEST = ".headlens-manifest.json"
+PREFIX = ".headlens-"  # staged files: PREFIX + id + "." + name; files being written: PREFIX + id + "~..."
+ENV = "HEADLENS_OUTPUT_SET"  # {"id", "pid", "scope"} for worker processes
+
+_ACTIVE: "OutputSet | None" = None
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+class OutputSet:
+    """The files one command writes into its output directories; see the module docstring."""
+
+    def __init__(self, command: str, dirs: Iterable[str | os.PathLike], argv: str = "", owner: bool = True):
+        self.id = secrets.token_hex(6)
+        self.command = command  # the manifest key's first part, e.g. "sweep", "toy trace"
+        self.argv = argv  # shown in the lock file
+        self.scope = sorted({_resolved(Path(d)) for d in dirs})
+        self.owner = owner  # False in a worker process: stages, never locks or commits
+        self.staged: dict[Path, Path] = {}  # final -> staged, written by this process
+        self.locks: dict[Path, Path] = {}  # directory -> its lock file
+        self.created: list[Path] = []  # directories this set created (removed again if left empty)
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    # ---------------------------------------------------------------------------------------- writing
+
+    def covers(self, final: Path) -> bool:
+        """Whether ``final`` lies in (or under) one of the command's output directories."""
+        parent = _resolved(final).parent
+        return any(parent == d or d in parent.parents for d in self.scope)
+
+    def prepare(self, directory: Path) -> None:
+        """Create ``directory`` (remembering what was created) and, in the owning process, take its lock."""
+        directory = _resolved(directory)
+        missing = [p for p in (directory, *directory.parents) if not p.exists()]
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HeadlensError(f"cannot create output directory {directory}: {exc.strerror or exc}") from None
+        self.created += [p for p in reversed(missing) if p not in self.created]
+        if self.owner and directory not in self.locks:
+            self.locks[directory] = acquire_lock(directory, self._lock_info())
+
+    def stage_name(self, final: Path) -> Path:
+        return final.parent / f"{PREFIX}{self.id}.{final.name}"
+
+    def temp_prefix(self) -> str:
+        return f"{PREFIX}{self.id}~"
+
+    def register(self, final: Path, staged: Path) -> None:
+        self.staged[_resolved(final)] = staged
+
+    def readable(self, final: Path) -> Path:
+        """Where the current bytes of ``final`` are: its staged file when this set wrote it, else ``final``."""
+        staged = self.staged.get(_resolved(final))
+        return staged if staged is not None and staged.exists() else Path(final)
+
+    # ------------------------------------------------------------------------------- commit, rollback
+
+    def _dirs(self) -> list[Path]:
+        dirs = {p.parent for p in self.staged} | set(self.locks) | {d for d in self.scope if d.is_dir()}
+        return sorted(_resolved(d) for d in dirs)
+
+    def _collect(self) -> dict[Path, list[tuple[Path, Path]]]:
+        """{directory: [(staged, final)]}: this process's files and those its workers staged."""
+        found: dict[Path, list[tuple[Path, Path]]] = {}
+        head = f"{PREFIX}{self.id}."
+        for d in self._dirs():
+            for staged in sorted(d.glob(f"{PREFIX}{self.id}.*")):
+                found.setdefault(d, []).append((staged, d / staged.name[len(head):]))
+        return found
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file onto its final name, update the manifests; returns the final paths."""
+        found = self._collect()
+        for d in found:
+            self.prepare(d)  # a directory only workers wrote into is locked now
+        done: list[Path] = []
+        with _no_interrupt():
+            for d, pairs in found.items():
+                for staged, final in pairs:
+                    os.replace(staged, final)
+                    done.append(final)
+                update_manifest(d, self.command, [final.name for _, final in pairs], self.argv)
+        self._remove_temps()
+        return done
+
+    def rollback(self) -> None:
+        """Remove every staged and half-written file of this set; the previous files stay as they were."""
+        for d in self._dirs():
+            for p in d.glob(f"{PREFIX}{self.id}*"):
+                p.unlink(missing_ok=True)
+
+    def _remove_temps(self) -> None:
+        for d in self._dirs():
+            for p in d.glob(f"{PREFIX}{self.id}~*"):
+                p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the locks and remove the directories this set created that stayed empty."""
+        for directory, lock in self.locks.items():
+            release_lock(lock, self.id)
+        self.locks.clear()
+        for d in sorted(self.created, key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    def _lock_info(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "command": self.argv or self.command,
+                "started": self.started, "id": self.id}
+
+    def env(self) -> str:
+        return json.dumps({"id": self.id, "pid": os.getpid(), "command": self.command,
+                           "scope": [str(d) for d in self.scope]})
+
+
+@contextmanager
+def _no_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C back while the renames run (in the main thread), then deliver it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[object] = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def active() -> OutputSet | None:
+    """The output set of the running command: this process's, or the one a worker inherited; None outside one."""
+    if _ACTIVE is not None:
+        return _ACTIVE
+    raw = os.environ.get(ENV)
+    if not raw:
+        return None
+    try:
+        info = json.loads(raw)
+        if int(info["pid"]) == os.getpid():
+            return None  # a stale variable in the process that owned it
+        worker = OutputSet(info["command"], info["scope"], owner=False)
+        worker.id = str(info["id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return worker
+
+
+@contextmanager
+def output_set(command: str, dirs: Iterable[str | os.PathLike], argv: str = "") -> Iterator[OutputSet]:
+    """Stage every file the block writes into ``dirs``; commit them together when the block succeeds, remove
+    them when it fails or is interrupted. Locks each directory at its first write (see the module docstring)."""
+    global _ACTIVE
+    if _ACTIVE is not None:  # nested (a command calling another): the outer set covers it
+        yield _ACTIVE
+        return
+    s = OutputSet(command, dirs, argv)
+    previous_env = os.environ.get(ENV)
+    _ACTIVE = s
+    os.environ[ENV] = s.env()
+    try:
+        try:
+            yield s
+        except BaseException:
+            s.rollback()
+            raise
+        try:
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+    finally:
+        _ACTIVE = None
+        if previous_env is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous_env
+        s.close()
+
+
+# ---------------------------------------------------------------------------------------------- locks
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _is_stale(info: dict) -> bool:
+    """A lock of a process on this host that no longer runs."""
+    try:
+        pid = int(info["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return info.get("host") == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid)
+
+
+def describe_holder(info: dict | None) -> str:
+    if info is None:
+        return "another run (its lock file is unreadable)"
+    return (f"pid {info.get('pid')} on {info.get('host')} ({info.get('command')}, started "
+            f"{info.get('started')})")
+
+
+def acquire_lock(directory: Path, info: dict) -> Path:
+    """Create ``directory/.headlens.lock`` holding ``info``; take over a stale one; otherwise raise a one-line
+    HeadlensError naming the holder."""
+    path = directory / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder is None:  # being written this instant, or damaged: look once more
+                time.sleep(0.05)
+                holder = _read_lock(path)
+            if holder is not None and _is_stale(holder):
+                for p in directory.glob(f"{PREFIX}{holder.get('id', '')}*"):
+                    if holder.get("id"):
+                        p.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+                continue
+            raise HeadlensError(f"output directory {directory} is in use by {describe_holder(holder)}: wait for it "
+                                f"or choose another output directory (if that run is gone, remove {path})") from None
+        except OSError as exc:
+            raise HeadlensError(f"cannot lock output directory {directory}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(info, fh)
+        return path
+    raise HeadlensError(f"cannot lock output directory {directory}: its lock file keeps changing")
+
+
+def release_lock(path: Path, owner_id: str) -> None:
+    """Remove the lock file if it is still ours."""
+    info = _read_lock(path)
+    if info is not None and info.get("id") == owner_id:
+        path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- manifest
+
+
+def set_key(names: list[str]) -> str:
+    """The part of a set's file names that identifies it: the common prefix, cut back to a boundary (``.``,
+    ``_``, ``-`` or a name's end) in every name; a single file's name without its suffix."""
+    if len(names) == 1:
+        return Path(names[0]).stem
+    p = os.path.commonprefix(names)
+    while p and not all(len(n) == len(p) or n[len(p)] in "._-" for n in names):
+        p = p[:-1]
+    return p
+
+
+def update_manifest(directory: Path, command: str, names: list[str], argv: str = "") -> None:
+    """Record ``names`` as ``command``'s set in ``directory`` and remove the files of the previous set with the
+    same key that are not among ``names``."""
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        sets = manifest["sets"] if isinstance(manifest.get("sets"), dict) else {}
+    except (OSError, ValueError, AttributeError, KeyError):
+        sets = {}
+    key = f"{command}:{set_key(sorted(names))}"
+    previous = sets.get(key, {}).get("files", []) if isinstance(sets.get(key), dict) else []
+    for name in previous:
+        if name not in names and "/" not in name and name not in (LOCK, MANIFEST):
+            (directory / name).unlink(missing_ok=True)
+    for other in sets.values():  # a file belongs to the set that wrote it last
+        if isinstance(other, dict) and isinstance(other.get("files"), list):
+            other["files"] = [n for n in other["files"] if n not in names]
+    sets = {k: v for k, v in sets.items() if isinstance(v, dict) and v.get("files")}
+    sets[key] = {"files": sorted(names), "command": argv or command,
+                 "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = directory / f"{PREFIX}manifest~{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"format": "headlens-output-sets", "sets": sets}, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
