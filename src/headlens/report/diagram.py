@@ -3,6 +3,7 @@ and the files ``headlens diagram`` writes."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ def _mm_element(g: LayerGraph, x: str, shape: str) -> str:
     parts = [f"<b>{_mm_text(n.name)}</b>", _mm_text(n.cls)]
     if n.params:
         parts.append(_mm_text(", ".join(n.params)))
+    if n.site:  # a post-norm on the stream: its output is the site (BERT's resid_mid, where the hook reads it)
+        parts.append(f"= {n.site}")
     return f'    {x}["{"<br/>".join(parts)}"]'
 
 
@@ -45,7 +48,8 @@ def to_mermaid(graph: LayerGraph) -> str:
     """Mermaid ``flowchart TD``: ⊕ nodes for joins, skips as dotted ``-.->`` edges from branch-off to join."""
     g = graph
     title = f"{g.model_class} layer {g.layer}: {g.style_name} residual, {g.source_note}"
-    lines = ["---", f"title: {_mm_text(title)}", "---", "flowchart TD"]
+    # The front matter is YAML: the title (it has colons) is a JSON string, which YAML reads as a quoted scalar.
+    lines = ["---", f"title: {json.dumps(_mm_text(title), ensure_ascii=False)}", "---", "flowchart TD"]
     shape = f"<br/>{g.input_shape}" if g.input_shape else ""
     lines += [_mm_element(g, x, shape) for x in g.order]
     for e in g.edges:
@@ -153,7 +157,8 @@ def _draw_join(ax, g: LayerGraph, x: str, cy: float) -> None:
     ax.add_patch(Circle((0, cy), r, facecolor="white", edgecolor=_SKIP_RED, lw=2, zorder=3))
     ax.text(0, cy - 0.02, "+", ha="center", va="center", fontsize=15, fontweight="bold", color=_SKIP_RED, zorder=4)
     j = next(j for j in g.joins if j.id == x)
-    ax.text(-r - 0.15, cy + 0.3, f"join {j.index} → {j.result}", ha="right", va="center", fontsize=8.5,
+    result = "normed next" if j.result.startswith("normed by ") else j.result  # the norm's box names the site
+    ax.text(-r - 0.15, cy + 0.3, f"join {j.index} → {result}", ha="right", va="center", fontsize=8.5,
             color=_SKIP_RED)
 
 
@@ -172,7 +177,7 @@ def _draw_box(ax, g: LayerGraph, x: str, cy: float) -> None:
         sub = ", ".join(n.params)
         strong = n.role == "stream"
         if strong:
-            title += "  — on the stream"
+            title += f"  — on the stream{f' = {n.site}' if n.site else ''}"
     ax.add_patch(FancyBboxPatch((-_BOX_W / 2, cy - _BOX_H / 2), _BOX_W, _BOX_H,
                                 boxstyle="round,pad=0.02,rounding_size=0.12", facecolor=face, edgecolor=edge,
                                 lw=2.0 if strong else 1.1, zorder=2))

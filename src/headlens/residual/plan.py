@@ -134,11 +134,17 @@ def _fill_by_difference(plan: SitePlan, family: str) -> None:
             plan.missing[site] = f"no module of a {family} layer outputs {site}, and it is no difference of sites"
 
 
-def site_plan(model: nn.Module, spec: ArchSpec) -> SitePlan:
-    """The :class:`SitePlan` of ``model``: the traced structure of its first layer, checked against the spec's
-    hook-site table (the table alone when tracing fails)."""
+def plan_from(model: nn.Module, spec: ArchSpec, traced, reason: str = "") -> SitePlan:
+    """The plan for traced sites (:class:`~headlens.residual.tracing.exact.TracedSites`), or from the spec's
+    table when ``traced`` is None (``reason``: why tracing failed)."""
     family = family_name(model, spec)
-    traced, reason = _trace(model, spec)
     if traced is None:
         return _from_table(spec, getattr(model, "config", None), family, reason)
     return _from_trace(spec, traced, family)
+
+
+def site_plan(model: nn.Module, spec: ArchSpec) -> SitePlan:
+    """The :class:`SitePlan` of ``model``: the traced structure of its first layer, checked against the spec's
+    hook-site table (the table alone when tracing fails)."""
+    traced, reason = _trace(model, spec)
+    return plan_from(model, spec, traced, reason)

@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from headlens.arch import ArchSpec
-from headlens.circuits.heads import check_layer_head
 from headlens.errors import HeadlensError
-from headlens.io.checkpoint import Checkpoint
 from headlens.io.source import ModelSource
 from headlens.residual.modules import find_layer
+from headlens.residual.target import RunTarget, open_run_target
 from headlens.residual.tracing.graph import LayerGraph, summary_lines
 from headlens.residual.tracing.hooks import HookSite, hook_guide, hook_sites
 from headlens.residual.tracing.lineage import trace_layer
@@ -58,29 +57,34 @@ def build_layer_graph(model: nn.Module, spec: ArchSpec, layer: int) -> LayerGrap
         return template_layer_graph(model, spec, layer, reason=f"{type(exc).__name__}: {text[0] if text else ''}")
 
 
-def open_diagram_checkpoint(source: ModelSource, layer: int) -> Checkpoint:
-    """The checkpoint, once ``layer`` is in range and it has a HuggingFace directory to build the model from."""
-    ck = source.checkpoint(full=True)
-    check_layer_head(ck, layer)
-    if ck.directory is None or not (ck.directory / "config.json").exists():
-        raise HeadlensError("a diagram runs the model, so it needs a HuggingFace model directory with config.json: "
-                            "pass `weights` DIR or `hf_repo`, not a bare state dict")
-    return ck
+_BARE = ("a diagram runs the model, so it needs a HuggingFace model directory with config.json: pass `weights` DIR "
+         "or `hf_repo`, not a bare state dict")
+
+
+def open_diagram_target(source: ModelSource, layer: int) -> RunTarget:
+    """The model directory to trace, once ``layer`` is in range (where the config says how many layers there are).
+    Any model whose blocks can be found is traced, also one whose family the spec table does not know."""
+    target = open_run_target(source, _BARE)
+    n = target.num_layers
+    if n is not None and not 0 <= layer < n:
+        raise HeadlensError(f"`layer` {layer} out of range: {target.name} has {n} layers (valid 0..{n - 1})")
+    return target
 
 
 def trace_model_layer(source: ModelSource, layer: int, dtype: torch.dtype = torch.float32,
-                      before_load: Callable[[Checkpoint], None] | None = None) -> DiagramResult:
+                      before_load: Callable[[RunTarget], None] | None = None) -> DiagramResult:
     """Load the model of ``source`` in ``dtype``, trace layer ``layer`` and build its hook guide.
 
-    ``before_load`` is called with the checkpoint once it has passed its checks, before the model is loaded (the
-    command line creates its output directories there, so a bad directory fails before a large model loads).
-    Returns a :class:`DiagramResult`.
+    ``before_load`` is called with the target (its ``name`` names the files) once it has passed its checks, before
+    the model is loaded (the command line creates its output directories there, so a bad directory fails before a
+    large model loads). Returns a :class:`DiagramResult`.
     """
-    ck = open_diagram_checkpoint(source, layer)
+    target = open_diagram_target(source, layer)
     if before_load is not None:
-        before_load(ck)
-    model = source.model(ck.directory, dtype)
-    graph = build_layer_graph(model, ck.spec, layer)
-    sites = hook_sites(model, ck.spec, graph)
-    return DiagramResult(model_name=ck.name, model_info=ck.describe(), model_text=str(model), graph=graph,
-                         hook_sites=sites, hook_guide=hook_guide(model, ck.spec, graph, sites))
+        before_load(target)
+    model = source.model(target.directory, dtype)
+    spec = target.spec_for(model)
+    graph = build_layer_graph(model, spec, layer)
+    sites = hook_sites(model, spec, graph)
+    return DiagramResult(model_name=target.name, model_info=target.info, model_text=str(model), graph=graph,
+                         hook_sites=sites, hook_guide=hook_guide(model, spec, graph, sites))

@@ -1,9 +1,9 @@
 """Which module and which hook capture each residual site of one layer, with the loaded model's real paths.
 
-The spec's answer comes from the one hook-site table (:mod:`headlens.residual.sites`); the traced graph checks
-it: ``resid_mid`` is the module the trace shows reading the stream after the first join, and ``attn_out`` /
-``mlp_out`` are the modules whose outputs feed the joins. Where the trace disagrees with the table, the note
-says so and the trace wins.
+The answer is the site plan every capture uses (:mod:`headlens.residual.plan`): the spec's hook-site table checked
+against the traced graph. ``resid_mid`` is the module the trace shows carrying the stream after the first join, and
+``attn_out`` / ``mlp_out`` the modules whose outputs are added, or a difference of sites where no module outputs
+what is added. Where the trace disagrees with the table, the note says so and the trace wins.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from torch import nn
 from headlens.arch import ArchSpec
 from headlens.errors import HeadlensError
 from headlens.residual.capture import register
+from headlens.residual.plan import SitePlan, plan_from
 from headlens.residual.sites import SiteHook, site_hook
-from headlens.residual.tracing.graph import LayerGraph, Node
+from headlens.residual.tracing.graph import LayerGraph
 
 _MID_NOTE = "the stream after the attention join, before the MLP branch"
 _BRANCH_SITES = (("attn_out", "attention", "what attention adds to the stream"),
@@ -48,74 +49,41 @@ def _take_output(kind: str | None) -> str:
     return "output[0]" if kind == "tuple" else "output"
 
 
-def _table_module(spec: ArchSpec, site: str) -> str | None:
-    """The module the hook-site table names for ``site`` (relative to the layer), or None."""
-    hook = site_hook(spec, site)
-    return hook.module if isinstance(hook, SiteHook) else None
-
-
-def _layer_sites(g: LayerGraph, spec: ArchSpec) -> tuple[HookSite, HookSite]:
-    """resid_pre and resid_post: the table's hooks on the layer itself, taken as the trace saw them."""
-    pre, post = site_hook(spec, "resid_pre"), site_hook(spec, "resid_post")
-    assert isinstance(pre, SiteHook) and isinstance(post, SiteHook) and pre.module == post.module == ""
+def _layer_sites(g: LayerGraph) -> tuple[HookSite, HookSite]:
+    """resid_pre and resid_post: hooks on the layer itself, taken as the trace saw them."""
     tensor_note = " (the layer returns a tensor: output[0] would be the first batch row)"
-    return (HookSite("resid_pre", g.layer_path, pre.hook, _take_input(g.input_via),
+    return (HookSite("resid_pre", g.layer_path, "forward_pre", _take_input(g.input_via),
                      f"the hidden states entering layer {g.layer} (= output_hidden_states[{g.layer}])"),
-            HookSite("resid_post", g.layer_path, post.hook, _take_output(g.output_kind),
+            HookSite("resid_post", g.layer_path, "forward", _take_output(g.output_kind),
                      f"the hidden states leaving layer {g.layer}" + (tensor_note if g.output_kind == "tensor" else "")))
 
 
-def _mid_site(g: LayerGraph, spec: ArchSpec, paths: dict[str, nn.Module]) -> HookSite:
-    """resid_mid: the table's module when the trace shows it reading the stream between the joins."""
-    if len(g.joins) < 2:
-        return HookSite("resid_mid", None, None, None,
-                        f"none: a {g.style_name} layer adds attention and MLP to the stream in one join")
-    rel = _table_module(spec, "resid_mid")  # two joins: the layer is not parallel
-    lp = g.layer_path
-    consumers = [g.node(i) for i in g.mid_consumers]
-    chosen = next((n for n in consumers if n.name == rel), consumers[0] if consumers else None)
-    note = _MID_NOTE
-    if chosen is None and rel and f"{lp}.{rel}" in paths:
-        chosen = g.node_named(rel)
-    if chosen is not None:
-        if g.source == "trace" and rel and chosen.name != rel:
-            note += f" (the spec table names {rel}; the trace shows {chosen.name} reading it)"
-        return HookSite("resid_mid", chosen.path, "forward_pre", _take_input(chosen.input_via), note)
-    if rel and f"{lp}.{rel}" in paths:
-        return HookSite("resid_mid", f"{lp}.{rel}", "forward_pre", "first input", note)
-    return HookSite("resid_mid", None, None, None, "no module reads the stream between the joins")
+_WHAT = {"resid_mid": _MID_NOTE, **{site: what for site, _kind, what in _BRANCH_SITES}}
 
 
-def _terminal_for(g: LayerGraph, kind: str) -> Node | None:
-    for j in g.joins:
-        has = any(g.node(b).kind == kind for b in j.branch)
-        if has:
-            for t in j.terminals:
-                tn = g.node(t)
-                if tn.kind == kind or len(j.terminals) == 1:
-                    return tn
-    return None
-
-
-def _branch_site(g: LayerGraph, spec: ArchSpec, site: str, kind: str, what: str,
-                 paths: dict[str, nn.Module]) -> HookSite:
-    """attn_out / mlp_out: the table's module, or the module the trace shows feeding the join."""
-    hook = site_hook(spec, site)
-    assert isinstance(hook, SiteHook) and hook.hook == "forward"
-    rel = hook.module
-    n = g.node_named(rel) if rel else None
-    note = what
-    terminals = [g.node(t) for j in g.joins for t in j.terminals]
-    if g.source == "trace" and (n is None or n not in terminals):
-        alt = _terminal_for(g, kind)
-        if alt is not None:
-            note += f" (the spec table names {rel}; the trace shows {alt.name} feeding the join)"
-            n = alt
-    if n is not None:
-        return HookSite(site, n.path, hook.hook, _take_output(n.output_kind), note)
-    if rel and f"{g.layer_path}.{rel}" in paths:
-        return HookSite(site, f"{g.layer_path}.{rel}", hook.hook, "output", note)
-    return HookSite(site, None, None, None, f"not found ({rel})")
+def _planned_site(g: LayerGraph, plan: SitePlan, site: str, paths: dict[str, nn.Module]) -> HookSite:
+    """One of resid_mid / attn_out / mlp_out as the plan obtains it, with the loaded model's real path."""
+    if site in plan.missing:
+        if site == "resid_mid" and plan.parallel:
+            return HookSite(site, None, None, None,
+                            f"none: a {g.style_name} layer adds attention and MLP to the stream in one join")
+        return HookSite(site, None, None, None, f"none: {plan.missing[site]}")
+    if site in plan.derived:
+        terms = " ".join(("+ " if c > 0 else "- ") + s for c, s in plan.derived[site]).lstrip("+ ")
+        return HookSite(site, None, None, None, f"{terms}: no module outputs it (the layer scales the branch before "
+                                               f"the add); hook those sites and take the difference")
+    hook = plan.hooks[site]
+    note = _WHAT[site]
+    if site == "resid_mid" and plan.post_norms:
+        note = f"the stream after {plan.post_norms[0]} (the attention join, normed), before the MLP branch"
+    note += "".join(f" ({n.split(': ', 1)[1]})" for n in plan.notes if n.startswith(site + ":"))
+    node = g.node_named(hook.module)
+    path = f"{g.layer_path}.{hook.module}"
+    if path not in paths:
+        return HookSite(site, None, None, None, f"not found ({hook.module})")
+    if hook.hook == "forward_pre":
+        return HookSite(site, path, hook.hook, _take_input(node.input_via if node else None), note)
+    return HookSite(site, path, hook.hook, _take_output(node.output_kind if node else None), note)
 
 
 def _final_site(model: nn.Module, g: LayerGraph, spec: ArchSpec, paths: dict[str, nn.Module]) -> HookSite:
@@ -130,13 +98,20 @@ def _final_site(model: nn.Module, g: LayerGraph, spec: ArchSpec, paths: dict[str
     return HookSite("final", None, None, None, f"{path} is not in this {type(model).__name__}")
 
 
+def graph_plan(model: nn.Module, spec: ArchSpec, graph: LayerGraph) -> SitePlan:
+    """The site plan of the traced graph (the one capture uses), or the spec table's for a template graph."""
+    reason = "" if graph.traced is not None else graph.source_note
+    return plan_from(model, spec, graph.traced, reason)
+
+
 def hook_sites(model: nn.Module, spec: ArchSpec, graph: LayerGraph) -> list[HookSite]:
     """The module and hook for every site (resid_pre, resid_mid, resid_post, attn_out, mlp_out, final), with the
-    loaded model's real paths, checked against the trace."""
+    loaded model's real paths, from the same site plan as every capture (:mod:`headlens.residual.plan`)."""
     paths = dict(model.named_modules())
-    pre, post = _layer_sites(graph, spec)
-    sites = [pre, _mid_site(graph, spec, paths), post]
-    sites += [_branch_site(graph, spec, site, kind, what, paths) for site, kind, what in _BRANCH_SITES]
+    plan = graph_plan(model, spec, graph)
+    pre, post = _layer_sites(graph)
+    sites = [pre, _planned_site(graph, plan, "resid_mid", paths), post]
+    sites += [_planned_site(graph, plan, site, paths) for site, _kind, _what in _BRANCH_SITES]
     sites.append(_final_site(model, graph, spec, paths))
     return sites
 

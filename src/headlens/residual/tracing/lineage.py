@@ -202,7 +202,7 @@ def _label_sites(joins: list[Join], nodes: list[Node], stream_nodes: dict[str, i
             node = by_name.get(norm)
             if node is None:
                 return
-            node.site, j.result = j.result, f"{norm} (normed into {j.result})"
+            node.site, j.result = j.result, f"normed by {norm} into {j.result}"
 
 
 def _mid_consumers(edges: list[Edge], joins: list[Join], stream_seq: list[str]) -> list[str]:
