@@ -249,8 +249,13 @@ def prompt_ids(tokenizer, prompt: str, max_positions: int | None, truncate: bool
         raise HeadlensError("the prompt is empty")
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.ndim != 2 or ids.shape[1] == 0:
-        raise HeadlensError(f"`prompt` tokenizes to no tokens with {type(tokenizer).__name__}: check that the "
-                            "tokenizer files next to the weights belong to this model")
+        try:
+            size = f" (vocabulary of {len(tokenizer)})"
+        except TypeError:
+            size = ""
+        raise HeadlensError(f"`prompt` tokenizes to no tokens with {type(tokenizer).__name__}{size}: the model "
+                            "directory lacks its tokenizer files (tokenizer.json, tokenizer_config.json, ...) or has "
+                            "another model's")
     if max_positions and ids.shape[1] > max_positions:
         if not truncate:
             raise HeadlensError(f"the prompt has {ids.shape[1]} tokens but the model takes at most {max_positions}: "
