@@ -40,6 +40,7 @@ from headlens.residual.capture import PromptCapture
 
 DEFAULT_LATENT_DIM = 32
 DEFAULT_PROBE_TOKENS = 2048
+PROBE_BYTES = 1 << 30  # the Gaussian probes (d x N float64) may take at most 1 GiB
 
 
 @dataclass
@@ -71,6 +72,10 @@ class OVConfig:
             raise HeadlensError(f"`latent_dim` must be positive, got {self.latent_dim}")
         if self.prompt is not None and self.traces is not None:
             raise HeadlensError("give either `prompt` or `traces`, not both")
+        if self.probe_tokens <= 0:
+            raise HeadlensError(f"`probe_tokens` must be positive, got {self.probe_tokens}")
+        if not 0 <= self.seed < 2**63:
+            raise HeadlensError(f"`seed` must be in 0..{2**63 - 1}, got {self.seed}")
 
 
 @dataclass
@@ -244,6 +249,11 @@ def _data_aware(svd: FactoredSVD, f: HeadFactors, X: torch.Tensor, latent_dim: i
         heldout_test_tokens=odd.shape[1], heldout_whitened_error=h_white, heldout_plain_error=h_plain)
 
 
+def max_probe_tokens(d: int) -> int:
+    """The most Gaussian probe tokens of width ``d`` that fit in :data:`PROBE_BYTES` as float64."""
+    return PROBE_BYTES // (8 * d)
+
+
 def analyze_ov(
     ck: Checkpoint,
     cfg: OVConfig,
@@ -257,10 +267,12 @@ def analyze_ov(
     """
     check_layer_head(ck, cfg.layer, cfg.head)
     cfg.check()
-    if cfg.probe_tokens <= 0:
-        raise HeadlensError(f"`probe_tokens` must be positive, got {cfg.probe_tokens}")
-    f = read_head(ck, cfg.layer, cfg.head, fold_norm=cfg.fold_norm, load_dtype=cfg.dtype)
     d = ck.shape.hidden_size
+    most = max_probe_tokens(d)
+    if cfg.probe_tokens > most and not (cfg.prompt or cfg.traces):
+        raise HeadlensError(f"`probe_tokens` {cfg.probe_tokens} is above {most}: {most} Gaussian probes of width "
+                            f"{d} in float64 already take the {PROBE_BYTES >> 30} GiB allowed")
+    f = read_head(ck, cfg.layer, cfg.head, fold_norm=cfg.fold_norm, load_dtype=cfg.dtype)
     svd = factored_svd(f.W_O, f.W_V)  # W_OV = U diag(S) Vh, (d, hd) (hd,) (hd, d)
     rank, tol, latent_dim = _rank_and_latent(svd.S, d, cfg)
 

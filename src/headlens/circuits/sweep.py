@@ -38,6 +38,9 @@ def _text(selection: str | Sequence[int]) -> str:
     return selection if isinstance(selection, str) else ",".join(str(int(x)) for x in selection)
 
 
+MAX_KV_BYTES = 8  # float64
+
+
 @dataclass
 class SweepConfig:
     """What :func:`run_sweep` does."""
@@ -54,13 +57,15 @@ class SweepConfig:
     max_calib_tokens: int = 2048  # cap on calibration tokens; half fit the latents, half are held out
     out_dir: str | Path | None = None  # where finished layers are kept (<out_dir>/sweep_layers); None: nowhere
     resume: bool = False  # skip the layers already finished in out_dir
+    truncate: bool = False  # cut calibration texts longer than the model's positions instead of refusing them
 
     def validate(self) -> None:
         """Raise a HeadlensError naming the first bad parameter."""
         if self.ks is not None:
             parse_ks(_text(self.ks))
-        if self.kv_bytes <= 0:
-            raise HeadlensError(f"`kv_bytes` must be positive, got {self.kv_bytes}")
+        if not 1 <= self.kv_bytes <= MAX_KV_BYTES:
+            raise HeadlensError(f"`kv_bytes` must be in 1..{MAX_KV_BYTES} (bytes of one cached value: 1 for fp8, 2 for "
+                                f"fp16/bf16, 4 for fp32, 8 for fp64), got {self.kv_bytes}")
         if self.target_error is not None and not 0 <= self.target_error < 1:
             raise HeadlensError(f"`target_error` must be in [0, 1), got {self.target_error:g}")
         if self.target_energy is not None and not 0 < self.target_energy <= 1:
@@ -157,8 +162,10 @@ class SweepResult:
 
 
 def capture_calibration(source: "ModelSource", ck: Checkpoint, texts: list[str], layers: list[int], dtype: torch.dtype,
-                        max_tokens: int) -> tuple[dict[int, torch.Tensor], int]:
-    """Every selected layer's attention input for the calibration tokens: ({layer: (d, N) float64}, N)."""
+                        max_tokens: int, truncate: bool = False) -> tuple[dict[int, torch.Tensor], int]:
+    """Every selected layer's attention input for the calibration tokens: ({layer: (d, N) float64}, N). A text
+    longer than the model's positions is refused, or cut there with ``truncate``."""
+    from headlens.io.source import check_text_lengths
     from headlens.residual.capture import capture_attention_inputs, max_positions
 
     if ck.directory is None:
@@ -166,6 +173,7 @@ def capture_calibration(source: "ModelSource", ck: Checkpoint, texts: list[str],
                             "with config.json and tokenizer) or `hf_repo`")
     tok = source.tokenizer(ck.directory)
     limit = max_positions(ck.config or {})
+    check_text_lengths(tok, texts, limit, truncate, "calibration text", max_tokens)
     model = source.model(ck.directory, dtype)
     X, n = capture_attention_inputs(model, tok, ck.spec, texts, layers, max_tokens, limit)
     if n < 4:
@@ -225,7 +233,8 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     X: dict[int, torch.Tensor] = {}
     n_calib = 0
     if data and todo:
-        X, n_calib = capture_calibration(source, ck, cfg.calibration, todo, dtype, cfg.max_calib_tokens)
+        X, n_calib = capture_calibration(source, ck, cfg.calibration, todo, dtype, cfg.max_calib_tokens,
+                                         cfg.truncate)
     if parts is not None:
         parts.start(run)
     if on_start is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from headlens.cli.common import command_parser, model_source
+from headlens.cli.common import command_parser, int_arg, model_source
 from headlens.errors import HeadlensError
 
 
@@ -17,8 +17,10 @@ def add_parser(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", metavar="TEXT", help="text to route (default: the notebook's prompt)")
     g.add_argument("--prompt-file", metavar="FILE", help="one text per line (batched)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="texts per forward (default 8)")
-    p.add_argument("--color-layer", type=int, default=None, metavar="L",
+    p.add_argument("--truncate", action="store_true", help="cut a text longer than the model's positions "
+                                                           "(refused otherwise)")
+    p.add_argument("--batch-size", type=int_arg, default=8, metavar="N", help="texts per forward (default 8)")
+    p.add_argument("--color-layer", type=int_arg, default=None, metavar="L",
                    help="MoE layer whose top expert colours the text in the HTML page (default: the first)")
     p.add_argument("--out-dir", default="headlens-out/router", metavar="DIR", help="default headlens-out/router")
     p.set_defaults(func=cmd_router)
@@ -44,7 +46,8 @@ def cmd_router(args: argparse.Namespace) -> int:
     from headlens.report.router import summary_lines, write_router_outputs
 
     texts = _texts(args)
-    cfg = RouterConfig(batch_size=args.batch_size, color_layer=args.color_layer, dtype=cast_dtype(args.dtype))
+    cfg = RouterConfig(batch_size=args.batch_size, color_layer=args.color_layer, dtype=cast_dtype(args.dtype),
+                       truncate=args.truncate)
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
     result = route(model_source(args), texts, cfg)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from headlens.cli.common import command_parser, model_source
+from headlens.cli.common import command_parser, int_arg, model_source
 from headlens.errors import HeadlensError
 
 
@@ -25,12 +25,14 @@ def add_parser(sub) -> None:
                    help="budget: smallest latent per kv group with relative error <= E (default 0.1)")
     t.add_argument("--target-energy", type=float, default=None, metavar="F",
                    help="budget: smallest latent per kv group keeping energy >= F")
-    p.add_argument("--kv-bytes", type=int, default=2, metavar="B", help="bytes per cached value (default 2)")
+    p.add_argument("--kv-bytes", type=int_arg, default=2, metavar="B", help="bytes per cached value, 1..8 (default 2)")
     c = p.add_mutually_exclusive_group()
     c.add_argument("--calib", metavar="FILE", help="calibration text, one sample per line (data-aware mode)")
     c.add_argument("--prompt", metavar="TEXT", help="calibration text (data-aware mode)")
-    p.add_argument("--max-calib-tokens", type=int, default=2048, metavar="N",
+    p.add_argument("--max-calib-tokens", type=int_arg, default=2048, metavar="N",
                    help="cap on calibration tokens (default 2048); half fit the latents, half are held out")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut a calibration text longer than the model's positions (refused otherwise)")
     p.add_argument("--resume", action="store_true", help="skip layers already finished in --out-dir")
     p.add_argument("--out-dir", default="headlens-out/sweep", metavar="DIR", help="default headlens-out/sweep")
     p.add_argument("--json", default=None, metavar="PATH", help="summary JSON (default <out-dir>/sweep_summary.json)")
@@ -61,7 +63,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = SweepConfig(layers=args.layers, ks=args.k, fold_norm=args.fold_norm, with_qk=not args.no_qk,
                       dtype=args.dtype, target_error=args.target_error, target_energy=args.target_energy,
                       kv_bytes=args.kv_bytes, max_calib_tokens=args.max_calib_tokens, out_dir=args.out_dir,
-                      resume=args.resume)
+                      resume=args.resume, truncate=args.truncate)
     cfg.validate()
     cfg = replace(cfg, calibration=read_calibration(args))
     out_dir = Path(args.out_dir)

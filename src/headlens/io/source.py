@@ -96,6 +96,25 @@ def load_tokenizer(directory: Path, trust_remote_code: bool = False):
                             "the tokenizer files next to the weights") from None
 
 
+def check_text_lengths(tokenizer, texts: list[str], limit: int | None, truncate: bool, what: str = "text",
+                       max_tokens: int | None = None) -> None:
+    """One rule for every command that reads texts: a text longer than the model's ``limit`` positions is
+    refused, naming it (``what`` and its number) and its length, unless ``truncate`` lets it be cut. With a
+    ``max_tokens`` cap, texts past the cap are not read and the cap itself may cut the last one read.
+    Tokenizing quietly also keeps the tokenizer's own too-long warning off stderr."""
+    used = 0
+    for i, text in enumerate(texts if limit else []):
+        if max_tokens is not None and used >= max_tokens:
+            return
+        with quiet_transformers():
+            n = len(tokenizer(text)["input_ids"])
+        if min(n, max_tokens - used if max_tokens is not None else n) > limit and not truncate:  # type: ignore[operator]
+            preview = text if len(text) <= 40 else text[:37] + "..."
+            raise HeadlensError(f"{what} {i + 1} ({preview!r}) has {n} tokens but the model takes at most {limit}: "
+                                "shorten it or pass `truncate`")
+        used += n
+
+
 def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
     """The base model of a HuggingFace directory, default attention implementation, in eval mode."""
     from transformers import AutoModel

@@ -32,6 +32,7 @@ class RouterConfig:
     color_layer: int | None = None  # MoE layer whose top expert colours the text page; None: the first MoE layer
     dtype: torch.dtype = torch.float32  # precision the model runs in
     progress: bool = True  # a progress bar on stderr while routing (tqdm; hidden when stderr is no terminal)
+    truncate: bool = False  # cut texts longer than the model's positions instead of refusing them
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -83,6 +84,7 @@ def _resolve_color_layer(color_layer: int | None, moe: list[int]) -> int:
 def route(source: ModelSource, texts: list[str] | str, cfg: RouterConfig | None = None) -> RouterResult:
     """Run ``texts`` (one string or several, batched) through the MoE model ``source`` names and return the
     routing of every real token at every MoE layer with its statistics (:class:`RouterResult`)."""
+    from headlens.io.source import check_text_lengths
     from headlens.residual.capture import max_positions
 
     cfg = cfg or RouterConfig()
@@ -94,6 +96,7 @@ def route(source: ModelSource, texts: list[str] | str, cfg: RouterConfig | None 
     n_layers = int(text_cfg.get("num_hidden_layers") or 0)
     _check_color_layer_range(cfg.color_layer, name, n_layers)
     tokenizer = source.tokenizer(directory)
+    check_text_lengths(tokenizer, texts, max_positions(config), cfg.truncate)
     model = source.model(directory, cfg.dtype)
     layers, n_tokens, ids = _capture(model, tokenizer, texts, cfg, max_positions(config))
     rule = scoring_rule(model)
