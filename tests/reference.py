@@ -12,7 +12,8 @@ import torch
 
 def _layers(model):
     base = getattr(model, "base_model", model)
-    for path in ("layers", "h", "encoder.layer"):
+    for path in ("layers", "h", "encoder.layer", "decoder.layers", "transformer.layer", "encoder.block",
+                 "model.layers"):  # model.layers: Llama4ForCausalLM, whose base_model is itself
         obj = base
         try:
             for part in path.split("."):
@@ -25,13 +26,50 @@ def _layers(model):
 
 def attention_module(model, family: str, layer: int):
     blk = _layers(model)[layer]
-    if family == "gpt2":
+    if family in ("gpt2", "gptj", "gpt_neo", "gpt_bigcode"):
         return blk.attn
-    if family == "gpt_neox":
+    if family in ("gpt_neox", "distilbert"):
         return blk.attention
     if family == "bert":
         return blk.attention.self
+    if family in ("falcon", "falcon_mq", "falcon_rw", "bloom"):
+        return blk.self_attention
+    if family == "t5":
+        return blk.layer[0].SelfAttention
     return blk.self_attn
+
+
+def _w(linear) -> np.ndarray:
+    return linear.weight.detach().double().numpy()
+
+
+def _fused_value_rows(model, family: str, blk, H: int, d: int, hd: int) -> tuple[np.ndarray, int]:
+    """(every kv head's value rows (G*hd, d), G) of the fused q/k/v families, as each modeling file splits them."""
+    cfg = model.config
+    if family.startswith("falcon") or family == "bloom":
+        W = _w(blk.self_attention.query_key_value)
+        if family == "falcon":  # _split_heads, new decoder: view(-1, H/G + 2, hd), value = [..., -1, :]
+            G = cfg.num_kv_heads
+            return W.reshape(G, H // G + 2, hd, d)[:, -1].reshape(G * hd, d), G
+        if family == "falcon_mq":  # multi_query: view(H + 2, hd), value = [..., -1, :]
+            return W.reshape(H + 2, hd, d)[-1], 1
+        return W.reshape(H, 3, hd, d)[:, 2].reshape(H * hd, d), H  # view(H, 3, hd)
+    assert family == "gpt_bigcode"
+    W = _w(blk.attn.c_attn)
+    if cfg.multi_query:  # split((embed_dim, kv_dim, kv_dim))
+        return W[d + hd:], 1
+    return W.reshape(H, 3 * hd, d)[:, 2 * hd:].reshape(H * hd, d), H  # view(H, 3*hd).split(3 * [hd])
+
+
+# family -> (attention module of a layer, value projection, output projection), separate projections
+_SEPARATE = {
+    "gptj": (lambda b: b.attn, "v_proj", "out_proj"),
+    "gpt_neo": (lambda b: b.attn.attention, "v_proj", "out_proj"),
+    "opt": (lambda b: b.self_attn, "v_proj", "out_proj"),
+    "phi": (lambda b: b.self_attn, "v_proj", "dense"),
+    "distilbert": (lambda b: b.attention, "v_lin", "out_lin"),
+    "t5": (lambda b: b.layer[0].SelfAttention, "v", "o"),
+}
 
 
 def value_output_blocks(model, family: str, layer: int) -> tuple[list[np.ndarray], np.ndarray, int, int, int]:
@@ -59,6 +97,17 @@ def value_output_blocks(model, family: str, layer: int) -> tuple[list[np.ndarray
         v_full = blk.attention.self.value.weight.detach().double().numpy()
         o_full = blk.attention.output.dense.weight.detach().double().numpy()
         G = H
+    elif family in ("falcon", "falcon_mq", "falcon_rw", "bloom", "gpt_bigcode"):
+        d = cfg.hidden_size
+        hd = d // H
+        v_full, G = _fused_value_rows(model, family, blk, H, d, hd)
+        o_full = _w(blk.attn.c_proj) if family == "gpt_bigcode" else _w(blk.self_attention.dense)
+    elif family in _SEPARATE:
+        get, v_name, o_name = _SEPARATE[family]
+        a = get(blk)
+        v_full, o_full = _w(getattr(a, v_name)), _w(getattr(a, o_name))
+        hd = o_full.shape[1] // H  # T5: d_kv, which need not be d_model / H
+        G = v_full.shape[0] // hd
     elif family == "phi3":
         d = cfg.hidden_size
         hd = d // H
@@ -83,16 +132,34 @@ def dense_wov(model, family: str, layer: int, head: int) -> np.ndarray:
     return o_full[:, head * hd:(head + 1) * hd] @ v_blocks[g]
 
 
-def norm_gain(model, family: str, layer: int) -> np.ndarray:
-    """Effective gain of the norm feeding the layer's attention (Gemma: 1 + weight)."""
+def attention_norm(model, family: str, layer: int):
+    """The norm module whose output the layer's attention reads, or None where it reads the stream itself (OLMo 2,
+    post-norm BERT/DistilBERT, whose attention reads the previous layer's output norm)."""
     blk = _layers(model)[layer]
-    if family == "gpt2":
-        return blk.ln_1.weight.detach().double().numpy()
-    if family == "bert":
+    if family in ("gpt2", "gptj", "gpt_neo", "gpt_bigcode"):
+        return blk.ln_1
+    if family == "falcon":  # new decoder: ln_attn beside ln_mlp
+        return blk.ln_attn
+    if family == "opt":
+        return blk.self_attn_layer_norm
+    if family == "t5":
+        return blk.layer[0].layer_norm
+    if family in ("olmo2", "bert", "distilbert"):
+        return None
+    return blk.input_layernorm
+
+
+def norm_gain(model, family: str, layer: int) -> np.ndarray | None:
+    """Effective gain of the norm feeding the layer's attention (Gemma: 1 + weight); None where it has none."""
+    if family in ("bert", "distilbert"):
         if layer == 0:
             return model.embeddings.LayerNorm.weight.detach().double().numpy()
-        return _layers(model)[layer - 1].output.LayerNorm.weight.detach().double().numpy()
-    w = blk.input_layernorm.weight.detach().double().numpy()
+        prev = _layers(model)[layer - 1]
+        return (prev.output.LayerNorm if family == "bert" else prev.output_layer_norm).weight.detach().double().numpy()
+    norm = attention_norm(model, family, layer)
+    if norm is None or getattr(norm, "weight", None) is None:  # OLMo's LayerNorm has no parameters
+        return None
+    w = norm.weight.detach().double().numpy()
     return 1.0 + w if family.startswith("gemma") else w
 
 

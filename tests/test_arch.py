@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 from reference import _layers
-from tiny_models import MHA_ONLY, VARIANTS, hidden_size, kv_heads
+from tiny_models import hidden_size, kv_heads, variants_of
 
 from headlens.arch import GENERIC, SPECS, Layout
 from headlens.circuits.heads import read_head, read_layer
@@ -23,27 +23,39 @@ from headlens.io.checkpoint import open_model
 
 H, HD = 4, 16  # every tiny model: 4 query heads of dim 16
 
-# One family per layout of the table (model_type -> tiny_models family).
-LAYOUT_FAMILY = {
-    SPECS["llama"].layout: "llama",
-    SPECS["phi3"].layout: "phi3",
-    SPECS["gpt2"].layout: "gpt2",
-    SPECS["gpt_neox"].layout: "gpt_neox",
-    SPECS["bert"].layout: "bert",
+# The tiny_models families that exercise each layout of the table (each layout: every generation that uses it).
+LAYOUT_FAMILIES = {
+    SPECS["llama"].layout: ("llama",),
+    SPECS["phi3"].layout: ("phi3",),
+    SPECS["gpt2"].layout: ("gpt2",),
+    SPECS["gpt_neox"].layout: ("gpt_neox",),
+    SPECS["bert"].layout: ("bert",),
+    SPECS["falcon"].layout: ("falcon", "falcon_mq", "falcon_rw"),
+    SPECS["bloom"].layout: ("bloom",),
+    SPECS["gpt_bigcode"].layout: ("gpt_bigcode",),
+    SPECS["gptj"].layout: ("gptj",),
+    SPECS["gpt_neo"].layout: ("gpt_neo",),
+    SPECS["opt"].layout: ("opt",),
+    SPECS["phi"].layout: ("phi",),
+    SPECS["distilbert"].layout: ("distilbert",),
+    SPECS["t5"].layout: ("t5",),
 }
-CASES = [(family, variant) for family in LAYOUT_FAMILY.values()
-         for variant in (("mha",) if family in MHA_ONLY else VARIANTS)]
+LAYOUT_OF = {family: layout for layout, families in LAYOUT_FAMILIES.items() for family in families}
+CASES = [(family, variant) for family in LAYOUT_OF for variant in variants_of(family)]
 IDS = [f"{f}-{v}" for f, v in CASES]
 
 
-def explicit_blocks(model, family: str, layer: int) -> dict[str, list[torch.Tensor]]:
-    """role -> per-head blocks in Linear layout: q[h], k[g], v[g] are (hd, d), o[h] is (d, hd); written out from
-    each family's modeling code, not from headlens."""
+def explicit_blocks(model, family: str, layer: int, G: int) -> dict[str, list[torch.Tensor]]:
+    """role -> per-head blocks in Linear layout: q[h], k[g], v[g] are (hd, d), o[h] is (d, hd) for G kv heads;
+    written out from each family's modeling code, not from headlens."""
     blk = _layers(model)[layer]
-    d, G = hidden_size(family), model.config.num_key_value_heads if family in ("llama", "phi3") else H
+    d = hidden_size(family)
 
-    def rows(W, start, n):  # n consecutive blocks of HD rows from row `start`
-        return [W[start + i * HD: start + (i + 1) * HD].detach() for i in range(n)]
+    def rows(W, start, n, step=HD):  # n blocks of HD rows, the first at row `start`, one every `step` rows
+        return [W[start + i * step: start + i * step + HD].detach() for i in range(n)]
+
+    def per_head(W):  # rows per head [q_h; k_h; v_h]: view(..., H, 3, hd) (GPT-NeoX, Bloom, Falcon-RW, GPTBigCode)
+        return (rows(W, part * HD, H, 3 * HD) for part in range(3))
 
     if family == "llama":
         a = blk.self_attn
@@ -69,6 +81,35 @@ def explicit_blocks(model, family: str, layer: int) -> dict[str, list[torch.Tens
         q, k, v = ([W[h * 3 * HD + part * HD: h * 3 * HD + (part + 1) * HD].detach() for h in range(H)]
                    for part in range(3))
         O = blk.attention.dense.weight
+    elif family == "falcon":  # new decoder: view(..., G, H/G + 2, hd): per kv group its queries, then k, then v
+        W, n = blk.self_attention.query_key_value.weight, H // G
+        per = W.detach().view(G, n + 2, HD, d)
+        q, k, v = [per[g, i] for g in range(G) for i in range(n)], list(per[:, n]), list(per[:, n + 1])
+        O = blk.self_attention.dense.weight
+    elif family == "falcon_mq":  # multi-query: view(..., H + 2, hd): the queries, then the one k, then the one v
+        W = blk.self_attention.query_key_value.weight
+        q, k, v = rows(W, 0, H), rows(W, H * HD, 1), rows(W, (H + 1) * HD, 1)
+        O = blk.self_attention.dense.weight
+    elif family in ("falcon_rw", "bloom"):  # view(..., H, 3, hd)
+        q, k, v = per_head(blk.self_attention.query_key_value.weight)
+        O = blk.self_attention.dense.weight
+    elif family == "gpt_bigcode":  # nn.Linear c_attn: split (d, hd, hd) under multi_query, else view(H, 3 * hd)
+        W = blk.attn.c_attn.weight
+        q, k, v = (rows(W, 0, H), rows(W, d, 1), rows(W, d + HD, 1)) if G == 1 else per_head(W)
+        O = blk.attn.c_proj.weight
+    elif family in ("gptj", "gpt_neo", "opt", "phi", "distilbert", "t5"):
+        module, (qn, kn, vn, on) = {  # the attention module (lazily: each family has its own) and its names
+            "gptj": (lambda: blk.attn, ("q_proj", "k_proj", "v_proj", "out_proj")),
+            "gpt_neo": (lambda: blk.attn.attention, ("q_proj", "k_proj", "v_proj", "out_proj")),
+            "opt": (lambda: blk.self_attn, ("q_proj", "k_proj", "v_proj", "out_proj")),
+            "phi": (lambda: blk.self_attn, ("q_proj", "k_proj", "v_proj", "dense")),
+            "distilbert": (lambda: blk.attention, ("q_lin", "k_lin", "v_lin", "out_lin")),
+            "t5": (lambda: blk.layer[0].SelfAttention, ("q", "k", "v", "o")),
+        }[family]
+        a = module()
+        q, k, v = rows(getattr(a, qn).weight, 0, H), rows(getattr(a, kn).weight, 0, G), rows(getattr(a, vn).weight, 0,
+                                                                                             G)
+        O = getattr(a, on).weight
     else:  # pragma: no cover
         raise AssertionError(family)
     return {"q": q, "k": k, "v": v, "o": [O[:, h * HD:(h + 1) * HD].detach() for h in range(H)]}
@@ -91,20 +132,21 @@ def opened(ckpts):
 
 def test_every_layout_of_the_table_has_a_case():
     layouts = {spec.layout for spec in SPECS.values()} | {GENERIC.layout}
-    assert layouts <= set(LAYOUT_FAMILY), [lay.name for lay in layouts - set(LAYOUT_FAMILY)]
-    assert {lay.name for lay in LAYOUT_FAMILY} == {"separate", "fused_concat", "conv1d", "interleaved"}
+    assert layouts <= set(LAYOUT_FAMILIES), [lay.name for lay in layouts - set(LAYOUT_FAMILIES)]
+    assert {lay.name for lay in LAYOUT_FAMILIES} == {"separate", "fused_concat", "conv1d", "interleaved",
+                                                     "interleaved_grouped"}
 
 
 @pytest.mark.parametrize("family,variant", CASES, ids=IDS)
 def test_head_blocks_are_the_explicit_slices(opened, family, variant):
     model, ck = opened(family, variant)
     s, layout = ck.shape, ck.spec.layout
-    assert LAYOUT_FAMILY[layout] == family
+    assert LAYOUT_OF[family] == layout
     G = kv_heads(family, variant)
     assert (s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size) == (H, G, HD, hidden_size(family))
     want_shapes = layout.shapes(H, G, HD, s.hidden_size)
     for layer in range(s.num_layers):
-        want = explicit_blocks(model, family, layer)
+        want = explicit_blocks(model, family, layer, G)
         keys = ck.layer_keys(layer)
         for role, n in (("q", H), ("k", G), ("v", G), ("o", H)):
             for head in range(n):
@@ -121,7 +163,7 @@ def test_read_head_gives_the_explicit_blocks(opened, family, variant):
     model, ck = opened(family, variant)
     G = kv_heads(family, variant)
     for layer, head in itertools.product(range(ck.shape.num_layers), range(H)):
-        want = explicit_blocks(model, family, layer)
+        want = explicit_blocks(model, family, layer, G)
         f = read_head(ck, layer, head)
         g = head // (H // G)
         assert f.kv_head == g
@@ -135,7 +177,7 @@ def test_whole_layer_split_is_the_explicit_slices(opened, family, variant):
     s, layout = ck.shape, ck.spec.layout
     G, d = kv_heads(family, variant), s.hidden_size
     for layer in range(s.num_layers):
-        want = explicit_blocks(model, family, layer)
+        want = explicit_blocks(model, family, layer, G)
         keys = ck.layer_keys(layer)
         stored = {role: ck.tensors.read(keys.name(role)) for role in layout.stored(with_qk=True)}
         split = layout.split(stored, H, G, HD, d)
@@ -156,7 +198,7 @@ def test_whole_layer_split_is_the_explicit_slices(opened, family, variant):
 def test_kv_heads_inferred_from_the_shapes(ckpts, family, variant):
     """A bare safetensors file (no config): only H is given; G and head_dim come from the tensor shapes."""
     ck = open_model(weights=ckpts.path(family, variant, "safetensors"), num_heads=H)
-    assert ck.spec.layout.name == next(lay.name for lay, fam in LAYOUT_FAMILY.items() if fam == family)
+    assert ck.spec.layout == LAYOUT_OF[family]
     assert (ck.shape.num_kv_heads, ck.shape.head_dim, ck.shape.hidden_size) == (
         kv_heads(family, variant), HD, hidden_size(family))
     layout = ck.spec.layout
@@ -216,6 +258,8 @@ SYNTHETIC = [
     Layout("concat, transposed, grouped", qkv="qkv", o="o", transposed=True),
     Layout("concat, transposed", qkv="qkv", o="o", transposed=True, grouped=False),
     Layout("interleaved", qkv="qkv", o="o", interleaved=True, grouped=False),
+    Layout("interleaved, grouped", qkv="qkv", o="o", interleaved=True),
+    Layout("interleaved, grouped, transposed", qkv="qkv", o="o", interleaved=True, transposed=True),
     Layout("interleaved, transposed", qkv="qkv", o="o", interleaved=True, transposed=True, grouped=False),
 ]
 
@@ -247,8 +291,6 @@ def test_a_layout_is_either_separate_or_fused():
         Layout("both", q="q", k="k", v="v", qkv="qkv", o="o")
     with pytest.raises(ValueError, match="give q, k and v, or one fused qkv"):
         Layout("separate, interleaved", q="q", k="k", v="v", o="o", interleaved=True)
-    with pytest.raises(ValueError, match="one kv head per query head"):
-        Layout("grouped interleaved", qkv="qkv", o="o", interleaved=True)
 
 
 def test_a_layer_whose_shapes_differ_from_layer_0_is_refused_where_it_is_read(ckpts, tmp_path, capsys):

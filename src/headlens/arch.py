@@ -12,172 +12,23 @@ Each spec's :class:`Layout` says which tensors hold q/k/v/o and how their rows a
 - fused concat (Phi-3): ``qkv`` is ``[(H + 2G)*hd, d]`` laid out q | k | v.
 - fused concat, transposed (GPT-2 ``Conv1D`` stores ``[in, out]``): ``c_attn`` is ``[d, 3*H*hd]`` (q | k | v
   columns), ``c_proj`` is ``[H*hd, d]``.
-- fused interleaved (GPT-NeoX): ``query_key_value`` is ``[H*3*hd, d]``, per head ``[q_h; k_h; v_h]``.
+- fused interleaved (GPT-NeoX, Bloom): ``query_key_value`` is ``[H*3*hd, d]``, per head ``[q_h; k_h; v_h]``.
+- fused interleaved per kv group (Falcon, GPTBigCode): ``[(H + 2G)*hd, d]``, per kv group ``g`` the ``H/G`` query
+  heads it serves, then ``k_g``, then ``v_g``. With G = H this is the per-head interleave above (Falcon-RW, GPTBigCode
+  without multi-query); with G = 1 it is q | k | v (Falcon-7B's and StarCoder's multi-query).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Callable, Iterable
 
 from headlens.errors import HeadlensError
+from headlens.layout import QKV, Block, Index, LayerSplit, Layout
 
-if TYPE_CHECKING:
-    import torch
-
-QKV = ("q", "k", "v")
-Index = tuple[slice, slice]
-
-
-@dataclass(frozen=True)
-class Block:
-    """Where one head's block of a projection lies in the tensor that stores it."""
-
-    tensor: str  # role of the stored tensor: "q", "k", "v", "o" or "qkv"
-    index: Index  # (rows, columns) of the stored tensor to read
-    transposed: bool  # stored [in, out]: transpose what is read to get the Linear-layout block
-
-
-@dataclass(frozen=True)
-class LayerSplit:
-    """One layer's projections split per head, Linear layout, as views of the stored tensors where possible."""
-
-    W_Q: "torch.Tensor | None"  # (H, hd, d); None when q was not read
-    W_K: "torch.Tensor | None"  # (G, hd, d); None when k was not read
-    W_V: "torch.Tensor"  # (G, hd, d)
-    W_O: "torch.Tensor"  # (H, d, hd)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a family stores one layer's q/k/v/o projections (names relative to the layer).
-
-    Either ``q``, ``k`` and ``v`` are separate tensors, or ``qkv`` fuses them; the methods turn that into the
-    slice of one head's block (:meth:`head_block`), the split of a whole layer (:meth:`split`), the expected
-    stored shapes (:meth:`shapes`) and the kv-head count the stored shapes imply (:meth:`kv_heads`).
-    """
-
-    name: str  # a label: "separate", "fused_concat", "conv1d", "interleaved"
-    o: str  # output projection: [d, H*hd] ([H*hd, d] when ``transposed``)
-    q: str | None = None  # separate query projection [H*hd, d]
-    k: str | None = None  # separate key projection [G*hd, d]
-    v: str | None = None  # separate value projection [G*hd, d]
-    qkv: str | None = None  # fused projection: [(H + 2G)*hd, d] rows ([d, (H + 2G)*hd] when ``transposed``)
-    interleaved: bool = False  # fused rows per head [q_h; k_h; v_h] (GPT-NeoX) instead of blocks q | k | v
-    transposed: bool = False  # every tensor stored [in, out], as GPT-2's Conv1D does
-    grouped: bool = True  # a fused qkv may hold G < H kv heads (Phi-3); False: it always holds H (G = H)
-
-    def __post_init__(self) -> None:
-        separate = self.q is not None and self.k is not None and self.v is not None
-        if separate == (self.qkv is not None) or (self.qkv is None and self.interleaved):
-            raise ValueError(f"layout {self.name}: give q, k and v, or one fused qkv")
-        if self.interleaved and self.grouped:
-            raise ValueError(f"layout {self.name}: interleaved q/k/v rows hold one kv head per query head")
-
-    @property
-    def fused(self) -> bool:
-        """True when one tensor ``qkv`` holds q, k and v."""
-        return self.qkv is not None
-
-    @property
-    def anchor_role(self) -> str:
-        """The role of the tensor every layer has and shape inference reads with ``o``: ``v``, or ``qkv``."""
-        return "qkv" if self.fused else "v"
-
-    @property
-    def anchor(self) -> str:
-        """The relative name of the :attr:`anchor_role` tensor."""
-        name = getattr(self, self.anchor_role)
-        assert name is not None
-        return name
-
-    def stored(self, with_qk: bool = True) -> tuple[str, ...]:
-        """Roles of the stored tensors a whole-layer read needs, in reading order."""
-        if self.fused:
-            return ("qkv", "o")
-        return ("v", "o", "q", "k") if with_qk else ("v", "o")
-
-    def shapes(self, H: int, G: int, hd: int, d: int) -> dict[str, tuple[int, int]]:
-        """The stored shape of every tensor of the layout (role -> shape) for H query and G kv heads."""
-        def stored(rows: int, cols: int) -> tuple[int, int]:  # Linear layout [rows, cols] as stored
-            return (cols, rows) if self.transposed else (rows, cols)
-
-        out = stored(d, H * hd)
-        if not self.fused:
-            return {"q": stored(H * hd, d), "k": stored(G * hd, d), "v": stored(G * hd, d), "o": out}
-        return {"qkv": stored((H + 2 * G) * hd, d), "o": out}
-
-    def _rows(self, role: str, head: int, H: int, G: int, hd: int) -> slice:
-        """Linear-layout rows of query head (q) or kv head (k, v) ``head`` in the tensor that stores ``role``."""
-        if not self.fused:
-            start = head * hd
-        elif self.interleaved:  # per head [q_h; k_h; v_h]
-            start = (3 * head + QKV.index(role)) * hd
-        else:  # q (H heads) | k (G heads) | v (G heads)
-            start = ({"q": 0, "k": H, "v": H + G}[role] + head) * hd
-        return slice(start, start + hd)
-
-    def head_block(self, role: str, head: int, H: int, G: int, hd: int) -> Block:
-        """Where ``role``'s block of one head is stored: query head ``head`` for q and o, kv head ``head``
-        for k and v. Reading ``index`` (then ``.T`` when ``transposed``) gives ``(hd, d)`` for q/k/v and
-        ``(d, hd)`` for o."""
-        whole = slice(None)
-        if role == "o":
-            cols = slice(head * hd, (head + 1) * hd)
-            return Block("o", (cols, whole) if self.transposed else (whole, cols), self.transposed)
-        rows = self._rows(role, head, H, G, hd)
-        tensor = "qkv" if self.fused else role
-        return Block(tensor, (whole, rows) if self.transposed else (rows, whole), self.transposed)
-
-    def split(self, stored: Mapping[str, "torch.Tensor"], H: int, G: int, hd: int, d: int) -> LayerSplit:
-        """Per-head W_Q (H, hd, d), W_K (G, hd, d), W_V (G, hd, d), W_O (H, d, hd) from the stored tensors
-        (role -> tensor, shapes as :meth:`shapes` says). W_Q/W_K are None when a separate q/k was not read."""
-        def linear(role: str) -> "torch.Tensor | None":  # the stored tensor in Linear layout [out, in]
-            t = stored.get(role)
-            return t.T if t is not None and self.transposed else t
-
-        W_O = linear("o").reshape(d, H, hd).permute(1, 0, 2)  # (d, H*hd) -> (H, d, hd)
-        if not self.fused:
-            q, k = linear("q"), linear("k")
-            return LayerSplit(W_Q=q.reshape(H, hd, d) if q is not None else None,  # (H, hd, d)
-                              W_K=k.reshape(G, hd, d) if k is not None else None,  # (G, hd, d)
-                              W_V=linear("v").reshape(G, hd, d), W_O=W_O)  # (G, hd, d)
-        qkv = linear("qkv")  # ((H + 2G)*hd, d)
-        if self.interleaved:
-            per = qkv.reshape(H, 3, hd, d)  # (H, [q, k, v], hd, d)
-            q, k, v = (per[:, i].contiguous() for i in range(3))  # each (H, hd, d): rows are strided, copy
-            return LayerSplit(W_Q=q, W_K=k, W_V=v, W_O=W_O)
-        q, k, v = qkv[: H * hd], qkv[H * hd: (H + G) * hd], qkv[(H + G) * hd:]
-        return LayerSplit(W_Q=q.reshape(H, hd, d), W_K=k.reshape(G, hd, d), W_V=v.reshape(G, hd, d),  # (., hd, d)
-                          W_O=W_O)
-
-    def widths(self, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int, int]:
-        """(hidden size d, total head width H*hd, Linear-layout rows of the value or fused block) from the
-        stored 2-D shapes of ``o`` and ``v``/``qkv`` (role -> shape)."""
-        o, rows_of = shapes["o"], shapes[self.anchor_role]
-        width, d = o if self.transposed else o[::-1]
-        return d, width, rows_of[1] if self.transposed else rows_of[0]
-
-    def kv_heads(self, rows: int, H: int, hd: int) -> int:
-        """G from the Linear-layout rows of the value (or fused) block, for H query heads of dim ``hd``.
-
-        Raises HeadlensError, pointing at ``num_heads``, when the rows do not fit the layout."""
-        if not self.fused:
-            if rows % hd:
-                raise HeadlensError(f"value projection has {rows} rows, not a multiple of head_dim {hd}: "
-                                    f"check `num_heads`")
-            return rows // hd
-        if not self.grouped:  # q, k, v fused for every head: no GQA
-            if rows != 3 * H * hd:
-                raise HeadlensError(f"fused qkv has {rows} outputs, expected 3 * {H} * {hd}: check `num_heads`")
-            return H
-        extra = rows - H * hd
-        if rows % hd or extra <= 0 or extra % (2 * hd):
-            raise HeadlensError(f"fused qkv projection has {rows} rows, which is not (H + 2G) * head_dim for "
-                                f"H={H}, head_dim={hd}: check `num_heads`")
-        return extra // (2 * hd)
-
+__all__ = ["QKV", "Block", "Index", "LayerSplit", "Layout", "ArchSpec", "SPECS", "GENERIC", "KeyMap", "LayerKeys",
+           "supported_types", "spec_for_type", "detect_spec"]
 
 _ATTN = "self_attn."
 SEPARATE = Layout("separate", q=_ATTN + "q_proj.weight", k=_ATTN + "k_proj.weight", v=_ATTN + "v_proj.weight",
@@ -188,6 +39,29 @@ INTERLEAVED = Layout("interleaved", qkv="attention.query_key_value.weight", o="a
                      interleaved=True, grouped=False)
 BERT_SEPARATE = Layout("separate", q="attention.self.query.weight", k="attention.self.key.weight",
                        v="attention.self.value.weight", o="attention.output.dense.weight")
+# Falcon, every generation: query_key_value interleaved per kv group (see the module docstring).
+FALCON = Layout("interleaved_grouped", qkv="self_attention.query_key_value.weight", o="self_attention.dense.weight",
+                interleaved=True)
+BLOOM = Layout("interleaved", qkv="self_attention.query_key_value.weight", o="self_attention.dense.weight",
+               interleaved=True, grouped=False)  # per head [q_h; k_h; v_h], as GPT-NeoX
+# GPTBigCode's c_attn is an nn.Linear ([out, in], not GPT-2's Conv1D): q | k | v under multi_query (G = 1),
+# per head [q_h; k_h; v_h] otherwise (G = H); both are the per-kv-group interleave.
+BIGCODE = Layout("interleaved_grouped", qkv="attn.c_attn.weight", o="attn.c_proj.weight", interleaved=True)
+
+
+def _separate(q: str, k: str, v: str, o: str) -> Layout:
+    """Separate q/k/v/o projections (``nn.Linear``) under other names than ``self_attn.{q,k,v,o}_proj``."""
+    return Layout("separate", q=q + ".weight", k=k + ".weight", v=v + ".weight", o=o + ".weight")
+
+
+GPTJ = _separate("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj")
+GPT_NEO = _separate("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj",
+                    "attn.attention.out_proj")
+OPT = _separate(_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj", _ATTN + "out_proj")
+PHI = _separate(_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj", _ATTN + "dense")  # Phi-1/2: `dense` output
+DISTILBERT = _separate("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin")
+T5 = _separate("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",
+               "layer.0.SelfAttention.o")  # T5's inner dim H * d_kv need not be d_model
 
 
 @dataclass(frozen=True)
@@ -207,15 +81,30 @@ class ArchSpec:
     decoder: bool = True  # a causal decoder (False: a bidirectional encoder such as BERT)
     # Residual structure of one layer and the modules (relative to the layer) whose hooks give each site:
     #   "pre": x + attn(norm(x)), then + mlp(norm(.))              (Llama, Qwen, Mistral, MoE families, GPT-2)
-    #   "sandwich": like "pre" but each branch output is normed before the add           (Gemma 2/3)
-    #   "parallel": x + attn(norm1(x)) + mlp(norm2(x))                                    (GPT-NeoX)
-    #   "post": norm(x + attn(x)), then norm(. + mlp(.))                                  (BERT)
-    residual: str = "pre"  # one of the four residual structures above
+    #   "sandwich": like "pre" but each branch output is normed before the add           (Gemma 2/3, GLM-4)
+    #   "post_sublayer": x + norm(attn(x)), then + norm(mlp(.)): no norm before a branch   (OLMo 2)
+    #   "parallel": x + attn(norm1(x)) + mlp(norm2(x))                (GPT-NeoX, GPT-J, Falcon, Phi-1/2, Cohere)
+    #   "post": norm(x + attn(x)), then norm(. + mlp(.))                                  (BERT, DistilBERT)
+    residual: str = "pre"  # one of the five residual structures above
     attn_out: str = "self_attn"  # forward hook, output (or output[0]): what attention adds to the stream
     mlp_out: str = "mlp"  # forward hook, output: what the MLP adds to the stream
     mid_input: str | None = "post_attention_layernorm"  # forward pre-hook, first input: resid_mid
     final_norm: str | None = "norm"  # relative to the layer list's parent; forward hook, output
     parallel_flag: str | None = None  # config flag that turns the residual "parallel" (then no resid_mid)
+    # The pre-attention norm's other name, read when the checkpoint has no ``norm`` (Falcon's new decoder
+    # architecture: ln_attn, beside ln_mlp).
+    norm_alt: str | None = None
+    # Config attribute every branch is multiplied by before its add, h = x + m * attn(..) (Granite's
+    # residual_multiplier): the attn_out / mlp_out hooks then see the unscaled branch, so no module gives what is
+    # added, and it must be derived by difference (resid_mid - resid_pre).
+    branch_scale: str | None = None
+    # The MLP branch's hooks (mid_input, mlp_out) may see the tokens flattened to (B*N, d) instead of the stream's
+    # (B, N, d): OPT reshapes before its fc1/fc2, Llama 4's MoE returns (B*N, d).
+    flat_mlp: bool = False
+    # Config (flag, value) pairs the residual fields above assume. A config that differs has another structure
+    # (OPT-350m's do_layer_norm_before=False is post-norm; Bloom's apply_residual_connection_post_layernorm adds
+    # the norm's output, not the layer input), which site capture must refuse rather than mislabel.
+    sites_require: tuple[tuple[str, bool], ...] = ()
 
 
 _LLAMA = dict(layers_path="layers", layout=SEPARATE)
@@ -247,11 +136,51 @@ SPECS: dict[str, ArchSpec] = {
                      decoder=False, residual="post",
                      attn_out="attention.output.dense", mlp_out="output.dense", mid_input="intermediate",
                      final_norm=None),
+    # Falcon: parallel unless parallel_attn is false (Falcon-RW); the new decoder (40B/180B) norms with ln_attn.
+    "falcon": ArchSpec("Falcon", layers_path="h", layout=FALCON, attn_module="self_attention",
+                       norm_alt="ln_attn.weight",
+                       residual="parallel", parallel_flag="parallel_attn", attn_out="self_attention", final_norm="ln_f"),
+    "gptj": ArchSpec("GPT-J", layers_path="h", layout=GPTJ, attn_module="attn", norm="ln_1.weight",
+                     residual="parallel", attn_out="attn", mid_input=None, final_norm="ln_f"),
+    # Bloom's attention and MLP modules add the residual themselves: their output projections give the branches.
+    "bloom": ArchSpec("Bloom", layers_path="h", layout=BLOOM, attn_module="self_attention",
+                      attn_out="self_attention.dense", mlp_out="mlp.dense_4h_to_h", final_norm="ln_f",
+                      sites_require=(("apply_residual_connection_post_layernorm", False),)),
+    "gpt_neo": ArchSpec("GPT-Neo", layers_path="h", layout=GPT_NEO, attn_module="attn", norm="ln_1.weight",
+                        attn_out="attn", mid_input="ln_2", final_norm="ln_f"),
+    "gpt_bigcode": ArchSpec("GPTBigCode/StarCoder", layers_path="h", layout=BIGCODE, attn_module="attn",
+                            norm="ln_1.weight", attn_out="attn", mid_input="ln_2", final_norm="ln_f"),
+    "opt": ArchSpec("OPT", layers_path="decoder.layers", layout=OPT, norm="self_attn_layer_norm.weight",
+                    mlp_out="fc2", mid_input="final_layer_norm", final_norm="final_layer_norm", flat_mlp=True,
+                    sites_require=(("do_layer_norm_before", True),)),
+    "phi": ArchSpec("Phi-1/2", layers_path="layers", layout=PHI,
+                    residual="parallel", mid_input=None, final_norm="final_layernorm"),
+    "distilbert": ArchSpec("DistilBERT", layers_path="transformer.layer", layout=DISTILBERT, attn_module="attention",
+                           norm=None, prev_norm="output_layer_norm.weight", first_norm="embeddings.LayerNorm.weight",
+                           decoder=False, residual="post",
+                           attn_out="attention", mlp_out="ffn", mid_input="ffn", final_norm=None),
+    # T5 encoder (T5EncoderModel, or the encoder of a full T5): relative attention bias, no 1/sqrt(hd) scaling.
+    "t5": ArchSpec("T5 encoder", layers_path="encoder.block", layout=T5, attn_module="layer.0.SelfAttention",
+                   norm="layer.0.layer_norm.weight", decoder=False,
+                   attn_out="layer.0.SelfAttention", mlp_out="layer.1.DenseReluDense", mid_input="layer.1",
+                   final_norm="final_layer_norm"),
+    # Llama-named projections with another residual structure.
+    "olmo2": ArchSpec("OLMo 2", norm=None, residual="post_sublayer", attn_out="post_attention_layernorm",
+                      mlp_out="post_feedforward_layernorm", mid_input="mlp", **_LLAMA),
+    "glm4": ArchSpec("GLM-4", residual="sandwich", attn_out="post_self_attn_layernorm", mlp_out="post_mlp_layernorm",
+                     mid_input="post_attention_layernorm", **_LLAMA),
+    "granite": ArchSpec("Granite", branch_scale="residual_multiplier", **_LLAMA),
+    "cohere": ArchSpec("Cohere", residual="parallel", mid_input=None, **_LLAMA),
+    "stablelm": ArchSpec("StableLM", residual="parallel", parallel_flag="use_parallel_residual", **_LLAMA),
+    "llama4_text": ArchSpec("Llama 4", mlp_out="feed_forward", flat_mlp=True, **_LLAMA),
 }
+SPECS.update({t: ArchSpec(name, **_LLAMA) for t, name in (  # Llama's names and structure
+    ("olmo", "OLMo"), ("starcoder2", "Starcoder2"), ("smollm3", "SmolLM3"))})
 SPECS["roberta"] = SPECS["bert"]
 SPECS["xlm-roberta"] = SPECS["bert"]
 # Multimodal wrappers whose text model is one of the above.
 SPECS["gemma3"] = SPECS["gemma3_text"]
+SPECS["llama4"] = SPECS["llama4_text"]
 
 GENERIC = ArchSpec("generic (self_attn.{q,k,v,o}_proj)", **_LLAMA)
 
@@ -261,39 +190,62 @@ def supported_types() -> list[str]:
     return sorted(SPECS)
 
 
-def spec_for_type(model_type: str | None, keys: Iterable[str] | None = None) -> ArchSpec:
-    """Spec for ``model_type``; an unknown type that uses ``self_attn.{q,k,v,o}_proj`` gets :data:`GENERIC`.
+def _supported() -> str:
+    return ", ".join(supported_types()) + " (or any model whose layers use self_attn.{q,k,v,o}_proj)"
 
-    Raises HeadlensError listing the supported types otherwise.
+
+def spec_for_type(model_type: str | None, keys: Iterable[str] | None = None) -> ArchSpec:
+    """Spec for ``model_type``; an unknown type whose layers hold ``self_attn.{v,o}_proj`` gets :data:`GENERIC`.
+
+    Raises HeadlensError, "unsupported architecture X; supported: ...", otherwise: a family the table does not
+    know fails here, by name, and never later on a tensor the generic spec would look for.
     """
     if model_type in SPECS:
         return SPECS[model_type]
-    if keys is not None and any(k.endswith(GENERIC.layout.anchor) for k in keys):
+    keys = list(keys) if keys is not None else []
+    if all(any(k.endswith(name) for k in keys) for name in (GENERIC.layout.anchor, GENERIC.layout.o)):
         return GENERIC
-    raise HeadlensError(
-        f"unsupported architecture {model_type!r}: supported model types are "
-        f"{', '.join(supported_types())}, or any model whose layers use self_attn.{{q,k,v,o}}_proj"
-    )
+    raise HeadlensError(f"unsupported architecture {model_type!r}; supported: {_supported()}")
 
 
-def detect_spec(keys: Iterable[str]) -> tuple[str, ArchSpec]:
-    """Guess the family of a bare state dict (no config) from its tensor names."""
+# Bare state dicts (no config): the first suffix that some tensor name ends with decides, most specific first.
+_PROBES = (
+    ("bloom", "word_embeddings_layernorm.weight"),  # Bloom and Falcon share self_attention.query_key_value
+    ("falcon", "self_attention.query_key_value.weight"),
+    ("gpt_neox", "attention.query_key_value.weight"),
+    ("gpt2", "attn.c_attn.weight"),  # or GPTBigCode, same names: detect_spec tells them apart by the shape
+    ("phi3", "self_attn.qkv_proj.weight"),
+    ("gpt_neo", "attn.attention.out_proj.weight"),
+    ("opt", "self_attn.out_proj.weight"),
+    ("gptj", "attn.out_proj.weight"),  # after OPT, whose self_attn.out_proj ends the same way
+    ("phi", "self_attn.dense.weight"),
+    ("distilbert", "attention.out_lin.weight"),
+    ("t5", "SelfAttention.o.weight"),
+    ("bert", "attention.self.value.weight"),
+)
+
+
+def detect_spec(keys: Iterable[str], shape: Callable[[str], tuple[int, ...]] | None = None) -> tuple[str, ArchSpec]:
+    """Guess the family of a bare state dict (no config) from its tensor names: (model_type, spec), with
+    ``"unknown"`` and :data:`GENERIC` for any ``self_attn.{v,o}_proj`` model.
+
+    ``shape`` (name -> stored shape) tells GPT-2 from GPTBigCode, whose tensors have the same names: GPT-2's
+    ``Conv1D`` c_attn is stored ``[d, 3d]`` (wider than tall), GPTBigCode's ``nn.Linear`` ``[(H + 2G) hd, d]``."""
     keys = list(keys)
-    probes = [
-        ("qwen3", "self_attn.v_proj.weight"),  # any llama-like family: same layout
-        ("phi3", "self_attn.qkv_proj.weight"),
-        ("gpt2", "attn.c_attn.weight"),
-        ("gpt_neox", "attention.query_key_value.weight"),
-        ("bert", "attention.self.value.weight"),
-    ]
-    for model_type, suffix in probes:
-        if any(k.endswith(suffix) for k in keys):
-            spec = SPECS[model_type] if model_type != "qwen3" else GENERIC
-            return (model_type if model_type != "qwen3" else "unknown"), spec
+    for model_type, suffix in _PROBES:
+        found = next((k for k in keys if k.endswith(suffix)), None)
+        if found is None:
+            continue
+        if model_type == "gpt2" and shape is not None:
+            rows, cols = shape(found)[:2]
+            model_type = "gpt_bigcode" if rows > cols else "gpt2"
+        return model_type, SPECS[model_type]
+    if all(any(k.endswith(name) for k in keys) for name in (GENERIC.layout.anchor, GENERIC.layout.o)):
+        return "unknown", GENERIC
     raise HeadlensError(
-        "cannot recognise the architecture from the tensor names (no self_attn.v_proj, qkv_proj, "
-        "attn.c_attn, attention.query_key_value or attention.self.value weights); supported model types "
-        f"are {', '.join(supported_types())}"
+        "cannot recognise the architecture from the tensor names (no self_attn.{v,o}_proj, qkv_proj, c_attn, "
+        "query_key_value or other attention weights of a known family); supported model types are "
+        f"{_supported()}"
     )
 
 
@@ -354,6 +306,8 @@ class KeyMap:
         norm: str | None = None
         if s.norm:
             norm = base + s.norm
+            if norm not in self._keys and s.norm_alt:
+                norm = base + s.norm_alt
         elif s.prev_norm and layer > 0:
             norm = f"{p}{s.layers_path}.{layer - 1}.{s.prev_norm}"
         elif s.first_norm:

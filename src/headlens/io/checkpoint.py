@@ -317,7 +317,7 @@ def open_model(
         top = config.get("model_type")
         spec = SPECS[top] if top in SPECS else spec_for_type(model_type, keys)
     else:
-        model_type, spec = detect_spec(keys)
+        model_type, spec = detect_spec(keys, tensors.shape)
     keymap = KeyMap(spec, keys)
     shape = infer_shape(tensors, spec, keymap, model_type, config, auto_infer, num_heads, num_kv_heads)
     return Checkpoint(name=name, source=source, tensors=tensors, spec=spec, keymap=keymap, shape=shape,
