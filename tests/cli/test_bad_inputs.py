@@ -1,0 +1,171 @@
+"""Every command on a table of bad inputs, in-process: exit 2, exactly one stderr line
+``headlens <cmd>: error: ...`` (naming what is wrong), no traceback, and no file left behind.
+
+Placeholders in the argv templates: ``{qwen3}`` (a HuggingFace directory), ``{bare}`` (a bare safetensors file),
+``{pt}`` (a bare .pt), ``{neox}`` (parallel residual), ``{moe}`` (a Qwen3-MoE directory), ``{pruned}`` (qwen3 with
+layer 0 head 1 zeroed), ``{heads0}`` / ``{heads4}`` (config.json with 0 / "four" attention heads), ``{corrupt}``,
+``{long}`` (a text longer than the tiny models' 128 positions), ``{dir}`` (an existing directory), ``{file}`` (an
+existing file), ``{missing}`` (a path that does not exist). The working directory is a fresh temporary directory,
+so default output directories land there and are checked too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import PROMPT, build_model, save_checkpoint, tokenizer_for
+
+from headlens.cli import main
+
+LONG = " ".join(["octopus hearts beat"] * 100)  # > 128 tokens of the tiny tokenizer
+
+CASES: list[tuple[str, list[str], str]] = [
+    # ---- ov
+    ("ov", ["--layer", "6"], "--layer 6"),
+    ("ov", ["--head", "12"], "--head 12"),
+    ("ov", ["--head", "-1"], "--head"),
+    ("ov", ["--layer", "three"], "invalid integer"),
+    ("ov", ["--latent-dim", "0"], "--latent-dim"),
+    ("ov", ["--layer", "1", "--latent-dim", "33"], "--latent-dim 33"),
+    ("ov", ["--heatmap"], "--heatmap"),
+    ("ov", ["--prompt", " "], "empty"),
+    ("ov", ["--prompt", "hi", "--traces", "x"], "--traces"),
+    ("ov", ["--weights", "{missing}"], "no such file"),
+    ("ov", ["--weights", "{corrupt}", "--num-heads", "4"], "corrupt"),
+    ("ov", ["--weights", "{bare}"], "--num-heads"),
+    ("ov", ["--weights", "{bare}", "--num-heads", "4", "--prompt", PROMPT], "HuggingFace"),
+    ("ov", ["--weights", "{bare}", "--num-heads", "4", "--num-kv-heads", "3"], "--num-kv-heads 3"),
+    ("ov", ["--num-heads", "0"], "--num-heads"),
+    ("ov", ["--plot", "--out-dir", "{file}/sub"], "is a file"),
+    ("ov", ["--json", "{dir}"], "directory"),
+    ("ov", ["--plot-path", "{dir}"], "directory"),
+    ("ov", ["--probe-tokens", "100000000000"], "--probe-tokens 100000000000 is above"),
+    ("ov", ["--probe-tokens", "0"], "--probe-tokens"),
+    ("ov", ["--seed", "100000000000000000000000"], "--seed"),
+    ("ov", ["--revision", "main"], "--revision applies to --hf-repo only"),
+    ("ov", ["--weights", "{qwen3}", "--revision", "main"], "--revision applies to --hf-repo only"),
+    ("ov", ["--cache-dir", "{dir}"], "--cache-dir applies to --hf-repo only"),
+    ("ov", ["--weights", "{qwen3}", "--hf-repo", "a/b"], "not both"),
+    ("ov", ["--weights", "{pruned}", "--auto-infer", "--head", "1"], "numerically zero"),
+    ("ov", ["--weights", "{heads0}", "--auto-infer"], "num_attention_heads is 0"),
+    ("ov", ["--weights", "{heads4}", "--auto-infer"], 'num_attention_heads is "four"'),
+    # ---- sphere
+    ("sphere", ["--weights", "{pt}", "--num-heads", "4"], "HuggingFace"),
+    ("sphere", ["--prompt", "hi", "--frame-seconds", "0"], "--frame-seconds"),
+    ("sphere", ["--prompt", "hi", "--frame-seconds", "1e12"], "--frame-seconds"),
+    ("sphere", ["--prompt", "hi", "--layers", "1,6"], "layer 6 is out of range"),
+    ("sphere", ["--prompt", "hi", "--layers", "4:2"], "selects no layer"),
+    ("sphere", ["--prompt", "hi", "--layers", "9:12"], "out of range"),
+    ("sphere", ["--prompt", "hi", "--layers", "one,two"], "use a slice"),
+    ("sphere", ["--prompt", "hi", "--layers", ""], "--layers '' is empty"),
+    ("sphere", ["--prompt", "hi", "--layers", "1,,0"], "empty item"),
+    ("sphere", ["--prompt", "hi", "--layers", "1,1"], "given twice"),
+    ("sphere", ["--prompt-file", "{missing}"], "--prompt-file"),
+    ("sphere", ["--weights", "{qwen3}", "--prompt", LONG], "--truncate"),
+    ("sphere", ["--weights", "{neox}", "--prompt", PROMPT, "--site", "resid_mid"], "resid_mid"),
+    ("sphere", ["--weights", "{heads4}", "--prompt", "hi"], 'num_attention_heads is "four"'),
+    ("sphere", ["--prompt", "hi", "--json", "{dir}"], "directory"),
+    # ---- diagram
+    ("diagram", ["--layer", "7"], "--layer 7"),
+    ("diagram", ["--weights", "{bare}", "--num-heads", "4"], "HuggingFace"),
+    ("diagram", ["--weights", "{heads0}"], "num_attention_heads is 0"),
+    # ---- sweep
+    ("sweep", ["--target-error", "0.1", "--target-energy", "0.9"], "not allowed with"),
+    ("sweep", ["--target-error", "1.5"], "--target-error"),
+    ("sweep", ["--target-error", "nan"], "--target-error"),
+    ("sweep", ["--target-energy", "0"], "--target-energy"),
+    ("sweep", ["--calib", "{missing}"], "--calib"),
+    ("sweep", ["--weights", "{qwen3}", "--k", "8,32"], "--k 32 is above head_dim 16"),
+    ("sweep", ["--k", "8,x"], "--k '8,x'"),
+    ("sweep", ["--k", "0"], "--k '0'"),
+    ("sweep", ["--k", "8,,4"], "empty item"),
+    ("sweep", ["--k", "8,8"], "8 is given twice"),
+    ("sweep", ["--layers", "2:9"], "stop 9 is out of range"),
+    ("sweep", ["--layers", ""], "--layers '' is empty"),
+    ("sweep", ["--layers", "1,,0"], "empty item"),
+    ("sweep", ["--kv-bytes", "0"], "--kv-bytes"),
+    ("sweep", ["--kv-bytes", "1000"], "--kv-bytes"),
+    ("sweep", ["--max-calib-tokens", "2"], "--max-calib-tokens"),
+    ("sweep", ["--weights", "{qwen3}", "--calib", "{long}"], "has 1200 tokens but the model takes at most 128"),
+    ("sweep", ["--weights", "{qwen3}", "--revision", "main"], "--revision applies to --hf-repo only"),
+    ("sweep", ["--weights", "{heads4}"], 'num_attention_heads is "four"'),
+    ("sweep", ["--json", "{dir}"], "directory"),
+    # ---- router
+    ("router", ["--weights", "{moe}", "--prompt", "hi", "--batch-size", "0"], "--batch-size"),
+    ("router", ["--weights", "{moe}", "--prompt", "hi", "--color-layer", "5"], "--color-layer 5"),
+    ("router", ["--weights", "{qwen3}", "--prompt", "hi"], "no MoE layers"),
+    ("router", ["--prompt", "hi"], "no MoE layers"),
+    ("router", ["--weights", "{moe}", "--prompt", LONG], "--truncate"),
+    ("router", ["--weights", "{moe}", "--prompt", " "], "empty"),
+    ("router", ["--weights", "{moe}", "--revision", "main"], "--revision applies to --hf-repo only"),
+    ("router", ["--weights", "{heads4}", "--prompt", "hi"], 'num_attention_heads is "four"'),
+    ("router", ["--weights", "{bare}"], "HuggingFace model directory"),
+    # ---- toy
+    ("toy", [], "choose"),
+    ("toy", ["create", "--out", "toy.txt"], ".safetensors"),
+    ("toy", ["create", "--out", "toy.safetensors", "--plant", "geometric", "--plant-decay", "-1"], "--plant-decay"),
+    ("toy", ["create", "--out", "toy.safetensors", "--plant", "geometric", "--plant-decay", "nan"], "--plant-decay"),
+    ("toy", ["trace", "--weights", "{missing}", "--out", "t"], "no such file"),
+    ("toy", ["cluster", "--tokens", "2"], "--tokens"),
+    ("toy", ["cluster", "--beta", "nan"], "--beta"),
+    ("toy", ["run", "--latent-dim", "99"], "--latent-dim"),
+]
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    paths = {"qwen3": ckpts.path("qwen3", "gqa", "hf_dir"), "bare": ckpts.path("qwen3", "gqa", "safetensors"),
+             "pt": ckpts.path("llama", "gqa", "pt"), "neox": ckpts.path("gpt_neox", "mha", "hf_dir"),
+             "moe": ckpts.path("qwen3_moe", "gqa", "hf_dir")}
+    model = build_model("qwen3", "gqa")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, 16:32] = 0
+    paths["pruned"] = save_checkpoint(model, tokenizer_for("qwen3"), root / "pruned", "hf_dir")
+    for name, value in (("heads0", 0), ("heads4", "four")):
+        d = root / name
+        shutil.copytree(paths["qwen3"], d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["num_attention_heads"] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+        paths[name] = d
+    corrupt = root / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    paths["corrupt"] = corrupt
+    (root / "long.txt").write_text(" ".join(["octopus hearts beat"] * 100) + "\nshort\n")
+    paths["long"] = root / "long.txt"
+    (root / "a-dir").mkdir()
+    paths["dir"] = root / "a-dir"
+    (root / "a-file").write_text("x")
+    paths["file"] = root / "a-file"
+    paths["missing"] = root / "missing.safetensors"
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("cmd,argv,needle", CASES, ids=[f"{c}:{' '.join(a)[:60]}" for c, a, _ in CASES])
+def test_bad_input_is_one_line_and_leaves_nothing(inputs, capsys, tmp_path, monkeypatch, cmd, argv, needle):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = [a.format(**inputs) if "{" in a else a for a in argv]
+    if cmd in ("ov", "sphere", "diagram", "sweep", "router") and "--out-dir" not in args:
+        args += ["--out-dir", str(work / "out")]
+    before = _files(Path(inputs["qwen3"]).parent.parent)
+    capsys.readouterr()
+    code = main([cmd, *args])
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert re.match(rf"headlens {cmd}( \w+)?: error: ", lines[0]), lines[0]
+    assert needle in lines[0], lines[0]
+    assert _files(work) == set(), _files(work)  # no output directory, no file, no temporary, no lock
+    assert _files(Path(inputs["qwen3"]).parent.parent) == before  # nothing written next to the inputs
