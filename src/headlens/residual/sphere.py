@@ -28,6 +28,7 @@ from headlens.errors import HeadlensError
 from headlens.residual.clustering import LayerMetrics, clustering_metrics, summarize
 
 SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")
+GIF_MAX_SECONDS = 655.35  # a GIF frame lasts at most 65535 hundredths of a second
 # The options that shape the projection and the metrics: what sphere.json records as its "config".
 PROJECTION_OPTIONS = ("align", "basis", "drop_first", "drop_outliers", "outlier_factor", "cluster_threshold", "seed")
 
@@ -58,6 +59,9 @@ class SphereConfig:
         """Raise HeadlensError on an option out of range (before any file is read)."""
         if self.frame_seconds <= 0:
             raise HeadlensError(f"`frame_seconds` must be positive, got {self.frame_seconds:g}")
+        if not self.frame_seconds <= GIF_MAX_SECONDS:  # also nan
+            raise HeadlensError(f"`frame_seconds` must be at most {GIF_MAX_SECONDS:g} (the longest frame a GIF "
+                                f"holds), got {self.frame_seconds:g}")
         if not -1.0 <= self.cluster_threshold <= 1.0:
             raise HeadlensError(f"`cluster_threshold` must be a cosine in [-1, 1], got {self.cluster_threshold:g}")
         if self.outlier_factor <= 1.0:
