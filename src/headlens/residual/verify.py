@@ -103,6 +103,7 @@ class SiteStream:
         self.cur: dict[str, torch.Tensor] = {}
         self.prev: tuple[int, torch.Tensor] | None = None
         self.busy = False  # inside a check: the norm modules it calls must not record
+        self.shape: torch.Size | None = None  # the stream's shape, (B, N, d), from the layer's input
 
     def _holds(self, layer: int) -> bool:
         return layer in self.pending or (layer in self.layers and bool(self.derived))
@@ -111,6 +112,10 @@ class SiteStream:
         def save(x: torch.Tensor) -> None:
             if self.busy:
                 return
+            if site == "resid_pre":
+                self.shape = x.shape
+            elif self.shape is not None and x.shape != self.shape and x.numel() == self.shape.numel():
+                x = x.reshape(self.shape)  # a layer that works on flattened (B*N, d) rows (OPT's MLP)
             if layer in self.layers and site in self.hooked:
                 self.store[site][layer] = self.keep(x)
             if self._holds(layer):

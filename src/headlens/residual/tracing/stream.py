@@ -83,6 +83,19 @@ def ancestors(calls: list[Call], idx: int) -> list[int]:
     return out
 
 
+def _same_stream_shape(shape: list[int] | None, in_shape: list[int]) -> bool:
+    """The layer's input shape, or a flattening of it (OPT adds the MLP on ``(B*N, d)`` rows)."""
+    if shape is None or shape == in_shape:
+        return shape is not None
+    numel = 1
+    for n in in_shape:
+        numel *= n
+    rows = 1
+    for n in shape:
+        rows *= n
+    return bool(shape) and shape[-1] == in_shape[-1] and rows == numel
+
+
 def _join_of(rec: Recorder, flow: Flow, i: int, stream: set) -> RawJoin | None:
     """The join op ``i`` makes, or None when it is not a stream + branch addition of the layer's shape."""
     op = rec.ops[i]
@@ -93,7 +106,7 @@ def _join_of(rec: Recorder, flow: Flow, i: int, stream: set) -> RawJoin | None:
     if on_a == on_b:
         return None
     in_shape = rec.calls[0].in_shape
-    if in_shape is not None and op.out_shape != in_shape:
+    if in_shape is not None and not _same_stream_shape(op.out_shape, in_shape):
         return None
     return RawJoin(op=i, residual=op.operands[0] if on_a else op.operands[1],
                    branch=op.operands[1] if on_a else op.operands[0], result=op.out_keys[0], scope=op.scope)
