@@ -17,7 +17,13 @@ from headlens.errors import HeadlensError
 
 
 def ensure_dir(path: Path) -> None:
-    """Create ``path`` (and parents) or raise a one-line HeadlensError."""
+    """Create ``path`` (and parents) or raise a one-line HeadlensError. In a command's output set the
+    directory is locked and, if the command fails, removed again when it stayed empty."""
+    from headlens.io import output_set
+
+    out = output_set.active()
+    if out is not None and out.covers(Path(path) / "_"):
+        out.prepare(Path(path))
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -12,8 +12,9 @@ directories of ``--json``/``--plot-path``, toy's ``--out``). While it is open:
   that is gone (same host, dead pid) is taken over, with its staged files.
 - On commit, ``.headlens-manifest.json`` in each directory records the set (keyed by the command and the
   common stem of the file names, e.g. ``ov:all-MiniLM-L6-v2_layer3_head5``, ``sweep:sweep``, ``sphere:``),
-  and the files of that command's previous set with the same key that this run did not write are removed, so
-  the directory holds exactly one run's set.
+  and the files of that command's previous set with the same key (or one extending it at a ``_``/``.``/``-``)
+  that this run did not write are removed, so the directory holds one run's set per command and stem (the
+  heads of ``ov`` keep their own files side by side).
 - Worker processes (``sphere`` draws in a spawned pool) inherit the staging decision through the environment
   (:data:`ENV`): they stage under the same id, and the commit collects their files by name.
 
@@ -78,8 +79,11 @@ class OutputSet:
         except OSError as exc:
             raise HeadlensError(f"cannot create output directory {directory}: {exc.strerror or exc}") from None
         self.created += [p for p in reversed(missing) if p not in self.created]
-        if self.owner and directory not in self.locks:
-            self.locks[directory] = acquire_lock(directory, self._lock_info())
+        # the lock sits in the output directory itself, also for its subdirectories (sweep_layers/)
+        top = max((d for d in self.scope if d == directory or d in directory.parents), key=lambda d: len(d.parts),
+                  default=directory)
+        if self.owner and top not in self.locks:
+            self.locks[top] = acquire_lock(top, self._lock_info())
 
     def stage_name(self, final: Path) -> Path:
         return final.parent / f"{PREFIX}{self.id}.{final.name}"
@@ -308,24 +312,34 @@ def set_key(names: list[str]) -> str:
     return p
 
 
+def _related(a: str, b: str) -> bool:
+    """Whether two set keys name the same set: equal, or one extends the other at a boundary (``ov:m_l3_h5`` and
+    ``ov:m_l3_h5_heatmap``, ``sphere:`` and ``sphere:tokens``; not ``ov:m_l3_h1`` and ``ov:m_l3_h10``)."""
+    (ca, _, ka), (cb, _, kb) = a.partition(":"), b.partition(":")
+    if ca != cb:
+        return False
+    short, long_ = sorted((ka, kb), key=len)
+    return long_.startswith(short) and (short == long_ or short == "" or long_[len(short)] in "._-")
+
+
 def update_manifest(directory: Path, command: str, names: list[str], argv: str = "") -> None:
-    """Record ``names`` as ``command``'s set in ``directory`` and remove the files of the previous set with the
-    same key that are not among ``names``."""
+    """Record ``names`` as ``command``'s set in ``directory`` and remove the files of the previous set of the
+    same command and key (:func:`set_key`, :func:`_related`) that are not among ``names``."""
     path = directory / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         sets = manifest["sets"] if isinstance(manifest.get("sets"), dict) else {}
     except (OSError, ValueError, AttributeError, KeyError):
         sets = {}
+    sets = {k: v for k, v in sets.items() if isinstance(v, dict) and isinstance(v.get("files"), list)}
     key = f"{command}:{set_key(sorted(names))}"
-    previous = sets.get(key, {}).get("files", []) if isinstance(sets.get(key), dict) else []
-    for name in previous:
-        if name not in names and "/" not in name and name not in (LOCK, MANIFEST):
-            (directory / name).unlink(missing_ok=True)
+    for old in [k for k in sets if _related(k, key)]:
+        for name in sets.pop(old)["files"]:
+            if name not in names and "/" not in name and name not in (LOCK, MANIFEST):
+                (directory / name).unlink(missing_ok=True)
     for other in sets.values():  # a file belongs to the set that wrote it last
-        if isinstance(other, dict) and isinstance(other.get("files"), list):
-            other["files"] = [n for n in other["files"] if n not in names]
-    sets = {k: v for k, v in sets.items() if isinstance(v, dict) and v.get("files")}
+        other["files"] = [n for n in other["files"] if n not in names]
+    sets = {k: v for k, v in sets.items() if v["files"]}
     sets[key] = {"files": sorted(names), "command": argv or command,
                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tmp = directory / f"{PREFIX}manifest~{os.getpid()}.tmp"
