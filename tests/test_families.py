@@ -181,6 +181,42 @@ def test_resid_pre_is_output_hidden_states(opened, family, variant):
         torch.testing.assert_close(rec.values["resid_pre"][layer], hidden[layer], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family,variant", WIDEST, ids=[f"{f}-{v}" for f, v in WIDEST])
+def test_ov_with_a_prompt_runs_the_model_and_its_cache_error_is_the_dense_one(opened, ckpts, family, variant):
+    """``ov --prompt`` end to end: the model is loaded from the directory (T5: its encoder), the prompt's attention
+    inputs hooked, and cache_error equals ||(W - W_k) X|| / ||W X|| with the dense W and an independent hook's X."""
+    model, tok, _ = opened(family, variant)
+    layer, head, k = L - 1, H - 1, 4
+    r = headlens.analyze_head(headlens.ModelSource(weights=ckpts.path(family, variant, "hf_dir")),
+                              headlens.OVConfig(layer=layer, head=head, latent_dim=k, prompt=PROMPT,
+                                                dtype=torch.float64))
+    X = capture_attention_io(model, family, layer, _ids(tok))[0].T  # (d, N)
+    W = dense_wov(model, family, layer, head)
+    U, S, Vt = np.linalg.svd(W)
+    W_k = (U[:, :k] * S[:k]) @ Vt[:k]
+    assert r.cache_inputs == "prompt" and r.cache_tokens == X.shape[1]
+    assert r.cache_error == pytest.approx(np.linalg.norm((W - W_k) @ X) / np.linalg.norm(W @ X), rel=1e-5)
+
+
+@pytest.mark.parametrize("family,variant", WIDEST, ids=[f"{f}-{v}" for f, v in WIDEST])
+def test_heatmap_is_the_eager_attention_hf_returns(opened, family, variant):
+    model, tok, ck = opened(family, variant)
+    ids = _ids(tok)
+    got = [capture_layer(model, tok, ck.spec, layer, PROMPT, want_probs=True).attn_probs for layer in range(L)]
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            want = model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(original)
+    assert model.config._attn_implementation == original
+    for layer in range(L):
+        assert got[layer].shape == (H, ids.shape[1], ids.shape[1])
+        torch.testing.assert_close(got[layer], want[layer][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[layer].sum(-1), torch.ones(H, ids.shape[1]), rtol=1e-5, atol=1e-5)
+
+
 def _spec_sites(model, spec, ids, parallel: bool) -> tuple[dict[str, dict[int, torch.Tensor]], torch.Tensor]:
     """Each site hooked where the spec's fields say, with plain hooks written here ({site: {layer: tensor}}), and
     the model's last hidden state."""

@@ -105,6 +105,12 @@ class ArchSpec:
     # (OPT-350m's do_layer_norm_before=False is post-norm; Bloom's apply_residual_connection_post_layernorm adds
     # the norm's output, not the layer input), which site capture must refuse rather than mislabel.
     sites_require: tuple[tuple[str, bool], ...] = ()
+    # The transformers class that runs this family's stack, where AutoModel builds more than the spec covers
+    # (T5: AutoModel is the encoder-decoder, whose forward needs decoder inputs; T5EncoderModel runs the encoder).
+    model_class: str | None = None
+    # Index of the attention probabilities in the attention module's output tuple under eager attention
+    # (T5 returns (output, position_bias, probabilities)).
+    probs_at: int = 1
 
 
 _LLAMA = dict(layers_path="layers", layout=SEPARATE)
@@ -163,7 +169,7 @@ SPECS: dict[str, ArchSpec] = {
     "t5": ArchSpec("T5 encoder", layers_path="encoder.block", layout=T5, attn_module="layer.0.SelfAttention",
                    norm="layer.0.layer_norm.weight", decoder=False,
                    attn_out="layer.0.SelfAttention", mlp_out="layer.1.DenseReluDense", mid_input="layer.1",
-                   final_norm="final_layer_norm"),
+                   final_norm="final_layer_norm", model_class="T5EncoderModel", probs_at=2),
     # Llama-named projections with another residual structure.
     "olmo2": ArchSpec("OLMo 2", norm=None, residual="post_sublayer", attn_out="post_attention_layernorm",
                       mlp_out="post_feedforward_layernorm", mid_input="mlp", **_LLAMA),

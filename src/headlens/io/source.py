@@ -117,11 +117,17 @@ def check_text_lengths(tokenizer, texts: list[str], limit: int | None, truncate:
 
 def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
     """The base model of a HuggingFace directory, default attention implementation, in eval mode."""
-    from transformers import AutoModel
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    from headlens.arch import SPECS
 
     try:
         with quiet_transformers():
-            model = AutoModel.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+            spec = SPECS.get(getattr(config, "model_type", None))  # its model_class where AutoModel builds more
+            cls = getattr(transformers, spec.model_class) if spec is not None and spec.model_class else AutoModel
+            model = cls.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise HeadlensError(f"cannot build the model from {directory} ({_first_line(exc)})") from None
     return model.eval()

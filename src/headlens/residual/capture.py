@@ -67,8 +67,9 @@ def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, wan
         seen["input"] = x.detach()[0].to("cpu")  # (N, d)
 
     def post_hook(_module, _args, _kwargs, output):
-        if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
-            seen["probs"] = output[1].detach()[0].to("cpu")  # (H, N, N)
+        at = spec.probs_at  # where the module's output tuple holds them (T5: after its position bias)
+        if isinstance(output, tuple) and len(output) > at and isinstance(output[at], torch.Tensor):
+            seen["probs"] = output[at].detach()[0].to("cpu")  # (H, N, N)
 
     handles = [register(attn, hook, keep_input)]
     if want_probs:
@@ -76,7 +77,7 @@ def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, wan
     try:
         ctx = eager_attention(model) if want_probs else nullcontext()
         with ctx, torch.no_grad():
-            model(input_ids=ids.to(model.device))
+            model(input_ids=ids.to(model.device), **({"output_attentions": True} if want_probs else {}))  # Falcon
     finally:
         for h in handles:
             h.remove()
