@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import build_tiny
+from tiny_models import PROMPT, build_tiny, save_checkpoint, tokenizer_for
 
 from headlens.circuits.mla import analyze_mla_layer, head_ov_factors, is_mla_config, mla_shape, read_mla_layer
 from headlens.errors import HeadlensError
@@ -19,7 +19,7 @@ def _deepseek(family: str):
 
     cfg_cls, model_cls = {"deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
                           "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM)}[family]
-    model = build_tiny(cfg_cls, model_cls, seed=3, vocab_size=256, hidden_size=D, intermediate_size=64,
+    model = build_tiny(cfg_cls, model_cls, seed=3, vocab_size=512, hidden_size=D, intermediate_size=64,
                        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=H, num_key_value_heads=H,
                        n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
                        first_k_dense_replace=2, kv_lora_rank=R, q_lora_rank=16, qk_rope_head_dim=ROPE,
@@ -36,9 +36,9 @@ def _deepseek(family: str):
 def mla(request, tmp_path_factory):
     model = _deepseek(request.param)
     out = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(out)
+    save_checkpoint(model, tokenizer_for("none"), out, "hf_dir")
     config = model.config.to_dict()
-    return model, SafetensorsSource(out / "model.safetensors"), config
+    return model, SafetensorsSource(out / "model.safetensors"), config, out
 
 
 def _dense_head(attn, h: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def _dense_head(attn, h: int) -> np.ndarray:
 
 
 def test_head_spectra_match_the_dense_product(mla):
-    model, tensors, config = mla
+    model, tensors, config, _ = mla
     shape = mla_shape(config)
     assert is_mla_config(config) and (shape.kv_lora_rank, shape.v_head_dim) == (R, V)
     for layer in range(2):
@@ -84,7 +84,7 @@ def test_head_spectra_match_the_dense_product(mla):
 def test_the_circuit_is_the_attention_output_of_a_single_token(mla):
     """With one token the attention weight is 1, so the layer's attention output is sum_h W_OV^h x, scaled by the
     latent RMSNorm's 1/rms(W_DKV x): the linear part and that one number reproduce the model exactly."""
-    model, tensors, config = mla
+    model, tensors, config, _ = mla
     model = model.double()
     seen = {}
     attn = model.model.layers[1].self_attn
@@ -107,10 +107,50 @@ def test_the_circuit_is_the_attention_output_of_a_single_token(mla):
 
 
 def test_wrong_shapes_and_fields_are_one_line_errors(mla):
-    _, tensors, config = mla
+    _, tensors, config, _ = mla
     with pytest.raises(HeadlensError, match="kv_lora_rank"):
         mla_shape({**config, "kv_lora_rank": "twelve"})
     with pytest.raises(HeadlensError, match="expected"):
         read_mla_layer(tensors, "model.layers.", 0, mla_shape({**config, "v_head_dim": V + 2}))
     with pytest.raises(HeadlensError, match="not a multi-head latent attention checkpoint"):
         read_mla_layer(tensors, "transformer.h.", 0, mla_shape(config))
+
+
+def test_ov_on_a_latent_attention_checkpoint(mla, tmp_path, capsys):
+    """`headlens ov` reads head h's circuit through the latent; with a prompt, each token's value path is scaled
+    by the latent RMSNorm's 1/rms(W_DKV x), so cache_error is that of the model's real value-path outputs."""
+    import json
+
+    from headlens.cli import main
+
+    model, _, config, directory = mla
+    layer, head, k = 1, 2, 4
+    assert main(["ov", "--weights", str(directory), "--layer", str(layer), "--head", str(head), "--latent-dim",
+                 str(k), "--prompt", PROMPT, "--json", str(tmp_path / "ov.json")]) == 0
+    out = capsys.readouterr().out
+    assert "multi-head latent attention" in out and f"kv_lora_rank={R}" in out and "latent use: head 2 reads" in out
+    got = json.loads((tmp_path / "ov.json").read_text())
+    attn = model.model.layers[layer].self_attn
+    W = _dense_head(attn, head)
+    U, s, Vt = np.linalg.svd(W)
+    np.testing.assert_allclose(got["singular_values"], s[:V], rtol=1e-9)
+    assert got["rank"] == V and got["num_value_heads"] == H and got["latent"]["kv_lora_rank"] == R
+    # the value path's inputs, hooked independently: the attention module's input and its latent's RMS
+    seen = {}
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(x=kw.get("hidden_states", a[0] if a
+                                                                                 else None)), with_kwargs=True)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(directory)(PROMPT, return_tensors="pt")["input_ids"]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    X = seen["x"][0].double().numpy().T  # (d, N)
+    c = attn.kv_a_proj_with_mqa.weight.detach().double().numpy()[:R] @ X
+    Xs = X / np.sqrt((c ** 2).mean(0) + attn.kv_a_layernorm.variance_epsilon)[None, :]
+    Wk = U[:, :k] @ np.diag(s[:k]) @ Vt[:k]
+    expected = np.linalg.norm((W - Wk) @ Xs) / np.linalg.norm(W @ Xs)
+    assert got["cache_inputs"] == "prompt" and got["cache_tokens"] == X.shape[1]
+    np.testing.assert_allclose(got["cache_error"], expected, rtol=1e-5)

@@ -21,12 +21,18 @@ All of it factored and in float64; nothing d x d is formed.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from headlens.circuits.spectrum import cumulative_energy, factored_svd, numerical_rank, rank_at_energy
 from headlens.errors import HeadlensError
+from headlens.io.checkpoint import ModelShape
 from headlens.io.tensors import TensorSource
+
+if TYPE_CHECKING:
+    from headlens.circuits.heads import HeadFactors
 
 ENERGY_LEVELS = (0.9, 0.99)
 MLA_KEYS = {  # relative to one layer
@@ -172,3 +178,102 @@ def analyze_mla_layer(f: MLAFactors) -> MLALayer:
     stacked = torch.linalg.eigvalsh(G).flip(0).clamp(min=0).sqrt()  # (r,), descending
     return MLALayer(layer=f.layer, kv_lora_rank=r, heads=heads, latent_map=_summary(latent_map, (r, d)),
                     layer_latent_use=_summary(stacked, (H * d, r)))
+
+
+# ------------------------------------------------------------------------------------------ as a checkpoint
+
+
+@dataclass
+class MLACheckpoint:
+    """A latent-attention checkpoint opened for weight reads: what ``ov`` and ``sweep`` need of a Checkpoint."""
+
+    name: str  # short name for output files
+    source: str  # where it was read from
+    tensors: TensorSource
+    prefix: str  # of the layer list, e.g. "model.layers."
+    mla: MLAShape
+    config: dict
+    directory: Path | None  # the HuggingFace directory (config, tokenizer)
+    revision: str | None = None
+
+    @property
+    def shape(self) -> ModelShape:
+        """The head geometry as ``ov`` reports it: every query head has its own values (G = H, hd = v_head_dim)."""
+        m = self.mla
+        return ModelShape(model_type=str(self.config.get("model_type")), num_layers=m.num_layers,
+                          num_heads=m.num_heads, num_kv_heads=m.num_heads, head_dim=m.v_head_dim,
+                          hidden_size=m.hidden_size)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "family": "multi-head latent attention",
+                "revision": self.revision, **asdict(self.shape), "kv_lora_rank": self.mla.kv_lora_rank}
+
+    def layer(self, layer: int) -> MLAFactors:
+        if not 0 <= layer < self.mla.num_layers:
+            raise HeadlensError(f"`layer` {layer} out of range: {self.name} has {self.mla.num_layers} layers "
+                                f"(valid 0..{self.mla.num_layers - 1})")
+        return read_mla_layer(self.tensors, self.prefix, layer, self.mla)
+
+    def norm_gain(self, layer: int) -> tuple[torch.Tensor | None, str | None]:
+        """The pre-attention norm's gain (d,) float64 and its tensor name, when the checkpoint has it."""
+        key = f"{self.prefix}{layer}.input_layernorm.weight"
+        if key not in self.tensors:
+            return None, None
+        return self.tensors.read(key).to(torch.float64), key
+
+
+def open_mla(source) -> MLACheckpoint:
+    """Open the latent-attention checkpoint ``source`` (a :class:`~headlens.io.source.ModelSource` naming a
+    HuggingFace directory or hub repo) whose config :func:`is_mla_config`."""
+    from headlens.io.tensors import open_path
+
+    name, directory, config = source.model_dir()
+    tensors = open_path(directory)
+    anchor = "0." + MLA_KEYS["ukv"]
+    prefixes = [k[: -len(anchor)] for k in tensors.keys() if k.endswith(anchor)]
+    if not prefixes:
+        raise HeadlensError(f"{directory}: the config describes multi-head latent attention (kv_lora_rank) but no "
+                            f"tensor ends in layers.0.{MLA_KEYS['ukv']}")
+    lm = [p for p in prefixes if "language_model" in p or "text_model" in p]
+    where = f"hub:{source.hf_repo}" if source.hf_repo else str(directory)
+    return MLACheckpoint(name=name, source=where, tensors=tensors, prefix=(lm or prefixes)[0], mla=mla_shape(config),
+                         config=config, directory=directory, revision=source.revision)
+
+
+def mla_head_factors(ck: MLACheckpoint, layer: int, head: int, fold_norm: bool = False) -> "HeadFactors":
+    """Head ``head``'s OV circuit through the latent as ``ov``'s two thin factors: W_O = W_O^h (d x v) and
+    W_V = W_UV^h diag(gamma) W_DKV (v x d), with the pre-attention norm gain folded in when asked."""
+    from headlens.circuits.heads import HeadFactors
+
+    if not 0 <= head < ck.mla.num_heads:
+        raise HeadlensError(f"`head` {head} out of range: {ck.name} has {ck.mla.num_heads} query heads "
+                            f"(valid 0..{ck.mla.num_heads - 1})")
+    f = ck.layer(layer)
+    A, B = head_ov_factors(f, head)  # (d, v), (v, d)
+    gain, key = ck.norm_gain(layer)
+    if fold_norm:
+        if gain is None:
+            raise HeadlensError(f"`fold_norm`: no norm weight feeding layer {layer}'s attention in {ck.name}")
+        B = B * gain[None, :]
+    base = f"{ck.prefix}{layer}."
+    return HeadFactors(layer=layer, head=head, kv_head=head, W_O=A.contiguous(), W_V=B.contiguous(), gain=gain,
+                       norm_key=key, norm_folded=fold_norm,
+                       tensor_names=[base + MLA_KEYS[r] for r in ("dkv", "gamma", "ukv", "o")])
+
+
+def latent_token_scale(ck: MLACheckpoint, layer: int, X: torch.Tensor) -> torch.Tensor:
+    """The latent RMSNorm's per-token factor ``1 / rms(W_DKV x)`` for attention inputs X (d, N); returns (N,)."""
+    f = ck.layer(layer)
+    eps = float(ck.config.get("rms_norm_eps") or 1e-6)
+    C = f.W_DKV @ X.to(torch.float64)  # (r, N)
+    return torch.rsqrt((C ** 2).mean(0) + eps)
+
+
+def head_latent_use(ck: MLACheckpoint, layer: int, head: int) -> dict:
+    """Plain data for ``ov``: how many latent directions this head and its layer read (at 90 / 99% energy)."""
+    res = analyze_mla_layer(ck.layer(layer))
+    h = res.heads[head]
+    return {"kv_lora_rank": res.kv_lora_rank, "head_latent_e90": h.latent_use.rank_e90,
+            "head_latent_e99": h.latent_use.rank_e99, "layer_latent_e90": res.layer_latent_use.rank_e90,
+            "layer_latent_e99": res.layer_latent_use.rank_e99, "latent_map_rank": res.latent_map.rank,
+            "note": res.note}

@@ -20,7 +20,10 @@ from typing import Callable
 
 import torch
 
+from headlens.arch import GENERIC
 from headlens.circuits.heads import HeadFactors, check_layer_head, read_head
+from headlens.circuits.mla import (MLACheckpoint, head_latent_use, is_mla_config, latent_token_scale,
+                                   mla_head_factors, open_mla)
 from headlens.circuits.spectrum import (
     FactoredSVD,
     condition_number,
@@ -128,6 +131,7 @@ class OVResult:
     tokens: list[str] | None = None  # (N,) each prompt token decoded on its own
     attention: list[list[float]] | None = None  # (N, N) query x key, when a heatmap was asked for
     files: dict[str, str] = field(default_factory=dict)  # what the report wrote: plot, heatmap, json
+    latent: dict | None = None  # multi-head latent attention: kv_lora_rank and the latent directions read
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -136,9 +140,12 @@ class OVResult:
 # ------------------------------------------------------------------------------------------ entry point
 
 
-def open_head(source: ModelSource, cfg: OVConfig) -> Checkpoint:
+def open_head(source: ModelSource, cfg: OVConfig) -> Checkpoint | MLACheckpoint:
     """The checkpoint :func:`analyze_head` reads: layer ``cfg.layer``'s attention tensors, or everything a
-    forward pass needs (config, weights, tokenizer) when ``cfg.prompt`` is set."""
+    forward pass needs (config, weights, tokenizer) when ``cfg.prompt`` is set. A multi-head latent attention
+    checkpoint (DeepSeek-V2/V3, TransMLA/MHA2MLA conversions) opens as an :class:`MLACheckpoint`."""
+    if is_mla_config(source.peek_config()):
+        return open_mla(source)
     return source.checkpoint(layers=[cfg.layer], full=bool(cfg.prompt))
 
 
@@ -156,7 +163,7 @@ def analyze_head(source: ModelSource, cfg: OVConfig, checkpoint: Checkpoint | No
     return analyze_ov(ck, cfg, capture_fn=capture_fn)
 
 
-def _prompt_capture(source: ModelSource, ck: Checkpoint, cfg: OVConfig) -> Callable[[], PromptCapture]:
+def _prompt_capture(source: ModelSource, ck: Checkpoint | MLACheckpoint, cfg: OVConfig) -> Callable[[], PromptCapture]:
     """Run ``cfg.prompt`` through the model and hook layer ``cfg.layer``'s attention input (and probabilities)."""
     from headlens.residual.capture import capture_layer, max_positions, prompt_ids
 
@@ -169,7 +176,8 @@ def _prompt_capture(source: ModelSource, ck: Checkpoint, cfg: OVConfig) -> Calla
         tokenizer = source.tokenizer(ck.directory)
         prompt_ids(tokenizer, cfg.prompt, max_positions(ck.config or {}), truncate=cfg.truncate)  # fail early
         model = source.model(ck.directory, cfg.dtype)
-        return capture_layer(model, tokenizer, ck.spec, cfg.layer, cfg.prompt, want_probs=cfg.heatmap,
+        spec = GENERIC if isinstance(ck, MLACheckpoint) else ck.spec  # MLA layers: layers.<l>.self_attn
+        return capture_layer(model, tokenizer, spec, cfg.layer, cfg.prompt, want_probs=cfg.heatmap,
                              truncate=cfg.truncate)
 
     return capture
@@ -255,7 +263,7 @@ def max_probe_tokens(d: int) -> int:
 
 
 def analyze_ov(
-    ck: Checkpoint,
+    ck: Checkpoint | MLACheckpoint,
     cfg: OVConfig,
     capture_fn: Callable[[], PromptCapture] | None = None,
 ) -> OVResult:
@@ -272,7 +280,9 @@ def analyze_ov(
     if cfg.probe_tokens > most and not (cfg.prompt or cfg.traces):
         raise HeadlensError(f"`probe_tokens` {cfg.probe_tokens} is above {most}: {most} Gaussian probes of width "
                             f"{d} in float64 already take the {PROBE_BYTES >> 30} GiB allowed")
-    f = read_head(ck, cfg.layer, cfg.head, fold_norm=cfg.fold_norm, load_dtype=cfg.dtype)
+    mla = isinstance(ck, MLACheckpoint)
+    f = mla_head_factors(ck, cfg.layer, cfg.head, cfg.fold_norm) if mla else \
+        read_head(ck, cfg.layer, cfg.head, fold_norm=cfg.fold_norm, load_dtype=cfg.dtype)
     svd = factored_svd(f.W_O, f.W_V)  # W_OV = U diag(S) Vh, (d, hd) (hd,) (hd, d)
     rank, tol, latent_dim = _rank_and_latent(svd.S, d, cfg)
 
@@ -285,6 +295,8 @@ def analyze_ov(
                                 "loads it, or pass `capture_fn`")
         capture = capture_fn()
         X = _captured_inputs(capture, f, d, cfg)  # (d, N)
+        if mla:  # the latent RMSNorm scales each token's value path by 1 / rms(W_DKV x)
+            X = X * latent_token_scale(ck, cfg.layer, capture.attn_input.to(torch.float64).T)[None, :]
         cache_inputs, seed = ("traces" if cfg.traces else "prompt"), None
     else:
         X = gaussian_probes(d, cfg.probe_tokens, cfg.seed)  # (d, probe_tokens)
@@ -309,4 +321,5 @@ def analyze_ov(
         cache_tokens=int(X.shape[1]), seed=seed, norm_folded=cfg.fold_norm, norm_key=f.norm_key,
         dtype=str(cfg.dtype).replace("torch.", ""), data_aware=data_aware, prompt=cfg.prompt,
         tokens=capture.tokens if capture is not None else None, attention=attention,
+        latent=head_latent_use(ck, cfg.layer, cfg.head) if mla else None,
     )

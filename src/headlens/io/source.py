@@ -51,6 +51,22 @@ class ModelSource:
                           cache_dir=self.cache_dir, auto_infer=self.auto_infer, num_heads=self.num_heads,
                           num_kv_heads=self.num_kv_heads, layers=layers, full=full, roles=roles)
 
+    def peek_config(self) -> dict | None:
+        """The model's config.json without opening its weights (a hub repo fetches only that file), or None for a
+        bare weights file without one. Lets a command choose its path (e.g. latent attention) before reading."""
+        from headlens.io.checkpoint import embedded_model_dir, read_config
+
+        if self.hf_repo is not None:
+            from headlens.io.hub import HubRepo
+
+            path = HubRepo(self.hf_repo, self.revision, self.cache_dir).file("config.json")
+        else:
+            where = embedded_model_dir() if self.weights is None else Path(self.weights).expanduser()
+            path = (where if where.is_dir() else where.parent) / "config.json"
+            if not where.exists() or not path.exists():
+                return None
+        return read_config(path) if path is not None else None
+
     def model_dir(self) -> tuple[str, Path, dict]:
         """(name, HuggingFace directory, config) for commands that only run the model (e.g. ``router``)."""
         return resolve_model_dir(self.weights, self.hf_repo, self.revision, self.cache_dir)

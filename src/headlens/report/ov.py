@@ -111,6 +111,7 @@ def extra_lines(r: OVResult) -> list[str]:
         + (f" ({r.norm_key})" if r.norm_key and r.norm_folded else ""),
         _inputs_line(r),
     ]
+    lines += _latent_attention_lines(r)
     da = r.data_aware
     if da is not None:
         lines.append(f"latent_dim={r.latent_dim} on the {r.cache_inputs}: data-aware (whitened) error="
@@ -124,6 +125,22 @@ def extra_lines(r: OVResult) -> list[str]:
             lines.append(f"note: the {r.cache_inputs} have {da.n_tokens} tokens <= latent_dim {r.latent_dim}, so "
                          f"the data-aware latent is exact on them; use more tokens to measure it")
     return lines
+
+
+def _latent_attention_lines(r: OVResult) -> list[str]:
+    """For a multi-head latent attention checkpoint: what W_OV is, and how much of the cached latent is read."""
+    m = r.latent
+    if not m:
+        return []
+    r_kv = m["kv_lora_rank"]
+    return [
+        f"multi-head latent attention: W_OV = W_O^h W_UV^h diag(gamma) W_DKV through the cached latent of "
+        f"kv_lora_rank={r_kv} (rank <= min(v_head_dim={r.head_dim}, {r_kv})); {m['note']}"
+        + ("; the prompt's tokens are scaled by it" if r.cache_inputs == "prompt" else ""),
+        f"latent use: head {r.head} reads {m['head_latent_e90']} of the {r_kv} latent directions at 90% energy "
+        f"({m['head_latent_e99']} at 99%); layer {r.layer}'s heads together {m['layer_latent_e90']} "
+        f"({m['layer_latent_e99']}); the shared latent map diag(gamma) W_DKV has rank {m['latent_map_rank']}",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- figures
