@@ -310,3 +310,23 @@ def test_a_layer_whose_shapes_differ_from_layer_0_is_refused_where_it_is_read(ck
         read_layer(ck, 1)
     assert _cli_error(capsys, "--weights", str(path), "--num-heads", "4", "--layer", "1") == (
         "headlens ov: error: unexpected shapes in layer 1: W_V (16, 48)")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_per_kv_group_interleave_is_the_per_head_one_for_G_H_and_the_concat_for_G_1(transposed):
+    """Falcon's and GPTBigCode's record in closed form: with one kv head per query head it reads exactly what the
+    per-head interleave (GPT-NeoX, Bloom) reads, with one kv head for all of them what q | k | v (Phi-3) reads."""
+    grouped = Layout("g", qkv="qkv", o="o", interleaved=True, transposed=transposed)
+    per_head = Layout("h", qkv="qkv", o="o", interleaved=True, grouped=False, transposed=transposed)
+    concat = Layout("c", qkv="qkv", o="o", transposed=transposed)
+    d, gen = 24, torch.Generator().manual_seed(0)
+    for G, other in ((H, per_head), (1, concat)):
+        stored = {role: torch.randn(shape, generator=gen) for role, shape in grouped.shapes(H, G, HD, d).items()}
+        assert grouped.shapes(H, G, HD, d) == other.shapes(H, G, HD, d)
+        a, b = grouped.split(stored, H, G, HD, d), other.split(stored, H, G, HD, d)
+        for name in ("W_Q", "W_K", "W_V", "W_O"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (G, name)
+        for role, n in (("q", H), ("k", G), ("v", G), ("o", H)):
+            assert all(grouped.head_block(role, i, H, G, HD) == other.head_block(role, i, H, G, HD) for i in range(n))
+    rows = (H + 2 * 2) * HD  # G = 2: rows (H + 2G) * hd
+    assert grouped.kv_heads(rows, H, HD) == 2

@@ -5,7 +5,11 @@ them), opened from its HuggingFace directory with ``auto_infer``:
 
 - every head's W_OV spectrum from ``analyze_ov`` (and, with the pre-attention norm's gain folded, from a model whose
   norms were perturbed) equals the singular values of the explicit d x d float64 product that tests/reference.py
-  writes out from each modeling file; ``sweep`` (the CLI) reports the same spectra, per head and per kv group;
+  writes out from each modeling file; ``sweep`` (the CLI) reports the same spectra, per head and per kv group
+  (each layout record, and every family whose output projection is not square);
+- ``ov --prompt`` loads the model (T5: its encoder) and its cache_error is the dense one on the prompt's inputs;
+  one token through each HF attention module gives out(x) - out(0) = sum_h W_OV^h x; heatmaps are HF's eager
+  attentions (Falcon and Bloom return them only when asked; T5's second output is its position bias);
 - the attention input headlens captures is what the HuggingFace attention module receives, and equals the
   family's pre-attention norm applied to ``output_hidden_states[l]``; ``resid_pre`` equals ``output_hidden_states``;
 - the residual fields of the spec add up on the real model: ``resid_mid = resid_pre + attn_out`` and
@@ -43,6 +47,8 @@ CASES = NEW_FAMILY_VARIANTS
 IDS = [f"{f}-{v}" for f, v in CASES]
 # One variant per family for the slower checks: the one with the most structure (GQA, else MQA, else MHA).
 WIDEST = [(f, next(v for v in ("gqa", "mqa", "mha") if v in variants_of(f))) for f in NEW_FAMILIES]
+# sweep reads through the same Layout records as ov: run it once per layout record and on non-square o (d != H*hd).
+SWEPT = [(f, v) for f, v in WIDEST if SPECS[MODEL_TYPES[f]].layout != SPECS["llama"].layout or hidden_size(f) != H * HD]
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "final")
 
 
@@ -121,7 +127,7 @@ def test_folded_norm_gain_is_the_modules_gain(opened, family, variant):
             np.testing.assert_allclose(r.singular_values, s, rtol=1e-9, atol=1e-13 * s[0])
 
 
-@pytest.mark.parametrize("family,variant", WIDEST, ids=[f"{f}-{v}" for f, v in WIDEST])
+@pytest.mark.parametrize("family,variant", SWEPT, ids=[f"{f}-{v}" for f, v in SWEPT])
 def test_sweep_reports_the_dense_spectra(opened, ckpts, capsys, tmp_path, family, variant):
     model, _, _ = opened(family, variant)
     code = main(["sweep", "--weights", str(ckpts.path(family, variant, "hf_dir")), "--dtype", "float64",

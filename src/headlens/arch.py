@@ -5,10 +5,12 @@ code reads tensors through a spec and never branches on the family name.
 
 Tensor names are relative to one layer: the full key is ``<prefix><layers_path>.<l>.<name>``, where the
 prefix (``model.``, ``transformer.``, ``bert.``, or nothing) is discovered from the checkpoint itself.
-Each spec's :class:`Layout` says which tensors hold q/k/v/o and how their rows are ordered (HuggingFace,
-``nn.Linear.weight`` is ``[out, in]``), and it is the one splitter every reader goes through:
+Each spec's :class:`~headlens.layout.Layout` record (the class lives in :mod:`headlens.layout`; the records
+are here) says which tensors hold q/k/v/o and how their rows are ordered (HuggingFace, ``nn.Linear.weight`` is
+``[out, in]``), and it is the one splitter every reader goes through:
 
-- separate (Llama, Qwen, Mistral, Gemma, MoE families, BERT): ``v`` is ``[G*hd, d]``, ``o`` is ``[d, H*hd]``.
+- separate (Llama, Qwen, Mistral, Gemma, MoE families, BERT; under other names GPT-J, GPT-Neo, OPT, Phi-1/2 with
+  its ``dense`` output, DistilBERT, the T5 encoder): ``v`` is ``[G*hd, d]``, ``o`` is ``[d, H*hd]``.
 - fused concat (Phi-3): ``qkv`` is ``[(H + 2G)*hd, d]`` laid out q | k | v.
 - fused concat, transposed (GPT-2 ``Conv1D`` stores ``[in, out]``): ``c_attn`` is ``[d, 3*H*hd]`` (q | k | v
   columns), ``c_proj`` is ``[H*hd, d]``.
