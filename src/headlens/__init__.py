@@ -42,6 +42,7 @@ _API = {
     "record_sites": "headlens.residual.capture",
     "capture_attention_inputs": "headlens.residual.capture",
     "trace_model_layer": "headlens.residual.tracing",
+    "run_mla_sweep": "headlens.circuits.mla",
     "RouterConfig": "headlens.moe.router",
     "RouterResult": "headlens.moe.router",
     "route": "headlens.moe.router",

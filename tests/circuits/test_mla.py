@@ -154,3 +154,35 @@ def test_ov_on_a_latent_attention_checkpoint(mla, tmp_path, capsys):
     expected = np.linalg.norm((W - Wk) @ Xs) / np.linalg.norm(W @ Xs)
     assert got["cache_inputs"] == "prompt" and got["cache_tokens"] == X.shape[1]
     np.testing.assert_allclose(got["cache_error"], expected, rtol=1e-5)
+
+
+def _rank_at(s: np.ndarray, level: float) -> int:
+    e = np.cumsum(s ** 2) / np.sum(s ** 2)
+    return int(np.searchsorted(e, level - 1e-12) + 1)
+
+
+def test_sweep_on_a_latent_attention_checkpoint(mla, tmp_path, capsys):
+    import csv
+    import json
+
+    from headlens.cli import main
+
+    model, _, config, directory = mla
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--weights", str(directory), "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"kv_lora_rank {R}" in text and "KV bytes/token/layer: 40 cached as the latent" in text
+    rows = list(csv.DictReader((out / "sweep_mla_heads.csv").open()))
+    assert len(rows) == 2 * H
+    for row in rows:
+        layer, head = int(row["layer"]), int(row["head"])
+        attn = model.model.layers[layer].self_attn
+        s = np.linalg.svd(_dense_head(attn, head), compute_uv=False)[:V]
+        assert int(row["ov_rank"]) == V and int(row["ov_rank_e90"]) == _rank_at(s, 0.9)
+        w_uv = attn.kv_b_proj.weight.detach().double().numpy()[head * (NOPE + V) + NOPE:(head + 1) * (NOPE + V)]
+        readout = attn.o_proj.weight.detach().double().numpy()[:, head * V:(head + 1) * V] @ w_uv @ np.diag(
+            attn.kv_a_layernorm.weight.detach().double().numpy())
+        assert int(row["latent_e99"]) == _rank_at(np.linalg.svd(readout, compute_uv=False), 0.99)
+    summary = json.loads((out / "sweep_summary.json").read_text())
+    assert summary["kv_bytes_per_token_layer"] == {"latent": (R + ROPE) * 2, "expanded": H * (NOPE + ROPE + V) * 2}
+    assert [row["layer"] for row in summary["layers"]] == [0, 1]

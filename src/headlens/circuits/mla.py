@@ -277,3 +277,55 @@ def head_latent_use(ck: MLACheckpoint, layer: int, head: int) -> dict:
             "head_latent_e99": h.latent_use.rank_e99, "layer_latent_e90": res.layer_latent_use.rank_e90,
             "layer_latent_e99": res.layer_latent_use.rank_e99, "latent_map_rank": res.latent_map.rank,
             "note": res.note}
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+
+
+@dataclass
+class MLASweepResult:
+    """``headlens sweep`` on a latent-attention checkpoint: every selected layer's :class:`MLALayer`."""
+
+    model: dict  # the checkpoint's description
+    name: str
+    mla: MLAShape
+    layers: list[MLALayer]
+    kv_bytes: int  # bytes per cached value
+    kv_bytes_latent: int  # per token and layer: what the model caches, (kv_lora_rank + qk_rope_head_dim) * B
+    kv_bytes_expanded: int  # per token and layer if keys and values were cached per head: H (qk + v) * B
+
+    def head_rows(self) -> list[dict]:
+        """One row per head: its OV circuit's rank and ranks at 90/99% energy, and the latent directions it reads."""
+        return [{"layer": r.layer, "head": h.head, "ov_rank": h.ov.rank, "ov_rank_e90": h.ov.rank_e90,
+                 "ov_rank_e99": h.ov.rank_e99, "ov_sigma_1": h.ov.singular_values[0] if h.ov.singular_values else 0.0,
+                 "latent_e90": h.latent_use.rank_e90, "latent_e99": h.latent_use.rank_e99,
+                 "kv_lora_rank": r.kv_lora_rank} for r in self.layers for h in r.heads]
+
+    def layer_rows(self) -> list[dict]:
+        """One row per layer: the latent map's rank and the latent directions all heads together read."""
+        return [{"layer": r.layer, "kv_lora_rank": r.kv_lora_rank, "latent_map_rank": r.latent_map.rank,
+                 "latent_map_e90": r.latent_map.rank_e90, "layer_latent_e90": r.layer_latent_use.rank_e90,
+                 "layer_latent_e99": r.layer_latent_use.rank_e99,
+                 "head_latent_e90_mean": sum(h.latent_use.rank_e90 for h in r.heads) / len(r.heads),
+                 "head_latent_e90_max": max(h.latent_use.rank_e90 for h in r.heads)} for r in self.layers]
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "mla": asdict(self.mla), "kv_bytes": self.kv_bytes,
+                "kv_bytes_per_token_layer": {"latent": self.kv_bytes_latent, "expanded": self.kv_bytes_expanded},
+                "layers": self.layer_rows(), "note": MLALayer.note}
+
+
+def run_mla_sweep(source, layers: str | None = None, kv_bytes: int = 2,
+                  progress=None) -> MLASweepResult:
+    """Analyse the selected layers (``"0:4"``, ``"1,3"``, None: all) of the latent-attention checkpoint ``source``."""
+    from headlens.selection import parse_layers
+
+    ck = open_mla(source)
+    m = ck.mla
+    chosen = parse_layers(layers, m.num_layers)
+    loop = progress(chosen, len(chosen)) if progress is not None else chosen
+    results = [analyze_mla_layer(ck.layer(layer)) for layer in loop]
+    return MLASweepResult(model=ck.describe(), name=ck.name, mla=m, layers=results, kv_bytes=kv_bytes,
+                          kv_bytes_latent=(m.kv_lora_rank + m.qk_rope_head_dim) * kv_bytes,
+                          kv_bytes_expanded=m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+                          * kv_bytes)

@@ -24,6 +24,7 @@ from headlens.circuits.sweep_layer import AnalysisConfig, NonFiniteWeights, anal
 from headlens.circuits.sweep_parts import SweepParts, run_id
 from headlens.circuits.sweep_results import (GroupSpectrum, HeadSpectrum, LayerAggregate, LayerResult,
                                              layer_aggregates, to_rows)
+from headlens.circuits.mla import is_mla_config
 from headlens.errors import HeadlensError
 from headlens.io.checkpoint import Checkpoint, ModelShape
 from headlens.selection import parse_ks, parse_layers
@@ -220,6 +221,9 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     cfg.validate()
     dtype = cast_dtype(cfg.dtype)
     data = cfg.calibration is not None
+    if is_mla_config(source.peek_config()):
+        raise HeadlensError("a multi-head latent attention checkpoint has no per-kv-group values to budget: use "
+                            "headlens.circuits.mla.run_mla_sweep (what `headlens sweep` runs on it)")
     ck = source.checkpoint(full=data, roles=("q", "k", "v", "o", "qkv", "norm"))
     s = ck.shape
     analysis = cfg.analysis(s.head_dim)

@@ -56,6 +56,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
+    from headlens.circuits.mla import is_mla_config
     from headlens.circuits.sweep import SweepConfig, run_sweep
     from headlens.io.files import check_writable_dir
     from headlens.report.sweep import header_line, preload_in_background, result_lines, write_report
@@ -73,7 +74,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def bar(layers, total: int):
         return tqdm(layers, total=total, desc="layers", unit="layer", file=sys.stderr, disable=None)
 
-    result = run_sweep(model_source(args), cfg, on_start=lambda s: print(header_line(s), flush=True), progress=bar)
+    source = model_source(args)
+    if is_mla_config(source.peek_config()):  # DeepSeek-style latent attention: its own analysis and tables
+        from headlens.circuits.mla import run_mla_sweep
+        from headlens.report.mla import mla_lines, write_mla_report
+
+        mla = run_mla_sweep(source, args.layers, args.kv_bytes, progress=bar)
+        paths = write_mla_report(mla, out_dir, Path(args.json) if args.json else None)
+        print("\n".join(mla_lines(mla) + [f"saved -> {p}" for p in paths]))
+        return 0
+    result = run_sweep(source, cfg, on_start=lambda s: print(header_line(s), flush=True), progress=bar)
     paths = write_report(result, out_dir, Path(args.json) if args.json else None)
     print("\n".join(result_lines(result) + [f"saved -> {p}" for p in paths]))
     return 0
