@@ -1,7 +1,7 @@
 """Capture what each MoE layer's router chose, hooked on the unmodified HuggingFace model.
 
 The MoE families transformers ships (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2/V3) route through a
-module ``mlp.gate`` that returns ``(router_logits, top-k weights, top-k indices)`` after applying the family's
+module ``mlp.gate`` (Llama 4: ``feed_forward.router``) that returns ``(router_logits, top-k weights, top-k indices)`` after applying the family's
 own scoring rule. headlens hooks that module and keeps, per MoE layer and real (unpadded) token, the logits,
 the selected experts and their weights; dense layers (``mlp_only_layers``, ``decoder_sparse_step``,
 ``first_k_dense_replace``) have no router and are listed as skipped.
@@ -13,7 +13,9 @@ Scoring rules (DOMAIN.md), recorded in the dump and used for the routing distrib
   ``routed_scaling_factor`` (DeepSeek-V2 with ``topk_method="group_limited_greedy"``);
 - ``sigmoid_grouped_topk``: sigmoid scores plus a correction bias choose groups then experts; weights are
   the sigmoid scores of the chosen experts, optionally renormalised, times ``routed_scaling_factor``
-  (DeepSeek-V3).
+  (DeepSeek-V3);
+- ``sigmoid_topk``: top-k of the logits, each chosen expert weighted by the sigmoid of its logit, not
+  renormalised, beside a shared expert (Llama 4, whose router is ``feed_forward.router``).
 """
 
 from __future__ import annotations
@@ -46,24 +48,49 @@ class RouterLayer:
     seq: torch.Tensor  # (T,) which input text each token came from (for consecutive-token statistics)
 
 
-def find_routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """{layer index: router module} for every layer whose ``mlp.gate`` is a top-k expert router."""
-    routers: dict[int, torch.nn.Module] = {}
+# Where each family keeps its router and what the router returns (family facts as data): the module path suffix
+# inside a layer, and how to read (logits, top-k weights, top-k indices) off its output.
+def _gate_output(_module, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits, weights, indices = output  # Qwen-MoE, Mixtral, OLMoE, DeepSeek: the gate applies its own rule
+    return logits, weights, indices
+
+
+def _llama4_output(module, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scores, logits = output  # Llama 4: top-k of the logits; sigmoid of the chosen logits, the rest 0 (T, E)
+    indices = torch.topk(logits, module.top_k, dim=-1).indices  # (T, k), the experts the router kept
+    return logits, scores.gather(-1, indices), indices
+
+
+ROUTER_SITES = {("mlp", "gate"): _gate_output, ("feed_forward", "router"): _llama4_output}
+
+
+def router_sites(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, Callable]]:
+    """{layer index: (router module, its output reader)} for every layer with a top-k expert router at one of
+    :data:`ROUTER_SITES`."""
+    found: dict[int, tuple[torch.nn.Module, Callable]] = {}
     for name, module in model.named_modules():
         parts = name.split(".")
-        if len(parts) >= 3 and parts[-2:] == ["mlp", "gate"] and parts[-3].isdigit():
+        if len(parts) >= 3 and tuple(parts[-2:]) in ROUTER_SITES and parts[-3].isdigit():
             if "router" in type(module).__name__.lower():
-                routers[int(parts[-3])] = module
-    return dict(sorted(routers.items()))
+                found[int(parts[-3])] = (module, ROUTER_SITES[tuple(parts[-2:])])
+    return dict(sorted(found.items()))
+
+
+def find_routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """{layer index: router module} for every MoE layer."""
+    return {layer: module for layer, (module, _) in router_sites(model).items()}
 
 
 def scoring_rule(model: torch.nn.Module) -> str:
     """The family's scoring rule, read off its router modules (what they hold decides how they route)."""
-    routers = list(find_routers(model).values())
+    sites = list(router_sites(model).values())
+    routers = [m for m, _ in sites]
     if any(hasattr(r, "e_score_correction_bias") for r in routers):
         return "sigmoid_grouped_topk"  # DeepSeek-V3: sigmoid + correction bias, groups then experts
     if any(getattr(r, "topk_method", None) == "group_limited_greedy" for r in routers):
         return "softmax_group_limited_topk"  # DeepSeek-V2: softmax, best groups, then experts
+    if any(reader is _llama4_output for _, reader in sites):
+        return "sigmoid_topk"  # Llama 4: top-k of the logits, each weighted by its sigmoid (not renormalised)
     return "softmax_topk"
 
 
@@ -71,9 +98,9 @@ def scoring_rule(model: torch.nn.Module) -> str:
 _Store = dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
-def _hook_for(store: _Store, layer: int):
-    def hook(_module, _args, output):
-        logits, weights, indices = output
+def _hook_for(store: _Store, layer: int, reader: Callable):
+    def hook(module, _args, output):
+        logits, weights, indices = reader(module, output)
         store[layer].append((logits.detach().float().cpu(), weights.detach().float().cpu(), indices.detach().cpu()))
     return hook
 
@@ -129,11 +156,11 @@ def capture_routing(model, tokenizer, texts: list[str], batch_size: int = 8, max
     layer order, each with T rows; T, the number of real tokens; the token ids of each text). ``progress`` is
     called with the number of texts after each batch.
     """
-    routers = find_routers(model)
+    routers = router_sites(model)
     if not routers:
         raise HeadlensError(f"no MoE layers in {type(model).__name__}: it has no top-k expert router")
     store: _Store = {layer: [] for layer in routers}
-    handles = [m.register_forward_hook(_hook_for(store, layer)) for layer, m in routers.items()]
+    handles = [m.register_forward_hook(_hook_for(store, layer, reader)) for layer, (m, reader) in routers.items()]
     _prepare_padding(tokenizer)
     try:
         mask, seq, all_ids = _run_batches(model, tokenizer, texts, batch_size, max_positions, progress)

@@ -26,7 +26,7 @@ def routing_distribution(logits: torch.Tensor, rule: str) -> tuple[torch.Tensor,
     x = logits.double()
     if bool(torch.allclose(x.sum(-1), torch.ones(x.shape[0], dtype=x.dtype), atol=1e-4)) and bool((x >= 0).all()):
         return x, "router outputs (already probabilities)"
-    if rule == "sigmoid_grouped_topk":
+    if rule in ("sigmoid_grouped_topk", "sigmoid_topk"):
         s = torch.sigmoid(x)
         return s / s.sum(-1, keepdim=True), "sigmoid scores normalised to sum 1"
     return torch.softmax(x, -1), "softmax of the router logits"
