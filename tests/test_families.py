@@ -320,3 +320,24 @@ def test_the_generic_spec_needs_both_llama_projections():
     assert spec_for_type("newllama", keys).layout == SPECS["llama"].layout
     with pytest.raises(HeadlensError, match=r"^unsupported architecture 'newllama'; supported: bert, bloom, "):
         spec_for_type("newllama", keys[:1])
+
+
+def test_a_post_norm_opt_folds_no_norm_that_does_not_feed_its_attention(tmp_path):
+    """OPT-350m (do_layer_norm_before=False) applies self_attn_layer_norm after the attention's add: its attention
+    reads the stream itself, so that norm's gain must not be folded (it was, silently)."""
+    from tiny_models import build_tiny, save_checkpoint, tokenizer_for
+
+    model = build_tiny(transformers.OPTConfig, transformers.OPTModel, 0, vocab_size=512, hidden_size=64,
+                       word_embed_proj_dim=64, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                       max_position_embeddings=128, dropout=0.0, do_layer_norm_before=False)
+    tok = tokenizer_for("opt")
+    ids = _ids(tok)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    x, _ = capture_attention_io(model, "opt", 1, ids)  # what attention receives: the stream, no norm
+    torch.testing.assert_close(torch.from_numpy(x), hidden[1][0].double(), rtol=0, atol=0)
+    ck = open_model(weights=save_checkpoint(model, tok, tmp_path / "opt350", "hf_dir"), auto_infer=True)
+    r = headlens.analyze_ov(ck, headlens.OVConfig(layer=1, head=0))
+    assert r.norm_key is None
+    with pytest.raises(HeadlensError, match="`fold_norm`: no norm weight feeding layer 1's attention"):
+        headlens.analyze_ov(ck, headlens.OVConfig(layer=1, head=0, fold_norm=True))

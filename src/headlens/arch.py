@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from headlens.errors import HeadlensError
 from headlens.layout import QKV, Block, Index, LayerSplit, Layout
 
 __all__ = ["QKV", "Block", "Index", "LayerSplit", "Layout", "ArchSpec", "SPECS", "GENERIC", "KeyMap", "LayerKeys",
-           "supported_types", "spec_for_type", "detect_spec"]
+           "supported_types", "spec_for_type", "detect_spec", "holds"]
 
 _ATTN = "self_attn."
 SEPARATE = Layout("separate", q=_ATTN + "q_proj.weight", k=_ATTN + "k_proj.weight", v=_ATTN + "v_proj.weight",
@@ -107,6 +107,9 @@ class ArchSpec:
     # (OPT-350m's do_layer_norm_before=False is post-norm; Bloom's apply_residual_connection_post_layernorm adds
     # the norm's output, not the layer input), which site capture must refuse rather than mislabel.
     sites_require: tuple[tuple[str, bool], ...] = ()
+    # Config (flag, value) pairs under which ``norm`` is the norm that feeds attention (OPT-350m's
+    # do_layer_norm_before=False applies self_attn_layer_norm after the attention's add instead).
+    norm_requires: tuple[tuple[str, bool], ...] = ()
     # The transformers class that runs this family's stack, where AutoModel builds more than the spec covers
     # (T5: AutoModel is the encoder-decoder, whose forward needs decoder inputs; T5EncoderModel runs the encoder).
     model_class: str | None = None
@@ -160,7 +163,7 @@ SPECS: dict[str, ArchSpec] = {
                             norm="ln_1.weight", attn_out="attn", mid_input="ln_2", final_norm="ln_f"),
     "opt": ArchSpec("OPT", layers_path="decoder.layers", layout=OPT, norm="self_attn_layer_norm.weight",
                     mlp_out="fc2", mid_input="final_layer_norm", final_norm="final_layer_norm", flat_mlp=True,
-                    sites_require=(("do_layer_norm_before", True),)),
+                    sites_require=(("do_layer_norm_before", True),), norm_requires=(("do_layer_norm_before", True),)),
     "phi": ArchSpec("Phi-1/2", layers_path="layers", layout=PHI,
                     residual="parallel", mid_input=None, final_norm="final_layernorm"),
     "distilbert": ArchSpec("DistilBERT", layers_path="transformer.layer", layout=DISTILBERT, attn_module="attention",
@@ -191,6 +194,12 @@ SPECS["gemma3"] = SPECS["gemma3_text"]
 SPECS["llama4"] = SPECS["llama4_text"]
 
 GENERIC = ArchSpec("generic (self_attn.{q,k,v,o}_proj)", **_LLAMA)
+
+
+def holds(requires: tuple[tuple[str, bool], ...], config: Mapping | None) -> bool:
+    """Whether a config dict has every (flag, value) of ``requires`` (a missing flag has the value required, as
+    each flag's default does; no config at all: assumed to)."""
+    return config is None or all(bool(config.get(flag, value)) == value for flag, value in requires)
 
 
 def supported_types() -> list[str]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headlens.arch import holds
 from headlens.errors import HeadlensError
 from headlens.io.checkpoint import Checkpoint
 
@@ -48,9 +49,10 @@ def _finite(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def norm_gain(ck: Checkpoint, layer: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor | None, str | None]:
-    """The effective gain of the norm whose output feeds ``layer``'s attention, shape (d,), or (None, None)."""
+    """The effective gain of the norm whose output feeds ``layer``'s attention, shape (d,), or (None, None) where
+    no stored norm does (also when the config moves the spec's norm elsewhere: OPT-350m's post-norm layers)."""
     key = ck.layer_keys(layer).norm
-    if key is None:
+    if key is None or not holds(ck.spec.norm_requires, ck.config):
         return None, None
     g = _finite(ck.tensors.read(key), key).to(dtype)
     if g.shape != (ck.shape.hidden_size,):
