@@ -110,6 +110,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("toy", ["create", "--out", "toy.txt"], ".safetensors"),
     ("toy", ["create", "--out", "toy.safetensors", "--plant", "geometric", "--plant-decay", "-1"], "--plant-decay"),
     ("toy", ["create", "--out", "toy.safetensors", "--plant", "geometric", "--plant-decay", "nan"], "--plant-decay"),
+    ("toy", ["create", "--out", "toy.safetensors", "--plant-decay", "-1"], "--plant-decay shape a planted spectrum"),
+    ("toy", ["run", "--plant-rank", "3"], "--plant-rank shape a planted spectrum: add --plant"),
     ("toy", ["trace", "--weights", "{missing}", "--out", "t"], "no such file"),
     ("toy", ["cluster", "--tokens", "2"], "--tokens"),
     ("toy", ["cluster", "--beta", "nan"], "--beta"),

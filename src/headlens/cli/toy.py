@@ -27,7 +27,8 @@ def _toy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plant", choices=("geometric", "power", "flat"), default=None,
                    help="plant every kv group's W_OV spectrum with this profile")
     p.add_argument("--plant-rank", type=int, default=None, help="planted rank (zeros after it)")
-    p.add_argument("--plant-decay", type=float, default=0.7, help="geometric ratio or power-law exponent")
+    p.add_argument("--plant-decay", type=float, default=None,
+                   help="geometric ratio or power-law exponent (default 0.7; needs --plant)")
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +93,12 @@ def _toy_config(args) -> ToyConfig:
 def _planting(args) -> Planting | None:
     from headlens.toy.stack import Planting
 
-    return Planting(kind=args.plant, rank=args.plant_rank, decay=args.plant_decay) if args.plant else None
+    if not args.plant:  # a planting option without a planting is a mistake, not something to ignore
+        given = [f for f, v in (("--plant-rank", args.plant_rank), ("--plant-decay", args.plant_decay)) if v is not None]
+        if given:
+            raise HeadlensError(f"{' and '.join(given)} shape a planted spectrum: add --plant geometric|power|flat")
+        return None
+    return Planting(kind=args.plant, rank=args.plant_rank, decay=0.7 if args.plant_decay is None else args.plant_decay)
 
 
 def _trace_inputs(args) -> TraceInputs:
