@@ -47,18 +47,17 @@ def add_parser(sub) -> None:
                                      "RoPE, pre-norm, residual), plant OV spectra, trace activations, and run "
                                      "headlens' pipelines on it.")
     tsub = toy.add_subparsers(dest="toy_command", metavar="ACTION")
+    dir_rule = "; a directory (an existing one, or a path ending in /) gets "
     c = tsub.add_parser("create", help="build a toy and save it (.safetensors or .pt)")
     _toy_args(c)
-    c.add_argument("--out", required=True, metavar="FILE",
-                   help="toy.safetensors or toy.pt; a directory (an existing one, or a path ending in /) gets "
-                        "DIR/toy.safetensors")
+    c.add_argument("--out", required=True, metavar="FILE", help="toy.safetensors or toy.pt" + dir_rule
+                   + "DIR/toy.safetensors")
     c.set_defaults(func=cmd_create)
     t = tsub.add_parser("trace", help="run inputs through a saved toy and export every layer's activations")
     t.add_argument("--weights", required=True, metavar="FILE", help="a toy saved by `headlens toy create`")
     _trace_args(t)
-    t.add_argument("--out", required=True, metavar="STEM",
-                   help="writes STEM.safetensors and STEM.json; a directory (an existing one, or a path ending in "
-                        "/) gets DIR/traces.safetensors and DIR/traces.json")
+    t.add_argument("--out", required=True, metavar="STEM", help="writes STEM.safetensors and STEM.json" + dir_rule
+                   + "DIR/traces.safetensors and DIR/traces.json")
     t.set_defaults(func=cmd_trace)
     k = tsub.add_parser("cluster", help="the token-clustering demo: deep shared-weight attention on the sphere")
     k.add_argument("--tokens", type=int, default=None)
