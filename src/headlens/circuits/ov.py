@@ -257,6 +257,26 @@ def _data_aware(svd: FactoredSVD, f: HeadFactors, X: torch.Tensor, latent_dim: i
         heldout_test_tokens=odd.shape[1], heldout_whitened_error=h_white, heldout_plain_error=h_plain)
 
 
+def _token_inputs(ck: Checkpoint | MLACheckpoint, cfg: OVConfig, f: HeadFactors,
+                  capture_fn: Callable[[], PromptCapture] | None
+                  ) -> tuple[PromptCapture | None, torch.Tensor, str, int | None]:
+    """(capture, X (d, N) float64, what X is, the probes' seed): the prompt's or traces' attention inputs, or
+    seeded Gaussian probes."""
+    d = ck.shape.hidden_size
+    if not (cfg.prompt or cfg.traces):
+        return None, gaussian_probes(d, cfg.probe_tokens, cfg.seed), "gaussian", cfg.seed  # (d, probe_tokens)
+    if capture_fn is None and cfg.traces:
+        capture_fn = _trace_capture(cfg)
+    if capture_fn is None:
+        raise HeadlensError("`prompt` needs a model that can run: call analyze_head(source, cfg), which "
+                            "loads it, or pass `capture_fn`")
+    capture = capture_fn()
+    X = _captured_inputs(capture, f, d, cfg)  # (d, N)
+    if isinstance(ck, MLACheckpoint):  # the latent RMSNorm scales each token's value path by 1 / rms(W_DKV x)
+        X = X * latent_token_scale(ck, cfg.layer, capture.attn_input.to(torch.float64).T)[None, :]
+    return capture, X, ("traces" if cfg.traces else "prompt"), None
+
+
 def max_probe_tokens(d: int) -> int:
     """The most Gaussian probe tokens of width ``d`` that fit in :data:`PROBE_BYTES` as float64."""
     return PROBE_BYTES // (8 * d)
@@ -286,21 +306,7 @@ def analyze_ov(
     svd = factored_svd(f.W_O, f.W_V)  # W_OV = U diag(S) Vh, (d, hd) (hd,) (hd, d)
     rank, tol, latent_dim = _rank_and_latent(svd.S, d, cfg)
 
-    if capture_fn is None and cfg.traces:
-        capture_fn = _trace_capture(cfg)
-    capture: PromptCapture | None = None
-    if cfg.prompt or cfg.traces:
-        if capture_fn is None:
-            raise HeadlensError("`prompt` needs a model that can run: call analyze_head(source, cfg), which "
-                                "loads it, or pass `capture_fn`")
-        capture = capture_fn()
-        X = _captured_inputs(capture, f, d, cfg)  # (d, N)
-        if mla:  # the latent RMSNorm scales each token's value path by 1 / rms(W_DKV x)
-            X = X * latent_token_scale(ck, cfg.layer, capture.attn_input.to(torch.float64).T)[None, :]
-        cache_inputs, seed = ("traces" if cfg.traces else "prompt"), None
-    else:
-        X = gaussian_probes(d, cfg.probe_tokens, cfg.seed)  # (d, probe_tokens)
-        cache_inputs, seed = "gaussian", cfg.seed
+    capture, X, cache_inputs, seed = _token_inputs(ck, cfg, f, capture_fn)
     cache_err = plain_cache_error(svd, X, latent_dim)
     data_aware = _data_aware(svd, f, X, latent_dim, cache_err) if capture is not None else None
     attention = None
