@@ -187,9 +187,9 @@ def _trace_capture(cfg: OVConfig) -> Callable[[], PromptCapture]:
     """Read layer ``cfg.layer``'s attention input (N, d) and probabilities (H, N, N) from ``cfg.traces``."""
 
     def capture() -> PromptCapture:
-        from headlens.toy.traces import load_traces
+        from headlens.io.files import read_json_and_tensors  # a toy trace file (headlens toy trace)
 
-        meta, tensors = load_traces(cfg.traces)
+        meta, tensors = read_json_and_tensors(cfg.traces, "traces")
         key = f"layer{cfg.layer}.attn_in"
         if key not in tensors:
             raise HeadlensError(f"`traces` {cfg.traces} has no layer {cfg.layer} (it traced {meta.get('layers')} "
