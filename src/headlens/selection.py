@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from headlens.errors import HeadlensError
 
+# The precisions a model can be run in and its weights rounded to (``dtype`` / ``--dtype``).
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
 
 def _int_list(text: str, name: str, syntax: str) -> list[int]:
     """The integers of a comma-separated ``text`` in the order given; refuses empty items, non-integers

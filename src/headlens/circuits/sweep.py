@@ -27,12 +27,11 @@ from headlens.circuits.sweep_results import (GroupSpectrum, HeadSpectrum, LayerA
 from headlens.circuits.mla import is_mla_config
 from headlens.errors import HeadlensError
 from headlens.io.checkpoint import Checkpoint, ModelShape
-from headlens.selection import parse_ks, parse_layers
+from headlens.selection import DTYPES, parse_ks, parse_layers
 
 if TYPE_CHECKING:
     from headlens.io.source import ModelSource
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def _text(selection: str | Sequence[int]) -> str:

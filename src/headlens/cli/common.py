@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
+from headlens.selection import DTYPES
 
 
 class Parser(argparse.ArgumentParser):

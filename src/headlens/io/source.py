@@ -19,9 +19,6 @@ import torch
 from headlens.errors import HeadlensError
 from headlens.io.checkpoint import Checkpoint, open_model, resolve_model_dir
 
-ALL_ROLES = ("q", "k", "v", "o", "qkv", "norm")
-
-
 @dataclass
 class ModelSource:
     """A checkpoint to analyse. With neither ``weights`` nor ``hf_repo`` it is the embedded default."""
