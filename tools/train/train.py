@@ -34,13 +34,16 @@ sys.path.insert(0, str(HERE))
 from corpus import HELDOUT_AT, HELDOUT_EVERY, SOURCES  # noqa: E402
 from tokenizer import read_documents  # noqa: E402
 
+TINY_LM_INTERMEDIATE = 512
+
 LICENCES = {
     "python3.11-doc": "PSF License Version 2 (Python documentation; code examples also 0BSD)",
     "python-django-doc": "BSD-3-Clause (Django documentation)",
 }
 
 
-def model_config(name: str, vocab_size: int, bos: int, eos: int, pad: int, max_pos: int):
+def model_config(name: str, vocab_size: int, bos: int, eos: int, pad: int, max_pos: int,
+                 intermediate: int | None = None):
     common = dict(
         vocab_size=vocab_size, hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
         num_key_value_heads=2, head_dim=64, max_position_embeddings=max_pos, rope_theta=10000.0,
@@ -50,7 +53,7 @@ def model_config(name: str, vocab_size: int, bos: int, eos: int, pad: int, max_p
     if name == "tiny-lm":
         from transformers import Qwen3Config
 
-        return Qwen3Config(intermediate_size=768, **common)
+        return Qwen3Config(intermediate_size=intermediate or TINY_LM_INTERMEDIATE, **common)
     if name == "tiny-moe":
         from transformers import Qwen3MoeConfig
 
@@ -63,11 +66,12 @@ def model_config(name: str, vocab_size: int, bos: int, eos: int, pad: int, max_p
     raise SystemExit(f"--model {name!r}: choose tiny-lm or tiny-moe")
 
 
-def build_model(name: str, tok, seq_len: int, seed: int, experts_impl: str = "eager"):
+def build_model(name: str, tok, seq_len: int, seed: int, experts_impl: str = "eager", intermediate: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = model_config(name, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, max(1024, seq_len))
+    config = model_config(name, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, max(1024, seq_len),
+                          intermediate)
     torch.manual_seed(seed)
     extra = {"experts_implementation": experts_impl} if name == "tiny-moe" else {}
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa", **extra)
@@ -181,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="schedule length in steps (else by wall clock)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=float, default=0.03, help="fraction of the schedule")
     ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--intermediate", type=int, default=None,
+                    help=f"tiny-lm SwiGLU width (default {TINY_LM_INTERMEDIATE})")
     ap.add_argument("--experts-impl", default="eager",
                     help="tiny-moe experts kernel (transformers experts_implementation); eager is fastest on CPU")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training forward (inductor)")
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"encoded {n_train_docs} train documents -> {len(train_stream):,} tokens, {n_held_docs} held-out -> "
           f"{len(held_stream):,} tokens in {time.time() - t0:.1f} s", flush=True)
 
-    model = build_model(args.model, tok, args.seq_len, args.seed, args.experts_impl)
+    model = build_model(args.model, tok, args.seq_len, args.seed, args.experts_impl, args.intermediate)
     n_params = sum(p.numel() for p in model.parameters())
     n_unique = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     print(f"{args.model}: {type(model).__name__}, {n_unique:,} parameters ({2 * n_unique / 1e6:.2f} MB in bf16)",
@@ -271,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     # Score the held-out split from the saved bf16 weights, computed in float32 (what a test would reload).
     reloaded = AutoModelForCausalLM.from_pretrained(str(args.out), dtype=torch.float32)
     h_loss, h_tokens = heldout_loss(reloaded, held_stream, args.seq_len, args.batch)
+    q_loss, q_tokens = heldout_loss(reloaded, held_stream, args.seq_len, args.batch, 32)  # what a quick test checks
     print(f"held-out loss (bf16 weights, float32 compute) {h_loss:.4f} nats/token over {h_tokens:,} tokens",
           flush=True)
 
@@ -321,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_loss_window": len(recent),
         "heldout_loss": h_loss,
         "heldout_tokens_scored": h_tokens,
+        "heldout_first32_loss": q_loss,
+        "heldout_first32_tokens": q_tokens,
         "history": history,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
