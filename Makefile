@@ -28,13 +28,23 @@ venv: $(VENV)/.installed
 
 DEMO_PROMPT ?= The true meaning of life is absurdity and suffering. Octopuses have three hearts, and two of them stop beating when they swim. The prime number theorem gives an asymptotic estimate for the distribution of primes.
 
+# The decoders trained here (headlens models): a prompt in their corpus's register, and a head worth looking at.
+LM_PROMPT ?= The function returns a new list. If the argument is omitted, the default value is used. A QuerySet can be filtered, sliced and passed around without hitting the database.
+LM_LAYER ?= 1
+LM_HEAD ?= 3
+
 demo: $(VENV)/.installed
 	rm -rf $(OUT)
 	HF_HUB_OFFLINE=1 $(BIN)/headlens ov --layer 3 --head 5 --latent-dim 8 \
 		--prompt "$(DEMO_PROMPT)" --heatmap --plot --out-dir $(OUT) --json
 	HF_HUB_OFFLINE=1 $(BIN)/headlens sphere --out-dir $(OUT)
+	$(BIN)/headlens models
+	HF_HUB_OFFLINE=1 $(BIN)/headlens sphere --model tiny-lm --prompt "$(LM_PROMPT)" --out-dir $(OUT)/tiny-lm
+	HF_HUB_OFFLINE=1 $(BIN)/headlens ov --model tiny-lm --layer $(LM_LAYER) --head $(LM_HEAD) --latent-dim 8 \
+		--prompt "$(LM_PROMPT)" --heatmap --plot --out-dir $(OUT)/tiny-lm --json
+	HF_HUB_OFFLINE=1 $(BIN)/headlens router --model tiny-moe --prompt "$(LM_PROMPT)" --out-dir $(OUT)/tiny-moe
 	@echo "files under $(OUT)/:"
-	@ls -l $(OUT)
+	@ls -lR $(OUT)
 
 test: $(VENV)/.installed
 	$(BIN)/lint-imports          # the house rules: computation never imports report/ or cli/, only report/ draws

@@ -226,7 +226,7 @@ CASES: list[Case] = [
     case("bad_sweep_resume_other_config", "sweep --weights {ck}/tiny-qwen3 --layers 0 --out-dir {out}/sw",
          "sweep --weights {ck}/tiny-gpt2 --resume --out-dir {out}/sw"),
     case("bad_router_dense_model", "router --weights {ck}/tiny-qwen3 --prompt hi --out-dir {out}/r"),
-    case("bad_router_embedded_dense", "router --prompt hi --out-dir {out}/r"),
+    case("bad_router_embedded_dense", "router --model minilm --prompt hi --out-dir {out}/r"),
     case("bad_router_color_layer", "router --weights {ck}/tiny-qwen3-moe --prompt hi --color-layer 5 "
                                    "--out-dir {out}/r"),
     case("bad_router_batch_size", "router --weights {ck}/tiny-qwen3-moe --prompt hi --batch-size 0 "

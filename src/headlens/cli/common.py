@@ -21,16 +21,24 @@ def int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
 
 
-def command_parser(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+def command_parser(sub, name: str, help: str, description: str, default_model: str = "minilm"
+                   ) -> argparse.ArgumentParser:
     """The subcommand ``name`` with the model flags every command that reads a checkpoint shares."""
     p = sub.add_parser(name, help=help, description=description)
-    add_model_args(p)
+    add_model_args(p, default_model)
     return p
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags every command shares to pick a checkpoint."""
-    g = p.add_argument_group("model (default: the embedded all-MiniLM-L6-v2 checkpoint)")
+def add_model_args(p: argparse.ArgumentParser, default_model: str = "minilm") -> None:
+    """Flags every command shares to pick a checkpoint; ``default_model`` is the embedded model used when none
+    of ``--model``, ``--weights`` and ``--hf-repo`` is given."""
+    from headlens.io.embedded import NAMES
+
+    p.set_defaults(default_model=default_model)
+    g = p.add_argument_group(f"model (default: --model {default_model}, an embedded checkpoint)")
+    g.add_argument("--model", choices=NAMES, metavar="NAME",
+                   help=f"an embedded checkpoint: {', '.join(NAMES)} (default {default_model}; "
+                        "`headlens models` lists them)")
     g.add_argument("--weights", metavar="PATH",
                    help="a .safetensors file, a .pt/.bin state dict, or a HuggingFace model directory "
                         "(single-file or sharded)")
@@ -57,6 +65,9 @@ def model_source(args: argparse.Namespace):
     """The :class:`~headlens.io.source.ModelSource` the model flags name."""
     from headlens.io.source import ModelSource
 
+    embedded = args.model
+    if embedded is None and args.weights is None and args.hf_repo is None:
+        embedded = args.default_model
     return ModelSource(weights=args.weights, hf_repo=args.hf_repo, revision=args.revision, cache_dir=args.cache_dir,
                        auto_infer=args.auto_infer, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, embedded=embedded)

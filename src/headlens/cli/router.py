@@ -10,7 +10,7 @@ from headlens.errors import HeadlensError
 
 
 def add_parser(sub) -> None:
-    p = command_parser(sub, "router", help="mixture-of-experts router statistics and dumps",
+    p = command_parser(sub, "router", help="mixture-of-experts router statistics and dumps", default_model="tiny-moe",
                        description="Run text through a MoE checkpoint and report, per MoE layer, expert load, "
                                    "entropies, co-activation, repetition, layer-to-layer transitions and the "
                                    "token x expert dispatch structure.")

@@ -21,7 +21,9 @@ from headlens.io.checkpoint import Checkpoint, open_model, resolve_model_dir
 
 @dataclass
 class ModelSource:
-    """A checkpoint to analyse. With neither ``weights`` nor ``hf_repo`` it is the embedded default."""
+    """A checkpoint to analyse: an embedded model by name (``embedded``: minilm, tiny-lm, tiny-moe), a local
+    file or directory (``weights``) or a hub repo (``hf_repo``). With none of them it is the embedded default,
+    all-MiniLM-L6-v2."""
 
     weights: str | os.PathLike | None = None  # a .safetensors / .pt / .bin file or a HuggingFace directory
     hf_repo: str | None = None  # a hub repo id ORG/NAME, read through the local hub cache
@@ -31,20 +33,38 @@ class ModelSource:
     num_heads: int | None = None  # query heads, for a bare state dict without config.json
     num_kv_heads: int | None = None  # kv heads (GQA/MQA), for a bare state dict
     trust_remote_code: bool = False  # allow a hub repo's own modeling code (never unless asked for)
+    embedded: str | None = None  # an embedded model by name: minilm, tiny-lm, tiny-moe (headlens.io.embedded)
 
     def __post_init__(self) -> None:
         if self.weights is not None and self.hf_repo is not None:
             raise HeadlensError("give either `weights` or `hf_repo`, not both")
+        if self.embedded is not None:
+            from headlens.io.embedded import check_name
+
+            check_name(self.embedded)
+            other = "weights" if self.weights is not None else "hf_repo" if self.hf_repo is not None else None
+            if other:
+                raise HeadlensError(f"give either `model` {self.embedded} or `{other}`, not both: `model` names "
+                                    "an embedded checkpoint")
         for name in ("revision", "cache_dir"):  # hub-only settings are refused rather than ignored
             if getattr(self, name) is not None and self.hf_repo is None:
-                where = f"`weights` {self.weights}" if self.weights is not None else "the embedded default model"
+                where = (f"`weights` {self.weights}" if self.weights is not None else
+                         f"the embedded model {self.embedded or 'minilm'}")
                 raise HeadlensError(f"`{name}` applies to `hf_repo` only; {where} is read from disk as it is")
+
+    def _local(self) -> str | os.PathLike | None:
+        """The local path to read: ``weights``, an embedded model's directory, or None for the default."""
+        if self.weights is not None or self.embedded in (None, "minilm"):
+            return self.weights
+        from headlens.io.embedded import embedded_dir
+
+        return embedded_dir(self.embedded)
 
     def checkpoint(self, layers: list[int] | None = None, full: bool = False,
                    roles: tuple[str, ...] = ("v", "o", "qkv", "norm")) -> Checkpoint:
         """Open the weights lazily. ``layers``/``roles`` limit what a hub repo downloads; ``full`` fetches
         everything a forward pass needs (config, all weights, tokenizer). Returns a :class:`Checkpoint`."""
-        return open_model(weights=self.weights, hf_repo=self.hf_repo, revision=self.revision,
+        return open_model(weights=self._local(), hf_repo=self.hf_repo, revision=self.revision,
                           cache_dir=self.cache_dir, auto_infer=self.auto_infer, num_heads=self.num_heads,
                           num_kv_heads=self.num_kv_heads, layers=layers, full=full, roles=roles)
 
@@ -58,7 +78,8 @@ class ModelSource:
 
             path = HubRepo(self.hf_repo, self.revision, self.cache_dir).file("config.json")
         else:
-            where = embedded_model_dir() if self.weights is None else Path(self.weights).expanduser()
+            local = self._local()
+            where = embedded_model_dir() if local is None else Path(local).expanduser()
             path = (where if where.is_dir() else where.parent) / "config.json"
             if not where.exists() or not path.exists():
                 return None
@@ -66,7 +87,7 @@ class ModelSource:
 
     def model_dir(self) -> tuple[str, Path, dict]:
         """(name, HuggingFace directory, config) for commands that only run the model (e.g. ``router``)."""
-        return resolve_model_dir(self.weights, self.hf_repo, self.revision, self.cache_dir)
+        return resolve_model_dir(self._local(), self.hf_repo, self.revision, self.cache_dir)
 
     def tokenizer(self, directory: Path):
         """The tokenizer saved next to the model in ``directory``."""
