@@ -87,22 +87,22 @@ def _heldout_windows(tok, seq_len: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["tiny-lm", "tiny-moe"])
-def test_committed_weights_reproduce_the_recorded_heldout_loss(models, name):
-    from transformers import AutoTokenizer
+def test_committed_weights_reproduce_the_recorded_heldout_loss(name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prov = provenance(name)
     assert hashlib.sha256(HELDOUT.read_bytes()).hexdigest() == prov["corpus"]["heldout_sha256"]
     tok = AutoTokenizer.from_pretrained(str(embedded_dir(name)))
     windows = _heldout_windows(tok, prov["seq_len"])
     assert windows[:, 1:].numel() == prov["heldout_tokens_scored"]
-    model = models[name]
+    model = AutoModelForCausalLM.from_pretrained(str(embedded_dir(name)), dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(windows), 16):  # every window, every predicted token, by an explicit log-softmax
             win = windows[start:start + 16]
-            logits = model(input_ids=win[:, :-1]).logits.double()
+            logits = model(input_ids=win[:, :-1]).logits
             logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-            total -= float(logp.gather(-1, win[:, 1:, None]).sum())
+            total -= float(logp.gather(-1, win[:, 1:, None]).double().sum())
             count += win[:, 1:].numel()
     assert count == prov["heldout_tokens_scored"]
     assert total / count == pytest.approx(prov["heldout_loss"], abs=1e-3)

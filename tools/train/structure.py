@@ -7,10 +7,12 @@ Measured on the committed held-out split (tools/train/heldout.txt), the first --
 documents, each as the model saw documents in training (<|bos|> first):
 - attention sinks: per head, the mean attention from query positions 1.. to position 0 (the <|bos|>); the share of
   heads where it exceeds 0.3 (the sink measure of Xiao et al. 2023 / Gu et al. 2024);
-- previous-token heads: per head, the mean attention from position t to t-1 (t >= 2); heads above 0.5 are listed;
+- previous-token heads: per head, the mean attention from position t to t-1 (t >= 2); heads above 0.5 are listed,
+  with the count above 0.3 and the top three;
 - the residual-stream norm of the first token against the median norm of the others, at every layer's input;
 - OV rank at 90% energy of every head (float64 SVD of W_O^h W_V^g), trained against initialisation;
-- tiny-moe: expert load CV and normalised load entropy per MoE layer (headlens.route), trained against init;
+- tiny-moe: expert load CV, normalised load entropy and per-token routing entropy per MoE layer (headlens.route),
+  trained against init;
 - greedy and sampled text from tiny-lm.
 Independent of headlens where it can be (attention and hidden states are HuggingFace's own eager outputs); the
 router statistics come from headlens.route, which tests/test_trained_decoders.py checks against the gate weights.
@@ -73,8 +75,9 @@ def attention_structure(model, inputs: list[torch.Tensor]) -> dict:
         "sink_mean_per_layer": [round(float(x), 4) for x in sink.mean(-1)],
         "previous_token_heads_above_0.5": [{"layer": l, "head": h, "score": round(float(prev[l, h]), 3)}
                                            for l, h in heads if prev[l, h] > 0.5],
-        "previous_token_max": {"layer": int(prev.argmax() // H), "head": int(prev.argmax() % H),
-                               "score": round(float(prev.max()), 3)},
+        "previous_token_heads_above_0.3": int((prev > 0.3).sum()),
+        "previous_token_top3": [{"layer": int(i // H), "head": int(i % H), "score": round(float(prev.flatten()[i]), 3)}
+                                for i in prev.flatten().argsort(descending=True)[:3]],
         "first_token_norm_over_median_per_layer_input": [round(float(x), 2) for x in first_vs_median[:L]],
     }
 
@@ -104,7 +107,7 @@ def router_stats(directory: Path, texts: list[str]) -> list[dict]:
 
     r = route(ModelSource(weights=str(directory)), texts, RouterConfig(progress=False, batch_size=8))
     return [{"layer": layer, "load_cv": round(s.load_cv, 4), "load_entropy_norm": round(s.load_entropy_norm, 4),
-             "dead_experts": s.dead_experts} for layer, s in zip(r.report.moe_layers, r.report.stats)]
+             "routing_entropy_norm": round(s.routing_entropy_norm, 4), "dead_experts": s.dead_experts} for layer, s in zip(r.report.moe_layers, r.report.stats)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per held-out document (shorter ones skipped)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", nargs="+", default=["tiny-lm", "tiny-moe"], choices=["tiny-lm", "tiny-moe"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     docs = documents(HERE / "heldout.txt")
     result: dict = {"tokens_per_document": args.tokens}
-    for name in ("tiny-lm", "tiny-moe"):
+    for name in args.models:
         d = embedded_dir(name)
         tok = AutoTokenizer.from_pretrained(str(d))
         inputs = batches(tok, docs, args.tokens)
