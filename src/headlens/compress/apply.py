@@ -1,0 +1,214 @@
+"""Put the latents of :mod:`headlens.compress.plan` into a loaded HuggingFace model, and export their factors.
+
+Each compressed layer's value weights ``W_V^g`` become ``W_V^g Q_g = (W_V^g B_g) P_g`` in place, written through
+the family's :class:`~headlens.layout.Layout`: ``head_block("v", g, H, G, hd)`` names the stored tensor (``v``,
+or the fused ``qkv``), its (rows, cols) slice and whether it is stored transposed (GPT-2's ``Conv1D``), so
+separate, concatenated (Phi-3), transposed and interleaved (GPT-NeoX, Falcon) projections are all the same code.
+The value bias is left as it is: ``v = W_V^g Q_g x + b``.
+
+Tensor names: the checkpoint's ``<prefix><layers_path>.<l>.<rel>`` (``Checkpoint.keymap``) and the model's differ
+only in the prefix in front of the layer list (``model.`` in a ``...ForCausalLM``, nothing in the base model
+``ModelSource.model`` loads, ``bert.`` in a task head), so the tensor is found as the parameter ``<rel>`` of the
+model's layer module (:func:`headlens.residual.modules.find_layer`, the one module finder), never by the name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from headlens.compress.plan import LayerPlan
+from headlens.errors import HeadlensError
+
+FACTORS_FORMAT = "headlens-latent-factors/1"
+
+
+@dataclass
+class ValueTensor:
+    """The model parameter that stores one layer's value weights, and where that layer's kv groups lie in it."""
+
+    name: str  # the parameter's full name in the model (e.g. ``model.layers.0.self_attn.v_proj.weight``)
+    checkpoint_name: str  # the same tensor's name in the checkpoint
+    module: nn.Module  # the module holding it (the value or fused qkv projection: hook it for its input)
+    param: nn.Parameter
+    blocks: list  # per kv group, the :class:`~headlens.layout.Block` of its rows in ``param``
+
+
+def value_tensor(model: nn.Module, ck, layer: int) -> ValueTensor:
+    """The :class:`ValueTensor` of ``layer`` in ``model`` for the checkpoint ``ck`` it was loaded from.
+
+    Raises HeadlensError (one line) when the model has no such layer or parameter, or when its shape is not the
+    one the checkpoint's shape implies (a model from another checkpoint)."""
+    from headlens.residual.modules import find_layer
+
+    s, layout = ck.shape, ck.spec.layout
+    blocks = [layout.head_block("v", g, s.num_heads, s.num_kv_heads, s.head_dim) for g in range(s.num_kv_heads)]
+    role = blocks[0].tensor  # "v" or "qkv"
+    rel = getattr(layout, role)
+    path, layer_mod = find_layer(model, ck.spec, layer)
+    mod_rel, attr = rel.rsplit(".", 1)
+    where = f"{path}.{rel}"
+    try:
+        module = layer_mod.get_submodule(mod_rel)
+    except AttributeError:
+        module = None
+    param = getattr(module, attr, None) if module is not None else None
+    if not isinstance(param, torch.Tensor):
+        raise HeadlensError(f"`model` has no tensor {where} holding layer {layer}'s value weights "
+                            f"({ck.layer_keys(layer).name(role)} in {ck.name})")
+    want = layout.shapes(s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size)[role]
+    if tuple(param.shape) != want:
+        raise HeadlensError(f"`model` tensor {where} has shape {tuple(param.shape)}, but {ck.name} implies {want}: "
+                            "the model was not loaded from this checkpoint")
+    return ValueTensor(name=where, checkpoint_name=ck.layer_keys(layer).name(role), module=module,  # type: ignore[arg-type]
+                       param=param, blocks=blocks)  # type: ignore[arg-type]
+
+
+def _read(param: torch.Tensor, block) -> torch.Tensor:
+    """The Linear-layout (hd, d) block of ``param``, float64, on the CPU."""
+    t = param.detach()[block.index]
+    return (t.T if block.transposed else t).to("cpu", torch.float64)
+
+
+def _write(param: torch.Tensor, block, value: torch.Tensor) -> None:
+    """Write the Linear-layout (hd, d) ``value`` into ``param``'s block, in the parameter's dtype and device."""
+    with torch.no_grad():
+        param[block.index] = (value.T if block.transposed else value).to(param.device, param.dtype)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """How far the model's value weights may sit from the plan's (rounded to ``dtype``) and still be the same."""
+    return max(1e-6, float(torch.finfo(dtype).eps)) if dtype.is_floating_point else 1e-6
+
+
+@dataclass
+class Applied:
+    """What :func:`apply_plans` replaced: the original blocks, so that :meth:`restore` puts them back."""
+
+    names: list[str] = field(default_factory=list)  # the model parameters written, one per layer
+    _saved: list[tuple[torch.Tensor, object, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    def restore(self) -> None:
+        """Write every replaced block back as it was (in reverse order), then forget them."""
+        with torch.no_grad():
+            for param, block, original in reversed(self._saved):
+                param[block.index] = original  # type: ignore[index]
+        self._saved.clear()
+        self.names.clear()
+
+
+def apply_plans(model: nn.Module, ck, plans: Sequence[LayerPlan]) -> Applied:
+    """Replace, in ``model`` (loaded from ``ck``), each planned layer's ``W_V^g`` by ``W_V^g Q_g``, in place.
+
+    ``Q_g`` is applied to the model's own weights, ``(W_V^g B_g) P_g`` in float64; those weights must be the ones
+    the plan was fitted on (``W_V^g B_g`` equal to the plan's up-projection, to the model's precision), else
+    HeadlensError. Returns :class:`Applied`, whose ``restore()`` undoes it.
+    """
+    from headlens.residual.modules import count_layers
+
+    n = count_layers(model, ck.spec)
+    if n != ck.shape.num_layers:
+        raise HeadlensError(f"`model` has {n} layers but {ck.name} has {ck.shape.num_layers}")
+    G = ck.shape.num_kv_heads
+    done = Applied()
+    try:
+        for plan in plans:
+            if len(plan.groups) != G:
+                raise HeadlensError(f"layer {plan.layer}'s plan has {len(plan.groups)} kv groups, {ck.name} has {G}")
+            vt = value_tensor(model, ck, plan.layer)
+            new = []
+            for lat in plan.groups:
+                block = vt.blocks[lat.kv_head]
+                W = _read(vt.param, block)  # (hd, d) as the model holds it
+                up = W @ lat.basis  # (hd, k) = W_V^g B_g
+                if lat.k and float(torch.linalg.norm(up - lat.up)) > _tolerance(vt.param.dtype) * max(
+                        float(torch.linalg.norm(lat.up)), torch.finfo(torch.float64).tiny):
+                    raise HeadlensError(f"layer {plan.layer}, kv group {lat.kv_head}: the model's value weights "
+                                        f"({vt.name}) are not those the latent was fitted on")
+                new.append((block, up @ lat.down))
+            for block, value in new:  # all groups checked before any is written
+                done._saved.append((vt.param, block, vt.param.detach()[block.index].clone()))
+                _write(vt.param, block, value)
+            done.names.append(vt.name)
+    except BaseException:
+        done.restore()
+        raise
+    return done
+
+
+@contextmanager
+def compressed(model: nn.Module, ck, plans: Sequence[LayerPlan]) -> Iterator[Applied]:
+    """``with compressed(model, ck, plans):`` runs the block with the latents in place, then restores the model."""
+    done = apply_plans(model, ck, plans)
+    try:
+        yield done
+    finally:
+        done.restore()
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def factor_name(layer: int, kv_head: int, which: str) -> str:
+    """Tensor name in ``latent_factors.safetensors``: ``layer{l}.group{g}.down`` or ``.up``."""
+    return f"layer{layer}.group{kv_head}.{which}"
+
+
+def save_latent_factors(plans: Sequence[LayerPlan], path: str | os.PathLike) -> Path:
+    """Write ``latent_factors.safetensors`` at ``path`` (atomically): per layer l and kv group g,
+    ``layer{l}.group{g}.down`` = P_g (k, d) and ``layer{l}.group{g}.up`` = U_g (hd, k), float32, with metadata
+    ``format``, ``kind`` (plain or data-aware), ``k`` (JSON: layer -> k_g per group), ``head_dim`` and
+    ``hidden_size``. Returns the path."""
+    from safetensors.torch import save_file
+
+    from headlens.io.files import atomic_path
+
+    if not plans:
+        raise HeadlensError("no compressed layers to save")
+    kinds = {p.kind for p in plans}
+    if len(kinds) != 1:
+        raise HeadlensError(f"the layers mix latent kinds ({', '.join(sorted(kinds))}): save one kind per file")
+    layers = [p.layer for p in plans]
+    if len(set(layers)) != len(layers):
+        raise HeadlensError("a layer appears twice among the plans to save")
+    tensors = {}
+    for p in plans:
+        for g in p.groups:
+            tensors[factor_name(p.layer, g.kv_head, "down")] = g.down.to(torch.float32).contiguous()
+            tensors[factor_name(p.layer, g.kv_head, "up")] = g.up.to(torch.float32).contiguous()
+    first = plans[0].groups[0]
+    meta = {"format": FACTORS_FORMAT, "kind": plans[0].kind,
+            "k": json.dumps({str(p.layer): p.ks for p in plans}),
+            "head_dim": str(first.head_dim), "hidden_size": str(first.hidden_size)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_latent_factors(path: str | os.PathLike) -> tuple[dict, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]]:
+    """(metadata, {(layer, kv group): (down (k, d), up (hd, k))}) of a file :func:`save_latent_factors` wrote;
+    ``metadata["k"]`` is decoded to {layer: [k_g ...]}."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            names = list(fh.keys())
+            tensors = {n: fh.get_tensor(n) for n in names}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise HeadlensError(f"cannot read latent factors from {os.fspath(path)} ({exc})") from None
+    if meta.get("format") != FACTORS_FORMAT:
+        raise HeadlensError(f"{os.fspath(path)} is not a headlens latent-factor file")
+    ks = {int(layer): list(v) for layer, v in json.loads(meta["k"]).items()}
+    out = {}
+    for layer, per in ks.items():
+        for g in range(len(per)):
+            out[(layer, g)] = (tensors[factor_name(layer, g, "down")], tensors[factor_name(layer, g, "up")])
+    return {**meta, "k": ks}, out
