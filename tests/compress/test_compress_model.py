@@ -17,7 +17,7 @@ from reference import attention_module, value_output_blocks
 from headlens.circuits.heads import read_layer
 from headlens.compress.apply import (apply_plans, compressed, load_latent_factors, save_latent_factors,
                                      value_tensor)
-from headlens.compress.plan import plan_layer
+from headlens.compress.plan import plan_layer, plan_layers
 from headlens.errors import HeadlensError
 from headlens.io.source import ModelSource
 
@@ -272,6 +272,10 @@ def test_base_model_without_prefix_and_refusals(ckpts):
     base = ModelSource(weights=path).model(path, torch.float64)  # Qwen3Model: "layers.0...", no "model." prefix
     X = _attn_inputs(orig, "qwen3", _ids(0))
     plans = _plans(ck, X, 4, "plain")
+    again = plan_layers(ck, {0: 4, 1: [4, 4]}, "data-aware", {i: torch.from_numpy(x) for i, x in X.items()})
+    assert [p.layer for p in again] == [0, 1] and again[1].ks == [4, 4] and again[0].kind == "data-aware"
+    with pytest.raises(HeadlensError, match="`calibration` tokens for layer 1"):
+        plan_layers(ck, {1: 4}, "data-aware", {0: torch.from_numpy(X[0])})
     applied = apply_plans(base, ck, plans)
     assert applied.names[0] == "layers.0.self_attn.v_proj.weight"
     assert value_tensor(orig, ck, 0).name == "model.layers.0.self_attn.v_proj.weight"
