@@ -1,0 +1,530 @@
+"""What the latents of :mod:`headlens.compress.plan` lose in the running model, against the unmodified model.
+
+:func:`measure` runs the eval texts through a loaded HuggingFace model and returns a :class:`Measurement`:
+
+Per planned layer l (:class:`LayerErrors`), four relative errors side by side:
+
+- ``predicted_error``: the plan's (:attr:`LayerPlan.predicted_error`, as the sweep computes it from the spectrum).
+- ``value_path_error``: ``sqrt(sum_{g, tokens} ||M_g (v - v')||^2 / sum_{g, tokens} ||M_g (v - b)||^2)`` with v the
+  values the original model computes, v' those of the compressed layer on the same inputs, b the value bias
+  (``v - b = W_V^g x``), over the layer's kv groups and every eval token: the value path before attention mixes
+  tokens. ``||M_g y|| = ||R_g y||`` with the group's triangular factor (:class:`GroupLatent`), so no (H/G) d-row
+  matrix is formed. v and v' are read from the value (or fused qkv) projection's output in the running model.
+- ``isolated_error``: only layer l compressed, fed the original model's inputs: ``||o' - o||_F / ||o - c||_F`` over
+  the eval tokens, with o what the layer's output projection (the layout's ``o`` tensor: ``o_proj``, ``c_proj``,
+  ``dense``...) writes in the original model, o' what it writes when the attention block that holds the value and
+  output projections is re-run on the same inputs with layer l compressed, and ``c`` what the output projection
+  writes for the value bias alone (``W_O b_v + b_o``, the same for every token because attention weights sum to
+  one), so that the denominator is the part of o the values' linear map produces, as in ``value_path_error``.
+  It includes the attention mixing the spectrum cannot see.
+- ``accumulated_error``: every planned layer compressed at once, errors propagating: ``||o'' - o|| / ||o - c||``.
+
+The output projection, not the spec's ``attn_out`` site, is measured: in sandwich-norm families (Gemma 2/3)
+``attn_out`` is the post-attention norm's output, which renormalises the error away.
+
+The whole model (all planned layers compressed): ``hidden_error``, the relative Frobenius error of the last
+``hidden_states`` over all eval tokens; for causal LMs (an output embedding, ``model.get_output_embeddings()``, on
+a decoder family) the next-token KL(original || compressed) in nats at every position that has a next token in its
+text (mean and 95th percentile, linear interpolation), top-1 agreement at those positions, and the perplexity
+``exp(mean NLL)`` of the actual next tokens before and after, all from explicit float64 log-softmaxes; for every
+other model the cosine between the original and compressed mean-pooled last hidden states of each text (mean and
+minimum) and nearest-neighbour agreement (the fraction of texts whose most similar other text, by that cosine, is
+the same before and after; None for fewer than 2 texts). KV bytes per token come with it (:func:`kv_bytes`).
+
+Texts run one at a time, unpadded (batch 1, so no attention mask and no pad token is involved, and the mean pool is
+over every token of the text, special tokens included). Per text: one original forward pass, during which each
+planned layer's attention block is re-run once with only that layer compressed (a forward hook on the block calls
+its ``forward`` again, so the block's own hooks do not see the re-run; the outer pass continues with the original
+weights), then one forward pass with every planned layer compressed.
+The weights are changed only through :func:`headlens.compress.apply.compressed`, so the model leaves exactly as it
+came, hooks removed, also when an error is raised.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from headlens.compress.apply import apply_plans, compressed, value_tensor
+from headlens.compress.plan import LayerPlan
+from headlens.errors import HeadlensError
+
+CAUSAL_LM = "causal-lm"
+EMBEDDING = "embedding"
+CHUNK = 256  # positions per explicit log-softmax (a (CHUNK, vocab) float64 block at a time)
+
+
+@dataclass
+class LayerErrors:
+    """One compressed layer's four relative errors (see the module docstring), on the eval tokens."""
+
+    layer: int
+    kind: str  # "plain" or "data-aware"
+    ks: list[int]  # k_g per kv group
+    predicted_error: float
+    value_path_error: float
+    isolated_error: float
+    accumulated_error: float
+    group_value_path_errors: list[float] = field(default_factory=list)  # per kv group ||M_g (v - v')|| / ||M_g W_V x||
+
+    def as_dict(self) -> dict:
+        """The issue's per-layer record: ``layer, predicted_error, value_path_error, isolated_error,
+        accumulated_error`` (plus ``kind`` and ``ks``)."""
+        return {"layer": self.layer, "kind": self.kind, "ks": list(self.ks), "predicted_error": self.predicted_error,
+                "value_path_error": self.value_path_error, "isolated_error": self.isolated_error,
+                "accumulated_error": self.accumulated_error}
+
+
+@dataclass
+class KVBytes:
+    """KV-cache bytes per token, per layer of the model (every layer, compressed or not)."""
+
+    bytes_per_value: float
+    before: list[float]  # 2 * G * hd * bytes: full keys and values
+    after: list[float]  # (G * hd + sum_g k_g) * bytes for a compressed layer (full keys, the latents); else before
+
+    @property
+    def total_before(self) -> float:
+        """Bytes per token of the whole model's cache, uncompressed."""
+        return float(sum(self.before))
+
+    @property
+    def total_after(self) -> float:
+        """Bytes per token of the whole model's cache with the latents."""
+        return float(sum(self.after))
+
+    @property
+    def saving(self) -> float:
+        """``1 - total_after / total_before`` (0.0 for an empty cache)."""
+        return 1.0 - self.total_after / self.total_before if self.total_before > 0 else 0.0
+
+
+def kv_bytes(ck, plans: Mapping[int, LayerPlan], bytes_per_value: float) -> KVBytes:
+    """:class:`KVBytes` for the checkpoint ``ck`` with ``plans`` (layer -> plan) in place: per layer
+    ``2 * G * hd * bytes_per_value`` before, ``(G * hd + sum_g k_g) * bytes_per_value`` after (keys stay full)."""
+    if not bytes_per_value > 0:
+        raise HeadlensError(f"`bytes_per_value` must be positive, got {bytes_per_value}")
+    s = ck.shape
+    _check_plans(plans, s.num_layers)
+    full = s.num_kv_heads * s.head_dim
+    before = [2.0 * full * bytes_per_value] * s.num_layers
+    after = [float((full + sum(plans[l].ks)) * bytes_per_value) if l in plans else b for l, b in enumerate(before)]
+    return KVBytes(bytes_per_value=float(bytes_per_value), before=before, after=after)
+
+
+@dataclass
+class Measurement:
+    """Everything :func:`measure` found for one set of plans. Fields that do not apply are None."""
+
+    task: str  # "causal-lm" or "embedding"
+    n_texts: int
+    n_tokens: int  # eval tokens over all texts
+    n_predicted: int  # next-token positions (n_tokens - n_texts); 0 for an embedding model
+    layers: list[LayerErrors]  # one per planned layer, in layer order
+    kv: KVBytes
+    hidden_error: float  # ||h'' - h||_F / ||h||_F of the last hidden states, every planned layer compressed
+    kl_mean: float | None = None  # nats
+    kl_p95: float | None = None
+    top1_agreement: float | None = None
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+    embedding_cosine_mean: float | None = None
+    embedding_cosine_min: float | None = None
+    neighbour_agreement: float | None = None
+
+    def summary(self) -> dict:
+        """The issue's ``compress_summary.json`` fields for this configuration (without ``target`` and ``latent``,
+        which the caller knows): KV bytes, saving, the model-level numbers (None where they do not apply),
+        ``hidden_error``, ``n_texts``, ``n_tokens`` and ``layers``."""
+        return {"task": self.task, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
+                "kv_bytes_per_token_before": self.kv.total_before, "kv_bytes_per_token_after": self.kv.total_after,
+                "saving": self.kv.saving, "hidden_error": self.hidden_error, "kl_mean": self.kl_mean,
+                "kl_p95": self.kl_p95, "top1_agreement": self.top1_agreement, "ppl_before": self.ppl_before,
+                "ppl_after": self.ppl_after, "embedding_cosine_mean": self.embedding_cosine_mean,
+                "embedding_cosine_min": self.embedding_cosine_min, "neighbour_agreement": self.neighbour_agreement,
+                "layers": [e.as_dict() for e in self.layers]}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _check_plans(plans: Mapping[int, LayerPlan], num_layers: int) -> None:
+    if not isinstance(plans, Mapping):
+        raise HeadlensError("`plans` must map each layer to its LayerPlan")
+    for layer, plan in plans.items():
+        if not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise HeadlensError(f"`plans` has a plan for layer {layer}, out of range: the model has {num_layers} "
+                                f"layers (valid 0..{num_layers - 1})")
+        if plan.layer != layer:
+            raise HeadlensError(f"`plans` holds layer {plan.layer}'s plan under layer {layer}")
+
+
+def _token_ids(tokenizer, texts: list[str], limit: int | None, vocab: int | None, truncate: bool) -> list[torch.Tensor]:
+    """Each text's token ids (1, N), refused (one line) when shorter than 2 tokens, longer than ``limit``
+    (unless ``truncate``) or outside the model's vocabulary."""
+    from headlens.io.source import quiet_transformers
+
+    out = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise HeadlensError(f"`texts` item {i + 1} is a {type(text).__name__}, not a string")
+        preview = text if len(text) <= 40 else text[:37] + "..."
+        with quiet_transformers():
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        n = int(ids.shape[-1]) if ids.ndim == 2 else 0
+        if n < 2:
+            raise HeadlensError(f"`texts` item {i + 1} ({preview!r}) has {n} token(s): every eval text needs at "
+                                "least 2 (a next token to predict)")
+        if limit and n > limit:
+            if not truncate:
+                raise HeadlensError(f"`texts` item {i + 1} ({preview!r}) has {n} tokens but the model takes at most "
+                                    f"{limit}: shorten it or pass `truncate`")
+            ids = ids[:, :limit]
+        if vocab and int(ids.max()) >= vocab:
+            raise HeadlensError(f"the tokenizer gives token id {int(ids.max())}, but the model's vocabulary has "
+                                f"{vocab} entries: `tokenizer` belongs to another model")
+        out.append(ids)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sites
+
+
+@dataclass
+class _Site:
+    """Where one planned layer is measured in the loaded model."""
+
+    layer: int
+    plan: LayerPlan
+    value: nn.Module  # the value (or fused qkv) projection
+    out_slices: list[slice]  # per kv group, the value module's output features
+    W_V: list[torch.Tensor]  # per kv group (hd, d) float64, the model's original value weights
+    R: list[torch.Tensor]  # per kv group (hd, hd): ||M_g y|| = ||R_g y||
+    o: nn.Module  # the output projection
+    block: nn.Module  # the smallest module holding both: re-run for the isolated error
+    bias_out: torch.Tensor  # (d,) float64: what ``o`` writes for the value bias alone (W_O b_v + b_o)
+
+
+def _common(a: str, b: str) -> str:
+    """The longest common dotted prefix of two module paths (``""`` when none)."""
+    pa, pb = a.split("."), b.split(".")
+    n = 0
+    while n < min(len(pa), len(pb)) and pa[n] == pb[n]:
+        n += 1
+    return ".".join(pa[:n])
+
+
+def _site(model: nn.Module, ck, plan: LayerPlan, device: torch.device) -> _Site:
+    from headlens.residual.modules import find_layer, find_module
+
+    s, layout = ck.shape, ck.spec.layout
+    layer = plan.layer
+    vt = value_tensor(model, ck, layer)
+    path, layer_mod = find_layer(model, ck.spec, layer)
+    v_rel = vt.name[len(path) + 1:].rsplit(".", 1)[0]
+    o_rel = layout.o.rsplit(".", 1)[0]
+    o = find_module(model, ck.spec, layer, o_rel)  # one-line HeadlensError when the family's module is absent
+    if not hasattr(o, "weight"):
+        raise HeadlensError(f"layer {layer}'s output projection {path}.{o_rel} holds no weight")
+    common = _common(v_rel, o_rel)
+    block = layer_mod.get_submodule(common) if common else layer_mod
+    slices, W_V = [], []
+    for b in vt.blocks:
+        rows, cols = b.index
+        slices.append(cols if b.transposed else rows)
+        t = vt.param.detach()[b.index]
+        W_V.append((t.T if b.transposed else t).to(device, torch.float64))
+    bias = getattr(vt.module, "bias", None)
+    n = s.num_heads // s.num_kv_heads
+    parts = []
+    for h in range(s.num_heads):
+        sl = slices[h // n]
+        parts.append(bias.detach()[sl] if isinstance(bias, torch.Tensor) else
+                     torch.zeros(s.head_dim, dtype=vt.param.dtype, device=vt.param.device))
+    z = torch.cat(parts).to(o.weight.dtype).reshape(1, 1, -1)
+    with torch.no_grad():
+        bias_out = _rows(o(z))[0]
+    return _Site(layer=layer, plan=plan, value=vt.module, out_slices=slices, W_V=W_V,
+                 R=[g.R.to(device, torch.float64) for g in plan.groups], o=o, block=block, bias_out=bias_out)
+
+
+def _rows(t) -> torch.Tensor:
+    """A module output as float64 (tokens, features), copied (never aliasing a live buffer)."""
+    from headlens.residual.modules import first_tensor
+
+    t = first_tensor(t).detach()
+    return t.reshape(-1, t.shape[-1]).to(torch.float64, copy=True)
+
+
+class _Recorder:
+    """Forward hooks on every site: the value module's input and output, the output projection's output, and the
+    block re-run with only its layer compressed. ``mode`` names the pass being recorded: ``orig``, ``iso`` (the
+    re-run inside the original pass), ``acc`` (every planned layer compressed)."""
+
+    def __init__(self, model: nn.Module, ck, sites: list[_Site]):
+        self.model, self.ck, self.sites = model, ck, sites
+        self.mode = "orig"
+        self.seen: dict[tuple[str, str, int], torch.Tensor] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> "_Recorder":
+        try:
+            for s in self.sites:
+                self.handles.append(s.value.register_forward_hook(self._value(s.layer), with_kwargs=True))
+                self.handles.append(s.o.register_forward_hook(self._out(s.layer)))
+                self.handles.append(s.block.register_forward_hook(self._rerun(s), with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+    def _value(self, layer: int):
+        from headlens.residual.modules import hidden_states_input
+
+        def hook(_m, args, kwargs, output):
+            if self.mode == "orig":
+                self.seen[("x", "orig", layer)] = _rows(hidden_states_input(args, kwargs))
+            self.seen[("v", self.mode, layer)] = _rows(output)
+        return hook
+
+    def _out(self, layer: int):
+        def hook(_m, _args, output):
+            self.seen[("o", self.mode, layer)] = _rows(output)
+        return hook
+
+    def _rerun(self, site: _Site):
+        def hook(module, args, kwargs, _output):
+            if self.mode != "orig":
+                return None
+            self.mode = "iso"
+            try:
+                with compressed(self.model, self.ck, [site.plan]):
+                    module.forward(*args, **kwargs)  # not module(...): the block's own hooks (this one, and
+                    # transformers' output-capturing hooks, which would record the re-run) stay out of it
+            finally:
+                self.mode = "orig"
+            return None
+        return hook
+
+    def get(self, what: str, mode: str, layer: int) -> torch.Tensor:
+        t = self.seen.get((what, mode, layer))
+        if t is None:
+            name = {"x": "value projection", "v": "value projection", "o": "output projection"}[what]
+            raise HeadlensError(f"layer {layer}'s {name} was not called during the {mode} forward pass")
+        return t
+
+
+# ------------------------------------------------------------------------------------------------ the passes
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, use_cache: bool):
+    kwargs = {"use_cache": False} if use_cache else {}
+    return model(input_ids=ids, output_hidden_states=True, **kwargs)
+
+
+def _final(out, causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(last hidden states (N, d) float64, logits (N, V) float64 or None) of one forward's output."""
+    hs = getattr(out, "hidden_states", None)
+    if not hs:
+        raise HeadlensError("the model returned no hidden states (output_hidden_states=True was ignored)")
+    h = hs[-1][0].detach().to(torch.float64)
+    if not causal:
+        return h, None
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise HeadlensError("the model has an output embedding but its forward returned no logits")
+    return h, logits[0].detach().to(torch.float64)
+
+
+def log_softmax(z: torch.Tensor) -> torch.Tensor:
+    """``z - max - log(sum(exp(z - max)))`` over the last axis, float64: the explicit log-softmax."""
+    z = z.to(torch.float64)
+    m = z.max(dim=-1, keepdim=True).values
+    return z - m - torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))
+
+
+@dataclass
+class _Tally:
+    """Running sums over the eval texts."""
+
+    vp_lost: dict = field(default_factory=dict)  # (layer, g) -> sum ||R_g (v - v')||^2
+    vp_total: dict = field(default_factory=dict)  # (layer, g) -> sum ||R_g W_V^g x||^2
+    o_total: dict = field(default_factory=dict)  # layer -> sum ||o - c||^2
+    o_iso: dict = field(default_factory=dict)  # layer -> sum ||o' - o||^2
+    o_acc: dict = field(default_factory=dict)  # layer -> sum ||o'' - o||^2
+    h_lost: float = 0.0
+    h_total: float = 0.0
+    kl: list = field(default_factory=list)  # per text (N - 1,) KL
+    top1: int = 0
+    nll_before: float = 0.0
+    nll_after: float = 0.0
+    pooled_before: list = field(default_factory=list)  # per text (d,)
+    pooled_after: list = field(default_factory=list)
+    n_tokens: int = 0
+    n_predicted: int = 0
+
+
+def _add(d: dict, key, value: float) -> None:
+    d[key] = d.get(key, 0.0) + value
+
+
+def _sq(t: torch.Tensor) -> float:
+    return float(torch.sum(t * t))
+
+
+def _tally_layers(tally: _Tally, rec: _Recorder, sites: list[_Site]) -> None:
+    for s in sites:
+        x = rec.get("x", "orig", s.layer)  # (N, d)
+        v, v_iso = rec.get("v", "orig", s.layer), rec.get("v", "iso", s.layer)
+        for g, sl in enumerate(s.out_slices):
+            _add(tally.vp_lost, (s.layer, g), _sq(s.R[g] @ (v[:, sl] - v_iso[:, sl]).T))
+            _add(tally.vp_total, (s.layer, g), _sq(s.R[g] @ (s.W_V[g] @ x.T)))
+        o = rec.get("o", "orig", s.layer)
+        _add(tally.o_total, s.layer, _sq(o - s.bias_out))
+        _add(tally.o_iso, s.layer, _sq(rec.get("o", "iso", s.layer) - o))
+        _add(tally.o_acc, s.layer, _sq(rec.get("o", "acc", s.layer) - o))
+
+
+def _tally_model(tally: _Tally, ids: torch.Tensor, before: tuple, after: tuple) -> None:
+    (h, logits), (h2, logits2) = before, after
+    tally.h_lost += _sq(h2 - h)
+    tally.h_total += _sq(h)
+    tally.n_tokens += int(h.shape[0])
+    if logits is None:
+        tally.pooled_before.append(h.mean(dim=0).cpu())  # unpadded: the attention-mask-weighted mean is the mean
+        tally.pooled_after.append(h2.mean(dim=0).cpu())
+        return
+    target = ids[0, 1:].to(logits.device)
+    n = int(target.shape[0])
+    kls = []
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        lp, lq = log_softmax(logits[a:b]), log_softmax(logits2[a:b])
+        kls.append((torch.exp(lp) * (lp - lq)).sum(dim=-1).cpu())
+        tally.top1 += int((logits[a:b].argmax(dim=-1) == logits2[a:b].argmax(dim=-1)).sum())
+        t = target[a:b, None]
+        tally.nll_before -= float(lp.gather(1, t).sum())
+        tally.nll_after -= float(lq.gather(1, t).sum())
+    tally.kl.append(torch.cat(kls))
+    tally.n_predicted += n
+
+
+def _ratio(num: float, den: float) -> float:
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def _embedding_numbers(before: list[torch.Tensor], after: list[torch.Tensor]) -> tuple[float, float, float | None]:
+    """(mean cosine, min cosine, nearest-neighbour agreement or None for fewer than 2 texts)."""
+    E, F = torch.stack(before), torch.stack(after)  # (T, d)
+
+    def unit(A: torch.Tensor) -> torch.Tensor:
+        return A / torch.linalg.norm(A, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+
+    E, F = unit(E), unit(F)
+    cos = (E * F).sum(dim=-1)
+    agree = None
+    if E.shape[0] >= 2:
+        def nearest(A: torch.Tensor) -> torch.Tensor:
+            S = A @ A.T
+            S.fill_diagonal_(-math.inf)
+            return S.argmax(dim=-1)
+        agree = float((nearest(E) == nearest(F)).double().mean())
+    return float(cos.mean()), float(cos.min()), agree
+
+
+def measure(model: nn.Module, ck, tokenizer, plans: Mapping[int, LayerPlan], texts: Sequence[str], *,
+            bytes_per_value: float | None = None, truncate: bool = False, disable: bool | None = None) -> Measurement:
+    """Measure ``plans`` (layer -> :class:`LayerPlan`, fitted on ``ck``'s weights) in ``model`` (loaded from the
+    :class:`~headlens.io.checkpoint.Checkpoint` ``ck``) on the eval ``texts``, against the unmodified model.
+
+    Returns a :class:`Measurement`: per planned layer the predicted, value-path, isolated and accumulated errors,
+    the whole model's hidden-state error, KL / top-1 / perplexity (causal LMs) or embedding cosine and neighbour
+    agreement (other models), and the KV bytes per token (``bytes_per_value`` defaults to the size of the model's
+    value weights' dtype). ``truncate`` cuts texts longer than the model's positions instead of refusing them;
+    ``disable`` hides the progress bar (None: shown only on a terminal). The model is left exactly as it came
+    (weights, hooks, train/eval mode), also on error.
+
+    Raises HeadlensError (one line) for an empty ``texts``, a text shorter than 2 tokens, a plan for a layer out of
+    range, plans that do not fit the model, or a model whose value or output projections cannot be found.
+    """
+    from tqdm.auto import tqdm
+
+    from headlens.residual.capture import max_positions, vocab_size
+    from headlens.residual.modules import count_layers
+
+    if isinstance(texts, str):
+        raise HeadlensError("`texts` is one string: pass a list of eval texts")
+    texts = list(texts)
+    if not texts:
+        raise HeadlensError("`texts` is empty: measuring needs at least one eval text")
+    L = ck.shape.num_layers
+    _check_plans(plans, L)
+    n_model = count_layers(model, ck.spec)
+    if n_model != L:
+        raise HeadlensError(f"`model` has {n_model} layers but {ck.name} has {L}")
+    ordered = [plans[layer] for layer in sorted(plans)]
+    ids_list = _token_ids(tokenizer, texts, max_positions(model), vocab_size(model), truncate)
+    if bytes_per_value is None:
+        bytes_per_value = value_tensor(model, ck, 0).param.element_size()
+    kv = kv_bytes(ck, plans, bytes_per_value)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    causal = head is not None and ck.spec.decoder
+    device = next(model.parameters()).device
+    use_cache = "use_cache" in inspect.signature(model.forward).parameters
+    apply_plans(model, ck, ordered).restore()  # every plan fits the model, checked before any forward pass
+    sites = [_site(model, ck, plan, device) for plan in ordered]
+    tally = _Tally()
+    was_training = model.training
+    model.eval()
+    try:
+        with _Recorder(model, ck, sites) as rec, torch.no_grad():
+            for ids in tqdm(ids_list, desc="eval", unit="text", file=sys.stderr, disable=disable):
+                ids = ids.to(device)
+                rec.seen.clear()
+                rec.mode = "orig"
+                before = _final(_forward(model, ids, use_cache), causal)
+                rec.mode = "acc"
+                with compressed(model, ck, ordered):
+                    after = _final(_forward(model, ids, use_cache), causal)
+                rec.mode = "orig"
+                _tally_layers(tally, rec, sites)
+                _tally_model(tally, ids, before, after)
+    finally:
+        model.train(was_training)
+    layers = []
+    for s in sites:
+        G = len(s.out_slices)
+        lost = [tally.vp_lost[(s.layer, g)] for g in range(G)]
+        total = [tally.vp_total[(s.layer, g)] for g in range(G)]
+        layers.append(LayerErrors(
+            layer=s.layer, kind=s.plan.kind, ks=s.plan.ks, predicted_error=s.plan.predicted_error,
+            value_path_error=_ratio(sum(lost), sum(total)),
+            isolated_error=_ratio(tally.o_iso[s.layer], tally.o_total[s.layer]),
+            accumulated_error=_ratio(tally.o_acc[s.layer], tally.o_total[s.layer]),
+            group_value_path_errors=[_ratio(a, b) for a, b in zip(lost, total)]))
+    m = Measurement(task=CAUSAL_LM if causal else EMBEDDING, n_texts=len(texts), n_tokens=tally.n_tokens,
+                    n_predicted=tally.n_predicted, layers=layers, kv=kv,
+                    hidden_error=_ratio(tally.h_lost, tally.h_total))
+    if causal:
+        kl = torch.cat(tally.kl).numpy()
+        m.kl_mean, m.kl_p95 = float(kl.mean()), float(np.percentile(kl, 95))
+        m.top1_agreement = tally.top1 / tally.n_predicted
+        m.ppl_before = math.exp(tally.nll_before / tally.n_predicted)
+        m.ppl_after = math.exp(tally.nll_after / tally.n_predicted)
+    else:
+        m.embedding_cosine_mean, m.embedding_cosine_min, m.neighbour_agreement = _embedding_numbers(
+            tally.pooled_before, tally.pooled_after)
+    return m
