@@ -36,6 +36,17 @@ def _setup(ckpts, family, variant):
     return ck, copy.deepcopy(model).double(), tok
 
 
+def _with_biases(model, seed: int = 0):
+    """Every bias of ``model`` set to seeded random values (the tiny models start with zero biases), in place: the
+    plans read only the weights, so the saved checkpoint still fits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
 def _plans(ck, ks, kind="plain", calibration=None) -> dict:
     return {p.layer: p for p in plan_layers(ck, ks, kind, calibration, load_dtype=torch.float64)}
 
@@ -189,6 +200,7 @@ def _value_inputs(model, family, layer, tok, texts) -> np.ndarray:
 def test_value_path_error_is_the_dense_operator_error(ckpts):
     """Qwen2 (value bias), only layer 1 compressed: ||M(I-Q)X|| / ||MX|| over the kv groups and eval tokens."""
     ck, model, tok = _setup(ckpts, "qwen2", "gqa")
+    _with_biases(model)
     layer, k = 1, 5
     plans = _plans(ck, {layer: k})
     r = measure(model, ck, tok, plans, TEXTS, disable=True)
@@ -219,6 +231,7 @@ def test_encoder_numbers_against_explicit_computation(ckpts):
     """BERT (value and output biases): embedding cosine, neighbours, and the isolated error's denominator, the
     part of the output projection's output that the value weights produce (measured with W_V zeroed)."""
     ck, model, tok = _setup(ckpts, "bert", "mha")
+    _with_biases(model)
     plans = _plans(ck, {0: 3, 1: 5})
     r = measure(model, ck, tok, plans, TEXTS, disable=True)
     comp = _compressed_copy(model, ck, plans.values())
@@ -371,3 +384,74 @@ def test_bad_input(ckpts):
     with pytest.raises(HeadlensError, match="self_attn.out' not found"):
         measure(model, odd, tok, plans, TEXTS, disable=True)
     assert _same(model, before) and _no_hooks(model)
+
+
+# ------------------------------------------------------------------------------------------------ fused layouts
+
+
+def _zero_values(model, family, layer):
+    """A copy of ``model`` with layer ``layer``'s value weights zeroed (biases kept), split as the modeling file
+    does: what its output projection writes is then the value bias alone, ``W_O b_v + b_o``."""
+    z = copy.deepcopy(model)
+    H = z.config.num_attention_heads
+    with torch.no_grad():
+        if family == "gpt2":
+            W = z.transformer.h[layer].attn.c_attn.weight  # Conv1D (d, 3d): columns q | k | v
+            W[:, 2 * W.shape[0]:] = 0
+        elif family == "gpt_neox":
+            W = z.gpt_neox.layers[layer].attention.query_key_value.weight  # rows H x [q; k; v]
+            W.view(H, 3, -1, W.shape[1])[:, 2] = 0
+        else:  # phi3: rows q (H) | k (G) | v (G)
+            W = z.model.layers[layer].self_attn.qkv_proj.weight
+            G, hd = z.config.num_key_value_heads, z.config.hidden_size // H
+            W[(H + G) * hd:] = 0
+    return z
+
+
+def _out_proj(model, family, layer):
+    if family == "gpt2":
+        return model.transformer.h[layer].attn.c_proj
+    if family == "gpt_neox":
+        return model.gpt_neox.layers[layer].attention.dense
+    return model.model.layers[layer].self_attn.o_proj
+
+
+@pytest.mark.parametrize("family,variant", [("gpt2", "mha"), ("gpt_neox", "mha"), ("phi3", "gqa")])
+def test_fused_layouts(ckpts, family, variant):
+    """Conv1D (GPT-2), interleaved (GPT-NeoX) and concatenated (Phi-3) value rows, with biases: value-path error
+    against the dense operator, isolated error against a copy with only that layer compressed."""
+    ck, model, tok = _setup(ckpts, family, variant)
+    _with_biases(model)
+    layer, k = 1, 5
+    texts = TEXTS[:3]
+    plans = _plans(ck, {layer: k})
+    (e,) = measure(model, ck, tok, plans, texts, disable=True).layers
+    X = _value_inputs(model, family, layer, tok, texts)
+    vo, o_full, H, G, hd = value_output_blocks(model, family, layer)
+    n = H // G
+    lost = total = 0.0
+    for g in range(G):
+        M = np.vstack([o_full[:, h * hd:(h + 1) * hd] @ vo[g] for h in range(g * n, (g + 1) * n)])
+        V = np.linalg.svd(M)[2][:k].T
+        lost += np.linalg.norm(M @ (np.eye(M.shape[1]) - V @ V.T) @ X) ** 2
+        total += np.linalg.norm(M @ X) ** 2
+    assert e.value_path_error == pytest.approx(np.sqrt(lost / total), rel=1e-8)
+    only, zeroed = _compressed_copy(model, ck, [plans[layer]]), _zero_values(model, family, layer)
+    num = den = 0.0
+    for text in texts:
+        ids = _ids(tok, text)
+        seen = {}
+        for tag, m in (("o", model), ("c", only), ("z", zeroed)):
+            h = _out_proj(m, family, layer).register_forward_hook(
+                lambda _m, _a, out, tag=tag: seen.__setitem__(tag, out[0].double().numpy()))
+            with torch.no_grad():
+                m(input_ids=ids)
+            h.remove()
+        num += np.sum((seen["c"] - seen["o"]) ** 2)
+        den += np.sum((seen["o"] - seen["z"]) ** 2)
+    assert e.isolated_error == pytest.approx(np.sqrt(num / den), rel=1e-9)
+    assert e.accumulated_error == pytest.approx(e.isolated_error, rel=1e-12)
+    hd_plans = _plans(ck, {0: hd, 1: hd})
+    full = measure(model, ck, tok, hd_plans, texts[:1], disable=True)
+    assert max(max(x.value_path_error, x.isolated_error, x.accumulated_error) for x in full.layers) < 1e-10
+    assert full.kl_mean < 1e-10
