@@ -221,12 +221,13 @@ def _common(a: str, b: str) -> str:
     return ".".join(pa[:n])
 
 
-def _site(model: nn.Module, ck, plan: LayerPlan, device: torch.device) -> _Site:
+def _site(model: nn.Module, ck, plan: LayerPlan) -> _Site:
     from headlens.residual.modules import find_layer, find_module
 
     s, layout = ck.shape, ck.spec.layout
     layer = plan.layer
     vt = value_tensor(model, ck, layer)
+    device = vt.param.device  # where the value module's inputs and outputs live (a device map may split layers)
     path, layer_mod = find_layer(model, ck.spec, layer)
     v_rel = vt.name[len(path) + 1:].rsplit(".", 1)[0]
     o_rel = layout.o.rsplit(".", 1)[0]
@@ -240,13 +241,14 @@ def _site(model: nn.Module, ck, plan: LayerPlan, device: torch.device) -> _Site:
         rows, cols = b.index
         slices.append(cols if b.transposed else rows)
         t = vt.param.detach()[b.index]
-        W_V.append((t.T if b.transposed else t).to(device, torch.float64))
+        W_V.append((t.T if b.transposed else t).to(device, torch.float64, copy=True))  # never a view: the
+        # parameter is overwritten while the latents are in place
     bias = getattr(vt.module, "bias", None)
     n = s.num_heads // s.num_kv_heads
     parts = []
     for h in range(s.num_heads):
         sl = slices[h // n]
-        parts.append(bias.detach()[sl] if isinstance(bias, torch.Tensor) else
+        parts.append(bias.detach()[sl].clone() if isinstance(bias, torch.Tensor) else
                      torch.zeros(s.head_dim, dtype=vt.param.dtype, device=vt.param.device))
     z = torch.cat(parts).to(o.weight.dtype).reshape(1, 1, -1)
     with torch.no_grad():
@@ -264,21 +266,27 @@ def _rows(t) -> torch.Tensor:
 
 
 class _Recorder:
-    """Forward hooks on every site: the value module's input and output, the output projection's output, and the
-    block re-run with only its layer compressed. ``mode`` names the pass being recorded: ``orig``, ``iso`` (the
-    re-run inside the original pass), ``acc`` (every planned layer compressed)."""
+    """Forward hooks on every site, summing the per-layer errors as the passes run (``mode`` names the pass:
+    ``orig``; ``iso``, the block re-run inside the original pass with only its layer compressed; ``acc``, every
+    planned layer compressed). Between the hooks a text keeps only what it still needs: per layer the value
+    module's input and output until the re-run, and the output projection's original output until the ``acc``
+    pass."""
 
-    def __init__(self, model: nn.Module, ck, sites: list[_Site]):
-        self.model, self.ck, self.sites = model, ck, sites
+    STAGES = ("x", "v", "o", "iso", "acc")  # what each text must have recorded at every site
+
+    def __init__(self, model: nn.Module, ck, sites: list[_Site], tally: "_Tally"):
+        self.model, self.ck, self.tally = model, ck, tally
+        self.sites = {s.layer: s for s in sites}
         self.mode = "orig"
-        self.seen: dict[tuple[str, str, int], torch.Tensor] = {}
+        self.kept: dict[tuple[str, int], torch.Tensor] = {}
+        self.hits: set[tuple[str, int]] = set()
         self.handles: list = []
 
     def __enter__(self) -> "_Recorder":
         try:
-            for s in self.sites:
-                self.handles.append(s.value.register_forward_hook(self._value(s.layer), with_kwargs=True))
-                self.handles.append(s.o.register_forward_hook(self._out(s.layer)))
+            for s in self.sites.values():
+                self.handles.append(s.value.register_forward_hook(self._value(s), with_kwargs=True))
+                self.handles.append(s.o.register_forward_hook(self._out(s)))
                 self.handles.append(s.block.register_forward_hook(self._rerun(s), with_kwargs=True))
         except BaseException:
             self.__exit__()
@@ -289,20 +297,56 @@ class _Recorder:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.kept.clear()
         return False
 
-    def _value(self, layer: int):
+    def start_text(self) -> None:
+        self.kept.clear()
+        self.hits.clear()
+        self.mode = "orig"
+
+    def check_text(self) -> None:
+        """Refuse (one line) when some hooked module was not called in one of the passes."""
+        names = {"x": "value projection", "v": "value projection", "o": "output projection",
+                 "iso": "value or output projection (isolated re-run)", "acc": "output projection (compressed pass)"}
+        for layer in self.sites:
+            for stage in self.STAGES:
+                if (stage, layer) not in self.hits:
+                    raise HeadlensError(f"layer {layer}'s {names[stage]} was not called during the forward pass")
+
+    def _value(self, s: _Site):
         from headlens.residual.modules import hidden_states_input
 
         def hook(_m, args, kwargs, output):
             if self.mode == "orig":
-                self.seen[("x", "orig", layer)] = _rows(hidden_states_input(args, kwargs))
-            self.seen[("v", self.mode, layer)] = _rows(output)
+                self.kept[("x", s.layer)] = _rows(hidden_states_input(args, kwargs))
+                self.kept[("v", s.layer)] = _rows(output)
+                self.hits.update({("x", s.layer), ("v", s.layer)})
+            elif self.mode == "iso" and ("v", s.layer) in self.kept:
+                x, v, v_iso = self.kept.pop(("x", s.layer)), self.kept.pop(("v", s.layer)), _rows(output)
+                for g, sl in enumerate(s.out_slices):
+                    _add(self.tally.vp_lost, (s.layer, g), _sq(s.R[g] @ (v[:, sl] - v_iso[:, sl]).T))
+                    _add(self.tally.vp_total, (s.layer, g), _sq(s.R[g] @ (s.W_V[g] @ x.T)))
+                self.hits.add(("iso-v", s.layer))
         return hook
 
-    def _out(self, layer: int):
+    def _out(self, s: _Site):
         def hook(_m, _args, output):
-            self.seen[("o", self.mode, layer)] = _rows(output)
+            o = _rows(output)
+            if self.mode == "orig":
+                self.kept[("o", s.layer)] = o
+                _add(self.tally.o_total, s.layer, _sq(o - s.bias_out))
+                self.hits.add(("o", s.layer))
+                return
+            ref = self.kept.get(("o", s.layer))
+            if ref is None:
+                return
+            if self.mode == "iso" and ("iso-v", s.layer) in self.hits:
+                _add(self.tally.o_iso, s.layer, _sq(o - ref))
+                self.hits.add(("iso", s.layer))
+            elif self.mode == "acc":
+                _add(self.tally.o_acc, s.layer, _sq(o - self.kept.pop(("o", s.layer))))
+                self.hits.add(("acc", s.layer))
         return hook
 
     def _rerun(self, site: _Site):
@@ -318,13 +362,6 @@ class _Recorder:
                 self.mode = "orig"
             return None
         return hook
-
-    def get(self, what: str, mode: str, layer: int) -> torch.Tensor:
-        t = self.seen.get((what, mode, layer))
-        if t is None:
-            name = {"x": "value projection", "v": "value projection", "o": "output projection"}[what]
-            raise HeadlensError(f"layer {layer}'s {name} was not called during the {mode} forward pass")
-        return t
 
 
 # ------------------------------------------------------------------------------------------------ the passes
@@ -383,19 +420,6 @@ def _add(d: dict, key, value: float) -> None:
 
 def _sq(t: torch.Tensor) -> float:
     return float(torch.sum(t * t))
-
-
-def _tally_layers(tally: _Tally, rec: _Recorder, sites: list[_Site]) -> None:
-    for s in sites:
-        x = rec.get("x", "orig", s.layer)  # (N, d)
-        v, v_iso = rec.get("v", "orig", s.layer), rec.get("v", "iso", s.layer)
-        for g, sl in enumerate(s.out_slices):
-            _add(tally.vp_lost, (s.layer, g), _sq(s.R[g] @ (v[:, sl] - v_iso[:, sl]).T))
-            _add(tally.vp_total, (s.layer, g), _sq(s.R[g] @ (s.W_V[g] @ x.T)))
-        o = rec.get("o", "orig", s.layer)
-        _add(tally.o_total, s.layer, _sq(o - s.bias_out))
-        _add(tally.o_iso, s.layer, _sq(rec.get("o", "iso", s.layer) - o))
-        _add(tally.o_acc, s.layer, _sq(rec.get("o", "acc", s.layer) - o))
 
 
 def _tally_model(tally: _Tally, ids: torch.Tensor, before: tuple, after: tuple) -> None:
@@ -485,22 +509,21 @@ def measure(model: nn.Module, ck, tokenizer, plans: Mapping[int, LayerPlan], tex
     device = next(model.parameters()).device
     use_cache = "use_cache" in inspect.signature(model.forward).parameters
     apply_plans(model, ck, ordered).restore()  # every plan fits the model, checked before any forward pass
-    sites = [_site(model, ck, plan, device) for plan in ordered]
+    sites = [_site(model, ck, plan) for plan in ordered]
     tally = _Tally()
     was_training = model.training
     model.eval()
     try:
-        with _Recorder(model, ck, sites) as rec, torch.no_grad():
+        with _Recorder(model, ck, sites, tally) as rec, torch.no_grad():
             for ids in tqdm(ids_list, desc="eval", unit="text", file=sys.stderr, disable=disable):
                 ids = ids.to(device)
-                rec.seen.clear()
-                rec.mode = "orig"
+                rec.start_text()
                 before = _final(_forward(model, ids, use_cache), causal)
                 rec.mode = "acc"
                 with compressed(model, ck, ordered):
                     after = _final(_forward(model, ids, use_cache), causal)
                 rec.mode = "orig"
-                _tally_layers(tally, rec, sites)
+                rec.check_text()
                 _tally_model(tally, ids, before, after)
     finally:
         model.train(was_training)
