@@ -383,6 +383,8 @@ def test_bad_input(ckpts):
     odd = dataclasses.replace(ck, spec=dataclasses.replace(ck.spec, layout=layout))
     with pytest.raises(HeadlensError, match="self_attn.out' not found"):
         measure(model, odd, tok, plans, TEXTS, disable=True)
+    base = measure(model, ck, tok, {}, TEXTS[:2], disable=True)  # no plans: the original model, measured
+    assert base.layers == [] and base.kl_mean == 0.0 and base.hidden_error == 0.0 and base.kv.saving == 0.0
     assert _same(model, before) and _no_hooks(model)
 
 

@@ -35,7 +35,8 @@ Texts run one at a time, unpadded (batch 1, so no attention mask and no pad toke
 over every token of the text, special tokens included). Per text: one original forward pass, during which each
 planned layer's attention block is re-run once with only that layer compressed (a forward hook on the block calls
 its ``forward`` again, so the block's own hooks do not see the re-run; the outer pass continues with the original
-weights), then one forward pass with every planned layer compressed.
+weights), then one forward pass with every planned layer compressed. The per-layer sums are taken in the hooks, so
+between the passes a text keeps only each planned layer's original output-projection output (N x d).
 The weights are changed only through :func:`headlens.compress.apply.compressed`, so the model leaves exactly as it
 came, hooks removed, also when an error is raised.
 """
