@@ -28,10 +28,10 @@ venv: $(VENV)/.installed
 
 DEMO_PROMPT ?= The true meaning of life is absurdity and suffering. Octopuses have three hearts, and two of them stop beating when they swim. The prime number theorem gives an asymptotic estimate for the distribution of primes.
 
-# The decoders trained here (headlens models): a prompt in their corpus's register, and a head worth looking at.
+# The decoders trained here (headlens models): a prompt in their corpus register, and its strongest previous-token head.
 LM_PROMPT ?= The function returns a new list. If the argument is omitted, the default value is used. A QuerySet can be filtered, sliced and passed around without hitting the database.
-LM_LAYER ?= 1
-LM_HEAD ?= 3
+LM_LAYER ?= 4
+LM_HEAD ?= 7
 
 demo: $(VENV)/.installed
 	rm -rf $(OUT)

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    commit = git_commit()  # the code that runs, read before training (the checkout may move on meanwhile)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(str(args.tokenizer))
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_tokens": len(train_stream),
             "heldout_tokens": len(held_stream),
         },
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]) if argv is None
         else "main(" + repr(argv) + ")",
         "seed": args.seed,
