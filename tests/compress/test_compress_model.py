@@ -292,3 +292,45 @@ def test_base_model_without_prefix_and_refusals(ckpts):
     with pytest.raises(HeadlensError, match="not those the latent was fitted on"):
         apply_plans(other, ck, plans)
     assert torch.equal(other.state_dict()["model.layers.1.self_attn.v_proj.weight"], before)  # nothing half-done
+
+
+@pytest.mark.parametrize("family,variant", [("qwen3", "gqa"), ("gpt2", "mha")])
+def test_saved_compressed_model_reloads_and_reproduces_the_compressed_outputs(ckpts, tmp_path, family, variant):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from headlens.compress.apply import save_compressed_model
+
+    ck, original, work = _setup(ckpts, family, variant)
+    ids = _ids(3)
+    X = _attn_inputs(original, family, ids)
+    hd = ck.shape.head_dim
+    plans = _plans(ck, X, hd // 4, "data-aware")
+    before = {n: p.detach().clone() for n, p in work.state_dict().items()}
+    out = save_compressed_model(work, ck, plans, tmp_path / "compressed", info={"target": "k"})
+    assert all(torch.equal(before[n], p) for n, p in work.state_dict().items())  # the model is left as it was
+    with compressed(work, ck, plans):
+        _, expected = _run(work, ids)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float64).eval()
+    _, got = _run(reloaded, ids)
+    _, orig = _run(original, ids)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+    kl_saved, kl_memory = _kl(orig, got).mean(), _kl(orig, expected).mean()
+    assert kl_saved > 1e-6 and abs(kl_saved - kl_memory) < 1e-10
+    record = json.loads((out / "headlens_latent.json").read_text())
+    assert [r["layer"] for r in record["layers"]] == list(range(ck.shape.num_layers))
+    assert all(r["kind"] == "data-aware" and set(r["k"]) == {hd // 4} for r in record["layers"])
+    meta, factors = load_latent_factors(out / "latent_factors.safetensors")
+    assert meta["kind"] == "data-aware" and len(factors) == ck.shape.num_layers * ck.shape.num_kv_heads
+    # the factors rebuild the saved value weights, read back by the dense reference: W_V^g Q_g = (W_V^g B_g) P_g
+    for p in plans:
+        saved_v, _, _, _, _ = value_output_blocks(reloaded.base_model, family, p.layer)
+        for g in p.groups:
+            down, up = factors[(p.layer, g.kv_head)]
+            assert down.shape == (hd // 4, ck.shape.hidden_size) and up.shape == (hd, hd // 4)
+            rebuilt = up.double().numpy() @ down.double().numpy()
+            np.testing.assert_allclose(rebuilt, saved_v[g.kv_head], rtol=1e-5, atol=1e-5 * np.abs(saved_v[g.kv_head]).max())
+    with pytest.raises(HeadlensError, match="not an empty directory"):
+        save_compressed_model(work, ck, plans, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed"]  # no temporary directory left behind

@@ -212,3 +212,48 @@ def load_latent_factors(path: str | os.PathLike) -> tuple[dict, dict[tuple[int, 
         for g in range(len(per)):
             out[(layer, g)] = (tensors[factor_name(layer, g, "down")], tensors[factor_name(layer, g, "up")])
     return {**meta, "k": ks}, out
+
+
+LATENT_PLAN_FILE = "headlens_latent.json"
+
+
+def save_compressed_model(model: nn.Module, ck, plans: Sequence[LayerPlan], out_dir: str | os.PathLike,
+                          tokenizer=None, info: dict | None = None) -> Path:
+    """Write the compressed model as an ordinary HuggingFace directory at ``out_dir``: the same architecture with
+    every planned layer's value weights replaced by ``W_V^g Q_g`` (``save_pretrained``, safetensors), the tokenizer
+    when given, ``headlens_latent.json`` (the plan: per layer the latent kind, k_g per kv group and the predicted
+    errors, plus ``info``) and ``latent_factors.safetensors`` (P_g and W_V^g B_g, the matrices an MLA-style cache
+    stores and multiplies). The directory appears whole or not at all (written next to it, then renamed); ``model``
+    is left as it was. Returns the directory."""
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HeadlensError(f"`save_model` {out} already exists and is not an empty directory: choose a new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with compressed(model, ck, plans):
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        save_latent_factors(plans, tmp / "latent_factors.safetensors")
+        record = {
+            "format": "headlens-latent-plan/1",
+            "source": {"name": ck.name, "source": ck.source},
+            "construction": "v = W_V^g Q_g x (+ value bias), Q_g = B_g P_g of rank k_g; keys at full size",
+            "layers": [{"layer": p.layer, "kind": p.kind, "k": list(p.ks),
+                        "predicted_error": float(p.predicted_error),
+                        "groups": [{"kv_head": g.kv_head, "k": int(g.k), "predicted_error": float(g.predicted_error)}
+                                   for g in p.groups]} for p in plans],
+            **({"info": info} if info else {}),
+        }
+        (tmp / LATENT_PLAN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
