@@ -17,6 +17,7 @@ import torch
 from reference import attention_module, value_output_blocks
 
 from headlens.compress import measure as measure_mod
+from headlens.compress import recorder as recorder_mod
 from headlens.compress.apply import apply_plans
 from headlens.compress.measure import kv_bytes, measure
 from headlens.compress.plan import plan_layers
@@ -97,7 +98,7 @@ def _same(model, before: dict) -> bool:
 
 def _no_hooks(model) -> bool:
     """No hook of measure's left (transformers installs output-capturing hooks of its own on a first forward)."""
-    return not any("_Recorder" in getattr(h, "__qualname__", "") for m in model.modules()
+    return not any("Recorder." in getattr(h, "__qualname__", "") for m in model.modules()
                    for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()])
 
 
@@ -302,7 +303,7 @@ def test_model_restored_exactly_after_an_error(ckpts, monkeypatch, where):
     model.train()
     before = _state(model)
     if where == "isolated re-run":  # raised inside the forward hook, with the layer's latent written in
-        real = measure_mod.compressed
+        real = recorder_mod.compressed
 
         @contextmanager
         def boom(*args):
@@ -310,7 +311,7 @@ def test_model_restored_exactly_after_an_error(ckpts, monkeypatch, where):
                 raise RuntimeError("boom")
             yield  # pragma: no cover
 
-        monkeypatch.setattr(measure_mod, "compressed", boom)
+        monkeypatch.setattr(recorder_mod, "compressed", boom)
     else:  # raised on the second text's compressed pass, with every latent written in
         real_final, calls = measure_mod._final, []
 

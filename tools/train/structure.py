@@ -30,13 +30,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from tokenizer import read_documents  # noqa: E402
 from train import build_model  # noqa: E402
 
 PROMPTS = ["The function returns", "A QuerySet is", "To install the package,", "In Python, a list"]
-
-
-def documents(path: Path) -> list[str]:
-    return [d for d in path.read_text(encoding="utf-8").rstrip("\n").split("\n\n") if d]
 
 
 def batches(tok, docs: list[str], n_tokens: int) -> list[torch.Tensor]:
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from headlens.io.embedded import embedded_dir, provenance
 
-    docs = documents(HERE / "heldout.txt")
+    docs = read_documents(HERE / "heldout.txt")
     result: dict = {"tokens_per_document": args.tokens}
     for name in args.models:
         d = embedded_dir(name)

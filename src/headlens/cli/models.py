@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from headlens.cli.common import Parser  # noqa: F401  (the subparsers inherit the one-line errors)
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("models", help="list the embedded models (--model NAME): shapes and provenance",

@@ -26,7 +26,7 @@ The whole model (all planned layers compressed): ``hidden_error``, the relative 
 ``hidden_states`` over all eval tokens; for causal LMs (an output embedding, ``model.get_output_embeddings()``, on
 a decoder family) the next-token KL(original || compressed) in nats at every position that has a next token in its
 text (mean and 95th percentile, linear interpolation), top-1 agreement at those positions, and the perplexity
-``exp(mean NLL)`` of the actual next tokens before and after, all from explicit float64 log-softmaxes; for every
+``exp(mean NLL)`` of the actual next tokens before and after, all from float64 log-softmaxes; for every
 other model the cosine between the original and compressed mean-pooled last hidden states of each text (mean and
 minimum) and nearest-neighbour agreement (the fraction of texts whose most similar other text, by that cosine, is
 the same before and after; None for fewer than 2 texts). KV bytes per token come with it (:func:`kv_bytes`).
@@ -55,11 +55,12 @@ from torch import nn
 
 from headlens.compress.apply import apply_plans, compressed, value_tensor
 from headlens.compress.plan import LayerPlan
+from headlens.compress.recorder import Recorder, Tally, find_site, sq_norm
 from headlens.errors import HeadlensError
 
 CAUSAL_LM = "causal-lm"
 EMBEDDING = "embedding"
-CHUNK = 256  # positions per explicit log-softmax (a (CHUNK, vocab) float64 block at a time)
+CHUNK = 256  # positions per log-softmax (a (CHUNK, vocab) float64 block at a time)
 
 
 @dataclass
@@ -195,176 +196,6 @@ def _token_ids(tokenizer, texts: list[str], limit: int | None, vocab: int | None
     return out
 
 
-# ------------------------------------------------------------------------------------------------ sites
-
-
-@dataclass
-class _Site:
-    """Where one planned layer is measured in the loaded model."""
-
-    layer: int
-    plan: LayerPlan
-    value: nn.Module  # the value (or fused qkv) projection
-    out_slices: list[slice]  # per kv group, the value module's output features
-    W_V: list[torch.Tensor]  # per kv group (hd, d) float64, the model's original value weights
-    R: list[torch.Tensor]  # per kv group (hd, hd): ||M_g y|| = ||R_g y||
-    o: nn.Module  # the output projection
-    block: nn.Module  # the smallest module holding both: re-run for the isolated error
-    bias_out: torch.Tensor  # (d,) float64: what ``o`` writes for the value bias alone (W_O b_v + b_o)
-
-
-def _common(a: str, b: str) -> str:
-    """The longest common dotted prefix of two module paths (``""`` when none)."""
-    pa, pb = a.split("."), b.split(".")
-    n = 0
-    while n < min(len(pa), len(pb)) and pa[n] == pb[n]:
-        n += 1
-    return ".".join(pa[:n])
-
-
-def _site(model: nn.Module, ck, plan: LayerPlan) -> _Site:
-    from headlens.residual.modules import find_layer, find_module
-
-    s, layout = ck.shape, ck.spec.layout
-    layer = plan.layer
-    vt = value_tensor(model, ck, layer)
-    device = vt.param.device  # where the value module's inputs and outputs live (a device map may split layers)
-    path, layer_mod = find_layer(model, ck.spec, layer)
-    v_rel = vt.name[len(path) + 1:].rsplit(".", 1)[0]
-    o_rel = layout.o.rsplit(".", 1)[0]
-    o = find_module(model, ck.spec, layer, o_rel)  # one-line HeadlensError when the family's module is absent
-    if not hasattr(o, "weight"):
-        raise HeadlensError(f"layer {layer}'s output projection {path}.{o_rel} holds no weight")
-    common = _common(v_rel, o_rel)
-    block = layer_mod.get_submodule(common) if common else layer_mod
-    slices, W_V = [], []
-    for b in vt.blocks:
-        rows, cols = b.index
-        slices.append(cols if b.transposed else rows)
-        t = vt.param.detach()[b.index]
-        W_V.append((t.T if b.transposed else t).to(device, torch.float64, copy=True))  # never a view: the
-        # parameter is overwritten while the latents are in place
-    bias = getattr(vt.module, "bias", None)
-    n = s.num_heads // s.num_kv_heads
-    parts = []
-    for h in range(s.num_heads):
-        sl = slices[h // n]
-        parts.append(bias.detach()[sl].clone() if isinstance(bias, torch.Tensor) else
-                     torch.zeros(s.head_dim, dtype=vt.param.dtype, device=vt.param.device))
-    z = torch.cat(parts).to(o.weight.dtype).reshape(1, 1, -1)
-    with torch.no_grad():
-        bias_out = _rows(o(z))[0]
-    return _Site(layer=layer, plan=plan, value=vt.module, out_slices=slices, W_V=W_V,
-                 R=[g.R.to(device, torch.float64) for g in plan.groups], o=o, block=block, bias_out=bias_out)
-
-
-def _rows(t) -> torch.Tensor:
-    """A module output as float64 (tokens, features), copied (never aliasing a live buffer)."""
-    from headlens.residual.modules import first_tensor
-
-    t = first_tensor(t).detach()
-    return t.reshape(-1, t.shape[-1]).to(torch.float64, copy=True)
-
-
-class _Recorder:
-    """Forward hooks on every site, summing the per-layer errors as the passes run (``mode`` names the pass:
-    ``orig``; ``iso``, the block re-run inside the original pass with only its layer compressed; ``acc``, every
-    planned layer compressed). Between the hooks a text keeps only what it still needs: per layer the value
-    module's input and output until the re-run, and the output projection's original output until the ``acc``
-    pass."""
-
-    STAGES = ("x", "v", "o", "iso", "acc")  # what each text must have recorded at every site
-
-    def __init__(self, model: nn.Module, ck, sites: list[_Site], tally: "_Tally"):
-        self.model, self.ck, self.tally = model, ck, tally
-        self.sites = {s.layer: s for s in sites}
-        self.mode = "orig"
-        self.kept: dict[tuple[str, int], torch.Tensor] = {}
-        self.hits: set[tuple[str, int]] = set()
-        self.handles: list = []
-
-    def __enter__(self) -> "_Recorder":
-        try:
-            for s in self.sites.values():
-                self.handles.append(s.value.register_forward_hook(self._value(s), with_kwargs=True))
-                self.handles.append(s.o.register_forward_hook(self._out(s)))
-                self.handles.append(s.block.register_forward_hook(self._rerun(s), with_kwargs=True))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self.kept.clear()
-        return False
-
-    def start_text(self) -> None:
-        self.kept.clear()
-        self.hits.clear()
-        self.mode = "orig"
-
-    def check_text(self) -> None:
-        """Refuse (one line) when some hooked module was not called in one of the passes."""
-        names = {"x": "value projection", "v": "value projection", "o": "output projection",
-                 "iso": "value or output projection (isolated re-run)", "acc": "output projection (compressed pass)"}
-        for layer in self.sites:
-            for stage in self.STAGES:
-                if (stage, layer) not in self.hits:
-                    raise HeadlensError(f"layer {layer}'s {names[stage]} was not called during the forward pass")
-
-    def _value(self, s: _Site):
-        from headlens.residual.modules import hidden_states_input
-
-        def hook(_m, args, kwargs, output):
-            if self.mode == "orig":
-                self.kept[("x", s.layer)] = _rows(hidden_states_input(args, kwargs))
-                self.kept[("v", s.layer)] = _rows(output)
-                self.hits.update({("x", s.layer), ("v", s.layer)})
-            elif self.mode == "iso" and ("v", s.layer) in self.kept:
-                x, v, v_iso = self.kept.pop(("x", s.layer)), self.kept.pop(("v", s.layer)), _rows(output)
-                for g, sl in enumerate(s.out_slices):
-                    _add(self.tally.vp_lost, (s.layer, g), _sq(s.R[g] @ (v[:, sl] - v_iso[:, sl]).T))
-                    _add(self.tally.vp_total, (s.layer, g), _sq(s.R[g] @ (s.W_V[g] @ x.T)))
-                self.hits.add(("iso-v", s.layer))
-        return hook
-
-    def _out(self, s: _Site):
-        def hook(_m, _args, output):
-            o = _rows(output)
-            if self.mode == "orig":
-                self.kept[("o", s.layer)] = o
-                _add(self.tally.o_total, s.layer, _sq(o - s.bias_out))
-                self.hits.add(("o", s.layer))
-                return
-            ref = self.kept.get(("o", s.layer))
-            if ref is None:
-                return
-            if self.mode == "iso" and ("iso-v", s.layer) in self.hits:
-                _add(self.tally.o_iso, s.layer, _sq(o - ref))
-                self.hits.add(("iso", s.layer))
-            elif self.mode == "acc":
-                _add(self.tally.o_acc, s.layer, _sq(o - self.kept.pop(("o", s.layer))))
-                self.hits.add(("acc", s.layer))
-        return hook
-
-    def _rerun(self, site: _Site):
-        def hook(module, args, kwargs, _output):
-            if self.mode != "orig":
-                return None
-            self.mode = "iso"
-            try:
-                with compressed(self.model, self.ck, [site.plan]):
-                    module.forward(*args, **kwargs)  # not module(...): the block's own hooks (this one, and
-                    # transformers' output-capturing hooks, which would record the re-run) stay out of it
-            finally:
-                self.mode = "orig"
-            return None
-        return hook
-
-
 # ------------------------------------------------------------------------------------------------ the passes
 
 
@@ -387,46 +218,10 @@ def _final(out, causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     return h, logits[0].detach().to(torch.float64)
 
 
-def log_softmax(z: torch.Tensor) -> torch.Tensor:
-    """``z - max - log(sum(exp(z - max)))`` over the last axis, float64: the explicit log-softmax."""
-    z = z.to(torch.float64)
-    m = z.max(dim=-1, keepdim=True).values
-    return z - m - torch.log(torch.exp(z - m).sum(dim=-1, keepdim=True))
-
-
-@dataclass
-class _Tally:
-    """Running sums over the eval texts."""
-
-    vp_lost: dict = field(default_factory=dict)  # (layer, g) -> sum ||R_g (v - v')||^2
-    vp_total: dict = field(default_factory=dict)  # (layer, g) -> sum ||R_g W_V^g x||^2
-    o_total: dict = field(default_factory=dict)  # layer -> sum ||o - c||^2
-    o_iso: dict = field(default_factory=dict)  # layer -> sum ||o' - o||^2
-    o_acc: dict = field(default_factory=dict)  # layer -> sum ||o'' - o||^2
-    h_lost: float = 0.0
-    h_total: float = 0.0
-    kl: list = field(default_factory=list)  # per text (N - 1,) KL
-    top1: int = 0
-    nll_before: float = 0.0
-    nll_after: float = 0.0
-    pooled_before: list = field(default_factory=list)  # per text (d,)
-    pooled_after: list = field(default_factory=list)
-    n_tokens: int = 0
-    n_predicted: int = 0
-
-
-def _add(d: dict, key, value: float) -> None:
-    d[key] = d.get(key, 0.0) + value
-
-
-def _sq(t: torch.Tensor) -> float:
-    return float(torch.sum(t * t))
-
-
-def _tally_model(tally: _Tally, ids: torch.Tensor, before: tuple, after: tuple) -> None:
+def _tally_model(tally: Tally, ids: torch.Tensor, before: tuple, after: tuple) -> None:
     (h, logits), (h2, logits2) = before, after
-    tally.h_lost += _sq(h2 - h)
-    tally.h_total += _sq(h)
+    tally.h_lost += sq_norm(h2 - h)
+    tally.h_total += sq_norm(h)
     tally.n_tokens += int(h.shape[0])
     if logits is None:
         tally.pooled_before.append(h.mean(dim=0).cpu())  # unpadded: the attention-mask-weighted mean is the mean
@@ -437,7 +232,7 @@ def _tally_model(tally: _Tally, ids: torch.Tensor, before: tuple, after: tuple) 
     kls = []
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
-        lp, lq = log_softmax(logits[a:b]), log_softmax(logits2[a:b])
+        lp, lq = torch.log_softmax(logits[a:b], dim=-1), torch.log_softmax(logits2[a:b], dim=-1)  # float64
         kls.append((torch.exp(lp) * (lp - lq)).sum(dim=-1).cpu())
         tally.top1 += int((logits[a:b].argmax(dim=-1) == logits2[a:b].argmax(dim=-1)).sum())
         t = target[a:b, None]
@@ -510,12 +305,12 @@ def measure(model: nn.Module, ck, tokenizer, plans: Mapping[int, LayerPlan], tex
     device = next(model.parameters()).device
     use_cache = "use_cache" in inspect.signature(model.forward).parameters
     apply_plans(model, ck, ordered).restore()  # every plan fits the model, checked before any forward pass
-    sites = [_site(model, ck, plan) for plan in ordered]
-    tally = _Tally()
+    sites = [find_site(model, ck, plan) for plan in ordered]
+    tally = Tally()
     was_training = model.training
     model.eval()
     try:
-        with _Recorder(model, ck, sites, tally) as rec, torch.no_grad():
+        with Recorder(model, ck, sites, tally) as rec, torch.no_grad():
             for ids in tqdm(ids_list, desc="eval", unit="text", file=sys.stderr, disable=disable):
                 ids = ids.to(device)
                 rec.start_text()
