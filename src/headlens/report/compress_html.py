@@ -1,0 +1,214 @@
+"""The self-contained page of ``headlens compress`` (``compress.html``), drawn from its summary dict
+(:func:`headlens.report.compress.summary`): the run, the configurations, the equal-bytes comparisons, the figures
+(inlined), each configuration's per-layer errors and the notes.
+
+No external resource and no script: the page works offline and from an e-mail attachment. All text is escaped
+with ``html.escape``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any, Sequence
+
+from headlens.errors import HeadlensError
+from headlens.io.files import atomic_path, readable
+from headlens.report.sweep_common import fmt, fmt_bytes
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em auto;max-width:1400px;
+padding:0 1em;color:#222;line-height:1.4}
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.82em;margin:.5em 0}
+th,td{border:1px solid #ddd;padding:2px 7px;text-align:right;white-space:nowrap}
+th{background:#f3f4f6;position:sticky;top:0;white-space:normal;vertical-align:bottom;max-width:11em}
+td.l,th.l{text-align:left}
+tbody tr:nth-child(even){background:#fafafa}
+.scroll{overflow:auto;max-height:80vh;border:1px solid #eee}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.85em;color:#555}
+details{margin:.8em 0}summary{cursor:pointer;font-weight:600}
+.note{color:#555;font-size:.9em}
+table.kv td{text-align:left;white-space:normal}table.kv th{max-width:none;position:static}
+"""
+
+_CAPTIONS = {
+    "compress_scatter.png": "Measured against predicted error per layer, one point per configuration and layer: "
+                            "the value-path error (before attention mixes tokens), the attention output's error "
+                            "with only that layer compressed, and with every layer compressed. On the dashed "
+                            "diagonal the spectrum's prediction is exact.",
+    "compress_tradeoff.png": "KV cache saving against the model-level damage (mean next-token KL for causal LMs, "
+                             "mean embedding cosine for encoders); budget points are labelled with their target.",
+}
+
+
+def _model_name(summary: dict) -> str:
+    model = summary.get("model")
+    if isinstance(model, dict):
+        model = model.get("name") or model.get("source")
+    return str(model) if model else "model"
+
+
+def _num(value: Any, spec: str) -> str:
+    return "\u2013" if value is None else format(float(value), spec)
+
+
+def _pct(fraction: Any) -> str:
+    return "\u2013" if fraction is None else f"{100 * float(fraction):.1f}%"
+
+
+def _layers_text(layers: Any) -> str:
+    if isinstance(layers, (list, tuple)):
+        return f"{len(layers)} ({', '.join(str(v) for v in layers)})"
+    return fmt(layers)
+
+
+def _header(summary: dict) -> str:
+    name = _model_name(summary)
+    model = summary.get("model") if isinstance(summary.get("model"), dict) else {}
+    rows = [("model", name), ("task", summary.get("task")), ("layers compressed", _layers_text(summary.get("layers"))),
+            ("calibration tokens", fmt(summary.get("calibration_tokens"))),
+            ("eval texts", fmt(summary.get("eval_texts"))), ("eval tokens", fmt(summary.get("eval_tokens"))),
+            ("KV bytes per value", fmt(summary.get("kv_bytes_per_value")))]
+    for key in ("budget", "dtype"):
+        if summary.get(key) is not None:
+            rows.append((key, fmt(summary[key])))
+    for key in ("family", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        if model.get(key) is not None:
+            rows.append((f"model {key}", fmt(model[key])))
+    seconds = summary.get("seconds")
+    if isinstance(seconds, dict) and seconds:
+        rows.append(("seconds", ", ".join(f"{k} {fmt(v)}" for k, v in seconds.items())))
+    body = "".join(f'<tr><th class="l">{_e(k)}</th><td>{_e(v)}</td></tr>' for k, v in rows)
+    return f"<h1>headlens compress: {_e(name)}</h1><table class=\"kv\"><tbody>{body}</tbody></table>"
+
+
+def _config_columns(causal: bool) -> list[str]:
+    cols = ["configuration", "latent", "allocation", "latent dims", "KV bytes/token before \u2192 after", "saving"]
+    cols += (["KL mean (nats)", "KL p95 (nats)", "top-1 agreement", "ppl before \u2192 after"] if causal
+             else ["embedding cosine mean", "embedding cosine min", "neighbour agreement"])
+    return cols + ["hidden error"]
+
+
+def _config_cells(r: dict, causal: bool) -> list[str]:
+    cells = [str(r.get("name")), str(r.get("latent")), str(r.get("allocation")), fmt(r.get("latent_dims")),
+             f"{fmt_bytes(r.get('kv_bytes_per_token_before'))} \u2192 {fmt_bytes(r.get('kv_bytes_per_token_after'))}",
+             _pct(r.get("saving"))]
+    if causal:
+        cells += [_num(r.get("kl_mean"), ".4f"), _num(r.get("kl_p95"), ".4f"), _pct(r.get("top1_agreement")),
+                  f"{_num(r.get('ppl_before'), '.2f')} \u2192 {_num(r.get('ppl_after'), '.2f')}"]
+    else:
+        cells += [_num(r.get("embedding_cosine_mean"), ".4f"), _num(r.get("embedding_cosine_min"), ".4f"),
+                  _pct(r.get("neighbour_agreement"))]
+    return cells + [_num(r.get("hidden_error"), ".4f")]
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], left: int = 0) -> str:
+    """An HTML table, every cell escaped; the first ``left`` columns left-aligned."""
+    cls = [' class="l"' if i < left else "" for i in range(len(columns))]
+    head = "".join(f"<th{cls[i]}>{_e(c)}</th>" for i, c in enumerate(columns))
+    body = "".join("<tr>" + "".join(f"<td{cls[i]}>{_e(c)}</td>" for i, c in enumerate(row)) + "</tr>"
+                   for row in rows)
+    return f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _configurations(records: list[dict], causal: bool) -> str:
+    if not records:
+        return "<h2>Configurations</h2><p class=\"note\">No configuration was measured.</p>"
+    return ("<h2>Configurations</h2>"
+            + _table(_config_columns(causal), [_config_cells(r, causal) for r in records], left=3))
+
+
+def comparison_sentence(c: dict) -> str:
+    """'at 42.0% saved: A KL 0.0154 vs B 0.0140 -> uniform is better' (plain text, not escaped)."""
+    what = "KL" if c.get("metric") == "kl_mean" else "cosine"
+    head = (f"at {_pct(c.get('saving'))} saved: {c.get('a')} {what} {_num(c.get('a_value'), '.4f')} vs "
+            f"{c.get('b')} {_num(c.get('b_value'), '.4f')}")
+    better = c.get("better")
+    if better is None:
+        return head + " -> not comparable (a value is missing)"
+    return head + (" -> equal" if better == "equal" else f" -> {better} is better")
+
+
+def _comparisons(comps: list[dict]) -> str:
+    if not comps:
+        return ""
+    items = "".join(f"<li>{_e(comparison_sentence(c))}</li>" for c in comps)
+    return ("<h2>At equal KV bytes</h2><p class=\"note\">Each budget against the uniform allocation with the same "
+            "bytes, and each data-aware budget against the plain budgets' trade-off interpolated at its saving.</p>"
+            f"<ul>{items}</ul>")
+
+
+def _image_tag(path: Path) -> str:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise HeadlensError(f"cannot embed {path}: the page inlines PNG figures only")
+    try:
+        data = readable(path).read_bytes()  # the figure is staged until the command ends
+    except OSError as exc:
+        raise HeadlensError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    caption = _CAPTIONS.get(path.name, path.name)
+    b64 = base64.b64encode(data).decode("ascii")
+    return (f"<figure><img src=\"data:image/png;base64,{b64}\" alt=\"{_e(caption)}\">"
+            f"<figcaption>{_e(caption)} <code>{_e(path.name)}</code></figcaption></figure>")
+
+
+def _per_layer(records: list[dict]) -> str:
+    if not any(r.get("layers") for r in records):
+        return ""
+    cols = ["layer", "k per kv group", "predicted", "value-path", "isolated", "accumulated"]
+    parts = ["<h2>Per layer</h2><p class=\"note\">Relative errors of each compressed layer: the spectrum's "
+             "prediction, the value path, the attention output with only this layer compressed, and with every "
+             "layer compressed.</p>"]
+    for r in records:
+        layers = r.get("layers") or []
+        rows = [[fmt(e.get("layer")), ", ".join(str(k) for k in e.get("ks") or []),
+                 *(_num(e.get(k), ".4f") for k in ("predicted_error", "value_path_error", "isolated_error",
+                                                   "accumulated_error"))] for e in layers]
+        parts.append(f"<details><summary>{_e(r.get('name'))} ({len(layers)} layers)</summary>"
+                     + _table(cols, rows) + "</details>")
+    return "\n".join(parts)
+
+
+def _notes(notes: Any) -> str:
+    if not notes:
+        return ""
+    notes = [notes] if isinstance(notes, str) else list(notes)
+    return "<h2>Notes</h2><ul class=\"note\">" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
+
+
+def write_html(path: Path, summary: dict, images: list[Path]) -> Path:
+    """Write ``compress.html`` to ``path`` (atomically) and return ``path``.
+
+    Sections: the run (model, task, layers, calibration tokens, eval texts and tokens, KV bytes per value); the
+    configurations table (latent, allocation, latent dims, KV bytes before -> after, saving, then KL, top-1
+    agreement and perplexity for causal LMs or embedding cosine and neighbour agreement for encoders, and the
+    hidden-state error); the equal-bytes comparisons as sentences; ``images`` in the given order, inlined as
+    base64 data URIs with captions; each configuration's per-layer errors (collapsed); the notes.
+    """
+    if not isinstance(summary, dict):
+        raise HeadlensError(f"`summary` must be a dict, got {type(summary).__name__}")
+    records = list(summary.get("configurations") or [])
+    causal = summary.get("task") == "causal-lm"
+    name = _model_name(summary)
+    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+             f"<title>headlens compress: {_e(name)}</title>",
+             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+             f"<style>{_CSS}</style></head><body>", _header(summary), _configurations(records, causal),
+             _comparisons(list(summary.get("comparisons") or []))]
+    if images:
+        parts.append("<h2>Figures</h2>")
+        parts.extend(_image_tag(p) for p in images)
+    parts += [_per_layer(records), _notes(summary.get("notes")), "</body></html>\n"]
+    final = Path(path)
+    with atomic_path(final) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(p for p in parts if p))
+    return final
