@@ -160,7 +160,9 @@ def _heldout(r: LayerResult, g: int, k: int) -> float | None:
     return float(r.group_white_heldout[g, min(k, r.group_white_heldout.shape[1]) - 1])
 
 
-def _uniform_split(total: int, n: int, cap: int) -> list[int]:
+def uniform_split(total: int, n: int, cap: int) -> list[int]:
+    """``total`` latent dims spread over ``n`` kv groups as evenly as integers allow (the first ``total % n`` get
+    one more), each at most ``cap``: the uniform allocation of the same total."""
     base, extra = divmod(total, n)
     return [min(base + (1 if i < extra else 0), cap) for i in range(n)]
 
@@ -178,7 +180,7 @@ def _rows(results: Sequence[LayerResult], target: BudgetTarget, head_dim: int, d
                 kd = target.k_for(Sw)
                 row.k_data, row.err_data, row.err_data_heldout = kd, float(tail_ratio(Sw, kd)), _heldout(r, g, kd)
             rows.append((row, r))
-    uni = _uniform_split(sum(row.k_plain for row, _ in rows), len(rows), head_dim)
+    uni = uniform_split(sum(row.k_plain for row, _ in rows), len(rows), head_dim)
     for (row, res), ku in zip(rows, uni):
         row.k_uniform = ku
         row.err_uniform_plain = float(tail_ratio(res.group_plain[row.kv_head], ku))

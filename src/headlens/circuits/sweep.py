@@ -249,5 +249,8 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
             parts.save(done[layer])
     results = [done[layer] for layer in layers]
     bud = budget(results, target, s.num_kv_heads, s.head_dim, cfg.kv_bytes)
-    return SweepResult(model=ck.describe(), name=ck.name, shape=s, config=analysis, dtype=cfg.dtype,
+    from headlens.circuits.sweep_parts import weights_digest
+
+    return SweepResult(model={**ck.describe(), "weights_digest": weights_digest(ck)}, name=ck.name, shape=s,
+                       config=analysis, dtype=cfg.dtype,
                        layers=results, budget=bud, data_aware=data, calibration_tokens=n_calib)

@@ -63,12 +63,8 @@ def _file_stats(ck: "Checkpoint") -> list[list]:
     return stats
 
 
-def model_fingerprint(ck: "Checkpoint") -> dict[str, Any]:
-    """The checkpoint's description plus ``content``: a SHA-256 (16 hex digits) of every tensor's name, shape
-    and dtype, the bytes of its first and last rows, and the size and modification time of its files. Cheap
-    (two rows per tensor), and it changes when the weights are replaced or rewritten."""
-    h = hashlib.sha256()
-    src = ck.tensors
+def _hash_tensors(h, src) -> None:
+    """Every tensor's name, shape and dtype and the bytes of its first and last rows, into the hash ``h``."""
     for name in sorted(src.keys()):
         shape = tuple(src.shape(name))
         h.update(f"{name}|{shape}|{src.dtype(name)}\n".encode())
@@ -76,6 +72,24 @@ def model_fingerprint(ck: "Checkpoint") -> dict[str, Any]:
         for rows_index in rows:
             t = src.read(name, rows_index).contiguous()
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def weights_digest(ck: "Checkpoint") -> str:
+    """16 hex digits of a SHA-256 over the checkpoint's tensors (names, shapes, dtypes, first and last rows), not
+    its files: a copy of the same weights has the same digest, other weights another. It names the model a
+    ``sweep_budget.csv`` belongs to (column ``model_weights``), so that ``compress --budget`` can refuse a budget
+    made for another model."""
+    h = hashlib.sha256()
+    _hash_tensors(h, ck.tensors)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(ck: "Checkpoint") -> dict[str, Any]:
+    """The checkpoint's description plus ``content``: a SHA-256 (16 hex digits) of every tensor's name, shape
+    and dtype, the bytes of its first and last rows, and the size and modification time of its files. Cheap
+    (two rows per tensor), and it changes when the weights are replaced or rewritten."""
+    h = hashlib.sha256()
+    _hash_tensors(h, ck.tensors)
     h.update(json.dumps(_file_stats(ck)).encode())
     return {**ck.describe(), "content": h.hexdigest()[:16]}
 

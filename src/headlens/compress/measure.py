@@ -43,6 +43,7 @@ came, hooks removed, also when an error is raised.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import sys
@@ -61,6 +62,7 @@ from headlens.errors import HeadlensError
 CAUSAL_LM = "causal-lm"
 EMBEDDING = "embedding"
 CHUNK = 256  # positions per log-softmax (a (CHUNK, vocab) float64 block at a time)
+CACHE_ELEMENTS = 1 << 25  # a text's original log-probs (float64) are kept for every configuration up to 256 MiB
 
 
 @dataclass
@@ -218,28 +220,52 @@ def _final(out, causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     return h, logits[0].detach().to(torch.float64)
 
 
-def _tally_model(tally: Tally, ids: torch.Tensor, before: tuple, after: tuple) -> None:
-    (h, logits), (h2, logits2) = before, after
+class _Original:
+    """One text's unmodified outputs, shared by every configuration: the last hidden states, the logits and
+    (when they fit in ``CACHE_ELEMENTS``) their float64 log-softmax, chunk by chunk."""
+
+    def __init__(self, ids: torch.Tensor, final: tuple):
+        self.h, self.logits = final
+        self.target = ids[0, 1:].to(self.h.device) if self.logits is not None else None
+        n = 0 if self.target is None else int(self.target.shape[0])
+        self.chunks = [(a, min(n, a + CHUNK)) for a in range(0, n, CHUNK)]
+        self.keep = self.logits is not None and self.logits.numel() <= CACHE_ELEMENTS
+        self._lp: dict[int, torch.Tensor] = {}
+        self._top: dict[int, torch.Tensor] = {}
+
+    def log_probs(self, a: int, b: int) -> torch.Tensor:
+        lp = self._lp.get(a)
+        if lp is None:
+            lp = torch.log_softmax(self.logits[a:b], dim=-1)  # type: ignore[index]
+            if self.keep:
+                self._lp[a] = lp
+        return lp
+
+    def top1(self, a: int, b: int) -> torch.Tensor:
+        if a not in self._top:
+            self._top[a] = self.logits[a:b].argmax(dim=-1)  # type: ignore[index]
+        return self._top[a]
+
+
+def _tally_model(tally: Tally, orig: _Original, after: tuple) -> None:
+    h, (h2, logits2) = orig.h, after
     tally.h_lost += sq_norm(h2 - h)
     tally.h_total += sq_norm(h)
     tally.n_tokens += int(h.shape[0])
-    if logits is None:
+    if orig.logits is None:
         tally.pooled_before.append(h.mean(dim=0).cpu())  # unpadded: the attention-mask-weighted mean is the mean
         tally.pooled_after.append(h2.mean(dim=0).cpu())
         return
-    target = ids[0, 1:].to(logits.device)
-    n = int(target.shape[0])
     kls = []
-    for a in range(0, n, CHUNK):
-        b = min(n, a + CHUNK)
-        lp, lq = torch.log_softmax(logits[a:b], dim=-1), torch.log_softmax(logits2[a:b], dim=-1)  # float64
+    for a, b in orig.chunks:
+        lp, lq = orig.log_probs(a, b), torch.log_softmax(logits2[a:b], dim=-1)  # float64
         kls.append((torch.exp(lp) * (lp - lq)).sum(dim=-1).cpu())
-        tally.top1 += int((logits[a:b].argmax(dim=-1) == logits2[a:b].argmax(dim=-1)).sum())
-        t = target[a:b, None]
+        tally.top1 += int((orig.top1(a, b) == logits2[a:b].argmax(dim=-1)).sum())
+        t = orig.target[a:b, None]  # type: ignore[index]
         tally.nll_before -= float(lp.gather(1, t).sum())
         tally.nll_after -= float(lq.gather(1, t).sum())
-    tally.kl.append(torch.cat(kls))
-    tally.n_predicted += n
+    tally.kl.append(torch.cat(kls) if kls else torch.zeros(0, dtype=torch.float64))
+    tally.n_predicted += sum(b - a for a, b in orig.chunks)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -280,6 +306,19 @@ def measure(model: nn.Module, ck, tokenizer, plans: Mapping[int, LayerPlan], tex
     Raises HeadlensError (one line) for an empty ``texts``, a text shorter than 2 tokens, a plan for a layer out of
     range, plans that do not fit the model, or a model whose value or output projections cannot be found.
     """
+    return measure_many(model, ck, tokenizer, [plans], texts, bytes_per_value=bytes_per_value, truncate=truncate,
+                        disable=disable)[0]
+
+
+def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int, LayerPlan]], texts: Sequence[str],
+                 *, bytes_per_value: float | None = None, truncate: bool = False, disable: bool | None = None,
+                 desc: str = "eval") -> list[Measurement]:
+    """:func:`measure` for several configurations (each a layer -> plan mapping) at once, one
+    :class:`Measurement` each, equal to what :func:`measure` returns for it alone.
+
+    Per text the unmodified model runs once for all of them (its hidden states, logits and each planned layer's
+    inputs and outputs are shared); each configuration adds its isolated re-runs of its planned layers' attention
+    blocks and one forward pass with its layers compressed."""
     from tqdm.auto import tqdm
 
     from headlens.residual.capture import max_positions, vocab_size
@@ -290,41 +329,66 @@ def measure(model: nn.Module, ck, tokenizer, plans: Mapping[int, LayerPlan], tex
     texts = list(texts)
     if not texts:
         raise HeadlensError("`texts` is empty: measuring needs at least one eval text")
+    configs = list(configs)
+    if not configs:
+        raise HeadlensError("no configurations to measure")
     L = ck.shape.num_layers
-    _check_plans(plans, L)
+    for plans in configs:
+        _check_plans(plans, L)
     n_model = count_layers(model, ck.spec)
     if n_model != L:
         raise HeadlensError(f"`model` has {n_model} layers but {ck.name} has {L}")
-    ordered = [plans[layer] for layer in sorted(plans)]
+    ordered = [[plans[layer] for layer in sorted(plans)] for plans in configs]
     ids_list = _token_ids(tokenizer, texts, max_positions(model), vocab_size(model), truncate)
     if bytes_per_value is None:
         bytes_per_value = value_tensor(model, ck, 0).param.element_size()
-    kv = kv_bytes(ck, plans, bytes_per_value)
+    kvs = [kv_bytes(ck, plans, bytes_per_value) for plans in configs]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     causal = head is not None and ck.spec.decoder
     device = next(model.parameters()).device
     use_cache = "use_cache" in inspect.signature(model.forward).parameters
-    apply_plans(model, ck, ordered).restore()  # every plan fits the model, checked before any forward pass
-    sites = [find_site(model, ck, plan) for plan in ordered]
-    tally = Tally()
+    for plans in ordered:
+        apply_plans(model, ck, plans).restore()  # every plan fits the model, checked before any forward pass
+    site_of: dict[int, object] = {}
+    per_config = []
+    for plans in ordered:
+        sites = {}
+        for plan in plans:
+            base = site_of.get(plan.layer)
+            if base is None:
+                base = site_of[plan.layer] = find_site(model, ck, plan)
+                sites[plan.layer] = base
+            else:  # the same modules and original weights: only the plan (and its R factors) differ
+                sites[plan.layer] = dataclasses.replace(base, plan=plan, R=[g.R.to(base.R[0].device, torch.float64)
+                                                                            for g in plan.groups])
+        per_config.append((sites, Tally()))
     was_training = model.training
     model.eval()
     try:
-        with Recorder(model, ck, sites, tally) as rec, torch.no_grad():
-            for ids in tqdm(ids_list, desc="eval", unit="text", file=sys.stderr, disable=disable):
-                ids = ids.to(device)
-                rec.start_text()
-                before = _final(_forward(model, ids, use_cache), causal)
-                rec.mode = "acc"
-                with compressed(model, ck, ordered):
-                    after = _final(_forward(model, ids, use_cache), causal)
-                rec.mode = "orig"
-                rec.check_text()
-                _tally_model(tally, ids, before, after)
+        with Recorder(model, ck, per_config) as rec, torch.no_grad():
+            bar = tqdm(total=len(ids_list) * len(configs), desc=desc, unit="pass", file=sys.stderr, disable=disable)
+            with bar:
+                for ids in ids_list:
+                    ids = ids.to(device)
+                    rec.start_text()
+                    orig = _Original(ids, _final(_forward(model, ids, use_cache), causal))
+                    for c, plans in enumerate(ordered):
+                        rec.mode, rec.current = "acc", c
+                        with compressed(model, ck, plans):
+                            after = _final(_forward(model, ids, use_cache), causal)
+                        rec.mode = "orig"
+                        _tally_model(per_config[c][1], orig, after)
+                        bar.update(1)
+                    rec.check_text()
     finally:
         model.train(was_training)
+    return [_result(sites, tally, kv, causal, len(texts)) for (sites, tally), kv in zip(per_config, kvs)]
+
+
+def _result(sites: dict, tally: Tally, kv: KVBytes, causal: bool, n_texts: int) -> Measurement:
     layers = []
-    for s in sites:
+    for layer in sorted(sites):
+        s = sites[layer]
         G = len(s.out_slices)
         lost = [tally.vp_lost[(s.layer, g)] for g in range(G)]
         total = [tally.vp_total[(s.layer, g)] for g in range(G)]
@@ -334,7 +398,7 @@ def measure(model: nn.Module, ck, tokenizer, plans: Mapping[int, LayerPlan], tex
             isolated_error=_ratio(tally.o_iso[s.layer], tally.o_total[s.layer]),
             accumulated_error=_ratio(tally.o_acc[s.layer], tally.o_total[s.layer]),
             group_value_path_errors=[_ratio(a, b) for a, b in zip(lost, total)]))
-    m = Measurement(task=CAUSAL_LM if causal else EMBEDDING, n_texts=len(texts), n_tokens=tally.n_tokens,
+    m = Measurement(task=CAUSAL_LM if causal else EMBEDDING, n_texts=n_texts, n_tokens=tally.n_tokens,
                     n_predicted=tally.n_predicted, layers=layers, kv=kv,
                     hidden_error=_ratio(tally.h_lost, tally.h_total))
     if causal:

@@ -116,28 +116,37 @@ def as_rows(t) -> torch.Tensor:
 
 
 class Recorder:
-    """Forward hooks on every site, summing the per-layer errors as the passes run (``mode`` names the pass:
-    ``orig``; ``iso``, the block re-run inside the original pass with only its layer compressed; ``acc``, every
-    planned layer compressed). Between the hooks a text keeps only what it still needs: per layer the value
-    module's input and output until the re-run, and the output projection's original output until the ``acc``
-    pass."""
+    """Forward hooks on every site of every configuration, summing the per-layer errors as the passes run.
 
-    STAGES = ("x", "v", "o", "iso", "acc")  # what each text must have recorded at every site
+    ``configs`` holds, per configuration, its sites by layer and its :class:`Tally`. ``mode`` names the pass:
+    ``orig``, the unmodified model (run once per text for all configurations); ``iso``, a layer's block re-run
+    inside the original pass with only that layer of configuration ``current`` compressed; ``acc``, every
+    planned layer of configuration ``current`` compressed. Between the hooks a text keeps only what it still
+    needs: per layer the value module's input and output and the output projection's original output (N x d
+    each), shared by every configuration."""
 
-    def __init__(self, model: nn.Module, ck, sites: list[Site], tally: "Tally"):
-        self.model, self.ck, self.tally = model, ck, tally
-        self.sites = {s.layer: s for s in sites}
+    STAGES = ("x", "v", "o", "iso", "acc")  # what each text must have recorded at every site of a configuration
+
+    def __init__(self, model: nn.Module, ck, configs: list[tuple[dict[int, Site], "Tally"]]):
+        self.model, self.ck = model, ck
+        self.configs = configs
+        self.layers = sorted({layer for sites, _ in configs for layer in sites})
         self.mode = "orig"
+        self.current = 0  # the configuration being re-run or compressed
         self.kept: dict[tuple[str, int], torch.Tensor] = {}
-        self.hits: set[tuple[str, int]] = set()
+        self.hits: set[tuple] = set()
         self.handles: list = []
+
+    def _first(self, layer: int) -> Site:
+        return next(sites[layer] for sites, _ in self.configs if layer in sites)
 
     def __enter__(self) -> "Recorder":
         try:
-            for s in self.sites.values():
-                self.handles.append(s.value.register_forward_hook(self._value(s), with_kwargs=True))
-                self.handles.append(s.o.register_forward_hook(self._out(s)))
-                self.handles.append(s.block.register_forward_hook(self._rerun(s), with_kwargs=True))
+            for layer in self.layers:
+                s = self._first(layer)  # every configuration's site of a layer hooks the same modules
+                self.handles.append(s.value.register_forward_hook(self._value(layer), with_kwargs=True))
+                self.handles.append(s.o.register_forward_hook(self._out(layer)))
+                self.handles.append(s.block.register_forward_hook(self._rerun(layer), with_kwargs=True))
         except BaseException:
             self.__exit__()
             raise
@@ -159,56 +168,69 @@ class Recorder:
         """Refuse (one line) when some hooked module was not called in one of the passes."""
         names = {"x": "value projection", "v": "value projection", "o": "output projection",
                  "iso": "value or output projection (isolated re-run)", "acc": "output projection (compressed pass)"}
-        for layer in self.sites:
-            for stage in self.STAGES:
-                if (stage, layer) not in self.hits:
-                    raise HeadlensError(f"layer {layer}'s {names[stage]} was not called during the forward pass")
+        for c, (sites, _) in enumerate(self.configs):
+            for layer in sites:
+                for stage in self.STAGES:
+                    key = (stage, layer) if stage in ("x", "v", "o") else (stage, layer, c)
+                    if key not in self.hits:
+                        raise HeadlensError(f"layer {layer}'s {names[stage]} was not called during the forward pass")
 
-    def _value(self, s: Site):
+    def _value(self, layer: int):
         from headlens.residual.modules import hidden_states_input
 
         def hook(_m, args, kwargs, output):
             if self.mode == "orig":
-                self.kept[("x", s.layer)] = as_rows(hidden_states_input(args, kwargs))
-                self.kept[("v", s.layer)] = as_rows(output)
-                self.hits.update({("x", s.layer), ("v", s.layer)})
-            elif self.mode == "iso" and ("v", s.layer) in self.kept:
-                x, v, v_iso = self.kept.pop(("x", s.layer)), self.kept.pop(("v", s.layer)), as_rows(output)
+                self.kept[("x", layer)] = as_rows(hidden_states_input(args, kwargs))
+                self.kept[("v", layer)] = as_rows(output)
+                self.hits.update({("x", layer), ("v", layer)})
+            elif self.mode == "iso" and ("v", layer) in self.kept and ("iso-v", layer, self.current) not in self.hits:
+                sites, tally = self.configs[self.current]
+                s = sites[layer]
+                x, v, v_iso = self.kept[("x", layer)], self.kept[("v", layer)], as_rows(output)
                 for g, sl in enumerate(s.out_slices):
-                    add_to(self.tally.vp_lost, (s.layer, g), sq_norm(s.R[g] @ (v[:, sl] - v_iso[:, sl]).T))
-                    add_to(self.tally.vp_total, (s.layer, g), sq_norm(s.R[g] @ (s.W_V[g] @ x.T)))
-                self.hits.add(("iso-v", s.layer))
+                    add_to(tally.vp_lost, (layer, g), sq_norm(s.R[g] @ (v[:, sl] - v_iso[:, sl]).T))
+                    add_to(tally.vp_total, (layer, g), sq_norm(s.R[g] @ (s.W_V[g] @ x.T)))
+                self.hits.add(("iso-v", layer, self.current))
         return hook
 
-    def _out(self, s: Site):
+    def _out(self, layer: int):
         def hook(_m, _args, output):
             o = as_rows(output)
             if self.mode == "orig":
-                self.kept[("o", s.layer)] = o
-                add_to(self.tally.o_total, s.layer, sq_norm(o - s.bias_out))
-                self.hits.add(("o", s.layer))
+                self.kept[("o", layer)] = o
+                for sites, tally in self.configs:
+                    if layer in sites:
+                        add_to(tally.o_total, layer, sq_norm(o - sites[layer].bias_out))
+                self.hits.add(("o", layer))
                 return
-            ref = self.kept.get(("o", s.layer))
-            if ref is None:
+            ref = self.kept.get(("o", layer))
+            sites, tally = self.configs[self.current]
+            if ref is None or layer not in sites:
                 return
-            if self.mode == "iso" and ("iso-v", s.layer) in self.hits:
-                add_to(self.tally.o_iso, s.layer, sq_norm(o - ref))
-                self.hits.add(("iso", s.layer))
-            elif self.mode == "acc":
-                add_to(self.tally.o_acc, s.layer, sq_norm(o - self.kept.pop(("o", s.layer))))
-                self.hits.add(("acc", s.layer))
+            if self.mode == "iso" and ("iso-v", layer, self.current) in self.hits \
+                    and ("iso", layer, self.current) not in self.hits:
+                add_to(tally.o_iso, layer, sq_norm(o - ref))
+                self.hits.add(("iso", layer, self.current))
+            elif self.mode == "acc" and ("acc", layer, self.current) not in self.hits:
+                add_to(tally.o_acc, layer, sq_norm(o - ref))
+                self.hits.add(("acc", layer, self.current))
         return hook
 
-    def _rerun(self, site: Site):
+    def _rerun(self, layer: int):
         def hook(module, args, kwargs, _output):
             if self.mode != "orig":
                 return None
-            self.mode = "iso"
             try:
-                with compressed(self.model, self.ck, [site.plan]):
-                    module.forward(*args, **kwargs)  # not module(...): the block's own hooks (this one, and
-                    # transformers' output-capturing hooks, which would record the re-run) stay out of it
+                for c, (sites, _) in enumerate(self.configs):
+                    if layer not in sites:
+                        continue
+                    self.mode, self.current = "iso", c
+                    with compressed(self.model, self.ck, [sites[layer].plan]):
+                        module.forward(*args, **kwargs)  # not module(...): the block's own hooks (this one, and
+                        # transformers' output-capturing hooks, which would record the re-run) stay out of it
             finally:
                 self.mode = "orig"
+            self.kept.pop(("x", layer), None)  # every configuration has its value-path sums: drop the inputs
+            self.kept.pop(("v", layer), None)
             return None
         return hook

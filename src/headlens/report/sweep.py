@@ -20,17 +20,20 @@ from headlens.report.sweep_common import (BUDGET_CSV, BUDGET_LAYERS_CSV, BUDGET_
                                           PAGE_HTML, SUMMARY_JSON)
 
 
-def budget_outputs(out_dir: Path, budget: Budget | None, model_name: str) -> list[Path]:
+def budget_outputs(out_dir: Path, budget: Budget | None, model_name: str, weights: str | None = None) -> list[Path]:
     """The latent-budget tables and chart; returns the written paths (``[]`` when ``budget`` is None):
-    ``sweep_budget.csv`` (one row per (layer, kv head)), ``sweep_budget_layers.csv`` (KV bytes per token
-    before/after, per layer) and ``sweep_budget.png``."""
+    ``sweep_budget.csv`` (one row per (layer, kv head); with ``weights``, the model's
+    :func:`~headlens.circuits.sweep_parts.weights_digest`, in a last column ``model_weights`` that
+    ``compress --budget`` checks), ``sweep_budget_layers.csv`` (KV bytes per token before/after, per layer) and
+    ``sweep_budget.png``."""
     from headlens.report.sweep_figures import budget_chart
 
     if budget is None:
         return []
     out_dir = Path(out_dir)
     data = budget.to_json()
-    paths = [write_csv(out_dir / BUDGET_CSV, data["rows"]), write_csv(out_dir / BUDGET_LAYERS_CSV, data["per_layer"])]
+    rows = [{**r, "model_weights": weights} for r in data["rows"]] if weights else data["rows"]
+    paths = [write_csv(out_dir / BUDGET_CSV, rows), write_csv(out_dir / BUDGET_LAYERS_CSV, data["per_layer"])]
     chart = budget_chart(out_dir / BUDGET_PNG, budget, model_name)
     return paths + ([chart] if chart is not None else [])
 
@@ -45,7 +48,7 @@ def write_report(result: SweepResult, out_dir: Path, json_path: Path | None = No
     head_rows, group_rows = result.rows()
     files = write_table(out_dir / HEADS_STEM, head_rows) + write_table(out_dir / GROUPS_STEM, group_rows)
     images = heatmaps(out_dir, result.heads(), result.config.ks, result.name)
-    bfiles = budget_outputs(out_dir, result.budget, result.name)
+    bfiles = budget_outputs(out_dir, result.budget, result.name, result.model.get("weights_digest"))
     summary = result.summary()
     jpath = write_json(Path(json_path) if json_path else out_dir / SUMMARY_JSON, summary)
     page = write_html(out_dir / PAGE_HTML, summary, result.layers, result.budget,
