@@ -110,6 +110,39 @@ CASES: list[tuple[str, list[str], str]] = [
     ("router", ["--weights", "{moe}", "--revision", "main"], "--revision applies to --hf-repo only"),
     ("router", ["--weights", "{heads4}", "--prompt", "hi"], 'num_attention_heads is "four"'),
     ("router", ["--weights", "{bare}"], "HuggingFace model directory"),
+    # ---- compress (default --model tiny-lm: hidden 256, 6 layers, 2 kv heads, head_dim 64)
+    ("compress", ["--eval", "{missing}"], "--eval"),
+    ("compress", ["--eval", "{empty}"], "is empty"),
+    ("compress", ["--eval", "{short}", "--latent", "plain"], "every eval text needs at least 4"),
+    ("compress", ["--calib", "{empty}"], "--calib"),
+    ("compress", ["--calib", "{evalfile}", "--eval", "{evalfile}"], "share texts"),
+    ("compress", ["--target-error", "0"], "--target-error 0: a target lies strictly between 0 and 1"),
+    ("compress", ["--target-error", "0.1,1"], "--target-error 1: a target lies strictly between 0 and 1"),
+    ("compress", ["--target-energy", "1.5"], "--target-energy 1.5"),
+    ("compress", ["--target-error", "nan"], "--target-error nan"),
+    ("compress", ["--target-error", "x"], "give numbers between 0 and 1"),
+    ("compress", ["--target-error", "0.1", "--k", "8"], "not allowed with"),
+    ("compress", ["--k", "65", "--latent", "plain"], "--k 65 is above head_dim 64"),
+    ("compress", ["--weights", "{qwen3}", "--eval", "{evalfile}", "--k", "17", "--latent", "plain"],
+     "--k 17 is above head_dim 16"),
+    ("compress", ["--k", "8,x"], "--k '8,x'"),
+    ("compress", ["--budget", "{budget_other}"], "belongs to another model"),
+    ("compress", ["--budget", "{budget_layers}"], "has layer 6, but the model has 6 layers"),
+    ("compress", ["--budget", "{budget_groups}"], "lists kv groups [0]"),
+    ("compress", ["--budget", "{budget_nodigest}"], "does not say which model it belongs to"),
+    ("compress", ["--budget", "{budget_plain}"], "has no k_data"),
+    ("compress", ["--budget", "{file}"], "expected the sweep_budget.csv"),
+    ("compress", ["--weights", "{qwen3}"], "--eval FILE is required"),
+    ("compress", ["--weights", "{qwen3}", "--eval", "{evalfile}"], "data-aware latents need --calib"),
+    ("compress", ["--weights", "{qwen3}", "--eval", "{long}", "--k", "8", "--latent", "plain"],
+     "has 1200 tokens but the model takes at most 128"),
+    ("compress", ["--save-model", "{dir}/new"], "--save-model writes one configuration, this run has 6"),
+    ("compress", ["--save-model", "{file}", "--k", "8", "--latent", "plain"], "already exists"),
+    ("compress", ["--latent", "fancy"], "invalid choice"),
+    ("compress", ["--kv-bytes", "0"], "--kv-bytes 0"),
+    ("compress", ["--layers", "6"], "out of range"),
+    ("compress", ["--weights", "{bare}", "--num-heads", "4", "--eval", "{evalfile}", "--latent", "plain"],
+     "HuggingFace model directory"),
     # ---- toy
     ("toy", [], "choose"),
     ("toy", ["create", "--out", "toy.txt"], ".safetensors"),
@@ -150,7 +183,33 @@ def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
     (root / "a-file").write_text("x")
     paths["file"] = root / "a-file"
     paths["missing"] = root / "missing.safetensors"
+    paths.update(_compress_inputs(root, paths["qwen3"]))
     return {k: str(v) for k, v in paths.items()}
+
+
+def _compress_inputs(root: Path, qwen3: str) -> dict[str, Path]:
+    """Eval texts, and sweep budgets for tiny-lm that are wrong in one way each (made by `headlens sweep`)."""
+    from headlens.circuits.sweep_parts import weights_digest
+    from headlens.io.source import ModelSource
+    from headlens.io.tables import read_table, write_csv
+
+    out = {}
+    for name, text in (("empty", ""), ("short", "a\n"), ("evalfile", "one two three four five six seven\n")):
+        (root / f"{name}.txt").write_text(text)
+        out[name] = root / f"{name}.txt"
+    assert main(["sweep", "--weights", str(qwen3), "--no-qk", "--out-dir", str(root / "sw-other")]) == 0
+    out["budget_other"] = root / "sw-other" / "sweep_budget.csv"
+    digest = weights_digest(ModelSource(embedded="tiny-lm").checkpoint())
+    rows = [{"layer": layer, "kv_head": g, "k_plain": 8, "k_data": 8, "model_weights": digest}
+            for layer in range(6) for g in range(2)]
+    variants = {"budget_layers": rows + [{**rows[0], "layer": 6}],
+                "budget_groups": [r for r in rows if r["kv_head"] == 0],
+                "budget_nodigest": [{k: v for k, v in r.items() if k != "model_weights"} for r in rows],
+                "budget_plain": [{**r, "k_data": None} for r in rows]}
+    for name, table in variants.items():
+        out[name] = write_csv(root / f"{name}.csv", table)
+    assert len(read_table(out["budget_layers"])) == 13
+    return out
 
 
 def _files(root: Path) -> set[str]:
@@ -163,7 +222,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(inputs, capsys, tmp_path, monk
     work.mkdir()
     monkeypatch.chdir(work)
     args = [a.format(**inputs) if "{" in a else a for a in argv]
-    if cmd in ("ov", "sphere", "diagram", "sweep", "router") and "--out-dir" not in args:
+    if cmd in ("ov", "sphere", "diagram", "sweep", "router", "compress") and "--out-dir" not in args:
         args += ["--out-dir", str(work / "out")]
     before = _files(Path(inputs["qwen3"]).parent.parent)
     capsys.readouterr()

@@ -303,7 +303,7 @@ def test_model_restored_exactly_after_an_error(ckpts, monkeypatch, where):
     model.train()
     before = _state(model)
     if where == "isolated re-run":  # raised inside the forward hook, with the layer's latent written in
-        real = recorder_mod.compressed
+        real = recorder_mod.applied  # the prepared blocks written in place (compressed() when none are kept)
 
         @contextmanager
         def boom(*args):
@@ -311,7 +311,7 @@ def test_model_restored_exactly_after_an_error(ckpts, monkeypatch, where):
                 raise RuntimeError("boom")
             yield  # pragma: no cover
 
-        monkeypatch.setattr(recorder_mod, "compressed", boom)
+        monkeypatch.setattr(recorder_mod, "applied", boom)
     else:  # raised on the second text's compressed pass, with every latent written in
         real_final, calls = measure_mod._final, []
 

@@ -22,7 +22,7 @@ COMMAND_FLAG_NAMES = {"toy": {"n_heads": "--heads", "n_kv_heads": "--kv-heads", 
 # Flags naming one output file, checked before the command runs (a directory or an unwritable place: exit 2).
 FILE_FLAGS = (("json", "--json"), ("plot_path", "--plot-path"))
 
-COMMANDS = ("ov", "sphere", "sweep", "router", "toy", "diagram", "models")
+COMMANDS = ("ov", "sphere", "sweep", "compress", "router", "toy", "diagram", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,12 +77,6 @@ def _read(param: torch.Tensor, block) -> torch.Tensor:
     return (t.T if block.transposed else t).to("cpu", torch.float64)
 
 
-def _write(param: torch.Tensor, block, value: torch.Tensor) -> None:
-    """Write the Linear-layout (hd, d) ``value`` into ``param``'s block, in the parameter's dtype and device."""
-    with torch.no_grad():
-        param[block.index] = (value.T if block.transposed else value).to(param.device, param.dtype)
-
-
 def _tolerance(dtype: torch.dtype) -> float:
     """How far the model's value weights may sit from the plan's (rounded to ``dtype``) and still be the same."""
     return max(1e-6, float(torch.finfo(dtype).eps)) if dtype.is_floating_point else 1e-6
@@ -104,43 +98,88 @@ class Applied:
         self.names.clear()
 
 
-def apply_plans(model: nn.Module, ck, plans: Sequence[LayerPlan]) -> Applied:
-    """Replace, in ``model`` (loaded from ``ck``), each planned layer's ``W_V^g`` by ``W_V^g Q_g``, in place.
+@dataclass
+class Prepared:
+    """The value blocks :func:`apply_plans` writes for some plans, computed and checked once
+    (:func:`prepare_plans`): applying them again is a copy, not a matrix product."""
 
-    ``Q_g`` is applied to the model's own weights, ``(W_V^g B_g) P_g`` in float64; those weights must be the ones
-    the plan was fitted on (``W_V^g B_g`` equal to the plan's up-projection, to the model's precision), else
-    HeadlensError. Returns :class:`Applied`, whose ``restore()`` undoes it.
-    """
+    writes: dict[int, list[tuple[torch.Tensor, object, torch.Tensor]]]  # layer -> (param, block, W_V^g Q_g) per group
+    names: dict[int, str]  # layer -> the parameter written
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for per in self.writes.values() for _, _, v in per)
+
+    def only(self, layer: int) -> "Prepared":
+        """The same, for one layer."""
+        return Prepared({layer: self.writes[layer]}, {layer: self.names[layer]})
+
+    def apply(self) -> Applied:
+        """Write every block in place; returns :class:`Applied`, whose ``restore()`` undoes it."""
+        done = Applied()
+        try:
+            with torch.no_grad():
+                for layer, per in self.writes.items():
+                    for param, block, value in per:
+                        done._saved.append((param, block, param.detach()[block.index].clone()))  # type: ignore[attr-defined]
+                        param[block.index] = value  # type: ignore[attr-defined]
+                    done.names.append(self.names[layer])
+        except BaseException:
+            done.restore()
+            raise
+        return done
+
+
+def prepare_plans(model: nn.Module, ck, plans: Sequence[LayerPlan]) -> Prepared:
+    """The new value blocks ``W_V^g Q_g`` of every planned layer of ``model`` (loaded from ``ck``), in the
+    parameter's dtype and device, checked against the plans: ``Q_g`` is applied to the model's own weights,
+    ``(W_V^g B_g) P_g`` in float64, and those weights must be the ones the plan was fitted on (``W_V^g B_g`` equal
+    to the plan's up-projection, to the model's precision), else HeadlensError. Nothing is written."""
     from headlens.residual.modules import count_layers
 
     n = count_layers(model, ck.spec)
     if n != ck.shape.num_layers:
         raise HeadlensError(f"`model` has {n} layers but {ck.name} has {ck.shape.num_layers}")
     G = ck.shape.num_kv_heads
-    done = Applied()
+    writes: dict[int, list] = {}
+    names: dict[int, str] = {}
+    for plan in plans:
+        if len(plan.groups) != G:
+            raise HeadlensError(f"layer {plan.layer}'s plan has {len(plan.groups)} kv groups, {ck.name} has {G}")
+        if plan.layer in writes:
+            raise HeadlensError(f"layer {plan.layer} is planned twice")
+        vt = value_tensor(model, ck, plan.layer)
+        new = []
+        for lat in plan.groups:
+            block = vt.blocks[lat.kv_head]
+            W = _read(vt.param, block)  # (hd, d) as the model holds it
+            up = W @ lat.basis  # (hd, k) = W_V^g B_g
+            if lat.k and float(torch.linalg.norm(up - lat.up)) > _tolerance(vt.param.dtype) * max(
+                    float(torch.linalg.norm(lat.up)), torch.finfo(torch.float64).tiny):
+                raise HeadlensError(f"layer {plan.layer}, kv group {lat.kv_head}: the model's value weights "
+                                    f"({vt.name}) are not those the latent was fitted on")
+            value = up @ lat.down
+            new.append((vt.param, block, (value.T if block.transposed else value).to(vt.param.device,
+                                                                                     vt.param.dtype)))
+        writes[plan.layer], names[plan.layer] = new, vt.name
+    return Prepared(writes, names)
+
+
+def apply_plans(model: nn.Module, ck, plans: Sequence[LayerPlan]) -> Applied:
+    """Replace, in ``model`` (loaded from ``ck``), each planned layer's ``W_V^g`` by ``W_V^g Q_g``, in place
+    (:func:`prepare_plans`, then :meth:`Prepared.apply`). Returns :class:`Applied`, whose ``restore()`` undoes it.
+    """
+    return prepare_plans(model, ck, plans).apply()
+
+
+@contextmanager
+def applied(prepared: Prepared) -> Iterator[Applied]:
+    """``with applied(prepared):`` runs the block with the prepared blocks in place, then restores the model."""
+    done = prepared.apply()
     try:
-        for plan in plans:
-            if len(plan.groups) != G:
-                raise HeadlensError(f"layer {plan.layer}'s plan has {len(plan.groups)} kv groups, {ck.name} has {G}")
-            vt = value_tensor(model, ck, plan.layer)
-            new = []
-            for lat in plan.groups:
-                block = vt.blocks[lat.kv_head]
-                W = _read(vt.param, block)  # (hd, d) as the model holds it
-                up = W @ lat.basis  # (hd, k) = W_V^g B_g
-                if lat.k and float(torch.linalg.norm(up - lat.up)) > _tolerance(vt.param.dtype) * max(
-                        float(torch.linalg.norm(lat.up)), torch.finfo(torch.float64).tiny):
-                    raise HeadlensError(f"layer {plan.layer}, kv group {lat.kv_head}: the model's value weights "
-                                        f"({vt.name}) are not those the latent was fitted on")
-                new.append((block, up @ lat.down))
-            for block, value in new:  # all groups checked before any is written
-                done._saved.append((vt.param, block, vt.param.detach()[block.index].clone()))
-                _write(vt.param, block, value)
-            done.names.append(vt.name)
-    except BaseException:
+        yield done
+    finally:
         done.restore()
-        raise
-    return done
 
 
 @contextmanager
@@ -234,10 +273,12 @@ def save_compressed_model(model: nn.Module, ck, plans: Sequence[LayerPlan], out_
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with compressed(model, ck, plans):
+        from headlens.io.source import quiet_transformers
+
+        with compressed(model, ck, plans), quiet_transformers():  # headlens's output, not transformers' bars
             model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
         save_latent_factors(plans, tmp / "latent_factors.safetensors")
         record = {
             "format": "headlens-latent-plan/1",

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from headlens.compress.apply import apply_plans, compressed, value_tensor
+from headlens.compress.apply import applied, compressed, prepare_plans, value_tensor
 from headlens.compress.plan import LayerPlan
 from headlens.compress.recorder import Recorder, Tally, find_site, sq_norm
 from headlens.errors import HeadlensError
@@ -62,6 +62,7 @@ from headlens.errors import HeadlensError
 CAUSAL_LM = "causal-lm"
 EMBEDDING = "embedding"
 CHUNK = 256  # positions per log-softmax (a (CHUNK, vocab) float64 block at a time)
+PREPARED_BYTES = 2 << 30  # the configurations' new value blocks are computed once while they fit in 2 GiB
 CACHE_ELEMENTS = 1 << 25  # a text's original log-probs (float64) are kept for every configuration up to 256 MiB
 
 
@@ -347,11 +348,14 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
     causal = head is not None and ck.spec.decoder
     device = next(model.parameters()).device
     use_cache = "use_cache" in inspect.signature(model.forward).parameters
-    for plans in ordered:
-        apply_plans(model, ck, plans).restore()  # every plan fits the model, checked before any forward pass
+    prepared = [prepare_plans(model, ck, plans) for plans in ordered]  # every plan fits the model, checked and
+    # its new value blocks computed before any forward pass; kept for the passes unless they would take too much
+    keep = sum(p.nbytes for p in prepared) <= PREPARED_BYTES
+    if not keep:
+        prepared.clear()
     site_of: dict[int, object] = {}
     per_config = []
-    for plans in ordered:
+    for c, plans in enumerate(ordered):
         sites = {}
         for plan in plans:
             base = site_of.get(plan.layer)
@@ -361,6 +365,8 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
             else:  # the same modules and original weights: only the plan (and its R factors) differ
                 sites[plan.layer] = dataclasses.replace(base, plan=plan, R=[g.R.to(base.R[0].device, torch.float64)
                                                                             for g in plan.groups])
+            if keep:
+                sites[plan.layer] = dataclasses.replace(sites[plan.layer], prepared=prepared[c].only(plan.layer))
         per_config.append((sites, Tally()))
     was_training = model.training
     model.eval()
@@ -374,7 +380,7 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
                     orig = _Original(ids, _final(_forward(model, ids, use_cache), causal))
                     for c, plans in enumerate(ordered):
                         rec.mode, rec.current = "acc", c
-                        with compressed(model, ck, plans):
+                        with (applied(prepared[c]) if keep else compressed(model, ck, plans)):
                             after = _final(_forward(model, ids, use_cache), causal)
                         rec.mode = "orig"
                         _tally_model(per_config[c][1], orig, after)

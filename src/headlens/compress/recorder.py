@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from headlens.compress.apply import compressed, value_tensor
+from headlens.compress.apply import Prepared, applied, compressed, value_tensor
 from headlens.compress.plan import LayerPlan
 from headlens.errors import HeadlensError
 
@@ -60,6 +60,7 @@ class Site:
     o: nn.Module  # the output projection
     block: nn.Module  # the smallest module holding both: re-run for the isolated error
     bias_out: torch.Tensor  # (d,) float64: what ``o`` writes for the value bias alone (W_O b_v + b_o)
+    prepared: Prepared | None = None  # this layer's new value blocks, computed once (else at every re-run)
 
 
 def _common(a: str, b: str) -> str:
@@ -225,7 +226,9 @@ class Recorder:
                     if layer not in sites:
                         continue
                     self.mode, self.current = "iso", c
-                    with compressed(self.model, self.ck, [sites[layer].plan]):
+                    site = sites[layer]
+                    with (applied(site.prepared) if site.prepared is not None else
+                          compressed(self.model, self.ck, [site.plan])):
                         module.forward(*args, **kwargs)  # not module(...): the block's own hooks (this one, and
                         # transformers' output-capturing hooks, which would record the re-run) stay out of it
             finally:

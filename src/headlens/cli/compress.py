@@ -1,0 +1,167 @@
+"""``headlens compress``: put MLA-style value latents into the running model, measure what they lose end to end
+against the unmodified model, and export the compressed checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+from headlens.cli.common import command_parser, model_source
+from headlens.errors import HeadlensError
+
+LATENT_CHOICES = ("plain", "data-aware", "both")
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HeadlensError(f"{flag} {text!r}: give numbers between 0 and 1, comma-separated (e.g. 0.1,0.2)") from None
+    if not values:
+        raise HeadlensError(f"{flag} is empty: give numbers between 0 and 1, comma-separated")
+    for v in values:
+        if not 0 < v < 1:
+            raise HeadlensError(f"{flag} {v:g}: a target lies strictly between 0 and 1")
+    return values
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HeadlensError(f"{flag} {text!r}: give whole latent sizes, comma-separated (e.g. 16,32)") from None
+    if not values or any(v < 0 for v in values):
+        raise HeadlensError(f"{flag} {text!r}: give whole latent sizes 0..head_dim, comma-separated")
+    return values
+
+
+def add_parser(sub) -> None:
+    p = command_parser(sub, "compress", default_model="tiny-lm",
+                       help="put value latents into the running model, measure the loss, export the checkpoint",
+                       description="Replace each kv group's values by an MLA-style latent (plain or data-aware), "
+                                   "measure per layer the predicted, value-path, isolated and accumulated errors "
+                                   "and for the whole model KL / top-1 / perplexity (decoders) or embedding "
+                                   "cosine (encoders) against the unmodified model, next to a uniform allocation "
+                                   "of the same KV bytes; optionally save the compressed model.")
+    p.add_argument("--layers", metavar="SEL", help="layers to compress: 0:12 (slice), 1,4,9, or all (default)")
+    p.add_argument("--calib", metavar="FILE",
+                   help="calibration texts, one per line, that fit the data-aware latents (default for the "
+                        "embedded models: texts shipped with headlens)")
+    p.add_argument("--eval", metavar="FILE", dest="eval_file",
+                   help="held-out eval texts, one per line, never used to fit (default for the embedded models: "
+                        "texts shipped with headlens, disjoint from the calibration texts)")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--target-error", metavar="E[,E...]",
+                   help="budget: per kv group the smallest latent whose predicted error is <= E, one configuration "
+                        "per value (default 0.1,0.2,0.4)")
+    b.add_argument("--target-energy", metavar="F[,F...]",
+                   help="budget: per kv group the smallest latent keeping energy >= F")
+    b.add_argument("--k", metavar="K[,K...]", dest="ks", help="budget: the same latent size K for every kv group")
+    b.add_argument("--budget", metavar="CSV",
+                   help="budget: the sweep_budget.csv `headlens sweep` wrote for this model (k_plain, k_data)")
+    p.add_argument("--latent", choices=LATENT_CHOICES, default="both",
+                   help="which latents: plain (from the weights), data-aware (whitened by the calibration tokens) "
+                        "or both (default)")
+    p.add_argument("--kv-bytes", type=int, default=2, metavar="B", help="bytes per cached value, 1..8 (default 2)")
+    p.add_argument("--max-calib-tokens", type=int, default=2048, metavar="N",
+                   help="cap on calibration tokens (default 2048)")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut texts longer than the model's positions (refused otherwise)")
+    p.add_argument("--save-model", metavar="DIR",
+                   help="write the compressed model (one configuration: one target or --k, one --latent) as a "
+                        "HuggingFace directory with headlens_latent.json and latent_factors.safetensors")
+    p.add_argument("--out-dir", default="headlens-out/compress", metavar="DIR",
+                   help="default headlens-out/compress")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="summary JSON (default <out-dir>/compress_summary.json)")
+    p.set_defaults(func=cmd_compress)
+
+
+def _texts(args, source, cfg) -> tuple[list[str] | None, list[str], list[str]]:
+    """(calibration texts or None, eval texts, notes)."""
+    from headlens.io.files import read_text_lines
+
+    notes = []
+    embedded = source.embedded if source.weights is None and source.hf_repo is None else None
+    defaults = None
+    if embedded is not None:
+        from headlens.io.embedded import default_texts
+
+        defaults = default_texts(embedded)
+    if args.eval_file:
+        eval_texts = read_text_lines(args.eval_file, "--eval")
+    elif defaults is not None:
+        eval_texts = read_text_lines(defaults[1], "--eval")
+        notes.append(f"eval texts: {len(eval_texts)} shipped for {embedded} ({defaults[1].name})")
+    else:
+        raise HeadlensError("--eval FILE is required (held-out texts, one per line): defaults ship only for the "
+                            "embedded models (--model minilm, tiny-lm, tiny-moe)")
+    calib = None
+    if cfg.needs_calibration():
+        if args.calib:
+            calib = read_text_lines(args.calib, "--calib")
+        elif defaults is not None:
+            calib = read_text_lines(defaults[0], "--calib")
+            notes.append(f"calibration texts: {len(calib)} shipped for {embedded} ({defaults[0].name})")
+        else:
+            raise HeadlensError("data-aware latents need --calib FILE (texts, one per line), or pass --latent plain")
+        if set(calib) & set(eval_texts):
+            raise HeadlensError("--calib and --eval share texts: the eval texts must be held out from the fit")
+    elif args.calib:
+        notes.append("--calib is not used: plain latents are fitted on the weights alone")
+    return calib, eval_texts, notes
+
+
+def _n_saved(cfg) -> int:
+    """How many configurations --save-model would have to choose between (budgets, not their uniform twins)."""
+    n_values = len(cfg.ks or cfg.target_energies or cfg.target_errors or ([1] if cfg.budget else [0, 0, 0]))
+    return n_values * len(cfg.latents)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from headlens.compress.plan import LATENT_KINDS
+    from headlens.compress.run import CompressConfig, run_compress
+    from headlens.io.files import check_writable_dir
+    from headlens.report.compress import header_line, result_lines, summary, write_report
+
+    cfg = CompressConfig(
+        layers=args.layers,
+        target_errors=_floats(args.target_error, "--target-error") if args.target_error is not None else None,
+        target_energies=_floats(args.target_energy, "--target-energy") if args.target_energy is not None else None,
+        ks=_ints(args.ks, "--k") if args.ks is not None else None, budget=args.budget,
+        latents=LATENT_KINDS if args.latent == "both" else (args.latent,), kv_bytes=args.kv_bytes,
+        max_calib_tokens=args.max_calib_tokens, truncate=args.truncate, dtype=args.dtype)
+    cfg.validate()
+    save = Path(args.save_model) if args.save_model else None
+    if save is not None:
+        if _n_saved(cfg) != 1:
+            raise HeadlensError(f"--save-model writes one configuration, this run has {_n_saved(cfg)}: give one "
+                                "--target-error/--target-energy/--k value and --latent plain or data-aware")
+        if save.exists() and (not save.is_dir() or any(save.iterdir())):
+            raise HeadlensError(f"--save-model {save} already exists and is not an empty directory: choose a new one")
+    out_dir = Path(args.out_dir)
+    check_writable_dir(out_dir)
+    source = model_source(args)
+    calib, eval_texts, notes = _texts(args, source, cfg)
+    for n in notes:
+        print(n)
+    held: list = []
+    result = run_compress(source, cfg, eval_texts, calib, on_start=lambda s: print(header_line(s), flush=True),
+                          model_out=held if save is not None else None)
+    paths = write_report(result, out_dir, Path(args.json) if args.json else None)
+    data = summary(result)
+    lines = result_lines(data)
+    if save is not None:
+        from headlens.compress.apply import save_compressed_model
+
+        model, ck, tok, plans_of, keys = held
+        conf = next(c for c in result.configurations if c.allocation == "budget" or c.budget == "k")
+        key = keys[result.configurations.index(conf)]
+        record = next(r for r in data["configurations"] if r["name"] == conf.name)
+        digest = hashlib.sha256("\n".join(eval_texts).encode()).hexdigest()[:16]
+        info = {"configuration": conf.name, "measured": {k: v for k, v in record.items() if k != "layers"},
+                "eval_texts": len(eval_texts), "eval_sha256": digest, "dtype": cfg.dtype}
+        paths.append(save_compressed_model(model, ck, list(plans_of[key].values()), save, tokenizer=tok, info=info))
+    print("\n".join(lines + [f"saved -> {p}" for p in paths]))
+    return 0

@@ -1,0 +1,243 @@
+"""``headlens compress`` as a library call: fit the latents, measure every configuration, return the result.
+
+:func:`run_compress` opens the model once, captures the calibration tokens (one pass over ``calib`` texts, for
+data-aware latents), fits each layer's full-size latents per kind (:func:`headlens.compress.allocate.full_plans`),
+cuts them to each configuration's sizes and measures all configurations together on the eval texts
+(:func:`headlens.compress.measure.measure_many`: one original pass per text, then per configuration the isolated
+re-runs and one compressed pass).
+
+Configurations (:class:`Configuration`): per budget value (``target_errors``, ``target_energies``, one ``budget``
+file, or uniform sizes ``ks``) and latent kind, the budgeted allocation and, always, the uniform allocation with the
+same total KV bytes (for ``ks`` the configuration is itself uniform).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from headlens.compress.allocate import (Ks, cut_all, full_plans, read_budget, same_ks, target_ks, uniform_ks)
+from headlens.compress.measure import Measurement, measure_many
+from headlens.compress.plan import LATENT_KINDS, LayerPlan
+from headlens.errors import HeadlensError
+
+DEFAULT_TARGET_ERRORS = (0.1, 0.2, 0.4)
+MIN_EVAL_TOKENS = 4  # an eval text needs a few tokens: 3 next-token predictions at the least
+
+
+def _in_unit(values: Sequence[float] | None, flag: str) -> None:
+    for v in values or ():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v < 1):
+            raise HeadlensError(f"`{flag}` {v}: a target lies strictly between 0 and 1")
+
+
+@dataclass
+class CompressConfig:
+    """What to compress and how. Exactly one budget source: ``target_errors`` (default
+    :data:`DEFAULT_TARGET_ERRORS` when none is given), ``target_energies``, ``ks`` or ``budget``."""
+
+    layers: str | None = None  # layer selection (parse_layers syntax); None: every layer
+    target_errors: Sequence[float] | None = None
+    target_energies: Sequence[float] | None = None
+    ks: Sequence[int] | None = None  # uniform latent sizes, each measured as its own configuration
+    budget: str | None = None  # a sweep_budget.csv
+    latents: Sequence[str] = LATENT_KINDS
+    kv_bytes: int = 2  # bytes per cached number
+    max_calib_tokens: int = 2048
+    truncate: bool = False
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        given = [n for n, v in (("target_error", self.target_errors), ("target_energy", self.target_energies),
+                                ("k", self.ks), ("budget", self.budget)) if v]
+        if len(given) > 1:
+            raise HeadlensError(f"give one budget: {' or '.join('`' + g + '`' for g in given)}, not several")
+        _in_unit(self.target_errors, "target_error")
+        _in_unit(self.target_energies, "target_energy")
+        for k in self.ks or ():
+            if not isinstance(k, int) or k < 0:
+                raise HeadlensError(f"`k` {k}: a latent size is a whole number, 0..head_dim")
+        bad = [k for k in self.latents if k not in LATENT_KINDS]
+        if bad or not self.latents:
+            raise HeadlensError(f"`latent` {bad[0] if bad else ''!r}: choose plain, data-aware or both")
+        if not 1 <= self.kv_bytes <= 8:
+            raise HeadlensError(f"`kv_bytes` {self.kv_bytes}: bytes per cached value are 1..8")
+        if self.max_calib_tokens < 4:
+            raise HeadlensError(f"`max_calib_tokens` {self.max_calib_tokens}: at least 4")
+
+    def budget_kind(self) -> str:
+        return ("target-energy" if self.target_energies else "k" if self.ks else "file" if self.budget
+                else "target-error")
+
+    def needs_calibration(self) -> bool:
+        return "data-aware" in self.latents
+
+
+@dataclass
+class Configuration:
+    """One measured configuration: a latent kind and an allocation of latent sizes."""
+
+    name: str  # e.g. "data-aware error<=0.1", "uniform (same bytes as plain error<=0.1)"
+    budget: str  # target-error, target-energy, k, file
+    target: Any  # the target value, the uniform k, or the budget file's name
+    latent: str  # plain or data-aware
+    allocation: str  # "budget" (the target's sizes) or "uniform"
+    ks: Ks
+    matches: str | None = None  # for a uniform allocation: the name of the budget it has the bytes of
+
+    @property
+    def latent_dims(self) -> int:
+        return sum(sum(v) for v in self.ks.values())
+
+
+@dataclass
+class CompressResult:
+    model: dict  # the checkpoint's description and weights digest
+    name: str
+    task: str  # causal-lm or embedding
+    layers: list[int]
+    config: CompressConfig
+    calibration_tokens: int
+    ridge: dict[int, float]  # layer -> ridge added to X X^T for the data-aware latents (0.0: none needed)
+    configurations: list[Configuration]
+    measurements: list[Measurement]  # one per configuration
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time went
+
+    def pairs(self) -> list[tuple[Configuration, Measurement]]:
+        return list(zip(self.configurations, self.measurements))
+
+
+def _label(budget: str, value: Any) -> str:
+    return {"target-error": f"error<={value:g}" if isinstance(value, float) else "",
+            "target-energy": f"energy>={value:g}" if isinstance(value, float) else "",
+            "k": f"k={value}", "file": f"budget {value}"}[budget]
+
+
+def configurations(cfg: CompressConfig, full: dict[str, dict[int, LayerPlan]], ck, budget_ks: dict[str, Ks] | None,
+                   budget_name: str | None = None) -> list[Configuration]:
+    """Every configuration ``cfg`` asks for, from the full-size plans of each kind (``full[kind]``); budget files
+    come in as ``budget_ks`` (kind -> sizes)."""
+    from headlens.circuits.budget import BudgetTarget
+
+    s = ck.shape
+    layers = sorted(next(iter(full.values())))
+    kind = cfg.budget_kind()
+    out: list[Configuration] = []
+    for latent in cfg.latents:
+        if kind == "k":
+            for k in cfg.ks:  # type: ignore[union-attr]
+                if k > s.head_dim:
+                    raise HeadlensError(f"`k` {k} is above head_dim {s.head_dim}: a kv group's latent holds "
+                                        f"0..{s.head_dim} numbers")
+                out.append(Configuration(f"{latent} {_label('k', k)}", "k", k, latent, "uniform",
+                                         same_ks(layers, s.num_kv_heads, k)))
+            continue
+        if kind == "file":
+            values: list[Any] = [budget_name]
+        else:
+            values = list(cfg.target_energies if kind == "target-energy" else cfg.target_errors
+                          or DEFAULT_TARGET_ERRORS)
+        for v in values:
+            if kind == "file":
+                ks = budget_ks[latent]  # type: ignore[index]
+                missing = [layer for layer in layers if layer not in ks]
+                if missing or set(ks) - set(layers):
+                    raise HeadlensError(f"--budget covers layers {sorted(ks)}, but this run compresses {layers}: "
+                                        "pass --layers to match the sweep")
+            else:
+                ks = target_ks(full[latent], BudgetTarget("energy" if kind == "target-energy" else "error", float(v)))
+            name = f"{latent} {_label(kind, v)}"
+            out.append(Configuration(name, kind, v, latent, "budget", ks))
+            out.append(Configuration(f"uniform {latent} (bytes of {_label(kind, v)})", kind, v, latent, "uniform",
+                                     uniform_ks(ks, s.head_dim), matches=name))
+    return out
+
+
+def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts: list[str] | None = None, *,
+                 on_start: Callable[[dict], None] | None = None, disable: bool | None = None,
+                 model_out: list | None = None) -> CompressResult:
+    """Fit, put in and measure the latents ``cfg`` describes on ``source`` (a ModelSource), on ``eval_texts``
+    (never used to fit), with ``calib_texts`` for data-aware latents. ``on_start`` gets a dict describing the
+    run before the eval passes; ``model_out``, when a list, receives (model, ck, tokenizer) for the caller to
+    save a configuration with. Returns a :class:`CompressResult`."""
+    from headlens.circuits.sweep_parts import weights_digest
+    from headlens.io.checkpoint import cast_dtype
+    from headlens.io.source import check_text_lengths
+    from headlens.residual.capture import capture_attention_inputs, max_positions
+    from headlens.selection import parse_layers
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    if not eval_texts:
+        raise HeadlensError("`eval` holds no texts")
+    if cfg.needs_calibration() and not calib_texts:
+        raise HeadlensError("data-aware latents need calibration texts (`calib`), or pass `latent` plain")
+    ck = source.checkpoint(full=True, roles=("q", "k", "v", "o", "qkv", "norm"))
+    if ck.directory is None:
+        raise HeadlensError("compress runs the model: pass a HuggingFace model directory (config.json, weights and "
+                            "tokenizer), an embedded `model`, or `hf_repo`")
+    s = ck.shape
+    layers = parse_layers(cfg.layers, s.num_layers)
+    for k in cfg.ks or ():
+        if k > s.head_dim:
+            raise HeadlensError(f"`k` {k} is above head_dim {s.head_dim}: a kv group's latent holds "
+                                f"0..{s.head_dim} numbers")
+    digest = weights_digest(ck)
+    budget_ks = read_budget(cfg.budget, ck, digest, tuple(cfg.latents)) if cfg.budget else None
+    dtype = cast_dtype(cfg.dtype)
+    tok = source.tokenizer(ck.directory)
+    limit = max_positions(ck.config or {})
+    check_text_lengths(tok, eval_texts, limit, cfg.truncate, "eval text")
+    _check_short(tok, eval_texts)
+    model = source.lm_model(ck.directory, dtype)
+    seconds["load"] = time.perf_counter() - t0
+    X: dict[int, torch.Tensor] = {}
+    n_calib = 0
+    if cfg.needs_calibration():
+        t = time.perf_counter()
+        check_text_lengths(tok, calib_texts, limit, cfg.truncate, "calibration text", cfg.max_calib_tokens)  # type: ignore[arg-type]
+        X, n_calib = capture_attention_inputs(model, tok, ck.spec, calib_texts, layers, cfg.max_calib_tokens, limit)  # type: ignore[arg-type]
+        if n_calib < 4:
+            raise HeadlensError(f"the calibration texts give {n_calib} tokens: data-aware latents need at least 4")
+        seconds["calibration"] = time.perf_counter() - t
+    t = time.perf_counter()
+    full = {kind: full_plans(ck, layers, kind, X if kind == "data-aware" else None, dtype) for kind in cfg.latents}
+    X.clear()
+    confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
+    seconds["fit"] = time.perf_counter() - t
+    ridge = {layer: max(g.ridge for g in p.groups) for layer, p in full.get("data-aware", {}).items()}
+    if on_start is not None:
+        on_start({"name": ck.name, "shape": s, "layers": layers, "calibration_tokens": n_calib,
+                  "eval_texts": len(eval_texts), "configurations": len(confs)})
+    # identical (kind, sizes) are measured once
+    keys = [(c.latent, tuple((layer, tuple(v)) for layer, v in sorted(c.ks.items()))) for c in confs]
+    unique = list(dict.fromkeys(keys))
+    plan_sets = [cut_all(full[kind], dict((layer, list(v)) for layer, v in sizes)) for kind, sizes in unique]
+    t = time.perf_counter()
+    measured = measure_many(model, ck, tok, plan_sets, eval_texts, bytes_per_value=cfg.kv_bytes,
+                            truncate=cfg.truncate, disable=disable)
+    seconds["eval"] = time.perf_counter() - t
+    by_key = dict(zip(unique, measured))
+    if model_out is not None:
+        model_out.extend([model, ck, tok, {key: plans for key, plans in zip(unique, plan_sets)}, keys])
+    seconds["total"] = time.perf_counter() - t0
+    return CompressResult(model={**ck.describe(), "weights_digest": digest}, name=ck.name, task=measured[0].task,
+                          layers=layers, config=cfg, calibration_tokens=n_calib, ridge=ridge, configurations=confs,
+                          measurements=[by_key[k] for k in keys], seconds=seconds)
+
+
+def _check_short(tok, texts: list[str]) -> None:
+    from headlens.io.source import quiet_transformers
+
+    for i, text in enumerate(texts):
+        with quiet_transformers():
+            n = len(tok(text)["input_ids"])
+        if n < MIN_EVAL_TOKENS:
+            preview = text if len(text) <= 40 else text[:37] + "..."
+            raise HeadlensError(f"eval text {i + 1} ({preview!r}) has {n} token(s): every eval text needs at least "
+                                f"{MIN_EVAL_TOKENS}")
