@@ -42,6 +42,7 @@ demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/headlens sphere --model tiny-lm --prompt "$(LM_PROMPT)" --out-dir $(OUT)/tiny-lm
 	HF_HUB_OFFLINE=1 $(BIN)/headlens ov --model tiny-lm --layer $(LM_LAYER) --head $(LM_HEAD) --latent-dim 8 \
 		--prompt "$(LM_PROMPT)" --heatmap --plot --out-dir $(OUT)/tiny-lm --json
+	HF_HUB_OFFLINE=1 $(BIN)/headlens compress --model tiny-lm --out-dir $(OUT)/tiny-lm/compress
 	HF_HUB_OFFLINE=1 $(BIN)/headlens router --model tiny-moe --prompt "$(LM_PROMPT)" --out-dir $(OUT)/tiny-moe
 	@echo "files under $(OUT)/:"
 	@ls -lR $(OUT)

@@ -125,3 +125,39 @@ def test_plan_layer_and_cut_agree_on_data_aware_exactness(ckpts):
     _, total = p.cache_errors(f.W_V, X)
     assert total == pytest.approx(p.predicted_error, rel=1e-9)
     assert plan_layer(0, f.W_O, f.W_V, [6, 2], "data-aware", X).predicted_error == pytest.approx(total, rel=1e-9)
+
+
+def test_batched_re_run_is_checked_and_falls_back(ckpts, monkeypatch):
+    """The isolated re-runs of several configurations go through the block as one batch only after a check on the
+    first text agreed with the one-by-one re-runs; when the batched form fails, the one-by-one numbers stand."""
+    from headlens.compress import recorder as recorder_mod
+
+    model, tok = ckpts.model("qwen3", "gqa")
+    model = copy.deepcopy(model).double()
+    ck = _ck(ckpts)
+    full = full_plans(ck, [0, 1], "plain", load_dtype=torch.float64)
+    configs = [cut_all(full, {0: [4, 4], 1: [2, 9]}), cut_all(full, {0: [7, 1], 1: [5, 5]})]
+    used = []
+    real = recorder_mod.Recorder._batched
+
+    def spy(self, module, args, kwargs, cs, mode):
+        used.append(mode)
+        return real(self, module, args, kwargs, cs, mode)
+
+    monkeypatch.setattr(recorder_mod.Recorder, "_batched", spy)
+    batched = measure_many(model, ck, tok, configs, TEXTS, disable=True)
+    assert used.count("iso-check") == 2 and used.count("iso-batch") == 2 * (len(TEXTS) - 1)
+
+    def broken(self, module, args, kwargs, cs, mode):
+        used.append("broken")
+        raise RuntimeError("this family's block does not take a batch")
+
+    monkeypatch.setattr(recorder_mod.Recorder, "_batched", broken)
+    used.clear()
+    fallback = measure_many(model, ck, tok, configs, TEXTS, disable=True)
+    assert used == ["broken", "broken"]  # tried once per layer, then one by one
+    for a, b in zip(batched, fallback):
+        for la, lb in zip(a.layers, b.layers):
+            assert la.isolated_error == pytest.approx(lb.isolated_error, rel=1e-12)
+            assert la.value_path_error == pytest.approx(lb.value_path_error, rel=1e-12)
+        assert a.kl_mean == pytest.approx(b.kl_mean, rel=1e-12)

@@ -315,11 +315,11 @@ def test_model_restored_exactly_after_an_error(ckpts, monkeypatch, where):
     else:  # raised on the second text's compressed pass, with every latent written in
         real_final, calls = measure_mod._final, []
 
-        def final(out, causal):
+        def final(out, causal, head):
             calls.append(1)
             if len(calls) == 4:
                 raise RuntimeError("boom")
-            return real_final(out, causal)
+            return real_final(out, causal, head)
 
         monkeypatch.setattr(measure_mod, "_final", final)
     with pytest.raises(RuntimeError, match="boom"):

@@ -23,7 +23,8 @@ The output projection, not the spec's ``attn_out`` site, is measured: in sandwic
 ``attn_out`` is the post-attention norm's output, which renormalises the error away.
 
 The whole model (all planned layers compressed): ``hidden_error``, the relative Frobenius error of the last
-``hidden_states`` over all eval tokens; for causal LMs (an output embedding, ``model.get_output_embeddings()``, on
+hidden states over all eval tokens (for a causal LM what its output embedding reads, i.e. after the final norm,
+hooked; else the model's ``last_hidden_state``); for causal LMs (an output embedding, ``model.get_output_embeddings()``, on
 a decoder family) the next-token KL(original || compressed) in nats at every position that has a next token in its
 text (mean and 95th percentile, linear interpolation), top-1 agreement at those positions, and the perplexity
 ``exp(mean NLL)`` of the actual next tokens before and after, all from float64 log-softmaxes; for every
@@ -32,13 +33,16 @@ minimum) and nearest-neighbour agreement (the fraction of texts whose most simil
 the same before and after; None for fewer than 2 texts). KV bytes per token come with it (:func:`kv_bytes`).
 
 Texts run one at a time, unpadded (batch 1, so no attention mask and no pad token is involved, and the mean pool is
-over every token of the text, special tokens included). Per text: one original forward pass, during which each
-planned layer's attention block is re-run once with only that layer compressed (a forward hook on the block calls
-its ``forward`` again, so the block's own hooks do not see the re-run; the outer pass continues with the original
-weights), then one forward pass with every planned layer compressed. The per-layer sums are taken in the hooks, so
-between the passes a text keeps only each planned layer's original output-projection output (N x d).
-The weights are changed only through :func:`headlens.compress.apply.compressed`, so the model leaves exactly as it
-came, hooks removed, also when an error is raised.
+over every token of the text, special tokens included). Per text, for all configurations of :func:`measure_many`
+together: one original forward pass, during which each planned layer's attention block is re-run once per
+configuration with only that layer compressed (a forward hook on the block calls its ``forward`` again, so the
+block's own hooks do not see the re-run; the outer pass continues with the original weights); then, per
+configuration, one forward pass with its planned layers compressed. The per-layer sums are taken in the hooks, so
+between the passes a text keeps only each planned layer's original value input, value output and output-projection
+output (N x d each) and its original logits. KL per position is ``sum p log p - sum p z + logsumexp(z)`` (z the
+compressed logits), float64. The weights are changed only through :mod:`headlens.compress.apply` (each
+configuration's new value blocks computed once, written in and restored around each pass), so the model leaves
+exactly as it came, hooks removed, also when an error is raised.
 """
 
 from __future__ import annotations
@@ -204,51 +208,74 @@ def _token_ids(tokenizer, texts: list[str], limit: int | None, vocab: int | None
 
 def _forward(model: nn.Module, ids: torch.Tensor, use_cache: bool):
     kwargs = {"use_cache": False} if use_cache else {}
-    return model(input_ids=ids, output_hidden_states=True, **kwargs)
+    return model(input_ids=ids, **kwargs)
 
 
-def _final(out, causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(last hidden states (N, d) float64, logits (N, V) float64 or None) of one forward's output."""
-    hs = getattr(out, "hidden_states", None)
-    if not hs:
-        raise HeadlensError("the model returned no hidden states (output_hidden_states=True was ignored)")
-    h = hs[-1][0].detach().to(torch.float64)
+class _HeadInput:
+    """A forward hook on the output embedding keeping what it reads: the final hidden states the logits are
+    computed from (after the final norm), without asking the model for every layer's hidden states."""
+
+    def __init__(self, head: nn.Module | None):
+        self.value: torch.Tensor | None = None
+        self.handle = head.register_forward_hook(self._keep) if head is not None else None
+
+    def _keep(self, _m, args, _out) -> None:
+        self.value = args[0]
+
+    def take(self) -> torch.Tensor:
+        if self.value is None:
+            raise HeadlensError("the model's output embedding was not called during the forward pass")
+        v, self.value = self.value, None
+        return v
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def _final(out, causal: bool, head: _HeadInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(last hidden states (N, d) float64, logits (N, V) float64 or None) of one forward's output: for a causal LM
+    what its output embedding read, else the model's ``last_hidden_state``."""
     if not causal:
-        return h, None
+        h = getattr(out, "last_hidden_state", None)
+        if h is None:
+            raise HeadlensError("the model returned no last_hidden_state")
+        return h[0].detach().to(torch.float64), None
     logits = getattr(out, "logits", None)
     if logits is None:
         raise HeadlensError("the model has an output embedding but its forward returned no logits")
-    return h, logits[0].detach().to(torch.float64)
+    return head.take()[0].detach().to(torch.float64), logits[0].detach().to(torch.float64)
 
 
 class _Original:
-    """One text's unmodified outputs, shared by every configuration: the last hidden states, the logits and
-    (when they fit in ``CACHE_ELEMENTS``) their float64 log-softmax, chunk by chunk."""
+    """One text's unmodified outputs, shared by every configuration: the last hidden states, the logits and, per
+    chunk of positions, what KL needs of them (float64 log-probabilities ``lp``, probabilities ``p``, ``sum p lp``
+    and the top-1 token), kept for every configuration while they fit in ``CACHE_ELEMENTS``."""
 
     def __init__(self, ids: torch.Tensor, final: tuple):
         self.h, self.logits = final
         self.target = ids[0, 1:].to(self.h.device) if self.logits is not None else None
         n = 0 if self.target is None else int(self.target.shape[0])
         self.chunks = [(a, min(n, a + CHUNK)) for a in range(0, n, CHUNK)]
-        self.keep = self.logits is not None and self.logits.numel() <= CACHE_ELEMENTS
-        self._lp: dict[int, torch.Tensor] = {}
-        self._top: dict[int, torch.Tensor] = {}
+        self.keep = self.logits is not None and 2 * self.logits.numel() <= CACHE_ELEMENTS
+        self._cache: dict[int, tuple] = {}
 
-    def log_probs(self, a: int, b: int) -> torch.Tensor:
-        lp = self._lp.get(a)
-        if lp is None:
+    def chunk(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lp, p, sum_v p lp, argmax) for positions a..b-1."""
+        got = self._cache.get(a)
+        if got is None:
             lp = torch.log_softmax(self.logits[a:b], dim=-1)  # type: ignore[index]
+            p = torch.exp(lp)
+            got = (lp, p, (p * lp).sum(dim=-1), self.logits[a:b].argmax(dim=-1))  # type: ignore[index]
             if self.keep:
-                self._lp[a] = lp
-        return lp
-
-    def top1(self, a: int, b: int) -> torch.Tensor:
-        if a not in self._top:
-            self._top[a] = self.logits[a:b].argmax(dim=-1)  # type: ignore[index]
-        return self._top[a]
+                self._cache[a] = got
+        return got
 
 
 def _tally_model(tally: Tally, orig: _Original, after: tuple) -> None:
+    """Add one configuration's compressed pass of one text. KL(p || q) per position is computed as
+    ``sum p lp - sum p z + logsumexp(z)`` with z the compressed logits (``log q = z - logsumexp(z)``, sum p = 1):
+    two reductions over the vocabulary per configuration, all in float64."""
     h, (h2, logits2) = orig.h, after
     tally.h_lost += sq_norm(h2 - h)
     tally.h_total += sq_norm(h)
@@ -259,12 +286,15 @@ def _tally_model(tally: Tally, orig: _Original, after: tuple) -> None:
         return
     kls = []
     for a, b in orig.chunks:
-        lp, lq = orig.log_probs(a, b), torch.log_softmax(logits2[a:b], dim=-1)  # float64
-        kls.append((torch.exp(lp) * (lp - lq)).sum(dim=-1).cpu())
-        tally.top1 += int((orig.top1(a, b) == logits2[a:b].argmax(dim=-1)).sum())
+        lp, p, plp, top = orig.chunk(a, b)
+        z = logits2[a:b]
+        lse = torch.logsumexp(z, dim=-1)
+        same = torch.equal(z, orig.logits[a:b])  # type: ignore[index]  # unchanged logits: exactly 0, not round-off
+        kls.append(torch.zeros(b - a, dtype=torch.float64) if same else (plp - (p * z).sum(dim=-1) + lse).cpu())
+        tally.top1 += int((top == z.argmax(dim=-1)).sum())
         t = orig.target[a:b, None]  # type: ignore[index]
         tally.nll_before -= float(lp.gather(1, t).sum())
-        tally.nll_after -= float(lq.gather(1, t).sum())
+        tally.nll_after -= float((z.gather(1, t)[:, 0] - lse).sum())
     tally.kl.append(torch.cat(kls) if kls else torch.zeros(0, dtype=torch.float64))
     tally.n_predicted += sum(b - a for a, b in orig.chunks)
 
@@ -370,6 +400,7 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
         per_config.append((sites, Tally()))
     was_training = model.training
     model.eval()
+    head_in = _HeadInput(head if causal else None)
     try:
         with Recorder(model, ck, per_config) as rec, torch.no_grad():
             bar = tqdm(total=len(ids_list) * len(configs), desc=desc, unit="pass", file=sys.stderr, disable=disable)
@@ -377,16 +408,17 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
                 for ids in ids_list:
                     ids = ids.to(device)
                     rec.start_text()
-                    orig = _Original(ids, _final(_forward(model, ids, use_cache), causal))
+                    orig = _Original(ids, _final(_forward(model, ids, use_cache), causal, head_in))
                     for c, plans in enumerate(ordered):
                         rec.mode, rec.current = "acc", c
                         with (applied(prepared[c]) if keep else compressed(model, ck, plans)):
-                            after = _final(_forward(model, ids, use_cache), causal)
+                            after = _final(_forward(model, ids, use_cache), causal, head_in)
                         rec.mode = "orig"
                         _tally_model(per_config[c][1], orig, after)
                         bar.update(1)
                     rec.check_text()
     finally:
+        head_in.remove()
         model.train(was_training)
     return [_result(sites, tally, kv, causal, len(texts)) for (sites, tally), kv in zip(per_config, kvs)]
 

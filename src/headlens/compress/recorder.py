@@ -134,6 +134,10 @@ class Recorder:
         self.layers = sorted({layer for sites, _ in configs for layer in sites})
         self.mode = "orig"
         self.current = 0  # the configuration being re-run or compressed
+        self.batch: list[int] = []  # the configurations of a batched re-run, in batch order
+        self.batched: dict[int, bool] = {}  # layer -> the batched re-run agreed with the one-by-one re-runs
+        self.check: dict[int, torch.Tensor] = {}  # layer -> what the output projection wrote in the check run
+        self._last_o: torch.Tensor | None = None  # what the output projection wrote in the last one-by-one re-run
         self.kept: dict[tuple[str, int], torch.Tensor] = {}
         self.hits: set[tuple] = set()
         self.handles: list = []
@@ -184,6 +188,8 @@ class Recorder:
                 self.kept[("x", layer)] = as_rows(hidden_states_input(args, kwargs))
                 self.kept[("v", layer)] = as_rows(output)
                 self.hits.update({("x", layer), ("v", layer)})
+            elif self.mode in ("iso-batch", "iso-check"):
+                return self._batched_values(layer, _m, args, kwargs)
             elif self.mode == "iso" and ("v", layer) in self.kept and ("iso-v", layer, self.current) not in self.hits:
                 sites, tally = self.configs[self.current]
                 s = sites[layer]
@@ -194,8 +200,41 @@ class Recorder:
                 self.hits.add(("iso-v", layer, self.current))
         return hook
 
+    def _batched_values(self, layer: int, module, args, kwargs) -> torch.Tensor:
+        """The value module's output in a batched re-run: row i computed with configuration ``batch[i]``'s value
+        weights from the (identical) original input; its value-path sums are added in ``iso-batch`` mode."""
+        from headlens.residual.modules import hidden_states_input
+
+        X = hidden_states_input(args, kwargs)
+        outs = []
+        for i, c in enumerate(self.batch):
+            sites, tally = self.configs[c]
+            s = sites[layer]
+            with applied(s.prepared):  # type: ignore[arg-type]
+                out = module.forward(X[i:i + 1])  # forward, not __call__: this hook stays out of it
+            outs.append(out)
+            if self.mode == "iso-batch":
+                x, v, v_iso = self.kept[("x", layer)], self.kept[("v", layer)], as_rows(out)
+                for g, sl in enumerate(s.out_slices):
+                    add_to(tally.vp_lost, (layer, g), sq_norm(s.R[g] @ (v[:, sl] - v_iso[:, sl]).T))
+                    add_to(tally.vp_total, (layer, g), sq_norm(s.R[g] @ (s.W_V[g] @ x.T)))
+                self.hits.add(("iso-v", layer, c))
+        return torch.cat(outs)
+
     def _out(self, layer: int):
         def hook(_m, _args, output):
+            if self.mode in ("iso-batch", "iso-check"):
+                from headlens.residual.modules import first_tensor
+
+                o_all = first_tensor(output).detach()
+                if self.mode == "iso-check":
+                    self.check[layer] = o_all.to(torch.float64, copy=True)
+                    return
+                ref = self.kept[("o", layer)]
+                for i, c in enumerate(self.batch):
+                    add_to(self.configs[c][1].o_iso, layer, sq_norm(as_rows(o_all[i:i + 1]) - ref))
+                    self.hits.add(("iso", layer, c))
+                return
             o = as_rows(output)
             if self.mode == "orig":
                 self.kept[("o", layer)] = o
@@ -210,6 +249,7 @@ class Recorder:
                 return
             if self.mode == "iso" and ("iso-v", layer, self.current) in self.hits \
                     and ("iso", layer, self.current) not in self.hits:
+                self._last_o = o
                 add_to(tally.o_iso, layer, sq_norm(o - ref))
                 self.hits.add(("iso", layer, self.current))
             elif self.mode == "acc" and ("acc", layer, self.current) not in self.hits:
@@ -217,23 +257,80 @@ class Recorder:
                 self.hits.add(("acc", layer, self.current))
         return hook
 
+    def _one_by_one(self, module, args, kwargs, layer: int, cs: list[int]) -> list[torch.Tensor]:
+        """Re-run the block once per configuration in ``cs`` (``iso`` mode); returns what the output projection
+        wrote each time (float64 rows)."""
+        seen = []
+        for c in cs:
+            self.mode, self.current = "iso", c
+            site = self.configs[c][0][layer]
+            with (applied(site.prepared) if site.prepared is not None else
+                  compressed(self.model, self.ck, [site.plan])):
+                module.forward(*args, **kwargs)  # not module(...): the block's own hooks (this one, and
+                # transformers' output-capturing hooks, which would record the re-run) stay out of it
+            seen.append(self._last_o)
+        return seen
+
+    def _batched(self, module, args, kwargs, cs: list[int], mode: str) -> None:
+        """Re-run the block once with the original input repeated len(cs) times along the batch, row i with
+        configuration cs[i]'s values (the value module's hook swaps them in): one call instead of len(cs)."""
+        from headlens.residual.modules import hidden_states_input
+
+        x = hidden_states_input(args, kwargs)
+        xb = x.expand(len(cs), *x.shape[1:]).contiguous()
+        if "hidden_states" in kwargs:
+            kwargs = {**kwargs, "hidden_states": xb}
+        else:
+            args = (xb, *args[1:])
+        self.mode, self.batch = mode, cs
+        try:
+            module.forward(*args, **kwargs)
+        finally:
+            self.batch = []
+
     def _rerun(self, layer: int):
         def hook(module, args, kwargs, _output):
             if self.mode != "orig":
                 return None
+            cs = [c for c, (sites, _) in enumerate(self.configs) if layer in sites]
+            can_batch = len(cs) > 1 and all(self.configs[c][0][layer].prepared is not None for c in cs)
             try:
-                for c, (sites, _) in enumerate(self.configs):
-                    if layer not in sites:
-                        continue
-                    self.mode, self.current = "iso", c
-                    site = sites[layer]
-                    with (applied(site.prepared) if site.prepared is not None else
-                          compressed(self.model, self.ck, [site.plan])):
-                        module.forward(*args, **kwargs)  # not module(...): the block's own hooks (this one, and
-                        # transformers' output-capturing hooks, which would record the re-run) stay out of it
+                if can_batch and self.batched.get(layer):
+                    self._batched(module, args, kwargs, cs, "iso-batch")
+                else:
+                    seen = self._one_by_one(module, args, kwargs, layer, cs)
+                    if can_batch and layer not in self.batched:  # once per layer: does a batched re-run agree?
+                        self.batched[layer] = self._agrees(module, args, kwargs, layer, cs, seen)
             finally:
                 self.mode = "orig"
             self.kept.pop(("x", layer), None)  # every configuration has its value-path sums: drop the inputs
             self.kept.pop(("v", layer), None)
             return None
         return hook
+
+    def _agrees(self, module, args, kwargs, layer: int, cs: list[int], seen: list) -> bool:
+        """Whether a batched re-run (``iso-check``: nothing added) writes what the one-by-one re-runs wrote, to
+        1e-3 of each configuration's isolated error plus round-off: a family whose block does not broadcast its
+        other inputs over a larger batch, or computes something else with it, keeps the one-by-one re-runs."""
+        try:
+            self._batched(module, args, kwargs, cs, "iso-check")
+        except Exception:  # noqa: BLE001 (any failure of the batched form means: do not use it)
+            return False
+        got = self.check.pop(layer, None)
+        ref = self.kept[("o", layer)]
+        if got is None or got.shape[0] != len(cs):
+            return False
+        eps = float(torch.finfo(first_param_dtype(module)).eps)
+        for i, o in enumerate(seen):
+            b = got[i].reshape(-1, got.shape[-1])
+            if o is None or b.shape != o.shape:
+                return False
+            tol = 1e-3 * float(torch.linalg.norm(o - ref)) + 100 * eps * float(torch.linalg.norm(ref))
+            if float(torch.linalg.norm(b - o)) > tol:
+                return False
+        return True
+
+
+def first_param_dtype(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None and p.dtype.is_floating_point else torch.float32
