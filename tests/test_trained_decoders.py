@@ -284,8 +284,26 @@ def test_the_package_data_globs_carry_every_model_file():
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
         "headlens.models"]
     files = [p.relative_to(MODELS_DIR).as_posix() for p in MODELS_DIR.glob("*/*") if p.is_file()]
-    assert {f.split("/")[0] for f in files} == set(PARAMS)
+    assert {f.split("/")[0] for f in files} == set(PARAMS) | {"texts"}  # texts/: compress's default texts
+    assert {"decoder_calib.txt", "decoder_eval.txt", "minilm_calib.txt", "minilm_eval.txt"} <= {
+        f.split("/")[1] for f in files if f.startswith("texts/")}
     for name in PARAMS:
         assert {"config.json", "model.safetensors", "tokenizer.json", "PROVENANCE.md", "provenance.json",
                 "LICENSE-CORPUS.md"} <= {f.split("/")[1] for f in files if f.startswith(name + "/")}
     assert [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)] == []
+
+
+def test_compress_default_texts_are_reproducible_and_disjoint():
+    """The shipped calibration and eval texts are what tools/train/compress_texts.py makes from the committed
+    held-out split, and no eval text is a calibration text."""
+    import subprocess
+    import sys
+
+    from headlens.io.embedded import default_texts
+
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train" / "compress_texts.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("tiny-lm", "tiny-moe", "minilm"):
+        calib, evals = (set(p.read_text().splitlines()) for p in default_texts(name))
+        assert calib and evals and not calib & evals
