@@ -272,7 +272,7 @@ class _Original:
         return got
 
 
-def _tally_model(tally: Tally, orig: _Original, after: tuple) -> None:
+def _tally_model(tally: Tally, orig: _Original, after: tuple, unchanged: bool = False) -> None:
     """Add one configuration's compressed pass of one text. KL(p || q) per position is computed as
     ``sum p lp - sum p z + logsumexp(z)`` with z the compressed logits (``log q = z - logsumexp(z)``, sum p = 1):
     two reductions over the vocabulary per configuration, all in float64."""
@@ -289,8 +289,8 @@ def _tally_model(tally: Tally, orig: _Original, after: tuple) -> None:
         lp, p, plp, top = orig.chunk(a, b)
         z = logits2[a:b]
         lse = torch.logsumexp(z, dim=-1)
-        same = torch.equal(z, orig.logits[a:b])  # type: ignore[index]  # unchanged logits: exactly 0, not round-off
-        kls.append(torch.zeros(b - a, dtype=torch.float64) if same else (plp - (p * z).sum(dim=-1) + lse).cpu())
+        kl = torch.zeros(b - a, dtype=torch.float64) if unchanged else (plp - (p * z).sum(dim=-1) + lse).cpu()
+        kls.append(kl)  # unchanged (nothing compressed): exactly 0, not round-off
         tally.top1 += int((top == z.argmax(dim=-1)).sum())
         t = orig.target[a:b, None]  # type: ignore[index]
         tally.nll_before -= float(lp.gather(1, t).sum())
@@ -414,7 +414,7 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
                         with (applied(prepared[c]) if keep else compressed(model, ck, plans)):
                             after = _final(_forward(model, ids, use_cache), causal, head_in)
                         rec.mode = "orig"
-                        _tally_model(per_config[c][1], orig, after)
+                        _tally_model(per_config[c][1], orig, after, unchanged=not plans)
                         bar.update(1)
                     rec.check_text()
     finally:

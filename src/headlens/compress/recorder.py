@@ -138,6 +138,7 @@ class Recorder:
         self.batched: dict[int, bool] = {}  # layer -> the batched re-run agreed with the one-by-one re-runs
         self.check: dict[int, torch.Tensor] = {}  # layer -> what the output projection wrote in the check run
         self._last_o: torch.Tensor | None = None  # what the output projection wrote in the last one-by-one re-run
+        self._stacks: dict = {}  # (layer, batch) -> the batch's value weights, stacked (see _stacked_weights)
         self.kept: dict[tuple[str, int], torch.Tensor] = {}
         self.hits: set[tuple] = set()
         self.handles: list = []
@@ -206,13 +207,21 @@ class Recorder:
         from headlens.residual.modules import hidden_states_input
 
         X = hidden_states_input(args, kwargs)
-        outs = []
-        for i, c in enumerate(self.batch):
+        stacked = self._stacked_weights(layer, module)
+        if stacked is not None:  # one batched product: row i with configuration batch[i]'s whole value weight
+            weight, transposed, bias = stacked
+            out_all = torch.bmm(X, weight if transposed else weight.transpose(1, 2))
+            if bias is not None:
+                out_all = out_all + bias
+            outs = list(out_all.split(1))
+        else:
+            outs = []
+            for i, c in enumerate(self.batch):
+                with applied(self.configs[c][0][layer].prepared):  # type: ignore[arg-type]
+                    outs.append(module.forward(X[i:i + 1]))  # forward, not __call__: this hook stays out of it
+        for c, out in zip(self.batch, outs):
             sites, tally = self.configs[c]
             s = sites[layer]
-            with applied(s.prepared):  # type: ignore[arg-type]
-                out = module.forward(X[i:i + 1])  # forward, not __call__: this hook stays out of it
-            outs.append(out)
             if self.mode == "iso-batch":
                 x, v, v_iso = self.kept[("x", layer)], self.kept[("v", layer)], as_rows(out)
                 for g, sl in enumerate(s.out_slices):
@@ -220,6 +229,36 @@ class Recorder:
                     add_to(tally.vp_total, (layer, g), sq_norm(s.R[g] @ (s.W_V[g] @ x.T)))
                 self.hits.add(("iso-v", layer, c))
         return torch.cat(outs)
+
+    def _stacked_weights(self, layer: int, module) -> tuple[torch.Tensor, bool, torch.Tensor | None] | None:
+        """(the value module's weight with each configuration of the batch written in, stacked (C, ...), whether it
+        is stored [in, out] as GPT-2's Conv1D, the bias) for a plain Linear or Conv1D value module with one weight
+        tensor; None otherwise (the batch then runs the module once per configuration). Built once per layer and
+        batch."""
+        key = (layer, tuple(self.batch))
+        if key in self._stacks:
+            return self._stacks[key]
+        weight = getattr(module, "weight", None)
+        kind = type(module).__name__
+        got = None
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and (isinstance(module, nn.Linear) or kind == "Conv1D"):
+            ws = []
+            for c in self.batch:
+                w = weight.detach().clone()
+                for param, block, value in self.configs[c][0][layer].prepared.writes[layer]:  # type: ignore[union-attr]
+                    if param is not weight:
+                        ws = []
+                        break
+                    w[block.index] = value  # type: ignore[index]
+                else:
+                    ws.append(w)
+                    continue
+                break
+            if len(ws) == len(self.batch):
+                bias = getattr(module, "bias", None)
+                got = (torch.stack(ws), kind == "Conv1D", bias.detach() if isinstance(bias, torch.Tensor) else None)
+        self._stacks[key] = got
+        return got
 
     def _out(self, layer: int):
         def hook(_m, _args, output):
