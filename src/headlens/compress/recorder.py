@@ -153,10 +153,41 @@ class Recorder:
                 self.handles.append(s.value.register_forward_hook(self._value(layer), with_kwargs=True))
                 self.handles.append(s.o.register_forward_hook(self._out(layer)))
                 self.handles.append(s.block.register_forward_hook(self._rerun(layer), with_kwargs=True))
+                self._hook_shared_projections(layer)
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def _hook_shared_projections(self, layer: int) -> None:
+        """In a batched re-run every row of the batch holds the same input, and only the values differ between
+        configurations: the separate query and key projections then run on one row and their output is repeated
+        over the batch (a pre-hook narrows the input, a hook widens the output), instead of computing the same
+        product once per configuration. Fused qkv projections run on the whole batch."""
+        from headlens.residual.modules import find_module, hidden_states_input
+
+        layout = self.ck.spec.layout
+        if layout.fused or layout.q is None or layout.k is None:
+            return
+        for rel in (layout.q, layout.k):
+            try:
+                mod = find_module(self.model, self.ck.spec, layer, rel.rsplit(".", 1)[0])
+            except HeadlensError:
+                return
+
+            def narrow(_m, args, kwargs):
+                if self.mode not in ("iso-batch", "iso-check"):
+                    return None
+                x = hidden_states_input(args, kwargs)[:1]
+                return ((), {**kwargs, "hidden_states": x}) if "hidden_states" in kwargs else ((x, *args[1:]), kwargs)
+
+            def widen(_m, _args, _kwargs, output):
+                if self.mode not in ("iso-batch", "iso-check") or not isinstance(output, torch.Tensor):
+                    return None
+                return output.expand(len(self.batch), *output.shape[1:])
+
+            self.handles.append(mod.register_forward_pre_hook(narrow, with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(widen, with_kwargs=True))
 
     def __exit__(self, *exc) -> bool:
         for h in self.handles:
