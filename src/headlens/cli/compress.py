@@ -123,7 +123,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from headlens.compress.plan import LATENT_KINDS
     from headlens.compress.run import CompressConfig, run_compress
     from headlens.io.files import check_writable_dir
-    from headlens.report.compress import header_line, result_lines, summary, write_report
+    from headlens.report.compress import header_line, preload_in_background, result_lines, summary, write_report
 
     cfg = CompressConfig(
         layers=args.layers,
@@ -142,6 +142,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             raise HeadlensError(f"--save-model {save} already exists and is not an empty directory: choose a new one")
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
+    preload_in_background()  # the report's imports overlap loading and the eval passes
     source = model_source(args)
     calib, eval_texts, notes = _texts(args, source, cfg)
     for n in notes:

@@ -250,6 +250,9 @@ class Recorder:
             for i, c in enumerate(self.batch):
                 with applied(self.configs[c][0][layer].prepared):  # type: ignore[arg-type]
                     outs.append(module.forward(X[i:i + 1]))  # forward, not __call__: this hook stays out of it
+        if self.mode == "iso-batch" and stacked is not None and self._shared_R(layer):
+            self._batched_value_path(layer, out_all)
+            return out_all
         for c, out in zip(self.batch, outs):
             sites, tally = self.configs[c]
             s = sites[layer]
@@ -260,6 +263,32 @@ class Recorder:
                     add_to(tally.vp_total, (layer, g), sq_norm(s.R[g] @ (s.W_V[g] @ x.T)))
                 self.hits.add(("iso-v", layer, c))
         return torch.cat(outs)
+
+    def _shared_R(self, layer: int) -> bool:
+        """Whether every configuration of the batch measures layer ``layer``'s groups with the same triangular
+        factors R_g (they come from the stacked W_O alone, so they should; checked once per layer and batch)."""
+        key = ("R", layer, tuple(self.batch))
+        if key not in self._stacks:
+            first = self.configs[self.batch[0]][0][layer].R
+            self._stacks[key] = all(len(self.configs[c][0][layer].R) == len(first) and all(
+                torch.equal(a, b) for a, b in zip(self.configs[c][0][layer].R, first)) for c in self.batch)
+        return bool(self._stacks[key])
+
+    def _batched_value_path(self, layer: int, out_all: torch.Tensor) -> None:
+        """The value-path sums of every configuration of the batch at once: ``||R_g (v - v'_c)||^2`` from the
+        (C, N, F) batched values, and ``||R_g W_V^g x||^2`` (the same for every configuration) once."""
+        s0 = self.configs[self.batch[0]][0][layer]
+        x, v = self.kept[("x", layer)], self.kept[("v", layer)]
+        diff = v.unsqueeze(0) - out_all.detach().to(torch.float64).reshape(len(self.batch), -1, out_all.shape[-1])
+        for g, sl in enumerate(s0.out_slices):
+            lost = (diff[:, :, sl] @ s0.R[g].T).pow(2).sum(dim=(1, 2))
+            total = sq_norm(s0.R[g] @ (s0.W_V[g] @ x.T))
+            for i, c in enumerate(self.batch):
+                tally = self.configs[c][1]
+                add_to(tally.vp_lost, (layer, g), float(lost[i]))
+                add_to(tally.vp_total, (layer, g), total)
+        for c in self.batch:
+            self.hits.add(("iso-v", layer, c))
 
     def _stacked_weights(self, layer: int, module) -> tuple[torch.Tensor, bool, torch.Tensor | None] | None:
         """(the value module's weight with each configuration of the batch written in, stacked (C, ...), whether it

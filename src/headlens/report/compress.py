@@ -137,6 +137,24 @@ def tradeoff_rows(records: list[dict]) -> list[dict]:
             for r in records]
 
 
+def preload_in_background() -> None:
+    """Import the figure and page modules (matplotlib) in a thread, so the import overlaps the eval passes (whose
+    torch kernels release the GIL). Errors are left to the writers, which report their own."""
+    import threading
+
+    def load() -> None:
+        try:
+            import headlens.report.compress_figures  # noqa: F401
+            import headlens.report.compress_html  # noqa: F401
+            from headlens.report.figures import _pyplot
+
+            _pyplot()
+        except Exception:  # noqa: BLE001
+            pass
+
+    threading.Thread(target=load, daemon=True, name="headlens-preload").start()
+
+
 def write_report(result: CompressResult, out_dir: Path, json_path: Path | None = None) -> list[Path]:
     """Every output file; returns their paths (tables, figures, summary JSON, page)."""
     from headlens.report.compress_figures import scatter, tradeoff
