@@ -288,10 +288,13 @@ def _tally_model(tally: Tally, orig: _Original, after: tuple, unchanged: bool = 
     for a, b in orig.chunks:
         lp, p, plp, top = orig.chunk(a, b)
         z = logits2[a:b]
-        lse = torch.logsumexp(z, dim=-1)
-        kl = torch.zeros(b - a, dtype=torch.float64) if unchanged else (plp - (p * z).sum(dim=-1) + lse).cpu()
+        top2 = z.argmax(dim=-1)
+        m = z.max(dim=-1, keepdim=True).values  # logsumexp with one temporary, exponentiated in place
+        lse = (z - m).exp_().sum(dim=-1).log_() + m[:, 0]
+        kl = (torch.zeros(b - a, dtype=torch.float64) if unchanged else
+              (plp - torch.einsum("nv,nv->n", p, z) + lse).cpu())
         kls.append(kl)  # unchanged (nothing compressed): exactly 0, not round-off
-        tally.top1 += int((top == z.argmax(dim=-1)).sum())
+        tally.top1 += int((top == top2).sum())
         t = orig.target[a:b, None]  # type: ignore[index]
         tally.nll_before -= float(lp.gather(1, t).sum())
         tally.nll_after -= float((z.gather(1, t)[:, 0] - lse).sum())
