@@ -115,8 +115,11 @@ def _texts(args, source, cfg) -> tuple[list[str] | None, list[str], list[str]]:
 
 def _n_saved(cfg) -> int:
     """How many configurations --save-model would have to choose between (budgets, not their uniform twins)."""
-    n_values = len(cfg.ks or cfg.target_energies or cfg.target_errors or ([1] if cfg.budget else [0, 0, 0]))
-    return n_values * len(cfg.latents)
+    from headlens.compress.run import DEFAULT_TARGET_ERRORS
+
+    values = cfg.ks or cfg.target_energies or cfg.target_errors or ([cfg.budget] if cfg.budget else
+                                                                     DEFAULT_TARGET_ERRORS)
+    return len(values) * len(cfg.latents)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -147,22 +150,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     calib, eval_texts, notes = _texts(args, source, cfg)
     for n in notes:
         print(n)
-    held: list = []
     result = run_compress(source, cfg, eval_texts, calib, on_start=lambda s: print(header_line(s), flush=True),
-                          model_out=held if save is not None else None)
+                          keep_model=save is not None)
     paths = write_report(result, out_dir, Path(args.json) if args.json else None)
     data = summary(result)
     lines = result_lines(data)
     if save is not None:
-        from headlens.compress.apply import save_compressed_model
-
-        model, ck, tok, plans_of, keys = held
         conf = next(c for c in result.configurations if c.allocation == "budget" or c.budget == "k")
-        key = keys[result.configurations.index(conf)]
         record = next(r for r in data["configurations"] if r["name"] == conf.name)
         digest = hashlib.sha256("\n".join(eval_texts).encode()).hexdigest()[:16]
         info = {"configuration": conf.name, "measured": {k: v for k, v in record.items() if k != "layers"},
                 "eval_texts": len(eval_texts), "eval_sha256": digest, "dtype": cfg.dtype}
-        paths.append(save_compressed_model(model, ck, list(plans_of[key].values()), save, tokenizer=tok, info=info))
+        paths.append(result.save_model(conf.name, save, info))
     print("\n".join(lines + [f"saved -> {p}" for p in paths]))
     return 0

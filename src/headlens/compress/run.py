@@ -106,9 +106,24 @@ class CompressResult:
     configurations: list[Configuration]
     measurements: list[Measurement]  # one per configuration
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went
+    kept: tuple | None = field(default=None, repr=False)  # (model, ck, tokenizer, plans per configuration) when kept
 
     def pairs(self) -> list[tuple[Configuration, Measurement]]:
         return list(zip(self.configurations, self.measurements))
+
+    def save_model(self, name: str, out_dir, info: dict | None = None):
+        """Write configuration ``name`` as a compressed HuggingFace directory
+        (:func:`headlens.compress.apply.save_compressed_model`); needs ``run_compress(..., keep_model=True)``."""
+        from headlens.compress.apply import save_compressed_model
+
+        if self.kept is None:
+            raise HeadlensError("the model was not kept: run with `keep_model` to save a configuration")
+        names = [c.name for c in self.configurations]
+        if name not in names:
+            raise HeadlensError(f"no configuration {name!r}: choose one of {', '.join(names)}")
+        model, ck, tok, plans = self.kept
+        return save_compressed_model(model, ck, list(plans[names.index(name)].values()), out_dir, tokenizer=tok,
+                                     info=info)
 
 
 def _label(budget: str, value: Any) -> str:
@@ -159,11 +174,11 @@ def configurations(cfg: CompressConfig, full: dict[str, dict[int, LayerPlan]], c
 
 def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts: list[str] | None = None, *,
                  on_start: Callable[[dict], None] | None = None, disable: bool | None = None,
-                 model_out: list | None = None) -> CompressResult:
+                 keep_model: bool = False) -> CompressResult:
     """Fit, put in and measure the latents ``cfg`` describes on ``source`` (a ModelSource), on ``eval_texts``
     (never used to fit), with ``calib_texts`` for data-aware latents. ``on_start`` gets a dict describing the
-    run before the eval passes; ``model_out``, when a list, receives (model, ck, tokenizer) for the caller to
-    save a configuration with. Returns a :class:`CompressResult`."""
+    run before the eval passes; ``keep_model`` keeps the loaded model in the result, for
+    :meth:`CompressResult.save_model`. Returns a :class:`CompressResult`."""
     from headlens.circuits.sweep_parts import weights_digest
     from headlens.io.checkpoint import cast_dtype
     from headlens.io.source import check_text_lengths
@@ -223,12 +238,12 @@ def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts
                             truncate=cfg.truncate, disable=disable)
     seconds["eval"] = time.perf_counter() - t
     by_key = dict(zip(unique, measured))
-    if model_out is not None:
-        model_out.extend([model, ck, tok, {key: plans for key, plans in zip(unique, plan_sets)}, keys])
+    plans_of = dict(zip(unique, plan_sets))
     seconds["total"] = time.perf_counter() - t0
     return CompressResult(model={**ck.describe(), "weights_digest": digest}, name=ck.name, task=measured[0].task,
                           layers=layers, config=cfg, calibration_tokens=n_calib, ridge=ridge, configurations=confs,
-                          measurements=[by_key[k] for k in keys], seconds=seconds)
+                          measurements=[by_key[k] for k in keys], seconds=seconds,
+                          kept=(model, ck, tok, [plans_of[k] for k in keys]) if keep_model else None)
 
 
 def _check_short(tok, texts: list[str]) -> None:
