@@ -9,6 +9,11 @@ reading every shard once before anything is timed:
 (b) the wall time of a fresh process that merely reads every layer's q/k/v/o with the sweep's reader
     (``ck.tensors.read(name)``, converted to float32 as the sweep does), and the ratio sweep / read
     (target <= 2x);
+(b') the floor (issue 13): a fresh process that imports torch, reads every layer's q/k/v/o with safetensors,
+    converts them once (float64 for the OV factors, float32 for the QK ones, as the sweep does), lays them out
+    contiguous per head and computes the same Gram products with batched GEMM (``W_O^h^T W_O^h``, ``W_V W_V^T``,
+    ``W_Q W_Q^T``, ``W_K W_K^T``) and nothing else; it prints their GFLOP and the rate reached, and the ratio
+    sweep / floor (target <= 1.5x);
 (c) the seed tool's approach: the dense d x d ``W_O^h @ W_V^g`` in float32 and ``torch.linalg.svdvals``,
     timed on a few heads and extrapolated to all 36 x 32 heads (plus reading the weights, as (b)); the ratio
     baseline / sweep (target >= 100x);
@@ -49,6 +54,7 @@ GB = 1e9
 MB = 1024 * 1024
 
 TARGET_READ_RATIO = 2.0
+TARGET_FLOOR_RATIO = 1.5  # issue 13: the sweep against the floor program (b')
 TARGET_DENSE_RATIO = 100.0
 TARGET_RSS = 1.5 * GB
 TARGET_TL_RATIO = 10.0
@@ -71,6 +77,49 @@ for layer in range(ck.shape.num_layers):
 t2 = time.perf_counter()
 print("RESULT " + json.dumps({"import_open_s": t1 - t0, "read_s": t2 - t1, "bytes": nbytes,
                               "threads": torch.get_num_threads()}))
+"""
+
+FLOOR_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from safetensors import safe_open
+from pathlib import Path
+cfg = json.loads((Path(sys.argv[1]) / "config.json").read_text())
+L, H, G, hd, d = (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
+                  cfg["hidden_size"])
+files = sorted(Path(sys.argv[1]).glob("*.safetensors"))
+where = {}
+handles = [safe_open(str(f), framework="pt") for f in files]
+for h in handles:
+    for k in h.keys():
+        where[k] = h
+t1 = time.perf_counter()
+read_s = gram_s = 0.0
+flops = 0
+for layer in range(L):
+    p = f"model.layers.{layer}.self_attn."
+    a = time.perf_counter()
+    q = where[p + "q_proj.weight"].get_tensor(p + "q_proj.weight")
+    k = where[p + "k_proj.weight"].get_tensor(p + "k_proj.weight")
+    v = where[p + "v_proj.weight"].get_tensor(p + "v_proj.weight")
+    o = where[p + "o_proj.weight"].get_tensor(p + "o_proj.weight")
+    # converted once, laid out contiguous per head: what the Gram products read
+    WO = o.to(torch.float64).reshape(d, H, hd).permute(1, 2, 0).contiguous()  # (H, hd, d)
+    WV = v.to(torch.float64).reshape(G, hd, d).contiguous()
+    WQ = q.to(torch.float32).reshape(H, hd, d).contiguous()
+    WK = k.to(torch.float32).reshape(G, hd, d).contiguous()
+    b = time.perf_counter()
+    GA = torch.bmm(WO, WO.mT)  # W_O^h^T W_O^h, float64, (H, hd, hd)
+    GB = torch.bmm(WV, WV.mT)  # W_V^g W_V^g^T, float64, (G, hd, hd)
+    GQ = torch.bmm(WQ, WQ.mT).double()  # QK Grams in float32, as the sweep computes them
+    GK = torch.bmm(WK, WK.mT).double()
+    c = time.perf_counter()
+    read_s += b - a
+    gram_s += c - b
+    flops += 2 * hd * hd * d * (2 * H + 2 * G)
+print("RESULT " + json.dumps({"import_open_s": t1 - t0, "read_convert_s": read_s, "gram_s": gram_s,
+                              "gram_flops": flops, "threads": torch.get_num_threads()}))
 """
 
 DENSE_CHILD = r"""
@@ -316,6 +365,17 @@ def main() -> int:
           f"reading {rr['bytes'] / GB:.2f} GB of q/k/v/o and converting to float32 {rr['read_s']:.1f} s), "
           f"peak RSS {rd['maxrss'] / GB:.2f} GB")
 
+    # (b') the floor: read, convert once, the same Gram products as contiguous batched GEMMs, nothing else.
+    fl = run_child([sys.executable, "-c", FLOOR_CHILD, str(ckpt)], logs / "floor.log")
+    if fl["rc"] != 0 or not fl["result"]:
+        print(f"the floor program failed:\n{fl['out'][-3000:]}")
+        return 1
+    fr = fl["result"]
+    print(f"  floor: {fmt_s(fl['wall'])} for the process (imports + open {fr['import_open_s']:.1f} s, read and "
+          f"convert {fr['read_convert_s']:.1f} s, {fr['gram_flops'] / 1e9:.0f} GFLOP of Gram products in "
+          f"{fr['gram_s']:.1f} s = {fr['gram_flops'] / 1e9 / max(fr['gram_s'], 1e-9):.1f} GFLOP/s), "
+          f"peak RSS {fl['maxrss'] / GB:.2f} GB")
+
     # (c) the dense per-head SVD.
     dn = run_child([sys.executable, "-c", DENSE_CHILD, str(ckpt), str(args.dense_heads)], logs / "dense.log")
     if dn["rc"] != 0 or not dn["result"]:
@@ -370,6 +430,9 @@ def main() -> int:
         ("(b) read q/k/v/o to float32, wall (fresh process)", fmt_s(rd["wall"]), "", ""),
         ("    sweep / read", f"{read_ratio:.1f}x", f"<= {TARGET_READ_RATIO:g}x",
          "PASS" if read_ratio <= TARGET_READ_RATIO else "FAIL"),
+        ("(b') floor: read, convert, the same Gram products (fresh process)", fmt_s(fl["wall"]), "", ""),
+        ("    sweep / floor", f"{sw['wall'] / fl['wall']:.2f}x", f"<= {TARGET_FLOOR_RATIO:g}x",
+         "PASS" if sw["wall"] / fl["wall"] <= TARGET_FLOOR_RATIO else "FAIL"),
         (f"(c) dense float32 SVD, {n_heads} heads (extrapolated)", fmt_s(dense_total), "", ""),
         ("    dense / sweep", f"{dense_ratio:.0f}x", f">= {TARGET_DENSE_RATIO:g}x",
          "PASS" if dense_ratio >= TARGET_DENSE_RATIO else "FAIL"),
