@@ -8,36 +8,15 @@ with ``html.escape``.
 
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 from typing import Any, Sequence
 
 from headlens.errors import HeadlensError
-from headlens.io.files import atomic_path, readable
+from headlens.io.files import atomic_path
+from headlens.report.page import CSS, image_tag, model_name
+from headlens.report.page import escape as _e
 from headlens.report.sweep_common import fmt, fmt_bytes
 
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em auto;max-width:1400px;
-padding:0 1em;color:#222;line-height:1.4}
-h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.82em;margin:.5em 0}
-th,td{border:1px solid #ddd;padding:2px 7px;text-align:right;white-space:nowrap}
-th{background:#f3f4f6;position:sticky;top:0;white-space:normal;vertical-align:bottom;max-width:11em}
-td.l,th.l{text-align:left}
-tbody tr:nth-child(even){background:#fafafa}
-.scroll{overflow:auto;max-height:80vh;border:1px solid #eee}
-figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:.85em;color:#555}
-details{margin:.8em 0}summary{cursor:pointer;font-weight:600}
-.note{color:#555;font-size:.9em}
-table.kv td{text-align:left;white-space:normal}table.kv th{max-width:none;position:static}
-"""
 
 _CAPTIONS = {
     "compress_scatter.png": "Measured against predicted error per layer, one point per configuration and layer: "
@@ -47,13 +26,6 @@ _CAPTIONS = {
     "compress_tradeoff.png": "KV cache saving against the model-level damage (mean next-token KL for causal LMs, "
                              "mean embedding cosine for encoders); budget points are labelled with their target.",
 }
-
-
-def _model_name(summary: dict) -> str:
-    model = summary.get("model")
-    if isinstance(model, dict):
-        model = model.get("name") or model.get("source")
-    return str(model) if model else "model"
 
 
 def _num(value: Any, spec: str) -> str:
@@ -71,7 +43,7 @@ def _layers_text(layers: Any) -> str:
 
 
 def _header(summary: dict) -> str:
-    name = _model_name(summary)
+    name = model_name(summary)
     model = summary.get("model") if isinstance(summary.get("model"), dict) else {}
     rows = [("model", name), ("task", summary.get("task")), ("layers compressed", _layers_text(summary.get("layers"))),
             ("calibration tokens", fmt(summary.get("calibration_tokens"))),
@@ -146,20 +118,6 @@ def _comparisons(comps: list[dict]) -> str:
             f"<ul>{items}</ul>")
 
 
-def _image_tag(path: Path) -> str:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise HeadlensError(f"cannot embed {path}: the page inlines PNG figures only")
-    try:
-        data = readable(path).read_bytes()  # the figure is staged until the command ends
-    except OSError as exc:
-        raise HeadlensError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    caption = _CAPTIONS.get(path.name, path.name)
-    b64 = base64.b64encode(data).decode("ascii")
-    return (f"<figure><img src=\"data:image/png;base64,{b64}\" alt=\"{_e(caption)}\">"
-            f"<figcaption>{_e(caption)} <code>{_e(path.name)}</code></figcaption></figure>")
-
-
 def _per_layer(records: list[dict]) -> str:
     if not any(r.get("layers") for r in records):
         return ""
@@ -197,15 +155,15 @@ def write_html(path: Path, summary: dict, images: list[Path]) -> Path:
         raise HeadlensError(f"`summary` must be a dict, got {type(summary).__name__}")
     records = list(summary.get("configurations") or [])
     causal = summary.get("task") == "causal-lm"
-    name = _model_name(summary)
+    name = model_name(summary)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              f"<title>headlens compress: {_e(name)}</title>",
              "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
-             f"<style>{_CSS}</style></head><body>", _header(summary), _configurations(records, causal),
+             f"<style>{CSS}</style></head><body>", _header(summary), _configurations(records, causal),
              _comparisons(list(summary.get("comparisons") or []))]
     if images:
         parts.append("<h2>Figures</h2>")
-        parts.extend(_image_tag(p) for p in images)
+        parts.extend(image_tag(p, _CAPTIONS) for p in images)
     parts += [_per_layer(records), _notes(summary.get("notes")), "</body></html>\n"]
     final = Path(path)
     with atomic_path(final) as tmp:

@@ -6,8 +6,6 @@ with ``html.escape``.
 
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,30 +14,11 @@ from headlens.circuits.sweep_results import LayerAggregate, LayerResult, Stat, l
 from headlens.errors import HeadlensError
 from headlens.io.files import atomic_path
 from headlens.io.tables import columns
+from headlens.report.page import CSS, image_tag, model_name
+from headlens.report.page import escape as _e
 from headlens.report.sweep_common import (BUDGET_PNG, ERROR_PNG, HELDOUT_PNG, RANK_PNG, fmt, fmt_bytes, fmt_err,
                                           fmt_pct, uniform_label)
 
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em auto;max-width:1400px;
-padding:0 1em;color:#222;line-height:1.4}
-h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.82em;margin:.5em 0}
-th,td{border:1px solid #ddd;padding:2px 7px;text-align:right;white-space:nowrap}
-th{background:#f3f4f6;position:sticky;top:0;white-space:normal;vertical-align:bottom;max-width:11em}
-td.l,th.l{text-align:left}
-tbody tr:nth-child(even){background:#fafafa}
-.scroll{overflow:auto;max-height:80vh;border:1px solid #eee}
-figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:.85em;color:#555}
-details{margin:.8em 0}summary{cursor:pointer;font-weight:600}
-.note{color:#555;font-size:.9em}
-table.kv td{text-align:left;white-space:normal}table.kv th{max-width:none;position:static}
-"""
 
 _CAPTIONS = {
     RANK_PNG: "Rank of W_OV at 90% energy for every layer and query head.",
@@ -47,10 +26,6 @@ _CAPTIONS = {
     HELDOUT_PNG: "Data-aware (whitened) latent: error measured on held-out tokens for each k.",
     BUDGET_PNG: "Latent size per layer and KV cache bytes per token under each allocation.",
 }
-
-_MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-         ".svg": "image/svg+xml", ".webp": "image/webp"}
-
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
@@ -74,24 +49,13 @@ def _summary_value(value: Any) -> str:
     return _e(value if isinstance(value, str) else fmt(value))
 
 
-def _model_name(summary: dict) -> str:
-    """The page title's model: ``summary["model"]`` (a string, or a dict with ``name``), else a fallback."""
-    for key in ("model", "model_name", "name", "hf_repo", "weights"):
-        value = summary.get(key)
-        if isinstance(value, dict):
-            value = next((value[k] for k in ("name", "model_name", "hf_repo", "source") if value.get(k)), None)
-        if value:
-            return str(value)
-    return "model"
-
-
 def _header(summary: dict) -> str:
     """Title, the run summary as a key/value table, and the notes.
 
     Entries at most one dict deep (``model.name``, ``config.ks``) are shown; deeper ones and lists of dicts
     (per-layer tables the page shows elsewhere) go into a collapsed "full run summary".
     """
-    name = _model_name(summary)
+    name = model_name(summary)
     parts = [f"<h1>headlens sweep: {_e(name)}</h1>"]
     notes = summary.get("notes")
     items = _flatten({k: v for k, v in summary.items() if k != "notes"})
@@ -171,23 +135,6 @@ def _budget_section(budget: Budget | None) -> str:
         out.append(f"<tr><th class=\"l\">{_e(k)}</th><td>{_e(fmt(v))}</td></tr>")
     out.append("</tbody></table></details>")
     return "\n".join(out)
-
-
-def _image_tag(path: Path) -> str:
-    path = Path(path)
-    mime = _MIME.get(path.suffix.lower())
-    if mime is None:
-        raise HeadlensError(f"cannot embed {path}: not an image type the page knows ({', '.join(_MIME)})")
-    try:
-        from headlens.io.files import readable  # the figure is staged until the command ends
-
-        data = readable(path).read_bytes()
-    except OSError as exc:
-        raise HeadlensError(f"cannot read image {path}: {exc.strerror or exc}") from None
-    caption = _CAPTIONS.get(path.name, path.name)
-    b64 = base64.b64encode(data).decode("ascii")
-    return (f"<figure><img src=\"data:{mime};base64,{b64}\" alt=\"{_e(caption)}\">"
-            f"<figcaption>{_e(caption)} <code>{_e(path.name)}</code></figcaption></figure>")
 
 
 def _table(columns: list[str], rows: list[dict], left: Sequence[str] = ()) -> str:
@@ -270,14 +217,14 @@ def write_html(path: Path, summary: dict, layers: Sequence[LayerResult], budget:
     if not layers or not all(isinstance(r, LayerResult) and r.heads for r in layers):
         raise HeadlensError("`layers` must be a non-empty list of LayerResult, each with its heads")
     head_rows, group_rows = to_rows(layers)
-    name = _model_name(summary)
+    name = model_name(summary)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              f"<title>headlens sweep: {_e(name)}</title>",
              "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
-             f"<style>{_CSS}</style></head><body>", _header(summary), _budget_section(budget)]
+             f"<style>{CSS}</style></head><body>", _header(summary), _budget_section(budget)]
     if images:
         parts.append("<h2>Figures</h2>")
-        parts.extend(_image_tag(p) for p in images)
+        parts.extend(image_tag(p, _CAPTIONS) for p in images)
     parts.append(_layer_section(layers, budget))
     parts.append(f"<details><summary>every query head ({len(head_rows)} rows)</summary>"
                  + _table(columns(head_rows), head_rows) + "</details>")
