@@ -78,34 +78,37 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_compress)
 
 
-def _texts(args, source, cfg) -> tuple[list[str] | None, list[str], list[str]]:
-    """(calibration texts or None, eval texts, notes)."""
+def _read_texts(given: str | None, flag: str, what: str, default, embedded: str | None, missing: str,
+                notes: list[str]) -> list[str]:
+    """The texts of ``flag`` (a file, one text per line), else the embedded model's shipped ``default`` (noted),
+    else refused with ``missing``."""
     from headlens.io.files import read_text_lines
 
-    notes = []
+    if given:
+        return read_text_lines(given, flag)
+    if default is None:
+        raise HeadlensError(missing)
+    texts = read_text_lines(default, flag)
+    notes.append(f"{what}: {len(texts)} shipped for {embedded} ({default.name})")
+    return texts
+
+
+def _texts(args, source, cfg) -> tuple[list[str] | None, list[str], list[str]]:
+    """(calibration texts or None, eval texts, notes)."""
+    notes: list[str] = []
     embedded = source.embedded if source.weights is None and source.hf_repo is None else None
-    defaults = None
+    defaults = (None, None)
     if embedded is not None:
         from headlens.io.embedded import default_texts
 
         defaults = default_texts(embedded)
-    if args.eval_file:
-        eval_texts = read_text_lines(args.eval_file, "--eval")
-    elif defaults is not None:
-        eval_texts = read_text_lines(defaults[1], "--eval")
-        notes.append(f"eval texts: {len(eval_texts)} shipped for {embedded} ({defaults[1].name})")
-    else:
-        raise HeadlensError("--eval FILE is required (held-out texts, one per line): defaults ship only for the "
-                            "embedded models (--model minilm, tiny-lm, tiny-moe)")
+    eval_texts = _read_texts(args.eval_file, "--eval", "eval texts", defaults[1], embedded,
+                             "--eval FILE is required (held-out texts, one per line): defaults ship only for the "
+                             "embedded models (--model minilm, tiny-lm, tiny-moe)", notes)
     calib = None
     if cfg.needs_calibration():
-        if args.calib:
-            calib = read_text_lines(args.calib, "--calib")
-        elif defaults is not None:
-            calib = read_text_lines(defaults[0], "--calib")
-            notes.append(f"calibration texts: {len(calib)} shipped for {embedded} ({defaults[0].name})")
-        else:
-            raise HeadlensError("data-aware latents need --calib FILE (texts, one per line), or pass --latent plain")
+        calib = _read_texts(args.calib, "--calib", "calibration texts", defaults[0], embedded,
+                            "data-aware latents need --calib FILE (texts, one per line), or pass --latent plain", notes)
         if set(calib) & set(eval_texts):
             raise HeadlensError("--calib and --eval share texts: the eval texts must be held out from the fit")
     elif args.calib:
