@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -36,3 +37,8 @@ class CheckpointFactory:
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory) -> CheckpointFactory:
     return CheckpointFactory(tmp_path_factory.mktemp("ckpts"))
+
+
+# The suite's numbers are CPU numbers (goldens, float32 references): `--device auto` would move them to a GPU
+# where there is one. Tests of other devices pass `device` explicitly (tests/gpu).
+os.environ.setdefault("HEADLENS_DEVICE", "cpu")

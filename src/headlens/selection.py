@@ -11,6 +11,8 @@ from headlens.errors import HeadlensError
 
 # The precisions a model can be run in and its weights rounded to (``dtype`` / ``--dtype``).
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+# ``auto`` as well: float32 on the CPU, the checkpoint's own torch_dtype on an accelerator (headlens.io.placement).
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 def _int_list(text: str, name: str, syntax: str) -> list[int]:

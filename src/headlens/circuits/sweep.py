@@ -13,7 +13,7 @@ and computes the KV budget (:func:`~headlens.circuits.budget.budget`). It return
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
@@ -27,7 +27,7 @@ from headlens.circuits.sweep_results import (GroupSpectrum, HeadSpectrum, LayerA
 from headlens.circuits.mla import is_mla_config
 from headlens.errors import HeadlensError
 from headlens.io.checkpoint import Checkpoint, ModelShape
-from headlens.selection import DTYPES, parse_ks, parse_layers
+from headlens.selection import DTYPE_CHOICES, parse_ks, parse_layers
 
 if TYPE_CHECKING:
     from headlens.io.source import ModelSource
@@ -49,7 +49,7 @@ class SweepConfig:
     ks: str | Sequence[int] | None = None  # latent sizes "8,16" or a list; None: 8,16,32,64 up to head_dim
     fold_norm: bool = False  # fold the pre-attention norm gain into the inputs (W diag(gamma))
     with_qk: bool = True  # also the QK-circuit spectra
-    dtype: str = "float32"  # precision the weights are rounded to and the model runs in
+    dtype: str = "auto"  # precision the weights are rounded to and the model runs in (auto: float32 on the CPU)
     target_error: float | None = None  # budget: relative error <= this per kv group (default 0.1)
     target_energy: float | None = None  # budget: kept energy >= this instead
     kv_bytes: int = 2  # bytes per cached value
@@ -74,8 +74,8 @@ class SweepConfig:
             raise HeadlensError(f"`max_calib_tokens` must be at least 4, got {self.max_calib_tokens}")
         if self.target_error is not None and self.target_energy is not None:
             raise HeadlensError("`target_error` and `target_energy`: give one of them")
-        if self.dtype not in DTYPES:
-            raise HeadlensError(f"`dtype` {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise HeadlensError(f"`dtype` {self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
         if self.calibration is not None and not self.calibration:
             raise HeadlensError("`calibration` holds no text")
         if self.resume and self.out_dir is None:
@@ -215,10 +215,9 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     before the first layer; ``progress(iterable, total)`` may wrap the layer loop (e.g. a progress bar).
     Every finished layer is written to ``cfg.out_dir`` at once, so an interrupted sweep resumes there.
     """
-    from headlens.io.checkpoint import cast_dtype
-
     cfg.validate()
-    dtype = cast_dtype(cfg.dtype)
+    cfg = replace(cfg, dtype=source.dtype_name(cfg.dtype))  # auto: float32 here, the checkpoint's on a GPU
+    dtype = source.dtype(cfg.dtype)
     data = cfg.calibration is not None
     if is_mla_config(source.peek_config()):
         raise HeadlensError("a multi-head latent attention checkpoint has no per-kv-group values to budget: use "

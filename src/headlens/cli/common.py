@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from headlens.selection import DTYPES
+from headlens.selection import DTYPE_CHOICES
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,11 +53,30 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "minilm") ->
                    help="query heads, for a bare state dict without config.json")
     g.add_argument("--num-kv-heads", type=int_arg, metavar="G",
                    help="key/value heads (GQA/MQA), for a bare state dict; inferred from shapes if omitted")
-    g.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="precision the weights are rounded to and the model runs in (default float32); "
-                        "spectra are always accumulated in float64")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow a hub repo's own modeling code (off unless you ask for it)")
+    add_placement_args(p)
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """Where the model runs and in what precision (headlens.io.placement)."""
+    g = p.add_argument_group("device and precision")
+    g.add_argument("--device", metavar="DEV",
+                   help="auto, cpu, cuda, cuda:N or mps (default: $HEADLENS_DEVICE, else auto = CUDA when "
+                        "present, else the CPU); captured values come back to the CPU")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="precision the weights are rounded to and the model runs in (default auto: float32 on "
+                        "the CPU, the checkpoint's own torch_dtype on an accelerator); spectra are always "
+                        "accumulated in float64 (float32 on mps, said in the output)")
+    g.add_argument("--device-map", metavar="MAP",
+                   help="place the model with accelerate: auto, balanced, sequential, or a JSON file mapping "
+                        "module names to devices (cpu, disk, 0, cuda:1, ...); for models larger than one GPU "
+                        "or than RAM")
+    g.add_argument("--max-memory", metavar="SPEC",
+                   help="with --device-map: memory per device in accelerate's syntax, e.g. 0=20GiB,1=20GiB,"
+                        "cpu=60GiB")
+    g.add_argument("--offload-dir", metavar="DIR",
+                   help="with --device-map: where the weights that fit nowhere else are offloaded to disk")
 
 
 
@@ -70,4 +89,5 @@ def model_source(args: argparse.Namespace):
         embedded = args.default_model
     return ModelSource(weights=args.weights, hf_repo=args.hf_repo, revision=args.revision, cache_dir=args.cache_dir,
                        auto_infer=args.auto_infer, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-                       trust_remote_code=args.trust_remote_code, embedded=embedded)
+                       trust_remote_code=args.trust_remote_code, embedded=embedded, device=args.device,
+                       device_map=args.device_map, max_memory=args.max_memory, offload_dir=args.offload_dir)

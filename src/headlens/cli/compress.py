@@ -163,7 +163,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         record = next(r for r in data["configurations"] if r["name"] == conf.name)
         digest = hashlib.sha256("\n".join(eval_texts).encode()).hexdigest()[:16]
         info = {"configuration": conf.name, "measured": {k: v for k, v in record.items() if k != "layers"},
-                "eval_texts": len(eval_texts), "eval_sha256": digest, "dtype": cfg.dtype}
+                "eval_texts": len(eval_texts), "eval_sha256": digest, "dtype": result.config.dtype}
         paths.append(result.save_model(conf.name, save, info))
     print("\n".join(lines + [f"saved -> {p}" for p in paths]))
     return 0

@@ -38,7 +38,6 @@ def _paths(args: argparse.Namespace, model_name: str) -> tuple[Path, Path, Path 
 
 
 def cmd_diagram(args: argparse.Namespace) -> int:
-    from headlens.io.checkpoint import cast_dtype
     from headlens.io.files import ensure_dir
     from headlens.report.diagram import write_diagram_files
     from headlens.residual.tracing import trace_model_layer
@@ -49,7 +48,7 @@ def cmd_diagram(args: argparse.Namespace) -> int:
         if json_path is not None:
             ensure_dir(json_path.parent if str(json_path.parent) else Path("."))
 
-    result = trace_model_layer(model_source(args), args.layer, cast_dtype(args.dtype), before_load=make_dirs)
+    result = trace_model_layer(model_source(args), args.layer, args.dtype, before_load=make_dirs)
     png_path, mmd_path, json_path = _paths(args, result.model_name)
     write_diagram_files(result, png_path, mmd_path, json_path)
     lines = result.lines()

@@ -40,14 +40,13 @@ def add_parser(sub) -> None:
 
 def cmd_ov(args: argparse.Namespace) -> int:
     from headlens.circuits.ov import OVConfig, analyze_head, open_head
-    from headlens.io.checkpoint import cast_dtype
     from headlens.io.files import check_writable_dir
     from headlens.report.ov import OVFiles, write_ov_outputs
 
-    cfg = OVConfig(layer=args.layer, head=args.head, latent_dim=args.latent_dim, fold_norm=args.fold_norm,
-                   dtype=cast_dtype(args.dtype), prompt=args.prompt, traces=args.traces, heatmap=args.heatmap,
-                   truncate=args.truncate, probe_tokens=args.probe_tokens, seed=args.seed)
     source = model_source(args)
+    cfg = OVConfig(layer=args.layer, head=args.head, latent_dim=args.latent_dim, fold_norm=args.fold_norm,
+                   dtype=source.dtype(args.dtype), prompt=args.prompt, traces=args.traces, heatmap=args.heatmap,
+                   truncate=args.truncate, probe_tokens=args.probe_tokens, seed=args.seed)
     ck = open_head(source, cfg)  # opened first, so that the files are named and checked before any work
     files = OVFiles.choose(ck.name, args.layer, args.head, Path(args.out_dir), plot=args.plot,
                            plot_path=args.plot_path, heatmap=args.heatmap, json=args.json)

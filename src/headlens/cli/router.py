@@ -40,13 +40,12 @@ def _texts(args) -> list[str]:
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    from headlens.io.checkpoint import cast_dtype
     from headlens.io.files import check_writable_dir
     from headlens.moe.router import RouterConfig, route
     from headlens.report.router import summary_lines, write_router_outputs
 
     texts = _texts(args)
-    cfg = RouterConfig(batch_size=args.batch_size, color_layer=args.color_layer, dtype=cast_dtype(args.dtype),
+    cfg = RouterConfig(batch_size=args.batch_size, color_layer=args.color_layer, dtype=args.dtype,
                        truncate=args.truncate)
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)

@@ -64,6 +64,7 @@ from headlens.compress.model_loss import HeadInput, Original, embedding_numbers,
 from headlens.compress.model_loss import final_outputs as _final
 from headlens.compress.recorder import Recorder, Tally, find_site
 from headlens.errors import HeadlensError
+from headlens.io.placement import input_device
 
 CAUSAL_LM = "causal-lm"
 EMBEDDING = "embedding"
@@ -269,7 +270,7 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
     kvs = [kv_bytes(ck, plans, bytes_per_value) for plans in configs]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     causal = head is not None and ck.spec.decoder
-    device = next(model.parameters()).device
+    device = input_device(model)
     use_cache = "use_cache" in inspect.signature(model.forward).parameters
     prepared = [prepare_plans(model, ck, plans) for plans in ordered]  # every plan fits the model, checked and
     # its new value blocks computed before any forward pass; kept for the passes unless they would take too much

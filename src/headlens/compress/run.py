@@ -13,6 +13,7 @@ same total KV bytes (for ``ks`` the configuration is itself uniform).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ class CompressConfig:
     kv_bytes: int = 2  # bytes per cached number
     max_calib_tokens: int = 2048
     truncate: bool = False
-    dtype: str = "float32"
+    dtype: str = "auto"
 
     def validate(self) -> None:
         given = [n for n, v in (("target_error", self.target_errors), ("target_energy", self.target_energies),
@@ -180,7 +181,6 @@ def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts
     run before the eval passes; ``keep_model`` keeps the loaded model in the result, for
     :meth:`CompressResult.save_model`. Returns a :class:`CompressResult`."""
     from headlens.circuits.sweep_parts import weights_digest
-    from headlens.io.checkpoint import cast_dtype
     from headlens.io.source import check_text_lengths
     from headlens.residual.capture import capture_attention_inputs, max_positions
     from headlens.selection import parse_layers
@@ -204,12 +204,20 @@ def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts
                                 f"0..{s.head_dim} numbers")
     digest = weights_digest(ck)
     budget_ks = read_budget(cfg.budget, ck, digest, tuple(cfg.latents)) if cfg.budget else None
-    dtype = cast_dtype(cfg.dtype)
+    cfg = dataclasses.replace(cfg, dtype=source.dtype_name(cfg.dtype, ck.config))  # auto: float32 on the CPU
+    dtype = source.dtype(cfg.dtype)
     tok = source.tokenizer(ck.directory)
     limit = max_positions(ck.config or {})
     check_text_lengths(tok, eval_texts, limit, cfg.truncate, "eval text")
     _check_short(tok, eval_texts)
     model = source.lm_model(ck.directory, dtype)
+    from headlens.io.placement import offloaded
+
+    moved = offloaded(model)
+    if moved:
+        raise HeadlensError(f"compress replaces value weights in place, but the device map offloaded {len(moved)} "
+                            f"weight(s) ({moved[0]}, ...), which accelerate reloads from storage at every pass: "
+                            "give `max_memory` that holds the model, or a larger device")
     seconds["load"] = time.perf_counter() - t0
     X: dict[int, torch.Tensor] = {}
     n_calib = 0

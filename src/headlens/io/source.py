@@ -18,6 +18,7 @@ import torch
 
 from headlens.errors import HeadlensError
 from headlens.io.checkpoint import Checkpoint, open_model, resolve_model_dir
+from headlens.io.placement import Placement
 
 @dataclass
 class ModelSource:
@@ -34,8 +35,14 @@ class ModelSource:
     num_kv_heads: int | None = None  # kv heads (GQA/MQA), for a bare state dict
     trust_remote_code: bool = False  # allow a hub repo's own modeling code (never unless asked for)
     embedded: str | None = None  # an embedded model by name: minilm, tiny-lm, tiny-moe (headlens.io.embedded)
+    device: str | None = None  # auto, cpu, cuda, cuda:N, mps (None: $HEADLENS_DEVICE, else auto)
+    device_map: str | dict | None = None  # accelerate: auto, balanced, sequential, a JSON file or a dict
+    max_memory: str | dict | None = None  # with device_map: 0=20GiB,1=20GiB,cpu=60GiB
+    offload_dir: str | os.PathLike | None = None  # with device_map: where weights offloaded to disk go
 
     def __post_init__(self) -> None:
+        self.placement = Placement(self.device, self.device_map, self.max_memory, self.offload_dir)
+        self.placement.check()
         if self.weights is not None and self.hf_repo is not None:
             raise HeadlensError("give either `weights` or `hf_repo`, not both")
         if self.embedded is not None:
@@ -93,14 +100,41 @@ class ModelSource:
         """The tokenizer saved next to the model in ``directory``."""
         return load_tokenizer(directory, self.trust_remote_code)
 
-    def model(self, directory: Path, dtype: torch.dtype = torch.float32):
-        """The base HuggingFace model of ``directory`` in eval mode (default attention implementation)."""
-        return load_model(directory, dtype, self.trust_remote_code)
+    @property
+    def torch_device(self) -> torch.device:
+        """The device the model's inputs go to and the weight-only products run on."""
+        return self.placement.torch_device
 
-    def lm_model(self, directory: Path, dtype: torch.dtype = torch.float32):
+    def dtype(self, name: str | torch.dtype = "auto", config: dict | None = None) -> torch.dtype:
+        """The precision ``name`` means here (``auto``: the checkpoint's on an accelerator, float32 on the CPU);
+        ``config`` is the checkpoint's config.json (read when needed and not given)."""
+        if name == "auto" and config is None and self.placement.on_accelerator:
+            config = self.peek_config()
+        return self.placement.dtype(name, config)
+
+    def dtype_name(self, name: str | torch.dtype = "auto", config: dict | None = None) -> str:
+        """:meth:`dtype` as its name (``float32``), for configs and JSON outputs."""
+        return str(self.dtype(name, config)).replace("torch.", "")
+
+    def model(self, directory: Path, dtype: torch.dtype | str = "auto"):
+        """The base HuggingFace model of ``directory`` in eval mode (default attention implementation), placed
+        as the source says (one device, or accelerate's device map)."""
+        return load_model(directory, self.dtype(dtype, _config_of(directory)), self.trust_remote_code,
+                          self.placement)
+
+    def lm_model(self, directory: Path, dtype: torch.dtype | str = "auto"):
         """The model of ``directory`` with its language-model head where it is a decoder (its next-token logits
-        are measured), else the base model; eval mode, default attention implementation."""
-        return load_lm_model(directory, dtype, self.trust_remote_code)
+        are measured), else the base model; eval mode, default attention implementation, placed as the source
+        says."""
+        return load_lm_model(directory, self.dtype(dtype, _config_of(directory)), self.trust_remote_code,
+                             self.placement)
+
+
+def _config_of(directory: Path) -> dict | None:
+    from headlens.io.checkpoint import read_config
+
+    path = Path(directory) / "config.json"
+    return read_config(path) if path.exists() else None
 
 
 @contextmanager
@@ -109,14 +143,20 @@ def quiet_transformers() -> Iterator[None]:
     the caller's settings afterwards: headlens shows its own bars."""
     from transformers.utils import logging as hf_logging
 
+    import logging
+
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
+    acc = logging.getLogger("accelerate")  # "Some parameters are on the meta device ...": said by headlens
+    acc_level = acc.level
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    acc.setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        acc.setLevel(acc_level)
         if bars:
             hf_logging.enable_progress_bar()
 
@@ -159,8 +199,52 @@ def check_text_lengths(tokenizer, texts: list[str], limit: int | None, truncate:
         used += n
 
 
-def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The base model of a HuggingFace directory, default attention implementation, in eval mode."""
+def _placed(kwargs: dict, directory: Path, exc: BaseException) -> HeadlensError | None:
+    """One line for a placement that cannot hold the model (accelerate's own message is a paragraph)."""
+    text = str(exc)
+    uncovered = "does not give any device for the following parameters:"
+    if uncovered in text:
+        names = [n.strip() for n in text.split(uncovered, 1)[1].split(",") if n.strip()]
+        return HeadlensError(f"`device_map` places no device for {len(names)} parameter(s) of {directory.name} "
+                             f"({names[0] if names else '?'}, ...): give every module a device (cpu, disk, a GPU)")
+    if "offload" in text and "disk" in text:
+        return HeadlensError(f"the model of {directory} does not fit the device map's memory (`max_memory` "
+                             f"{kwargs.get('max_memory')}): give `offload_dir` DIR to offload the rest to disk, or "
+                             "allow more memory")
+    return None
+
+
+def _load(cls, directory: Path, dtype: torch.dtype, trust_remote_code: bool, placement: Placement | None,
+          **extra):
+    kwargs = placement.load_kwargs() if placement is not None else {}
+    try:
+        with quiet_transformers():
+            return cls.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs,
+                                       **extra)
+    except (ValueError, RuntimeError, OSError) as exc:
+        placed = _placed(kwargs, directory, exc) if kwargs else None
+        if placed is not None:
+            raise placed from None
+        raise
+
+
+def _say_placement(model) -> None:
+    """One stderr line saying where a device map put the modules (accelerate's own warning is silenced)."""
+    mapping = getattr(model, "hf_device_map", None)
+    if not mapping or set(mapping) == {""} and len(set(mapping.values())) == 1 and "disk" not in mapping.values():
+        return
+    import sys
+    from collections import Counter
+
+    counts = Counter(str(d) for d in mapping.values())
+    where = ", ".join(f"{n} on {d}" for d, n in counts.items())
+    print(f"device map: {len(mapping)} module group(s): {where}", file=sys.stderr)
+
+
+def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False,
+               placement: Placement | None = None):
+    """The base model of a HuggingFace directory, default attention implementation, in eval mode, placed by
+    ``placement`` (default: the CPU)."""
     import transformers
     from transformers import AutoConfig, AutoModel
 
@@ -171,7 +255,10 @@ def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = Fa
             config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
             spec = SPECS.get(getattr(config, "model_type", None))  # its model_class where AutoModel builds more
             cls = getattr(transformers, spec.model_class) if spec is not None and spec.model_class else AutoModel
-            model = cls.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = _load(cls, directory, dtype, trust_remote_code, placement)
+        _say_placement(model)
+    except HeadlensError:
+        raise
     except Exception as exc:
         raise HeadlensError(f"cannot build the model from {directory} ({_first_line(exc)})") from None
     return model.eval()
@@ -183,7 +270,8 @@ def load_hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool =
     return load_model(directory, dtype, trust_remote_code), tokenizer
 
 
-def load_lm_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_lm_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False,
+                  placement: Placement | None = None):
     """A decoder family's ``AutoModelForCausalLM`` (refused, one line, when the checkpoint lacks weights the head
     needs, e.g. an untied ``lm_head`` missing from a base-model checkpoint: transformers would draw them at
     random), else :func:`load_model`."""
@@ -198,11 +286,13 @@ def load_lm_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool =
             raise HeadlensError(f"cannot read the config of {directory} ({_first_line(exc)})") from None
     spec = SPECS.get(getattr(config, "model_type", None))
     if spec is None or not spec.decoder or spec.model_class:
-        return load_model(directory, dtype, trust_remote_code)
+        return load_model(directory, dtype, trust_remote_code, placement)
     try:
-        with quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True,
-                                                               trust_remote_code=trust_remote_code)
+        model, info = _load(AutoModelForCausalLM, directory, dtype, trust_remote_code, placement,
+                            output_loading_info=True)
+        _say_placement(model)
+    except HeadlensError:
+        raise
     except Exception as exc:
         raise HeadlensError(f"cannot build the causal language model of {directory} ({_first_line(exc)})") from None
     missing = [k for k in info.get("missing_keys", ()) if k]

@@ -116,13 +116,16 @@ def _run_batches(model, tokenizer, texts: list[str], batch_size: int, max_positi
                  progress: Callable[[int], object] | None) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """Forward ``texts`` in padded batches. Returns (mask (P,) of the real tokens over all P padded positions of
     all batches, the text index of every position (P,), the real token ids of each text)."""
+    from headlens.io.placement import input_device
+
     masks, seq_ids, all_ids = [], [], []
+    device = input_device(model)
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             batch = texts[start:start + batch_size]
             enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=bool(max_positions),
                             max_length=max_positions)
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
             m = enc["attention_mask"].bool()  # (B, S)
             masks.append(m.flatten())  # (B*S,), row-major like the routers' flattened tokens
             seq_ids.append((torch.arange(len(batch)) + start)[:, None].expand_as(m).flatten())

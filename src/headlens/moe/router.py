@@ -30,7 +30,7 @@ class RouterConfig:
 
     batch_size: int = 8  # texts per forward pass (padded to the longest of the batch)
     color_layer: int | None = None  # MoE layer whose top expert colours the text page; None: the first MoE layer
-    dtype: torch.dtype = torch.float32  # precision the model runs in
+    dtype: torch.dtype | str = "auto"  # precision the model runs in (auto: float32 on the CPU)
     progress: bool = True  # a progress bar on stderr while routing (tqdm; hidden when stderr is no terminal)
     truncate: bool = False  # cut texts longer than the model's positions instead of refusing them
 

@@ -21,6 +21,7 @@ import torch
 
 from headlens.arch import ArchSpec
 from headlens.errors import HeadlensError
+from headlens.io.placement import input_device
 from headlens.residual.modules import (count_layers, final_norm, find_layer, find_module, first_tensor,
                                        hidden_states_input)
 from headlens.residual.sites import SITES, SiteHook, attention_input_hook, site_hook
@@ -77,7 +78,7 @@ def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, wan
     try:
         ctx = eager_attention(model) if want_probs else nullcontext()
         with ctx, torch.no_grad():
-            model(input_ids=ids.to(model.device), **({"output_attentions": True} if want_probs else {}))  # Falcon
+            model(input_ids=ids.to(input_device(model)), **({"output_attentions": True} if want_probs else {}))  # Falcon
     finally:
         for h in handles:
             h.remove()
@@ -106,6 +107,7 @@ def capture_attention_inputs(model, tokenizer, spec: ArchSpec, texts: list[str],
 
     handles = [register(find_module(model, spec, layer, hook.module), hook, saver(layer)) for layer in layers]
     vocab = vocab_size(model)
+    device = input_device(model)
     n = 0
     try:
         with torch.no_grad():
@@ -117,7 +119,7 @@ def capture_attention_inputs(model, tokenizer, spec: ArchSpec, texts: list[str],
                 if vocab and int(ids.max()) >= vocab:
                     raise HeadlensError(f"the tokenizer gives token id {int(ids.max())}, but the model's vocabulary "
                                         f"has {vocab} entries: the tokenizer belongs to another model")
-                model(input_ids=ids)
+                model(input_ids=ids.to(device))
                 n += ids.shape[1]
                 if n >= max_tokens:
                     break

@@ -49,7 +49,7 @@ class SphereConfig:
     truncate: bool = False  # cut a prompt longer than the model's positions instead of refusing it
     layers: str | None = None  # layer selection: "7:35" (slice), "1,4,9", "all" or None (every layer)
     site: str = "resid_pre"  # residual site per layer: resid_pre, resid_mid or resid_post
-    dtype: str = "float32"  # precision the model runs in: float32, float64, bfloat16 or float16
+    dtype: str = "auto"  # precision the model runs in: auto (float32 on the CPU), float32, float64, bfloat16, float16
     half: bool = False  # store the captured residual stream in float16
     frame_seconds: float = 1.0  # report: GIF seconds per frame
     labels: bool = True  # report: draw every token's label in the GIF frames
@@ -317,13 +317,14 @@ def _check_site(target, site: str) -> None:
 def _record_stream(model, spec, layers: list[int], ids: torch.Tensor, cfg: SphereConfig) -> tuple[dict, str]:
     """Run ``ids`` (1, N) once through ``model`` with hooks on ``cfg.site`` of ``layers`` (the residual identities
     are checked on the way); returns ({layer: (N, d) stream}, how the site was captured)."""
+    from headlens.io.placement import input_device
     from headlens.residual.capture import record_sites
 
     with torch.no_grad(), record_sites(model, spec, (cfg.site,), layers,
                                        store_dtype=torch.float16 if cfg.half else None) as rec:
         if cfg.site in rec.missing:  # decided from the traced structure (parallel layers have no resid_mid)
             raise HeadlensError(rec.missing[cfg.site] + "; use `site` resid_pre or resid_post")
-        model(input_ids=ids.to(model.device))  # the one forward pass
+        model(input_ids=ids.to(input_device(model)))  # the one forward pass
     hidden = {}
     for layer in layers:
         x = rec.values[cfg.site][layer]  # (1, N, d)
@@ -341,7 +342,6 @@ def sphere_from_model(source, cfg: SphereConfig, on_checked: Callable[[], object
     ids) is checked before they load; ``on_checked`` is called then, just before loading (the CLI starts its
     renderer processes there, so their imports overlap loading and running the model).
     """
-    from headlens.io.checkpoint import cast_dtype
     from headlens.prompts import NOTEBOOK_PROMPT
     from headlens.residual.capture import max_positions, prompt_ids, vocab_size
     from headlens.residual.modules import count_layers
@@ -359,7 +359,7 @@ def sphere_from_model(source, cfg: SphereConfig, on_checked: Callable[[], object
                              vocab_size=vocab_size(target.config))  # ids (1, N)
     if on_checked is not None:
         on_checked()
-    model = source.model(target.directory, cast_dtype(cfg.dtype))
+    model = source.model(target.directory, cfg.dtype)
     spec = target.spec_for(model)
     n_layers = count_layers(model, spec)
     if layers is None:

@@ -184,7 +184,9 @@ def _trace_input(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     vocab = int(getattr(config, "vocab_size", 0) or 0) or 100
     ids = [(7 + 13 * i) % vocab for i in range(TRACE_TOKENS)]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    from headlens.io.placement import input_device
+
+    device = input_device(model)
     input_ids = torch.tensor([ids], device=device)  # (1, TRACE_TOKENS)
     assert input_ids.shape == (1, TRACE_TOKENS), input_ids.shape
     return {"input_ids": input_ids}
