@@ -320,6 +320,10 @@ def run_mla_sweep(source, layers: str | None = None, kv_bytes: int = 2,
     """Analyse the selected layers (``"0:4"``, ``"1,3"``, None: all) of the latent-attention checkpoint ``source``."""
     from headlens.selection import parse_layers
 
+    asked = source.placement.device
+    if asked not in (None, "auto") and source.torch_device.type != "cpu":  # auto: the CPU, said in the output
+        raise HeadlensError(f"`device` {asked}: the latent-attention sweep runs on the CPU only (its per-layer "
+                            "products are small); pass `device` cpu or auto")
     ck = open_mla(source)
     m = ck.mla
     chosen = parse_layers(layers, m.num_layers)

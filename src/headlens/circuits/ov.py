@@ -132,6 +132,7 @@ class OVResult:
     attention: list[list[float]] | None = None  # (N, N) query x key, when a heatmap was asked for
     files: dict[str, str] = field(default_factory=dict)  # what the report wrote: plot, heatmap, json
     latent: dict | None = None  # multi-head latent attention: kv_lora_rank and the latent directions read
+    device: str = "cpu"  # where the factored SVD and the cache errors ran (float64 throughout)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -160,7 +161,7 @@ def analyze_head(source: ModelSource, cfg: OVConfig, checkpoint: Checkpoint | No
     cfg.check()
     ck = checkpoint if checkpoint is not None else open_head(source, cfg)
     capture_fn = _prompt_capture(source, ck, cfg) if cfg.prompt else None  # traces: analyze_ov reads them
-    return analyze_ov(ck, cfg, capture_fn=capture_fn)
+    return analyze_ov(ck, cfg, capture_fn=capture_fn, device=source.torch_device)
 
 
 def _prompt_capture(source: ModelSource, ck: Checkpoint | MLACheckpoint, cfg: OVConfig) -> Callable[[], PromptCapture]:
@@ -230,7 +231,7 @@ def _rank_and_latent(S: torch.Tensor, d: int, cfg: OVConfig) -> tuple[int, float
 
 def _captured_inputs(capture: PromptCapture, f: HeadFactors, d: int, cfg: OVConfig) -> torch.Tensor:
     """X (d, N) float64: the captured attention inputs, one column a token, divided by gamma when folding."""
-    X = capture.attn_input.to(torch.float64).T  # (N, d) -> (d, N)
+    X = capture.attn_input.to(f.W_O.device, torch.float64).T  # (N, d) -> (d, N), where the factors are
     if X.dim() != 2 or X.shape[0] != d:
         raise HeadlensError(f"captured attention input has width {X.shape[0]}, expected {d}")
     if cfg.fold_norm:
@@ -273,7 +274,7 @@ def _token_inputs(ck: Checkpoint | MLACheckpoint, cfg: OVConfig, f: HeadFactors,
     capture = capture_fn()
     X = _captured_inputs(capture, f, d, cfg)  # (d, N)
     if isinstance(ck, MLACheckpoint):  # the latent RMSNorm scales each token's value path by 1 / rms(W_DKV x)
-        X = X * latent_token_scale(ck, cfg.layer, capture.attn_input.to(torch.float64).T)[None, :]
+        X = X * latent_token_scale(ck, cfg.layer, capture.attn_input.to(torch.float64).T).to(X.device)[None, :]
     return capture, X, ("traces" if cfg.traces else "prompt"), None
 
 
@@ -286,12 +287,15 @@ def analyze_ov(
     ck: Checkpoint | MLACheckpoint,
     cfg: OVConfig,
     capture_fn: Callable[[], PromptCapture] | None = None,
+    device: torch.device | None = None,
 ) -> OVResult:
     """Analyse query head ``cfg.head`` of layer ``cfg.layer`` of the open checkpoint ``ck``; returns the
     :class:`OVResult`.
 
     ``capture_fn`` returns that layer's attention inputs (a :class:`PromptCapture`); it is required when
     ``cfg.prompt`` is set (:func:`analyze_head` builds it); without one, ``cfg.traces`` is read from its file.
+    The factored SVD and the cache errors run in float64 on ``device`` (default the CPU; MPS, without float64,
+    stays on the CPU).
     """
     check_layer_head(ck, cfg.layer, cfg.head)
     cfg.check()
@@ -303,10 +307,13 @@ def analyze_ov(
     mla = isinstance(ck, MLACheckpoint)
     f = mla_head_factors(ck, cfg.layer, cfg.head, cfg.fold_norm) if mla else \
         read_head(ck, cfg.layer, cfg.head, fold_norm=cfg.fold_norm, load_dtype=cfg.dtype)
+    dev = torch.device("cpu") if device is None or device.type == "mps" else device
+    f = _factors_on(f, dev)
     svd = factored_svd(f.W_O, f.W_V)  # W_OV = U diag(S) Vh, (d, hd) (hd,) (hd, d)
     rank, tol, latent_dim = _rank_and_latent(svd.S, d, cfg)
 
     capture, X, cache_inputs, seed = _token_inputs(ck, cfg, f, capture_fn)
+    X = X.to(dev)
     cache_err = plain_cache_error(svd, X, latent_dim)
     data_aware = _data_aware(svd, f, X, latent_dim, cache_err) if capture is not None else None
     attention = None
@@ -327,5 +334,14 @@ def analyze_ov(
         cache_tokens=int(X.shape[1]), seed=seed, norm_folded=cfg.fold_norm, norm_key=f.norm_key,
         dtype=str(cfg.dtype).replace("torch.", ""), data_aware=data_aware, prompt=cfg.prompt,
         tokens=capture.tokens if capture is not None else None, attention=attention,
-        latent=head_latent_use(ck, cfg.layer, cfg.head) if mla else None,
+        latent=head_latent_use(ck, cfg.layer, cfg.head) if mla else None, device=str(dev),
     )
+
+
+def _factors_on(f: HeadFactors, device: torch.device) -> HeadFactors:
+    """The head's factors (and norm gain) on ``device``."""
+    if device.type == "cpu":
+        return f
+    from dataclasses import replace
+
+    return replace(f, W_O=f.W_O.to(device), W_V=f.W_V.to(device), gain=None if f.gain is None else f.gain.to(device))

@@ -163,7 +163,7 @@ def data_aware_latent(svd: FactoredSVD, W_V: torch.Tensor, X: torch.Tensor) -> D
     M = svd.R_a @ (W_V.to(torch.float64) @ X.to(torch.float64))  # (r, N)
     Um, S, _ = torch.linalg.svd(M, full_matrices=False)
     r = svd.R_a.shape[-1]
-    S_full = torch.zeros(r, dtype=torch.float64)
+    S_full = torch.zeros(r, dtype=S.dtype, device=S.device)
     S_full[: S.shape[0]] = S[:r]
     U = svd.Q_a @ Um[:, : min(r, Um.shape[1])]
     return DataAwareLatent(S=S_full, U=U, n_tokens=int(X.shape[1]))

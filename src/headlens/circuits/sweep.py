@@ -123,6 +123,8 @@ class SweepResult:
     budget: Budget  # the KV-cache budget over those layers
     data_aware: bool  # calibration texts were given
     calibration_tokens: int  # tokens captured in this run (fit + held out)
+    device: str = "cpu"  # where the Gram products and eigensolves ran
+    gram_precision: str = "float64"  # their precision (float32 on MPS, which has no float64)
 
     def heads(self) -> list[HeadSpectrum]:
         """Every query head of every layer, in layer order."""
@@ -141,8 +143,10 @@ class SweepResult:
         return layer_aggregates(self.layers, self.config.ks)
 
     def config_json(self) -> dict[str, Any]:
-        """``{"ks", "fold_norm", "with_qk", "rank_eps", "dtype"}``, as in ``run.json`` and the summary."""
-        return {**asdict(self.config), "dtype": self.dtype}
+        """``{"ks", "fold_norm", "with_qk", "rank_eps", "dtype", "device", "gram_precision"}``, as in
+        ``run.json`` and the summary."""
+        return {**asdict(self.config), "dtype": self.dtype, "device": self.device,
+                "gram_precision": self.gram_precision}
 
     def summary(self) -> dict[str, Any]:
         """The ``sweep_summary.json`` content: model, config, layers, budget (without its rows), per-layer
@@ -196,10 +200,20 @@ def _fit_and_test(ck: Checkpoint, layer: int, X: torch.Tensor | None, fold_norm:
     return X[:, 0::2], X[:, 1::2]
 
 
-def _analyze(ck: Checkpoint, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor | None) -> LayerResult:
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``t`` on ``device`` (float64 becomes float32 on MPS, which has no float64)."""
+    if t is None or device.type == "cpu":
+        return t
+    return t.to(device, torch.float32 if device.type == "mps" and t.dtype == torch.float64 else t.dtype)
+
+
+def _analyze(ck: Checkpoint, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor | None,
+             device: torch.device = torch.device("cpu")) -> LayerResult:
+    """One layer's numbers; the Gram products and eigensolves run on ``device`` (results come back to the CPU)."""
     Xf, Xt = _fit_and_test(ck, layer, X, cfg.fold_norm)
     try:
-        return analyze_layer(layer, f.W_O, f.W_V, cfg, f.W_Q, f.W_K, Xf, Xt)
+        return analyze_layer(layer, _on(f.W_O, device), _on(f.W_V, device), cfg, _on(f.W_Q, device),
+                             _on(f.W_K, device), _on(Xf, device), _on(Xt, device))
     except NonFiniteWeights:
         from headlens.circuits.heads import find_non_finite
 
@@ -243,7 +257,7 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
         on_start(SweepStart(ck.name, s, todo, sorted(done), n_calib, data))
     loop: Iterable = iter_layers(ck, todo, analysis, dtype)
     for layer, f in (progress(loop, len(todo)) if progress is not None else loop):
-        done[layer] = _analyze(ck, layer, f, analysis, X.pop(layer, None))
+        done[layer] = _analyze(ck, layer, f, analysis, X.pop(layer, None), source.torch_device)
         if parts is not None:
             parts.save(done[layer])
     results = [done[layer] for layer in layers]
@@ -251,5 +265,6 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     from headlens.circuits.sweep_parts import weights_digest
 
     return SweepResult(model={**ck.describe(), "weights_digest": weights_digest(ck)}, name=ck.name, shape=s,
-                       config=analysis, dtype=cfg.dtype,
+                       config=analysis, dtype=cfg.dtype, device=str(source.torch_device),
+                       gram_precision=str(source.placement.compute_dtype()).replace("torch.", ""),
                        layers=results, budget=bud, data_aware=data, calibration_tokens=n_calib)

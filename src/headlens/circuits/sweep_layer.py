@@ -69,6 +69,14 @@ def spectra(S: torch.Tensor, d: int, eps: float, ks: list[int] | None, levels=OV
             for i in range(S.shape[0])]
 
 
+def _eig(G: torch.Tensor) -> torch.Tensor:
+    """A Gram matrix where its eigenproblem runs: float64 on the device it was computed on, or on the CPU for a
+    device without float64 (MPS, whose products run in float32)."""
+    if G.device.type == "mps":
+        return G.to("cpu", torch.float64)
+    return G.to(torch.float64)
+
+
 def _qk_spectra(W_Q: torch.Tensor, W_K: torch.Tensor, group: torch.Tensor, layer: int, d: int,
                 eps: float) -> list[Spectrum]:
     """sigma_max, rank at 90% (and the numerical rank for float64 weights) of each head's W_Q^h^T W_K^g.
@@ -76,8 +84,8 @@ def _qk_spectra(W_Q: torch.Tensor, W_K: torch.Tensor, group: torch.Tensor, layer
     assert W_Q.shape[0] == group.shape[0] and W_K.shape[1:] == W_Q.shape[1:], (tuple(W_Q.shape), tuple(W_K.shape))
     # The QK circuit is approximate anyway (RoPE and q/k norms act between W_Q and W_K): its Gram products
     # may run in the precision W_Q/W_K were given in (float32 in a sweep); the eigenproblems run in float64.
-    GQ = (W_Q @ W_Q.mT).to(torch.float64)  # (H, hd, hd)
-    GK = (W_K @ W_K.mT).to(torch.float64)  # (G, hd, hd)
+    GQ = _eig(W_Q @ W_Q.mT)  # (H, hd, hd)
+    GK = _eig(W_K @ W_K.mT)  # (G, hd, hd)
     _finite(layer, GQ, GK)
     Sq, _ = gram_spectrum(GQ, GK[group])
     fields = ("rank", "sigma_max") if W_Q.dtype == torch.float64 else ("sigma_max",)  # a rank needs float64
@@ -129,16 +137,16 @@ def analyze_layer(
     H, d, hd = W_O.shape
     G = W_V.shape[0]
     assert W_V.shape == (G, hd, d) and H % G == 0, (tuple(W_O.shape), tuple(W_V.shape))
-    group = torch.arange(H) // (H // G)  # kv head of each query head
-    GA = W_O.mT @ W_O  # (H, hd, hd)
-    GB = W_V @ W_V.mT  # (G, hd, hd)
+    GA = _eig(W_O.mT @ W_O)  # (H, hd, hd) on the weights' device (CUDA/MPS with `device`), float64 eigensolves
+    GB = _eig(W_V @ W_V.mT)  # (G, hd, hd)
+    group = torch.arange(H, device=GA.device) // (H // G)  # kv head of each query head
     _finite(layer, GA, GB)
     data = X_fit is not None
     S, R, *U = gram_spectrum(GA, GB[group], vectors=data)
     eps = cfg.rank_eps
     ov = spectra(S, d, eps, cfg.ks)
     qk = _qk_spectra(W_Q, W_K, group, layer, d, eps) if W_Q is not None and W_K is not None else [None] * H
-    GA_g = torch.zeros(G, hd, hd, dtype=GA.dtype).index_add_(0, group, GA)  # stacked operator per kv group
+    GA_g = torch.zeros(G, hd, hd, dtype=GA.dtype, device=GA.device).index_add_(0, group, GA)  # stacked operator per kv group
     Sg, Rg, *Ug = gram_spectrum(GA_g, GB, vectors=data)
     Sv = torch.linalg.eigvalsh(GB).flip(-1).clamp_min(0).sqrt()  # (G, hd) singular values of W_V^g
     stack = spectra(Sg, d * (H // G), eps, cfg.ks, fields=("rank",))  # stacked: (H/G * d) x d
@@ -150,14 +158,16 @@ def analyze_layer(
         assert X_test is not None and X_fit.shape[0] == d and X_test.shape[0] == d, (X_fit.shape, X_test.shape)
         Yf = W_V @ X_fit  # (G, hd, N_fit)
         Yt = W_V @ X_test  # (G, hd, N_test)
-        Mf, Mt = Yf @ Yf.mT, Yt @ Yt.mT  # (G, hd, hd) second moments of the values
+        Mf, Mt = _eig(Yf @ Yf.mT), _eig(Yt @ Yt.mT)  # (G, hd, hd) second moments of the values
         head_lat, _, _ = _latents(_Fits(R, U[0], group), Mf, Mt, cfg.ks, heads=True)
-        group_lat, white_g, white_g_heldout = _latents(_Fits(Rg, Ug[0], torch.arange(G)), Mf, Mt, cfg.ks,
+        group_lat, white_g, white_g_heldout = _latents(_Fits(Rg, Ug[0], torch.arange(G, device=GA.device)), Mf, Mt, cfg.ks,
                                                        heads=False)
+    group = group.cpu()
     heads = [HeadSpectrum(layer, h, int(group[h]), ov[h], qk[h], head_lat[h]) for h in range(H)]
     groups = [GroupSpectrum(layer, g, H // G, stack[g], v[g], group_lat[g]) for g in range(G)]
-    return LayerResult(layer=layer, heads=heads, groups=groups, group_plain=Sg, group_white=white_g,
-                       group_white_heldout=white_g_heldout)
+    cpu = (lambda t: None if t is None else t.cpu())  # the spectra kept for the budget come back to the CPU
+    return LayerResult(layer=layer, heads=heads, groups=groups, group_plain=cpu(Sg), group_white=cpu(white_g),
+                       group_white_heldout=cpu(white_g_heldout))
 
 
 def iter_layers(ck: Checkpoint, layers: list[int], cfg: AnalysisConfig, load_dtype: torch.dtype) -> Iterator:

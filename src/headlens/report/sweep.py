@@ -83,6 +83,10 @@ def result_lines(result: SweepResult) -> list[str]:
         lines.append(f"data-aware latents: predicted mean/max error {t.mean_err_data:.3f}/{t.max_err_data:.3f}"
                      f" (fit tokens), measured on held-out tokens {t.mean_err_data_heldout:.3f}/"
                      f"{t.max_err_data_heldout:.3f}")
+    if result.device != "cpu" or result.gram_precision != "float64":
+        lines.append(f"Gram products and eigensolves on {result.device} in {result.gram_precision}"
+                     + (" (this device has no float64; eigensolves on the CPU in float64)"
+                        if result.gram_precision != "float64" else ""))
     return lines
 
 
