@@ -6,12 +6,16 @@ HuggingFace by construction:
 - the attention input of a layer is the first input of its attention module (the output of the
   pre-attention norm in pre-norm families, the previous layer's output in post-norm BERT);
 - attention probabilities come from the eager attention path: SDPA/flash kernels return none, so the
-  forward runs with ``attn_implementation="eager"`` and is switched back afterwards. HuggingFace's eager
-  path applies each family's own masking, sliding windows and logit soft-capping.
+  requested layer's attention module runs with ``attn_implementation="eager"`` for the pass (on an SDPA model
+  only that module, fed the mask the model built in its eager form; see :func:`probs_route`) and is switched
+  back afterwards. HuggingFace's eager path applies each family's own masking, sliding windows and logit
+  soft-capping.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -41,22 +45,126 @@ class PromptCapture:
 
 
 @contextmanager
-def eager_attention(model) -> Iterator[None]:
-    """Run the block with eager attention (which returns probabilities), then restore the original."""
-    original = getattr(model.config, "_attn_implementation", None)
-    switched = original not in (None, "eager")
-    if switched:
-        model.set_attn_implementation("eager")
+def eager_attention(model, modules=None) -> Iterator[list]:
+    """Run the block with eager attention (which returns probabilities) in ``modules``, by default every module of
+    ``model``; put the original implementation back afterwards, also when the block raises.
+
+    Each module whose ``config`` names another attention implementation gets, for the block, a shallow copy of that
+    config with ``_attn_implementation="eager"`` (modules that shared a config share its copy). The configs
+    themselves are never modified, so restoring is putting the originals back. HuggingFace's attention modules read
+    ``self.config._attn_implementation`` at forward time, and the model builds its masks from its own config, so
+    the whole model (``modules=None``) runs as if loaded with ``attn_implementation="eager"``, also a family whose
+    ``set_attn_implementation`` refuses to switch (Falcon). Yields the modules that were switched."""
+    modules = list(model.modules()) if modules is None else list(modules)
+    copies: dict[int, object] = {}
+    switched: list[tuple[torch.nn.Module, object]] = []
     try:
-        yield
+        for mod in modules:
+            cfg = mod.__dict__.get("config")
+            if not hasattr(cfg, "_attn_implementation_internal") or cfg._attn_implementation in (None, "eager"):
+                continue
+            if id(cfg) not in copies:
+                eager = copy.copy(cfg)
+                eager._attn_implementation_internal = "eager"  # not the setter: it would reach the shared sub-configs
+                copies[id(cfg)] = eager
+            switched.append((mod, cfg))
+            mod.config = copies[id(cfg)]
+        yield [mod for mod, _ in switched]
     finally:
-        if switched:
-            model.set_attn_implementation(original)
+        for mod, cfg in reversed(switched):
+            mod.config = cfg
+
+
+# How capture_layer gets one layer's attention probabilities (the eager path computes them; SDPA and flash kernels
+# return none):
+#   "layer": only that layer's attention module runs eagerly, the mask the model built for SDPA handed over in
+#            eager's form; no other layer computes probabilities and nothing collects them (extra memory: one
+#            layer's H x N x N);
+#   "model": the whole model runs eagerly, each layer's probabilities freed after the layer (no output_attentions,
+#            so the extra memory is still one layer's H x N x N): a model that is not on SDPA (eager already, a
+#            flash or flex kernel whose masks have no eager form), or Falcon with ALiBi, whose eager and SDPA paths
+#            are different models in transformers (the eager one adds ALiBi twice), so one eager layer among SDPA
+#            layers would show probabilities that neither model computes;
+#   "collect": the last resort, when the attention module returns no probabilities on those routes: the whole
+#            model eagerly with ``output_attentions=True`` (transformers keeps every layer's H x N x N), said on
+#            stderr.
+PROBS_ROUTES = ("layer", "model", "collect")
+
+
+def probs_route(model, spec: ArchSpec, layer: int) -> tuple[str, str]:
+    """(route, why) by which :func:`capture_layer` takes layer ``layer``'s probabilities (see PROBS_ROUTES); the
+    "collect" fallback is decided during the pass, when a route returns none."""
+    attn = find_module(model, spec, layer, attention_input_hook(spec).module)
+    cfg = attn.__dict__.get("config")
+    impl = getattr(cfg if cfg is not None else model.config, "_attn_implementation", None)
+    if impl == "eager":
+        return "model", "the model already runs eager attention"
+    if impl != "sdpa":
+        return "model", f"{impl} attention's masks have no eager form: the whole model runs eagerly"
+    if getattr(cfg, "model_type", None) == "falcon" and getattr(cfg, "alibi", False):
+        return "model", "Falcon with ALiBi: transformers' eager path adds ALiBi twice, its SDPA path once"
+    if not hasattr(cfg, "_attn_implementation_internal") or _mask_parameter(attn) is None:
+        return "model", f"{type(attn).__name__} has no config or attention mask to switch on its own"
+    return "layer", f"only layer {layer}'s {type(attn).__name__} runs eagerly"
+
+
+def _mask_parameter(module: torch.nn.Module) -> tuple[str, int | None] | None:
+    """(name, positional index without self) of the attention module's mask parameter, or None."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.name in ("attention_mask", "mask"):
+            positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            return p.name, i if positional else None
+    return None
+
+
+def _eager_mask_hook(module: torch.nn.Module):
+    """A forward pre-hook that hands ``module`` the mask a model running eager attention would have built, from the
+    one it built for SDPA: boolean (True = attend) becomes HuggingFace's additive 0 / finfo.min mask in the
+    hidden states' dtype, None (SDPA's ``is_causal``, wherever the causal pattern is all there is) the causal mask,
+    as ``masking_utils.eager_mask`` writes them; an additive mask is already eager's."""
+    found = _mask_parameter(module)
+    assert found is not None
+    name, index = found
+
+    def pre(_m, args, kwargs):
+        positional = name not in kwargs and index is not None and index < len(args)
+        mask = args[index] if positional else kwargs.get(name)
+        x = hidden_states_input(args, kwargs)
+        low = torch.finfo(x.dtype).min
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            mask = torch.where(mask, torch.zeros((), dtype=x.dtype, device=mask.device), low)
+        elif mask is None:
+            causal = kwargs.get("is_causal")
+            causal = getattr(module, "is_causal", True) if causal is None else causal
+            n = x.shape[-2]
+            if not (causal and n > 1):  # SDPA: is_causal only for a decoder's prompt of two tokens or more
+                return None
+            allowed = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # SDPA's is_causal: upper left
+            mask = torch.where(allowed, torch.zeros((), dtype=x.dtype, device=x.device), low)[None, None]
+        else:
+            return None
+        if positional:
+            args = (*args[:index], mask, *args[index + 1:])
+        else:
+            kwargs = {**kwargs, name: mask}
+        return args, kwargs
+
+    return pre
 
 
 def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, want_probs: bool,
                   truncate: bool = False) -> PromptCapture:
-    """One forward pass of ``prompt``; record ``layer``'s attention input and (optionally) probabilities."""
+    """One forward pass of ``prompt``; record ``layer``'s attention input and (optionally) probabilities.
+
+    The probabilities are HuggingFace's eager attention probabilities of that layer (the ones
+    ``output_attentions=True`` returns under ``attn_implementation="eager"``), taken on the route
+    :func:`probs_route` names: on an SDPA model only that layer runs eagerly, so the pass holds one layer's
+    H x N x N beyond the plain forward, not every layer's. The model's attention implementation is the same
+    afterwards (every module's config), also when the forward raises."""
     hook = attention_input_hook(spec)
     attn = find_module(model, spec, layer, hook.module)
     if not prompt.strip():
@@ -72,16 +180,30 @@ def capture_layer(model, tokenizer, spec: ArchSpec, layer: int, prompt: str, wan
         if isinstance(output, tuple) and len(output) > at and isinstance(output[at], torch.Tensor):
             seen["probs"] = output[at].detach()[0].to("cpu")  # (H, N, N)
 
-    handles = [register(attn, hook, keep_input)]
-    if want_probs:
-        handles.append(attn.register_forward_hook(post_hook, with_kwargs=True))
-    try:
-        ctx = eager_attention(model) if want_probs else nullcontext()
-        with ctx, torch.no_grad():
-            model(input_ids=ids.to(input_device(model)), **({"output_attentions": True} if want_probs else {}))  # Falcon
-    finally:
-        for h in handles:
-            h.remove()
+    def run(route: str) -> None:
+        handles = [register(attn, hook, keep_input)]
+        if route == "layer":
+            handles.append(attn.register_forward_pre_hook(_eager_mask_hook(attn), with_kwargs=True))
+        if want_probs:
+            handles.append(attn.register_forward_hook(post_hook, with_kwargs=True))
+        extra = {"output_attentions": True} if route == "collect" else {}
+        ctx = nullcontext() if route == "none" else eager_attention(model, list(attn.modules()) if route == "layer"
+                                                                    else None)
+        try:
+            with ctx, torch.no_grad():
+                model(input_ids=ids.to(input_device(model)), **extra)
+        finally:
+            for h in handles:
+                h.remove()
+
+    route, _why = probs_route(model, spec, layer) if want_probs else ("none", "")
+    run(route)
+    if want_probs and "probs" not in seen and "input" in seen:
+        print(f"attention probabilities: layer {layer}'s {type(attn).__name__} returned none on the {route!r} "
+              f"route; rerunning the whole model eagerly with output_attentions=True, which keeps every layer's "
+              f"H x N x N", file=sys.stderr)
+        seen.clear()
+        run("collect")
     if "input" not in seen:
         raise HeadlensError(f"layer {layer}'s attention module was not called during the forward pass")
     probs = seen.get("probs")
