@@ -143,6 +143,24 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compress", ["--layers", "6"], "out of range"),
     ("compress", ["--weights", "{bare}", "--num-heads", "4", "--eval", "{evalfile}", "--latent", "plain"],
      "HuggingFace model directory"),
+    # ---- device and placement (every model-running command shares the flags; headlens.io.placement)
+    ("ov", ["--device", "gpu"], "--device 'gpu' is not a device: choose auto, cpu, cuda, cuda:N, mps"),
+    ("sphere", ["--device", "cuda:7"], "cuda:7"),
+    ("router", ["--device", "mps"], "mps"),
+    ("ov", ["--max-memory", "cpu=1GB"], "--max-memory applies with --device-map"),
+    ("sphere", ["--offload-dir", "{dir}"], "--offload-dir applies with --device-map"),
+    ("ov", ["--device-map", "auto", "--max-memory", "cpu=lots"], "'lots' is not a size"),
+    ("ov", ["--device-map", "auto", "--max-memory", "cpu"], "is not DEVICE=SIZE"),
+    ("ov", ["--device-map", "auto", "--max-memory", "ram=1GB"], "'ram' is not a device"),
+    ("ov", ["--device-map", "auto", "--max-memory", "9=1GB"], "GPU 9 does not exist"),
+    ("sweep", ["--device-map", "auto", "--max-memory", "cpu=1GB,cpu=2GB"], "cpu is given twice"),
+    ("sphere", ["--device-map", "fastest"], "choose auto, balanced, sequential or a JSON file"),
+    ("sphere", ["--device-map", "{map_list}"], "expected a JSON object"),
+    ("sphere", ["--device-map", "{map_cuda}"], "CUDA is not available"),
+    ("sphere", ["--weights", "{qwen3}", "--prompt", PROMPT, "--device-map", "{map_partial}"], "places no device for"),
+    ("diagram", ["--device", "cpu", "--device-map", "auto"], "not both"),
+    ("compress", ["--device-map", "auto", "--offload-dir", "{file}/off"], "is a file"),
+    ("compress", ["--device-map", "auto", "--max-memory", "cpu=1MB"], "compress replaces weights in place"),
     # ---- toy
     ("toy", [], "choose"),
     ("toy", ["create", "--out", "toy.txt"], ".safetensors"),
@@ -183,6 +201,10 @@ def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
     (root / "a-file").write_text("x")
     paths["file"] = root / "a-file"
     paths["missing"] = root / "missing.safetensors"
+    for name, mapping in (("map_list", [1]), ("map_cuda", {"": "cuda:0"}),
+                          ("map_partial", {"embed_tokens": "cpu", "layers.0": "cpu"})):
+        (root / f"{name}.json").write_text(json.dumps(mapping))
+        paths[name] = root / f"{name}.json"
     paths.update(_compress_inputs(root, paths["qwen3"]))
     return {k: str(v) for k, v in paths.items()}
 

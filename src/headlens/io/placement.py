@@ -112,7 +112,7 @@ def parse_max_memory(text: str | dict | None) -> dict | None:
         if k in out:
             raise HeadlensError(f"`max_memory` {shown!r}: {key} is given twice")
         try:
-            value = convert_file_size_to_int(size)
+            value = int(size) if size.isdigit() else convert_file_size_to_int(size)
         except Exception:
             value = -1
         if not isinstance(value, int) or value <= 0:
@@ -165,17 +165,24 @@ def _bad_map_device(where: str, name, dev):
                         "index or cuda:N")
 
 
-def check_offload_dir(text: str | os.PathLike) -> Path:
-    """``offload_dir`` as a Path that exists (made here) and can be written, or one line saying why not."""
+def check_offload_dir(text: str | os.PathLike, create: bool = False) -> Path:
+    """``offload_dir`` as a Path that can be written (made, with ``create``, only when the model loads: a run
+    refused before that leaves nothing behind), or one line saying why not."""
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
         raise HeadlensError(f"`offload_dir` {path} exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HeadlensError(f"`offload_dir` {path} cannot be created ({exc.strerror or exc})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HeadlensError(f"`offload_dir` {path} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise HeadlensError(f"`offload_dir` {path} is not writable: choose a directory you can write to")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HeadlensError(f"`offload_dir` {path} cannot be created ({exc.strerror or exc})") from None
     return path
 
 
@@ -242,7 +249,7 @@ class Placement:
             if memory is not None:
                 kw["max_memory"] = memory
             if self.offload_dir is not None:
-                kw["offload_folder"] = str(check_offload_dir(self.offload_dir))
+                kw["offload_folder"] = str(check_offload_dir(self.offload_dir, create=True))
             return kw
         device = self.torch_device
         return {} if device.type == "cpu" else {"device_map": {"": str(device)}}

@@ -122,12 +122,13 @@ class ModelSource:
         return load_model(directory, self.dtype(dtype, _config_of(directory)), self.trust_remote_code,
                           self.placement)
 
-    def lm_model(self, directory: Path, dtype: torch.dtype | str = "auto"):
+    def lm_model(self, directory: Path, dtype: torch.dtype | str = "auto", edits: str | None = None):
         """The model of ``directory`` with its language-model head where it is a decoder (its next-token logits
         are measured), else the base model; eval mode, default attention implementation, placed as the source
-        says."""
+        says. ``edits`` names a caller that edits weights in place: a device map that offloaded some is refused
+        then (accelerate reloads offloaded weights from storage at every pass)."""
         return load_lm_model(directory, self.dtype(dtype, _config_of(directory)), self.trust_remote_code,
-                             self.placement)
+                             self.placement, edits)
 
 
 def _config_of(directory: Path) -> dict | None:
@@ -228,8 +229,16 @@ def _load(cls, directory: Path, dtype: torch.dtype, trust_remote_code: bool, pla
         raise
 
 
-def _say_placement(model) -> None:
-    """One stderr line saying where a device map put the modules (accelerate's own warning is silenced)."""
+def _say_placement(model, edits: str | None = None) -> None:
+    """One stderr line saying where a device map put the modules (accelerate's own warning is silenced); with
+    ``edits`` (a caller that edits weights in place), offloaded weights are refused instead."""
+    from headlens.io.placement import offloaded
+
+    moved = offloaded(model) if edits else []
+    if moved:
+        raise HeadlensError(f"{edits} replaces weights in place, but the device map offloaded {len(moved)} "
+                            f"weight(s) ({moved[0]}, ...), which accelerate reloads from storage at every pass: "
+                            "give `max_memory` that holds the model, or a larger device")
     mapping = getattr(model, "hf_device_map", None)
     if not mapping or set(mapping) == {""} and len(set(mapping.values())) == 1 and "disk" not in mapping.values():
         return
@@ -242,7 +251,7 @@ def _say_placement(model) -> None:
 
 
 def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False,
-               placement: Placement | None = None):
+               placement: Placement | None = None, edits: str | None = None):
     """The base model of a HuggingFace directory, default attention implementation, in eval mode, placed by
     ``placement`` (default: the CPU)."""
     import transformers
@@ -256,7 +265,7 @@ def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = Fa
             spec = SPECS.get(getattr(config, "model_type", None))  # its model_class where AutoModel builds more
             cls = getattr(transformers, spec.model_class) if spec is not None and spec.model_class else AutoModel
         model = _load(cls, directory, dtype, trust_remote_code, placement)
-        _say_placement(model)
+        _say_placement(model, edits)
     except HeadlensError:
         raise
     except Exception as exc:
@@ -271,7 +280,7 @@ def load_hf_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool =
 
 
 def load_lm_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = False,
-                  placement: Placement | None = None):
+                  placement: Placement | None = None, edits: str | None = None):
     """A decoder family's ``AutoModelForCausalLM`` (refused, one line, when the checkpoint lacks weights the head
     needs, e.g. an untied ``lm_head`` missing from a base-model checkpoint: transformers would draw them at
     random), else :func:`load_model`."""
@@ -286,11 +295,11 @@ def load_lm_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool =
             raise HeadlensError(f"cannot read the config of {directory} ({_first_line(exc)})") from None
     spec = SPECS.get(getattr(config, "model_type", None))
     if spec is None or not spec.decoder or spec.model_class:
-        return load_model(directory, dtype, trust_remote_code, placement)
+        return load_model(directory, dtype, trust_remote_code, placement, edits)
     try:
         model, info = _load(AutoModelForCausalLM, directory, dtype, trust_remote_code, placement,
                             output_loading_info=True)
-        _say_placement(model)
+        _say_placement(model, edits)
     except HeadlensError:
         raise
     except Exception as exc:
