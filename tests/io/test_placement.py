@@ -89,8 +89,11 @@ def test_device_cpu_gives_exactly_the_default_numbers(name, tmp_path, monkeypatc
     assert a and a.keys() == b.keys(), (sorted(a), sorted(b))
     for key in a:
         assert a[key] == b[key], key
-    strip = (lambda s: "\n".join(line for line in s.splitlines() if "seconds" not in line))
-    assert strip(printed_default) == strip(printed_cpu)
+    assert _untimed(printed_default) == _untimed(printed_cpu)
+
+
+def _untimed(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if "seconds" not in line)
 
 
 def test_dtype_auto_is_float32_on_the_cpu_and_the_checkpoints_on_an_accelerator(monkeypatch):

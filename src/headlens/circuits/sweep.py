@@ -208,9 +208,10 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 
 def _analyze(ck: Checkpoint, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor | None,
-             device: torch.device = torch.device("cpu")) -> LayerResult:
+             device: torch.device | None = None) -> LayerResult:
     """One layer's numbers; the Gram products and eigensolves run on ``device`` (results come back to the CPU)."""
     Xf, Xt = _fit_and_test(ck, layer, X, cfg.fold_norm)
+    device = device or torch.device("cpu")
     try:
         return analyze_layer(layer, _on(f.W_O, device), _on(f.W_V, device), cfg, _on(f.W_Q, device),
                              _on(f.W_K, device), _on(Xf, device), _on(Xt, device))

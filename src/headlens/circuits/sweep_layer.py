@@ -165,9 +165,12 @@ def analyze_layer(
     group = group.cpu()
     heads = [HeadSpectrum(layer, h, int(group[h]), ov[h], qk[h], head_lat[h]) for h in range(H)]
     groups = [GroupSpectrum(layer, g, H // G, stack[g], v[g], group_lat[g]) for g in range(G)]
-    cpu = (lambda t: None if t is None else t.cpu())  # the spectra kept for the budget come back to the CPU
-    return LayerResult(layer=layer, heads=heads, groups=groups, group_plain=cpu(Sg), group_white=cpu(white_g),
-                       group_white_heldout=cpu(white_g_heldout))
+    return LayerResult(layer=layer, heads=heads, groups=groups, group_plain=_cpu(Sg), group_white=_cpu(white_g),
+                       group_white_heldout=_cpu(white_g_heldout))  # the spectra the budget keeps: on the CPU
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
 
 
 def iter_layers(ck: Checkpoint, layers: list[int], cfg: AnalysisConfig, load_dtype: torch.dtype) -> Iterator:
