@@ -29,7 +29,7 @@ This process never imports torch, so it stays small: Linux carries a parent's hi
 fork + exec into the child's ``ru_maxrss``, which would otherwise inflate the children's figures.
 The sweep's spectra are checked against the dense SVD's and TransformerLens's largest singular values.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_sweep.py [--checkpoint DIR] [--keep]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_sweep.py [--checkpoint DIR] [--keep] [--device cuda]
         [--tl-python PATH | --tl-venv DIR] [--no-tl] [--dense-heads 3]
 """
 
@@ -306,6 +306,8 @@ def main() -> int:
     p.add_argument("--checkpoint", metavar="DIR",
                    help="use this checkpoint directory (generated there first if it has no config.json)")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoint and the sweep's outputs")
+    p.add_argument("--device", default="cpu", help="where the sweep's Gram products run (default cpu; "
+                   "bench/device_check.sh passes cuda)")
     p.add_argument("--dense-heads", type=int, default=3, help="heads timed with the dense SVD (default 3)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tl-python", metavar="PATH", help="interpreter that has transformer_lens installed")
@@ -346,7 +348,7 @@ def main() -> int:
     # (a) + (d): the sweep, first, as a user runs it.
     sweep_out = work / "sweep-out"
     cmd = [sys.executable, "-m", "headlens", "sweep", "--weights", str(ckpt), "--auto-infer", "--out-dir",
-           str(sweep_out)]
+           str(sweep_out), "--device", args.device]
     print("running: " + " ".join(cmd[1:]))
     sw = run_child(cmd, logs / "sweep.log")
     if sw["rc"] != 0:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from outputs import close, numbers
 from tiny_models import PROMPT
 
 from headlens.cli import main
@@ -45,24 +46,7 @@ COMMANDS = {
 }
 
 
-def _numbers(out: Path) -> dict[str, object]:
-    """Every JSON and CSV file under ``out``, paths written as relative and timings dropped."""
-    found: dict[str, object] = {}
-    for p in sorted(out.rglob("*")):
-        if p.suffix not in (".json", ".csv") or not p.is_file() or p.name.startswith("."):  # not the manifest
-            continue
-        text = p.read_text(encoding="utf-8").replace(str(out), "<out>")
-        if p.suffix == ".json":
-            data = json.loads(text)
-            if isinstance(data, dict):
-                data.pop("seconds", None)
-            found[str(p.relative_to(out))] = data
-        else:
-            found[str(p.relative_to(out))] = text
-    return found
-
-
-def _texts(tmp: Path) -> dict[str, str]:
+def eval_texts(tmp: Path) -> dict[str, str]:
     calib = tmp / "calib.txt"
     calib.write_text("\n".join([LM_PROMPT, "Python lists grow at the end; a tuple cannot change once made.",
                                 "The database returns the rows in the order of the index."]) + "\n")
@@ -81,11 +65,11 @@ def _run(argv: list[str], out: Path, extra: list[str], capsys) -> str:
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_device_cpu_gives_exactly_the_default_numbers(name, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HEADLENS_DEVICE", raising=False)  # the default: auto (the CPU on this machine)
-    texts = _texts(tmp_path)
+    texts = eval_texts(tmp_path)
     argv = [a.format(**texts) for a in COMMANDS[name]]
     printed_default = _run(argv, tmp_path / "default", [], capsys)
     printed_cpu = _run(argv, tmp_path / "cpu", ["--device", "cpu"], capsys)
-    a, b = _numbers(tmp_path / "default"), _numbers(tmp_path / "cpu")
+    a, b = numbers(tmp_path / "default"), numbers(tmp_path / "cpu")
     assert a and a.keys() == b.keys(), (sorted(a), sorted(b))
     for key in a:
         assert a[key] == b[key], key
@@ -159,7 +143,7 @@ def test_disk_offload_gives_the_same_numbers(big_checkpoint, tmp_path, capsys):
     for name, argv in runs.items():
         _run(argv, tmp_path / f"{name}-mem", [], capsys)
         _run(argv, tmp_path / f"{name}-disk", [*OFFLOAD, "--offload-dir", str(tmp_path / "off")], capsys)
-        a, b = _numbers(tmp_path / f"{name}-mem"), _numbers(tmp_path / f"{name}-disk")
+        a, b = numbers(tmp_path / f"{name}-mem"), numbers(tmp_path / f"{name}-disk")
         assert a and a == b, name
     _check_offloaded(big_checkpoint, tmp_path)
 
@@ -174,23 +158,6 @@ def _check_offloaded(directory: Path, tmp: Path) -> None:
     assert meta > 0.8 * total, (meta, total, model.hf_device_map)
 
 
-def _close(x, y, path: str = "") -> None:
-    """Equal structures, floats to 1e-6 relative."""
-    assert type(x) is type(y), path
-    if isinstance(x, dict):
-        assert x.keys() == y.keys(), path
-        for k in x:
-            _close(x[k], y[k], f"{path}/{k}")
-    elif isinstance(x, list):
-        assert len(x) == len(y), path
-        for i, (u, v) in enumerate(zip(x, y)):
-            _close(u, v, f"{path}[{i}]")
-    elif isinstance(x, float):
-        assert x == pytest.approx(y, rel=1e-6, abs=1e-9), path
-    else:
-        assert x == y, path
-
-
 def test_router_counts_under_disk_offload(tmp_path, capsys):
     """Every expert count and the printed statistics are identical; the float statistics in the JSON agree to
     1e-6 (the offloaded experts run the same float32 products, summed in another order: 1e-9 seen)."""
@@ -199,13 +166,13 @@ def test_router_counts_under_disk_offload(tmp_path, capsys):
     printed_disk = _run(argv, tmp_path / "disk", ["--device-map", "auto", "--max-memory", "cpu=1MB",
                                                   "--offload-dir", str(tmp_path / "off")], capsys)
     assert printed_mem == printed_disk
-    a, b = _numbers(tmp_path / "mem"), _numbers(tmp_path / "disk")
+    a, b = numbers(tmp_path / "mem"), numbers(tmp_path / "disk")
     assert a["router_stats.csv"] == b["router_stats.csv"]
     dump_a, dump_b = a["router_dump.json"], b["router_dump.json"]
     for s_a, s_b in zip(dump_a["stats"], dump_b["stats"]):  # type: ignore[index]
         counts = ("tokens", "load_share", "dead_experts", "coactivation", "repeat_consecutive")  # from the top-k
         assert all(s_a[k] == s_b[k] for k in counts), counts
-    _close(dump_a, dump_b)
+    close(dump_a, dump_b)
 
 
 _PEAK = textwrap.dedent("""
