@@ -202,7 +202,7 @@ def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
     paths["file"] = root / "a-file"
     paths["missing"] = root / "missing.safetensors"
     for name, mapping in (("map_list", [1]), ("map_cuda", {"": "cuda:0"}),
-                          ("map_partial", {"embed_tokens": "cpu", "layers.0": "cpu"})):
+                          ("map_partial", {"embed_tokens": "cpu", "layers.0": "disk"})):
         (root / f"{name}.json").write_text(json.dumps(mapping))
         paths[name] = root / f"{name}.json"
     paths.update(_compress_inputs(root, paths["qwen3"]))
