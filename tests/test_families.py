@@ -205,18 +205,18 @@ def test_ov_with_a_prompt_runs_the_model_and_its_cache_error_is_the_dense_one(op
 
 
 @pytest.mark.parametrize("family,variant", WIDEST, ids=[f"{f}-{v}" for f, v in WIDEST])
-def test_heatmap_is_the_eager_attention_hf_returns(opened, family, variant):
+def test_heatmap_is_the_eager_attention_hf_returns(opened, ckpts, family, variant):
     model, tok, ck = opened(family, variant)
     ids = _ids(tok)
-    got = [capture_layer(model, tok, ck.spec, layer, PROMPT, want_probs=True).attn_probs for layer in range(L)]
     original = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            want = model(input_ids=ids, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(original)
+    got = [capture_layer(model, tok, ck.spec, layer, PROMPT, want_probs=True).attn_probs for layer in range(L)]
     assert model.config._attn_implementation == original
+    # The reference loads eagerly: set_attn_implementation("eager") is refused by Falcon, whose SDPA model then
+    # takes its eager code under output_attentions=True with SDPA's boolean mask (non-causal probabilities).
+    eager = type(model).from_pretrained(str(ckpts.path(family, variant, "hf_dir")), attn_implementation="eager",
+                                        dtype=torch.float32)
+    with torch.no_grad():
+        want = eager(input_ids=ids, output_attentions=True).attentions
     for layer in range(L):
         assert got[layer].shape == (H, ids.shape[1], ids.shape[1])
         torch.testing.assert_close(got[layer], want[layer][0], rtol=1e-5, atol=1e-6)
