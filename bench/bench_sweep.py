@@ -177,6 +177,15 @@ def child_env() -> dict:
     return env
 
 
+def run_program(code: str, argv: list[str], log: Path, what: str) -> dict | None:
+    """:func:`run_child` of ``python -c code argv``; None (after printing its output's tail) when it failed."""
+    r = run_child([sys.executable, "-c", code, *argv], log)
+    if r["rc"] != 0 or not r["result"]:
+        print(f"{what} failed:\n{r['out'][-3000:]}")
+        return None
+    return r
+
+
 def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
     """Run ``cmd``; return its wall time, exit code, output and its own peak RSS (wait4)."""
     t0 = time.perf_counter()
@@ -358,9 +367,8 @@ def main() -> int:
     print(f"  sweep: {fmt_s(sw['wall'])}, peak RSS {sw['maxrss'] / GB:.2f} GB, {len(sig)} heads in sweep_heads.csv")
 
     # (b) reading only.
-    rd = run_child([sys.executable, "-c", READ_CHILD, str(ckpt)], logs / "read.log")
-    if rd["rc"] != 0 or not rd["result"]:
-        print(f"the read-only pass failed:\n{rd['out'][-3000:]}")
+    rd = run_program(READ_CHILD, [str(ckpt)], logs / "read.log", "the read-only pass")
+    if rd is None:
         return 1
     rr = rd["result"]
     print(f"  read only: {fmt_s(rd['wall'])} for the process (imports + open_model {rr['import_open_s']:.1f} s, "
@@ -368,9 +376,8 @@ def main() -> int:
           f"peak RSS {rd['maxrss'] / GB:.2f} GB")
 
     # (b') the floor: read, convert once, the same Gram products as contiguous batched GEMMs, nothing else.
-    fl = run_child([sys.executable, "-c", FLOOR_CHILD, str(ckpt)], logs / "floor.log")
-    if fl["rc"] != 0 or not fl["result"]:
-        print(f"the floor program failed:\n{fl['out'][-3000:]}")
+    fl = run_program(FLOOR_CHILD, [str(ckpt)], logs / "floor.log", "the floor program")
+    if fl is None:
         return 1
     fr = fl["result"]
     print(f"  floor: {fmt_s(fl['wall'])} for the process (imports + open {fr['import_open_s']:.1f} s, read and "
@@ -379,9 +386,8 @@ def main() -> int:
           f"peak RSS {fl['maxrss'] / GB:.2f} GB")
 
     # (c) the dense per-head SVD.
-    dn = run_child([sys.executable, "-c", DENSE_CHILD, str(ckpt), str(args.dense_heads)], logs / "dense.log")
-    if dn["rc"] != 0 or not dn["result"]:
-        print(f"the dense SVD baseline failed:\n{dn['out'][-3000:]}")
+    dn = run_program(DENSE_CHILD, [str(ckpt), str(args.dense_heads)], logs / "dense.log", "the dense SVD baseline")
+    if dn is None:
         return 1
     heads = dn["result"]["heads"]
     per_head = sum(h["seconds"] for h in heads) / len(heads)

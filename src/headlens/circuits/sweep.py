@@ -231,8 +231,8 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     Every finished layer is written to ``cfg.out_dir`` at once, so an interrupted sweep resumes there.
     """
     cfg.validate()
-    cfg = replace(cfg, dtype=source.dtype_name(cfg.dtype))  # auto: float32 here, the checkpoint's on a GPU
-    dtype = source.dtype(cfg.dtype)
+    dtype = source.dtype(cfg.dtype)  # auto: float32 on the CPU, the checkpoint's on an accelerator
+    cfg = replace(cfg, dtype=str(dtype).replace("torch.", ""))
     data = cfg.calibration is not None
     if is_mla_config(source.peek_config()):
         raise HeadlensError("a multi-head latent attention checkpoint has no per-kv-group values to budget: use "

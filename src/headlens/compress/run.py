@@ -204,8 +204,8 @@ def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts
                                 f"0..{s.head_dim} numbers")
     digest = weights_digest(ck)
     budget_ks = read_budget(cfg.budget, ck, digest, tuple(cfg.latents)) if cfg.budget else None
-    cfg = dataclasses.replace(cfg, dtype=source.dtype_name(cfg.dtype, ck.config))  # auto: float32 on the CPU
-    dtype = source.dtype(cfg.dtype)
+    dtype = source.dtype(cfg.dtype, ck.config)  # auto: float32 on the CPU, the checkpoint's on an accelerator
+    cfg = dataclasses.replace(cfg, dtype=str(dtype).replace("torch.", ""))
     tok = source.tokenizer(ck.directory)
     limit = max_positions(ck.config or {})
     check_text_lengths(tok, eval_texts, limit, cfg.truncate, "eval text")

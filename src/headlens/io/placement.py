@@ -205,8 +205,8 @@ class Placement:
                     raise HeadlensError(f"`{name}` applies with `device_map` (e.g. `device_map` auto)")
             self.torch_device  # noqa: B018 - raises for a device that is not there
         else:
-            self._map = parse_device_map(self.device_map)
-            self._memory = parse_max_memory(self.max_memory)
+            parse_device_map(self.device_map)
+            parse_max_memory(self.max_memory)
             if self.offload_dir is not None:
                 check_offload_dir(self.offload_dir)
 
@@ -253,14 +253,6 @@ class Placement:
             return kw
         device = self.torch_device
         return {} if device.type == "cpu" else {"device_map": {"": str(device)}}
-
-    def describe(self) -> dict:
-        """For the JSON outputs: the device used and the map asked for."""
-        out: dict = {"device": str(self.torch_device)}
-        if self.device_map is not None:
-            out["device_map"] = self.device_map if isinstance(self.device_map, str) else "custom"
-        return out
-
 
 def input_device(model) -> torch.device:
     """Where a forward pass's input ids go: the input embedding's device (a device map may place it anywhere;

@@ -112,39 +112,26 @@ class ModelSource:
             config = self.peek_config()
         return self.placement.dtype(name, config)
 
-    def dtype_name(self, name: str | torch.dtype = "auto", config: dict | None = None) -> str:
-        """:meth:`dtype` as its name (``float32``), for configs and JSON outputs."""
-        return str(self.dtype(name, config)).replace("torch.", "")
-
     def model(self, directory: Path, dtype: torch.dtype | str = "auto"):
         """The base HuggingFace model of ``directory`` in eval mode (default attention implementation), placed
         as the source says (one device, or accelerate's device map)."""
-        return load_model(directory, self.dtype(dtype, _config_of(directory)), self.trust_remote_code,
-                          self.placement)
+        return load_model(directory, self.dtype(dtype), self.trust_remote_code, self.placement)
 
     def lm_model(self, directory: Path, dtype: torch.dtype | str = "auto", edits: str | None = None):
         """The model of ``directory`` with its language-model head where it is a decoder (its next-token logits
         are measured), else the base model; eval mode, default attention implementation, placed as the source
         says. ``edits`` names a caller that edits weights in place: a device map that offloaded some is refused
         then (accelerate reloads offloaded weights from storage at every pass)."""
-        return load_lm_model(directory, self.dtype(dtype, _config_of(directory)), self.trust_remote_code,
-                             self.placement, edits)
-
-
-def _config_of(directory: Path) -> dict | None:
-    from headlens.io.checkpoint import read_config
-
-    path = Path(directory) / "config.json"
-    return read_config(path) if path.exists() else None
+        return load_lm_model(directory, self.dtype(dtype), self.trust_remote_code, self.placement, edits)
 
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' warnings and its own progress bars ("Loading weights") while loading, and restore
     the caller's settings afterwards: headlens shows its own bars."""
-    from transformers.utils import logging as hf_logging
-
     import logging
+
+    from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -229,9 +216,9 @@ def _load(cls, directory: Path, dtype: torch.dtype, trust_remote_code: bool, pla
         raise
 
 
-def _say_placement(model, edits: str | None = None) -> None:
-    """One stderr line saying where a device map put the modules (accelerate's own warning is silenced); with
-    ``edits`` (a caller that edits weights in place), offloaded weights are refused instead."""
+def _check_placement(model, edits: str | None = None) -> None:
+    """With ``edits`` (a caller that edits weights in place), refuse weights a device map offloaded; then say in
+    one stderr line where the map put the modules (accelerate's own warning is silenced)."""
     from headlens.io.placement import offloaded
 
     moved = offloaded(model) if edits else []
@@ -240,7 +227,7 @@ def _say_placement(model, edits: str | None = None) -> None:
                             f"weight(s) ({moved[0]}, ...), which accelerate reloads from storage at every pass: "
                             "give `max_memory` that holds the model, or a larger device")
     mapping = getattr(model, "hf_device_map", None)
-    if not mapping or set(mapping) == {""} and len(set(mapping.values())) == 1 and "disk" not in mapping.values():
+    if not mapping or (set(mapping) == {""} and mapping[""] != "disk"):  # one device for the whole model
         return
     import sys
     from collections import Counter
@@ -265,7 +252,7 @@ def load_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool = Fa
             spec = SPECS.get(getattr(config, "model_type", None))  # its model_class where AutoModel builds more
             cls = getattr(transformers, spec.model_class) if spec is not None and spec.model_class else AutoModel
         model = _load(cls, directory, dtype, trust_remote_code, placement)
-        _say_placement(model, edits)
+        _check_placement(model, edits)
     except HeadlensError:
         raise
     except Exception as exc:
@@ -299,7 +286,7 @@ def load_lm_model(directory: Path, dtype: torch.dtype, trust_remote_code: bool =
     try:
         model, info = _load(AutoModelForCausalLM, directory, dtype, trust_remote_code, placement,
                             output_loading_info=True)
-        _say_placement(model, edits)
+        _check_placement(model, edits)
     except HeadlensError:
         raise
     except Exception as exc:
