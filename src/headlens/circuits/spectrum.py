@@ -19,7 +19,10 @@ dimensions, and returns one value per batch element.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -172,6 +175,45 @@ def data_aware_latent(svd: FactoredSVD, W_V: torch.Tensor, X: torch.Tensor) -> D
 # ------------------------------------------------------------------------------------------ Gram route
 
 
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
+_POOL_LOCK = threading.Lock()
+_SPLIT_MIN = 4  # batches smaller than this run in one call
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] < workers:
+            _POOL = (workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headlens-linalg"))
+        return _POOL[1]
+
+
+def batched(fn: Callable, *tensors: torch.Tensor):
+    """``fn(*tensors)`` for a function that treats the leading (batch) dimension elementwise, e.g. a batch of
+    small eigenproblems; the result is the same, computed faster on a multi-core CPU.
+
+    On the CPU the batch is split over the intra-op threads, each chunk computed with one thread: MKL's own
+    threading slows LAPACK down on matrices this small (32 symmetric 128 x 128 eigenvalue problems: 29 ms with
+    two threads, 22 ms with one, 15 ms as two single-threaded halves on two cores). Each matrix's result does not
+    depend on the split. ``fn`` returns a tensor or a tuple of tensors, batched along dim 0 like its inputs.
+    Elsewhere (CUDA, one thread, a small batch) it is ``fn(*tensors)``.
+    """
+    n = tensors[0].shape[0] if tensors[0].dim() else 0
+    threads = torch.get_num_threads()
+    if tensors[0].device.type != "cpu" or threads < 2 or n < _SPLIT_MIN:
+        return fn(*tensors)
+    parts = min(threads, n)
+    chunks = [t.tensor_split(parts) for t in tensors]
+    torch.set_num_threads(1)
+    try:
+        outs = list(_pool(parts).map(lambda i: fn(*(c[i] for c in chunks)), range(parts)))
+    finally:
+        torch.set_num_threads(threads)
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs)
+    return tuple(torch.cat(col) for col in zip(*outs))
+
+
 def _psd_sqrt(G: torch.Tensor) -> torch.Tensor:
     vals, vecs = torch.linalg.eigh(G)
     return (vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)) @ vecs.mT
@@ -194,6 +236,12 @@ def gram_spectrum(GA: torch.Tensor, GB: torch.Tensor, vectors: bool = False):
     and U (..., r, r) holds the left singular vectors of ``A B`` in R coordinates (columns, descending).
     """
     assert GA.shape == GB.shape and GA.shape[-1] == GA.shape[-2], (tuple(GA.shape), tuple(GB.shape))
+    if GA.dim() > 2:
+        return batched(lambda a, b: _gram_spectrum(a, b, vectors), GA, GB)
+    return _gram_spectrum(GA, GB, vectors)
+
+
+def _gram_spectrum(GA: torch.Tensor, GB: torch.Tensor, vectors: bool):
     R = gram_factor(GA)
     C = R @ GB @ R.mT
     C = 0.5 * (C + C.mT)

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from headlens.circuits.spectrum import (condition_numbers, cumulative_energy, gram_spectrum, numerical_rank,
+from headlens.circuits.spectrum import (batched, condition_numbers, cumulative_energy, gram_spectrum, numerical_rank,
                                         rank_at_energy, subspace_errors, tail_ratio)
 from headlens.circuits.sweep_results import (OV_LEVELS, QK_LEVELS, V_LEVELS, GroupSpectrum, HeadSpectrum,
                                              LatentErrors, LayerResult, Spectrum)
@@ -106,7 +106,7 @@ def _latents(fits: _Fits, Mf: torch.Tensor, Mt: torch.Tensor, ks: list[int], hea
     held-out error of the data-aware latent at every k = 1..r (n, r)."""
     Tf = fits.R @ Mf[fits.index] @ fits.R.mT  # (n, hd, hd): W X_fit X_fit^T W^T in R coordinates
     Tt = fits.R @ Mt[fits.index] @ fits.R.mT
-    wv, WU = torch.linalg.eigh(0.5 * (Tf + Tf.mT))
+    wv, WU = batched(torch.linalg.eigh, 0.5 * (Tf + Tf.mT))
     white = wv.flip(-1).clamp_min(0).sqrt()  # whitened singular values
     WU = WU.flip(-1)
     plain_fit = subspace_errors(fits.U, Tf, ks).T.tolist() if heads else None  # (len(ks), n)
@@ -148,7 +148,7 @@ def analyze_layer(
     qk = _qk_spectra(W_Q, W_K, group, layer, d, eps) if W_Q is not None and W_K is not None else [None] * H
     GA_g = torch.zeros(G, hd, hd, dtype=GA.dtype, device=GA.device).index_add_(0, group, GA)  # stacked operator per kv group
     Sg, Rg, *Ug = gram_spectrum(GA_g, GB, vectors=data)
-    Sv = torch.linalg.eigvalsh(GB).flip(-1).clamp_min(0).sqrt()  # (G, hd) singular values of W_V^g
+    Sv = batched(torch.linalg.eigvalsh, GB).flip(-1).clamp_min(0).sqrt()  # (G, hd) singular values of W_V^g
     stack = spectra(Sg, d * (H // G), eps, cfg.ks, fields=("rank",))  # stacked: (H/G * d) x d
     v = spectra(Sv, d, eps, None, V_LEVELS, fields=("rank", "sigma_max"))
     head_lat: list = [None] * H

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -74,22 +75,40 @@ def _hash_tensors(h, src) -> None:
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+_TENSOR_HASHES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def _tensors_hash(ck: "Checkpoint"):
+    """A SHA-256 object fed by :func:`_hash_tensors` over ``ck.tensors``: a copy for the caller to finish, computed
+    once per tensor source (a sweep asks twice, for its resume fingerprint and its weights digest)."""
+    src = ck.tensors
+    try:
+        h = _TENSOR_HASHES.get(src)
+    except TypeError:  # a source that takes no weak reference: hash each time
+        h = None
+    if h is None:
+        h = hashlib.sha256()
+        _hash_tensors(h, src)
+        try:
+            _TENSOR_HASHES[src] = h
+        except TypeError:
+            pass
+    return h.copy()
+
+
 def weights_digest(ck: "Checkpoint") -> str:
     """16 hex digits of a SHA-256 over the checkpoint's tensors (names, shapes, dtypes, first and last rows), not
     its files: a copy of the same weights has the same digest, other weights another. It names the model a
     ``sweep_budget.csv`` belongs to (column ``model_weights``), so that ``compress --budget`` can refuse a budget
     made for another model."""
-    h = hashlib.sha256()
-    _hash_tensors(h, ck.tensors)
-    return h.hexdigest()[:16]
+    return _tensors_hash(ck).hexdigest()[:16]
 
 
 def model_fingerprint(ck: "Checkpoint") -> dict[str, Any]:
     """The checkpoint's description plus ``content``: a SHA-256 (16 hex digits) of every tensor's name, shape
     and dtype, the bytes of its first and last rows, and the size and modification time of its files. Cheap
     (two rows per tensor), and it changes when the weights are replaced or rewritten."""
-    h = hashlib.sha256()
-    _hash_tensors(h, ck.tensors)
+    h = _tensors_hash(ck)
     h.update(json.dumps(_file_stats(ck)).encode())
     return {**ck.describe(), "content": h.hexdigest()[:16]}
 
