@@ -14,31 +14,38 @@ if TYPE_CHECKING:
 
 
 def _toy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA); 1 for MQA")
-    p.add_argument("--head-dim", type=int, default=16)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--no-causal", action="store_true")
-    p.add_argument("--rope", action="store_true")
-    p.add_argument("--no-norm", action="store_true", help="no pre-attention RMSNorm")
-    p.add_argument("--no-residual", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--d-model", type=int, default=64, metavar="D", help="width d of the residual stream (default 64)")
+    p.add_argument("--heads", type=int, default=4, metavar="H", help="query heads per layer (default 4)")
+    p.add_argument("--kv-heads", type=int, default=None, metavar="G",
+                   help="key/value heads, a divisor of --heads (default: --heads, MHA; 1: MQA; in between: GQA)")
+    p.add_argument("--head-dim", type=int, default=16, metavar="HD", help="width of each head (default 16)")
+    p.add_argument("--layers", type=int, default=2, metavar="L", help="attention layers, no MLPs (default 2)")
+    p.add_argument("--no-causal", action="store_true",
+                   help="let every token attend to every other (default: causal, no attending to later tokens)")
+    p.add_argument("--rope", action="store_true", help="rotary position embedding on q and k (default: none)")
+    p.add_argument("--no-norm", action="store_true", help="no pre-attention RMSNorm (default: RMSNorm)")
+    p.add_argument("--no-residual", action="store_true",
+                   help="replace the stream by the attention output instead of adding it (default: residual)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy's random weights (default 0)")
     p.add_argument("--plant", choices=("geometric", "power", "flat"), default=None,
-                   help="plant every kv group's W_OV spectrum with this profile")
-    p.add_argument("--plant-rank", type=int, default=None, help="planted rank (zeros after it)")
-    p.add_argument("--plant-decay", type=float, default=None,
+                   help="plant every kv group's W_OV spectrum with this profile (default: none, random weights)")
+    p.add_argument("--plant-rank", type=int, default=None, metavar="R",
+                   help="planted rank: singular values after the R-th are zero (default: --head-dim; needs --plant)")
+    p.add_argument("--plant-decay", type=float, default=None, metavar="X",
                    help="geometric ratio or power-law exponent (default 0.7; needs --plant)")
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inputs", choices=("random", "anisotropic", "embeddings"), default="anisotropic")
+    p.add_argument("--inputs", choices=("random", "anisotropic", "embeddings"), default="anisotropic",
+                   help="token inputs: random (isotropic Gaussian), anisotropic (see --input-decay) or embeddings "
+                        "(rows of --embeddings-from) (default anisotropic)")
     p.add_argument("--embeddings-from", metavar="DIR",
-                   help="HF model directory whose token embeddings feed the toy (--inputs embeddings)")
-    p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--input-decay", type=float, default=0.8,
-                   help="anisotropic inputs: covariance eigenvalues decay^i in a random basis (default 0.8)")
-    p.add_argument("--input-seed", type=int, default=1)
+                   help="HF model directory whose token embeddings feed the toy (--inputs embeddings; no default)")
+    p.add_argument("--tokens", type=int, default=256, metavar="N", help="tokens to trace, 2..8192 (default 256)")
+    p.add_argument("--input-decay", type=float, default=0.8, metavar="X",
+                   help="anisotropic inputs: covariance eigenvalues X^i in a random basis, 0 < X <= 1 (default 0.8)")
+    p.add_argument("--input-seed", type=int, default=1, metavar="SEED",
+                   help="seed of the inputs and of the embedding rows drawn (default 1)")
 
 
 def add_parser(sub) -> None:
@@ -60,19 +67,26 @@ def add_parser(sub) -> None:
                    + "DIR/traces.safetensors and DIR/traces.json")
     t.set_defaults(func=cmd_trace)
     k = tsub.add_parser("cluster", help="the token-clustering demo: deep shared-weight attention on the sphere")
-    k.add_argument("--tokens", type=int, default=None)
-    k.add_argument("--dim", type=int, default=None)
-    k.add_argument("--depth", type=int, default=None, help="number of layers")
-    k.add_argument("--beta", type=float, default=None, help="inverse temperature of the attention")
-    k.add_argument("--seed", type=int, default=None)
-    k.add_argument("--frame-seconds", type=float, default=0.5)
-    k.add_argument("--out-dir", default="headlens-out/toy-cluster", metavar="DIR")
+    k.add_argument("--tokens", type=int, default=None, metavar="N",
+                   help="tokens (points on the sphere), at least 4 (default 64)")
+    k.add_argument("--dim", type=int, default=None, metavar="D", help="width of each token, at least 3 (default 16)")
+    k.add_argument("--depth", type=int, default=None, metavar="L",
+                   help="shared-weight attention layers, at least 1 (default 30)")
+    k.add_argument("--beta", type=float, default=None,
+                   help="inverse temperature of the attention softmax, 0..1e6 (default 4)")
+    k.add_argument("--seed", type=int, default=None, help="seed of the initial tokens (default 0)")
+    k.add_argument("--frame-seconds", type=float, default=0.5, metavar="S",
+                   help="GIF seconds per frame (default 0.5)")
+    k.add_argument("--out-dir", default="headlens-out/toy-cluster", metavar="DIR",
+                   help="output directory (default headlens-out/toy-cluster)")
     k.set_defaults(func=cmd_cluster)
     r = tsub.add_parser("run", help="create, trace and analyse in one go (ov on every head, sphere on the stream)")
     _toy_args(r)
     _trace_args(r)
-    r.add_argument("--latent-dim", type=int, default=4)
-    r.add_argument("--out-dir", default="headlens-out/toy", metavar="DIR")
+    r.add_argument("--latent-dim", type=int, default=4, metavar="K",
+                   help="latent size k each head's OV circuit is measured at, 1..--head-dim (default 4)")
+    r.add_argument("--out-dir", default="headlens-out/toy", metavar="DIR",
+                   help="output directory: the toy, its traces, toy_ov.json and sphere/ (default headlens-out/toy)")
     r.set_defaults(func=cmd_run)
     toy.set_defaults(func=_no_action)
 

@@ -28,8 +28,11 @@ class ClusterFiles:
     html: Path  # tokens.html
 
     def lines(self) -> list[str]:
-        """The ``saved <what> -> path`` lines, in the order the command prints them."""
-        return [f"saved {key} -> {path}" for key, path in asdict(self).items()]
+        """The ``saved <what> -> path`` lines, in the order the command prints them (the words of
+        ``headlens sphere``'s lines, :meth:`headlens.report.sphere.SphereFiles.lines`)."""
+        return [f"saved gif -> {self.gif}", f"saved metrics plot -> {self.metrics_png}",
+                f"saved metrics -> {self.metrics_json}", f"saved metrics csv -> {self.metrics_csv}",
+                f"saved html -> {self.html}"]
 
 
 def _frame_jobs(demo: ClusterDemo, labels: bool) -> list[dict]:

@@ -88,11 +88,22 @@ def report_lines(r: OVResult) -> list[str]:
     ]
 
 
+def _count(n: int, noun: str) -> str:
+    """``"1 token"``, ``"3 tokens"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _inputs_subject(cache_inputs: str) -> str:
+    """The inputs as the subject of a sentence, with its verb: ``"the prompt has"``, ``"the traces have"``."""
+    return {"prompt": "the prompt has", "traces": "the traces have"}.get(cache_inputs, f"the {cache_inputs} have")
+
+
 def _inputs_line(r: OVResult) -> str:
     if r.cache_inputs == "prompt":
-        return f"cache_error inputs: the prompt's {r.cache_tokens} tokens at the input of layer {r.layer}'s attention"
+        return (f"cache_error inputs: the prompt's {_count(r.cache_tokens, 'token')} at the input of layer "
+                f"{r.layer}'s attention")
     if r.cache_inputs == "traces":
-        return (f"cache_error inputs: {r.cache_tokens} traced tokens at the input of layer {r.layer}'s "
+        return (f"cache_error inputs: {_count(r.cache_tokens, 'traced token')} at the input of layer {r.layer}'s "
                 f"attention (toy traces)")
     return (f"cache_error inputs: {r.cache_tokens} seeded Gaussian probe tokens (seed {r.seed}); "
             f"pass --prompt to use real activations")
@@ -116,14 +127,15 @@ def extra_lines(r: OVResult) -> list[str]:
     if da is not None:
         lines.append(f"latent_dim={r.latent_dim} on the {r.cache_inputs}: data-aware (whitened) error="
                      f"{da.whitened_error:.3e} plain cache_error={da.plain_cache_error:.3e} (in-sample, "
-                     f"{da.n_tokens} tokens)")
+                     f"{_count(da.n_tokens, 'token')})")
         if da.heldout_whitened_error is not None and da.heldout_plain_error is not None:
             lines.append(f"held-out (fit on {da.heldout_fit_tokens} even-position tokens, measured on "
                          f"{da.heldout_test_tokens} odd ones): data-aware error={da.heldout_whitened_error:.3e} "
                          f"plain cache_error={da.heldout_plain_error:.3e}")
         if da.n_tokens <= r.latent_dim:
-            lines.append(f"note: the {r.cache_inputs} have {da.n_tokens} tokens <= latent_dim {r.latent_dim}, so "
-                         f"the data-aware latent is exact on them; use more tokens to measure it")
+            lines.append(f"note: {_inputs_subject(r.cache_inputs)} {_count(da.n_tokens, 'token')} <= latent_dim "
+                         f"{r.latent_dim}, so the data-aware latent is exact on {'it' if da.n_tokens == 1 else 'them'}; "
+                         f"use more tokens to measure it")
     return lines
 
 
@@ -181,22 +193,45 @@ def save_spectrum_plot(path: Path, singular_values: Sequence[float], energy: Seq
     return save_figure(fig, path, dpi=120)
 
 
-def save_attention_heatmap(path: Path, probs: np.ndarray, tokens: Sequence[str], title: str) -> Path:
-    """Attention probabilities ``probs`` (N, N), query rows x key columns, labelled with the decoded tokens."""
+HEATMAP_DPI = 110
+HEATMAP_FONTSIZE = 8  # tick labels, in points
+HEATMAP_PITCH_IN = 0.2  # inches of heatmap per labelled position (8 pt labels need ~0.15)
+HEATMAP_SIDE_IN = (3.0, 8.0)  # the heatmap's side in inches, at least and at most
+
+
+def attention_heatmap_figure(probs: np.ndarray, tokens: Sequence[str], title: str):
+    """The figure of :func:`save_attention_heatmap` (a matplotlib ``Figure``, not yet saved).
+
+    ``probs`` is (N, N), query rows x key columns. Up to 40 tokens every one is labelled; above that every
+    s-th (s = 2, 5, 10, 20, 50, ..., at most 40 labels an axis, each ``"<position>: <token>"``). The size is
+    bounded: the heatmap is 3 to 8 inches a side whatever N, the whole figure at most ~11.5 x 11 inches.
+    """
+    from headlens.report.labels import label_inches, tick_positions, tick_step, token_label, wrap_title
+
     n = len(tokens)
     assert probs.shape == (n, n), (probs.shape, n)
     plt = _pyplot()
-    labels = [repr(t)[1:-1] if t.strip() else repr(t) for t in tokens]
-    size = min(4 + 0.32 * n, 40)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    im = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=max(float(np.max(probs)), 1e-12), aspect="equal")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_xticklabels(labels, rotation=90, fontsize=8)
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlabel("key token (attended to)")
+    ticks = tick_positions(n)
+    step = tick_step(n)
+    labels = [token_label(tokens[i]) if step == 1 else f"{i}: {token_label(tokens[i], 10)}" for i in ticks]
+    side = min(max(HEATMAP_PITCH_IN * n, HEATMAP_SIDE_IN[0]), HEATMAP_SIDE_IN[1])
+    margin = label_inches(labels, HEATMAP_FONTSIZE) + 0.5  # tick labels, then the axis label
+    width = side + margin + 1.3  # + the colour bar and its label
+    title = wrap_title(title, width - 0.3, 10)
+    height = side + margin + 0.25 * (title.count("\n") + 1) + 0.3
+    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+    im = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=max(float(np.max(probs)), 1e-12), aspect="equal",
+                   interpolation="nearest" if n <= 400 else "antialiased")
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=HEATMAP_FONTSIZE)
+    ax.set_yticks(ticks, labels, fontsize=HEATMAP_FONTSIZE)
+    ax.set_xlabel("key token (attended to)" + ("" if step == 1 else f"; a label every {step} tokens"))
     ax.set_ylabel("query token")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention probability")
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="attention probability")
+    return fig
+
+
+def save_attention_heatmap(path: Path, probs: np.ndarray, tokens: Sequence[str], title: str) -> Path:
+    """Attention probabilities ``probs`` (N, N), query rows x key columns, labelled with the decoded tokens
+    (:func:`attention_heatmap_figure`), saved as a PNG at 110 dpi (at most ~1270 x 1210 px); returns ``path``."""
+    return save_figure(attention_heatmap_figure(probs, tokens, title), path, dpi=HEATMAP_DPI)

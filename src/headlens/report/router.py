@@ -88,47 +88,93 @@ def stats_csv(stats: list[LayerStats]) -> str:
     return buf.getvalue()
 
 
-def save_load_heatmap(path: Path, stats: list[LayerStats], name: str) -> Path:
-    """MoE layer x expert heatmap of the load share."""
+LOAD_DPI = 100  # router_load.png: at most 14 x 12 inches, 1400 x 1200 px
+COACTIVATION_DPI = 100  # router_coactivation.png: at most ~13 x 12.5 inches
+
+
+def load_heatmap_figure(stats: list[LayerStats], name: str):
+    """The figure of :func:`save_load_heatmap`: MoE layer x expert load share, (L, E). Every layer and expert
+    is labelled up to 40 of them, every s-th above (at most 40 labels an axis); the size is bounded."""
     import numpy as np
 
-    from headlens.report.figures import _pyplot, save_figure
+    from headlens.report.figures import _pyplot
+    from headlens.report.labels import tick_positions
 
     plt = _pyplot()
     L, E = len(stats), stats[0].experts
     load = np.array([s.load_share for s in stats])  # (L, E)
-    fig, ax = plt.subplots(figsize=(max(7.0, min(3 + 0.35 * E, 24)), max(3.0, min(2 + 0.35 * L, 20))))
-    im = ax.imshow(load, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(L), [str(s.layer) for s in stats])
+    fig, ax = plt.subplots(figsize=(max(7.0, min(3 + 0.3 * E, 14)), max(3.0, min(2 + 0.3 * L, 12))),
+                           layout="constrained")
+    im = ax.imshow(load, aspect="auto", cmap="viridis", interpolation="nearest")
+    rows, cols = tick_positions(L), tick_positions(E)
+    ax.set_yticks(rows, [str(stats[i].layer) for i in rows], fontsize=8)
+    ax.set_xticks(cols, [str(e) for e in cols], fontsize=8, rotation=90 if E > 20 else 0)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_title(f"{name}: load share per expert\n(uniform = 1/{E} = {1 / E:.3f})", fontsize=10)
     fig.colorbar(im, ax=ax, label="share of token assignments")
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=100)
+    return fig
 
 
-def save_coactivation(path: Path, stats: list[LayerStats], name: str) -> Path:
-    """One P(j | i) co-activation matrix per MoE layer, four to a row."""
+def save_load_heatmap(path: Path, stats: list[LayerStats], name: str) -> Path:
+    """MoE layer x expert heatmap of the load share (:func:`load_heatmap_figure`); returns ``path``."""
+    from headlens.report.figures import save_figure
+
+    return save_figure(load_heatmap_figure(stats, name), path, dpi=LOAD_DPI)
+
+
+def _grid(n: int) -> tuple[int, int, float]:
+    """(rows, columns, panel side in inches) for ``n`` co-activation panels: four to a row up to 16 panels,
+    then a near-square grid; panels 1.1 to 3 inches so the whole grid stays within ~11 x 11 inches."""
+    import math
+
+    cols = min(n, 4 if n <= 16 else math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    return rows, cols, min(3.0, 11.0 / cols, 11.0 / rows)
+
+
+def coactivation_figure(stats: list[LayerStats], name: str):
+    """The figure of :func:`save_coactivation`: one P(j | i) matrix (E, E) per MoE layer on a grid, one shared
+    colour bar; tick labels and the i / j axis labels only on the outer panels (the first column, and the
+    panels with none below them), so no panel's labels run into its neighbour."""
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
-    from headlens.report.figures import _pyplot, save_figure
+    from headlens.report.figures import _pyplot
+    from headlens.report.labels import wrap_title
 
     plt = _pyplot()
     L = len(stats)
-    cols = min(L, 4)
-    rows = (L + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
-    for ax, s in zip(axes.flat, stats):
-        im = ax.imshow(np.array(s.coactivation), vmin=0, vmax=1, cmap="magma")  # (E, E)
-        ax.set_title(f"layer {s.layer}: P(j | i)", fontsize=9)
-        ax.set_xlabel("j")
-        ax.set_ylabel("i")
+    rows, cols, panel = _grid(L)
+    width, height = cols * panel + 1.6, rows * panel + 1.0
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False, layout="constrained")
+    fontsize = 8 if panel >= 2 else 7
+    for i, (ax, s) in enumerate(zip(axes.flat, stats)):
+        r, c = divmod(i, cols)
+        im = ax.imshow(np.array(s.coactivation), vmin=0, vmax=1, cmap="magma", interpolation="nearest")  # (E, E)
+        ax.set_title(f"layer {s.layer}", fontsize=fontsize + 1)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(nbins=4 if panel >= 2 else 3, integer=True))
+        ax.tick_params(labelsize=fontsize)
+        outer_x = i + cols >= L  # no panel below this one
+        ax.tick_params(labelbottom=outer_x, labelleft=c == 0)
+        if outer_x:
+            ax.set_xlabel("j (expert)", fontsize=fontsize + 1)
+        if c == 0:
+            ax.set_ylabel("i (expert)", fontsize=fontsize + 1)
     for ax in list(axes.flat)[L:]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes, shrink=0.8)
-    fig.suptitle(f"{name}: expert co-activation over the top-k pairs of a token")
-    return save_figure(fig, path, dpi=100)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8 if rows > 1 else 1.0, label="P(j | i)")
+    fig.suptitle(wrap_title(f"{name}: expert co-activation P(j\u00a0|\u00a0i) over the top-k pairs of a token", width - 0.3,
+                            11), fontsize=11)
+    return fig
+
+
+def save_coactivation(path: Path, stats: list[LayerStats], name: str) -> Path:
+    """One P(j | i) co-activation matrix per MoE layer (:func:`coactivation_figure`); returns ``path``."""
+    from headlens.report.figures import save_figure
+
+    return save_figure(coactivation_figure(stats, name), path, dpi=COACTIVATION_DPI)
 
 
 def save_entropies(path: Path, stats: list[LayerStats], name: str) -> Path:
