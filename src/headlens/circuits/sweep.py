@@ -108,6 +108,7 @@ class SweepStart:
     done: list[int]  # layers taken from the resume store
     calibration_tokens: int  # captured now (0 without calibration or when nothing is left to do)
     data_aware: bool  # calibration texts were given
+    ks: list[int]  # the latent sizes each layer's errors are given at
 
 
 @dataclass
@@ -223,11 +224,14 @@ def _analyze(ck: Checkpoint, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor
 
 
 def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[SweepStart], None] | None = None,
-              progress: Callable[[Iterable, int], Iterable] | None = None) -> SweepResult:
+              progress: Callable[[Iterable, int], Iterable] | None = None,
+              on_layer: Callable[[LayerResult], None] | None = None) -> SweepResult:
     """Sweep the layers ``cfg`` selects of ``source`` (a ModelSource); returns a :class:`SweepResult`.
 
     ``on_start`` is called once the checkpoint is open, the calibration captured and the resume store ready,
-    before the first layer; ``progress(iterable, total)`` may wrap the layer loop (e.g. a progress bar).
+    before the first layer; ``progress(iterable, total)`` may wrap the layer loop (e.g. a progress bar);
+    ``on_layer`` gets each layer's result as soon as it is there (first the resumed ones, in layer order, then
+    each new one as it finishes).
     Every finished layer is written to ``cfg.out_dir`` at once, so an interrupted sweep resumes there.
     """
     cfg.validate()
@@ -255,12 +259,17 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     if parts is not None:
         parts.start(run)
     if on_start is not None:
-        on_start(SweepStart(ck.name, s, todo, sorted(done), n_calib, data))
+        on_start(SweepStart(ck.name, s, todo, sorted(done), n_calib, data, list(analysis.ks)))
+    if on_layer is not None:
+        for layer in sorted(done):
+            on_layer(done[layer])
     loop: Iterable = iter_layers(ck, todo, analysis, dtype)
     for layer, f in (progress(loop, len(todo)) if progress is not None else loop):
         done[layer] = _analyze(ck, layer, f, analysis, X.pop(layer, None), source.torch_device)
         if parts is not None:
             parts.save(done[layer])
+        if on_layer is not None:
+            on_layer(done[layer])
     results = [done[layer] for layer in layers]
     bud = budget(results, target, s.num_kv_heads, s.head_dim, cfg.kv_bytes)
     from headlens.circuits.sweep_parts import weights_digest

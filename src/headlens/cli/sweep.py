@@ -59,7 +59,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from headlens.circuits.mla import is_mla_config
     from headlens.circuits.sweep import SweepConfig, run_sweep
     from headlens.io.files import check_writable_dir
-    from headlens.report.sweep import header_line, preload_in_background, result_lines, write_report
+    from headlens.report.pool import WorkerPool, usable_cores
+    from headlens.report.sweep import header_line, layer_line, preload_in_background, result_lines, write_report
+    from headlens.report.sweep_figures import warm_up
 
     cfg = SweepConfig(layers=args.layers, ks=args.k, fold_norm=args.fold_norm, with_qk=not args.no_qk,
                       dtype=args.dtype, target_error=args.target_error, target_energy=args.target_energy,
@@ -83,7 +85,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         paths = write_mla_report(mla, out_dir, Path(args.json) if args.json else None)
         print("\n".join(mla_lines(mla) + [f"saved -> {p}" for p in paths]))
         return 0
-    result = run_sweep(source, cfg, on_start=lambda s: print(header_line(s), flush=True), progress=bar)
-    paths = write_report(result, out_dir, Path(args.json) if args.json else None)
-    print("\n".join(result_lines(result) + [f"saved -> {p}" for p in paths]))
+    ks: list[int] = []
+
+    def started(start) -> None:
+        print(header_line(start), flush=True)
+        ks.extend(start.ks)
+        pool.start()  # the heatmaps' worker: its imports overlap the layer loop
+
+    def finished(layer) -> None:  # each layer's line as it finishes, above the progress bar
+        tqdm.write(layer_line(layer, ks), file=sys.stdout)
+        sys.stdout.flush()
+
+    with WorkerPool(lambda: 1 if usable_cores() >= 2 else 0, warm_up) as pool:
+        result = run_sweep(source, cfg, on_start=started, progress=bar, on_layer=finished)
+        paths = write_report(result, out_dir, Path(args.json) if args.json else None, pool=pool.executor)
+    print("\n".join(result_lines(result, per_layer=False) + [f"saved -> {p}" for p in paths]))
     return 0

@@ -95,9 +95,12 @@ class OutputSet:
         self.staged[_resolved(final)] = staged
 
     def readable(self, final: Path) -> Path:
-        """Where the current bytes of ``final`` are: its staged file when this set wrote it, else ``final``."""
+        """Where the current bytes of ``final`` are: its staged file when this set (or one of its worker processes,
+        which stage under the same id) wrote it, else ``final``."""
         staged = self.staged.get(_resolved(final))
-        return staged if staged is not None and staged.exists() else Path(final)
+        if staged is None:
+            staged = self.stage_name(Path(final))  # a worker's: not registered here, found by name
+        return staged if staged.exists() else Path(final)
 
     # ------------------------------------------------------------------------------- commit, rollback
 

@@ -11,7 +11,13 @@ from headlens.io.files import atomic_path
 
 
 def _pyplot():
+    import logging
+
     import matplotlib
+
+    # mathtext ($W_{OV}$ in titles) looks for STIX/Computer Modern fonts first and logs each fallback to DejaVu
+    # Sans as a warning; the fallback is what we draw with, so those lines are noise on a user's terminal.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

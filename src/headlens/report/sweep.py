@@ -11,13 +11,19 @@ budget chart (:mod:`headlens.report.sweep_figures`), ``sweep_budget.csv``, ``swe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from headlens.circuits.budget import Budget
 from headlens.circuits.sweep import SweepResult, SweepStart
+from headlens.circuits.sweep_results import LayerResult, layer_aggregates
 from headlens.io.files import write_json
 from headlens.io.tables import write_csv, write_table
+from headlens.report.pool import Deferred
 from headlens.report.sweep_common import (BUDGET_CSV, BUDGET_LAYERS_CSV, BUDGET_PNG, GROUPS_STEM, HEADS_STEM,
                                           PAGE_HTML, SUMMARY_JSON)
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 
 def budget_outputs(out_dir: Path, budget: Budget | None, model_name: str, weights: str | None = None) -> list[Path]:
@@ -38,17 +44,26 @@ def budget_outputs(out_dir: Path, budget: Budget | None, model_name: str, weight
     return paths + ([chart] if chart is not None else [])
 
 
-def write_report(result: SweepResult, out_dir: Path, json_path: Path | None = None) -> list[Path]:
+def write_report(result: SweepResult, out_dir: Path, json_path: Path | None = None,
+                 pool: "ProcessPoolExecutor | None" = None) -> list[Path]:
     """Write every output file of ``result`` (summary JSON at ``json_path``, default in ``out_dir``); returns
-    their paths in the order above."""
-    from headlens.report.sweep_figures import heatmaps
+    their paths in the order above.
+
+    With a ``pool`` (:class:`~headlens.report.pool.WorkerPool`'s executor, warmed up with
+    :func:`headlens.report.sweep_figures.warm_up`), the per-k heatmaps, the largest figures, are drawn there while
+    this process writes the tables, the rank heatmap and the budget chart; the files are the same either way."""
+    from headlens.report.sweep_figures import draw_heatmap, heatmap_jobs
     from headlens.report.sweep_html import write_html
 
     out_dir = Path(out_dir)
+    jobs = heatmap_jobs(out_dir, result.heads(), result.config.ks, result.name)
+    away = [Deferred(pool, draw_heatmap, path, job) if pool is not None and job["kind"] != "rank" else None
+            for path, job in jobs]
     head_rows, group_rows = result.rows()
     files = write_table(out_dir / HEADS_STEM, head_rows) + write_table(out_dir / GROUPS_STEM, group_rows)
-    images = heatmaps(out_dir, result.heads(), result.config.ks, result.name)
+    here = {i: draw_heatmap(path, job) for i, (path, job) in enumerate(jobs) if away[i] is None}
     bfiles = budget_outputs(out_dir, result.budget, result.name, result.model.get("weights_digest"))
+    images = [here[i] if d is None else d.result() for i, d in enumerate(away)]
     summary = result.summary()
     jpath = write_json(Path(json_path) if json_path else out_dir / SUMMARY_JSON, summary)
     page = write_html(out_dir / PAGE_HTML, summary, result.layers, result.budget,
@@ -66,11 +81,18 @@ def header_line(start: SweepStart) -> str:
                else "; weight-only"))
 
 
-def result_lines(result: SweepResult) -> list[str]:
-    """What the command prints at the end, before the file names: per-layer means and the budget."""
+def layer_line(layer: LayerResult, ks: Sequence[int]) -> str:
+    """One layer's line: its heads' mean OV rank at 90% energy and mean rel_error at each k."""
+    a = layer_aggregates([layer], ks)[0]
+    return (f"layer {a.layer:3d}: mean rank@90% {a.rank_e90.mean:6.1f}  "
+            + "  ".join(f"rel_error@{k} {a.rel_error[k].mean:.3f}" for k in ks))
+
+
+def result_lines(result: SweepResult, per_layer: bool = True) -> list[str]:
+    """What the command prints at the end, before the file names: per-layer means (unless ``per_layer`` is False:
+    printed as each layer finished, :func:`layer_line`) and the budget."""
     ks = result.config.ks
-    lines = [f"layer {a.layer:3d}: mean rank@90% {a.rank_e90.mean:6.1f}  "
-             + "  ".join(f"rel_error@{k} {a.rel_error[k].mean:.3f}" for k in ks) for a in result.aggregates()]
+    lines = [layer_line(r, ks) for r in result.layers] if per_layer else []
     t = result.budget.totals
     data = result.data_aware
     lines.append(f"budget ({result.budget.target.label()}): KV bytes/token {t.kv_bytes_before} -> "

@@ -2,6 +2,10 @@
 
 - :func:`heatmaps` -> ``sweep_rank_e90.png``, ``sweep_rel_error.png``, ``sweep_white_heldout.png`` (data-aware)
 - :func:`budget_chart` -> ``sweep_budget.png``
+
+Each heatmap is a plain-data job (:func:`heatmap_jobs`: numpy grids, ids, titles) and a drawing function
+(:func:`draw_heatmap`), so that a worker process can draw it: this module imports no torch (the result types are
+imported for type checking only), and a worker that imports it starts in about a second.
 """
 
 from __future__ import annotations
@@ -9,16 +13,18 @@ from __future__ import annotations
 import math
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from headlens.circuits.budget import Budget, BudgetTotals
-from headlens.circuits.sweep_results import HeadSpectrum
 from headlens.errors import HeadlensError
 from headlens.report.figures import _pyplot, save_figure
 from headlens.report.sweep_common import (ERROR_PNG, HELDOUT_PNG, RANK_PNG, fmt_bytes, fmt_pct, number,
                                           uniform_label)
+
+if TYPE_CHECKING:
+    from headlens.circuits.budget import Budget, BudgetTotals
+    from headlens.circuits.sweep_results import HeadSpectrum
 
 _ANNOTATE_MAX_CELLS = 200   # write the value in each heatmap cell up to this many cells per panel
 _TICK_MAX = 40              # label every row/column up to this many, else every n-th
@@ -29,7 +35,7 @@ def _mpl_text(text: str) -> str:
     return str(text).replace("$", r"\$")
 
 
-def _grid(heads: Sequence[HeadSpectrum], value: Callable[[HeadSpectrum], Any]):
+def _grid(heads: Sequence["HeadSpectrum"], value: Callable[[HeadSpectrum], Any]):
     """(L, H) float array of ``value`` per head (NaN where missing) with the sorted layer and head ids."""
     layers = sorted({h.layer for h in heads})
     ids = sorted({h.head for h in heads})
@@ -41,7 +47,9 @@ def _grid(heads: Sequence[HeadSpectrum], value: Callable[[HeadSpectrum], Any]):
     return grid, layers, ids
 
 
-def _check_heads(heads: Sequence[HeadSpectrum]) -> None:
+def _check_heads(heads: Sequence["HeadSpectrum"]) -> None:
+    from headlens.circuits.sweep_results import HeadSpectrum
+
     if isinstance(heads, dict) or not isinstance(heads, Sequence) or not heads:
         raise HeadlensError("`heads` must be a non-empty list of HeadSpectrum")
     for i, h in enumerate(heads):
@@ -55,7 +63,7 @@ def _ticks(ids: list[int]) -> tuple[list[int], list[str]]:
     return pos, [str(ids[p]) for p in pos]
 
 
-def _group_edges(heads: Sequence[HeadSpectrum], ids: list[int]) -> list[float]:
+def _group_edges(heads: Sequence["HeadSpectrum"], ids: list[int]) -> list[float]:
     """Column positions between query heads that read different kv heads (GQA group boundaries)."""
     kv: dict[int, int] = {}
     for h in heads:
@@ -146,51 +154,87 @@ def _cmap(name: str):
     return matplotlib.colormaps[name].with_extremes(bad="0.85")  # missing heads: light grey
 
 
-def _rank_figure(path: Path, heads: Sequence[HeadSpectrum], model_name: str) -> Path:
+def _rank_job(heads: Sequence["HeadSpectrum"], model_name: str) -> dict[str, Any]:
     grid, layers, ids = _grid(heads, lambda h: h.ov.rank_at.get(90))
-    edges = _group_edges(heads, ids)
+    return {"kind": "rank", "grids": [grid], "layers": layers, "ids": ids, "edges": _group_edges(heads, ids),
+            "title": f"{_mpl_text(model_name)}: rank of $W_{{OV}}$ at 90% energy"}
+
+
+def _draw_rank(path: Path, job: dict[str, Any]) -> Path:
+    grid, layers, ids = job["grids"][0], job["layers"], job["ids"]
     w, h = _panel_size(len(layers), len(ids), 0.26)
-    title = f"{_mpl_text(model_name)}: rank of $W_{{OV}}$ at 90% energy"
-    fig, axes, cax = _heat_layout(1, 1, w, h, title, panel_titles=False)
+    fig, axes, cax = _heat_layout(1, 1, w, h, job["title"], panel_titles=False)
     finite = grid[np.isfinite(grid)]
     vmin = float(finite.min()) if finite.size else 0.0
     vmax = float(finite.max()) if finite.size else 1.0
     if vmax <= vmin:
         vmax = vmin + 1.0
-    im = _panel(axes[0][0], grid, layers, ids, edges, _cmap("viridis"), vmin, vmax, ".0f", "")
+    im = _panel(axes[0][0], grid, layers, ids, job["edges"], _cmap("viridis"), vmin, vmax, ".0f", "")
     fig.colorbar(im, cax=cax).set_label("rank at 90% energy", fontsize=9)
     return save_figure(fig, path)
 
 
-def _per_k_figure(path: Path, heads: Sequence[HeadSpectrum], ks: Sequence[int],
-                  value: Callable[[HeadSpectrum, int], Any], title: str, cbar_label: str) -> Path:
-    """One panel per k of ``value(head, k)`` on a shared 0..1 colour scale."""
-    n = len(ks)
+def _per_k_job(heads: Sequence["HeadSpectrum"], ks: Sequence[int], value: Callable[["HeadSpectrum", int], Any],
+               title: str, cbar_label: str) -> dict[str, Any]:
+    """One (L, H) grid per k of ``value(head, k)``, drawn on a shared 0..1 colour scale."""
     grids = [_grid(heads, lambda h, k=k: value(h, k)) for k in ks]
     _, layers, ids = grids[0]
-    edges = _group_edges(heads, ids)
+    return {"kind": "per_k", "grids": [g for g, _, _ in grids], "layers": layers, "ids": ids, "ks": list(ks),
+            "edges": _group_edges(heads, ids), "title": title, "cbar_label": cbar_label}
+
+
+def _draw_per_k(path: Path, job: dict[str, Any]) -> Path:
+    layers, ids, ks = job["layers"], job["ids"], job["ks"]
+    n = len(ks)
     wide = len(ids) > 16 or len(layers) > 16
     ncols = min(n, 2 if wide else 4)
     nrows = math.ceil(n / ncols)
     w, h = _panel_size(len(layers), len(ids), 0.2)
-    fig, axes, cax = _heat_layout(nrows, ncols, w, h, title, panel_titles=True)
+    fig, axes, cax = _heat_layout(nrows, ncols, w, h, job["title"], panel_titles=True)
     cmap = _cmap("magma_r")
     im = None
     for idx, k in enumerate(ks):
         r, c = divmod(idx, ncols)
-        im = _panel(axes[r][c], grids[idx][0], layers, ids, edges, cmap, 0.0, 1.0, ".2f", f"k = {k}",
+        im = _panel(axes[r][c], job["grids"][idx], layers, ids, job["edges"], cmap, 0.0, 1.0, ".2f", f"k = {k}",
                     xlabels=idx + ncols >= n, ylabels=c == 0)
     for idx in range(n, nrows * ncols):
         axes[idx // ncols][idx % ncols].set_visible(False)
-    fig.colorbar(im, cax=cax).set_label(cbar_label, fontsize=9)
+    fig.colorbar(im, cax=cax).set_label(job["cbar_label"], fontsize=9)
     return save_figure(fig, path)
 
 
-def _heldout(h: HeadSpectrum, k: int) -> float | None:
+def draw_heatmap(path: Path, job: dict[str, Any]) -> Path:
+    """Draw one job of :func:`heatmap_jobs` to ``path`` (a PNG, written atomically); returns ``path``. Needs no
+    torch: a worker process can run it."""
+    return (_draw_rank if job["kind"] == "rank" else _draw_per_k)(Path(path), job)
+
+
+def _heldout(h: "HeadSpectrum", k: int) -> float | None:
     return None if h.latents is None else h.latents.white_heldout.get(k)
 
 
-def heatmaps(out_dir: Path, heads: Sequence[HeadSpectrum], ks: Sequence[int], model_name: str) -> list[Path]:
+def heatmap_jobs(out_dir: Path, heads: Sequence["HeadSpectrum"], ks: Sequence[int],
+                 model_name: str) -> list[tuple[Path, dict[str, Any]]]:
+    """``(path, job)`` for each heatmap :func:`heatmaps` draws, in its order; ``draw_heatmap(path, job)`` draws
+    one. The jobs hold plain data only (numpy grids, ids, titles)."""
+    _check_heads(heads)
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise HeadlensError("`ks` must name at least one latent size")
+    out_dir = Path(out_dir)
+    name = str(model_name)
+    jobs = [(out_dir / RANK_PNG, _rank_job(heads, name)),
+            (out_dir / ERROR_PNG, _per_k_job(heads, ks, lambda h, k: h.ov.rel_error.get(k),
+                                             f"{_mpl_text(name)}: relative error of rank-k $W_{{OV}}$, "
+                                             r"$\sqrt{1-E_k}$ (ov_rel_error_k)", "relative error"))]
+    if any(not math.isnan(number(_heldout(h, k))) for h in heads for k in ks):
+        jobs.append((out_dir / HELDOUT_PNG, _per_k_job(heads, ks, _heldout,
+                                                       f"{_mpl_text(name)}: data-aware latent, error on held-out "
+                                                       "tokens (white_heldout_k)", "held-out error")))
+    return jobs
+
+
+def heatmaps(out_dir: Path, heads: Sequence["HeadSpectrum"], ks: Sequence[int], model_name: str) -> list[Path]:
     """Layer x query-head heatmaps as PNGs in ``out_dir``; returns their paths in this order:
 
     - ``sweep_rank_e90.png``: OV rank at 90% energy, one (L, H) panel, colour scale from the smallest to the
@@ -202,21 +246,12 @@ def heatmaps(out_dir: Path, heads: Sequence[HeadSpectrum], ks: Sequence[int], mo
     leaves gaps in neither); missing values are grey. White vertical lines separate GQA groups. Up to
     200 cells a panel, each cell also shows its value.
     """
-    _check_heads(heads)
-    ks = [int(k) for k in ks]
-    if not ks:
-        raise HeadlensError("`ks` must name at least one latent size")
-    out_dir = Path(out_dir)
-    name = str(model_name)
-    paths = [_rank_figure(out_dir / RANK_PNG, heads, name)]
-    paths.append(_per_k_figure(out_dir / ERROR_PNG, heads, ks, lambda h, k: h.ov.rel_error.get(k),
-                               f"{_mpl_text(name)}: relative error of rank-k $W_{{OV}}$, "
-                               r"$\sqrt{1-E_k}$ (ov_rel_error_k)", "relative error"))
-    if any(not math.isnan(number(_heldout(h, k))) for h in heads for k in ks):
-        paths.append(_per_k_figure(out_dir / HELDOUT_PNG, heads, ks, _heldout,
-                                   f"{_mpl_text(name)}: data-aware latent, error on held-out tokens "
-                                   "(white_heldout_k)", "held-out error"))
-    return paths
+    return [draw_heatmap(path, job) for path, job in heatmap_jobs(out_dir, heads, ks, model_name)]
+
+
+def warm_up() -> None:
+    """What a worker that draws the heatmaps imports before its first job (no torch)."""
+    _pyplot()
 
 
 # ----------------------------------------------------------------------------------------------- budget
@@ -241,7 +276,7 @@ def _bars(ax, layers: list[int], series: list[tuple[str, list, str]], ylabel: st
     ax.legend(fontsize=8, ncols=min(n, 4), loc="upper left", bbox_to_anchor=(0, -0.14 if len(layers) > 16 else -0.2))
 
 
-def _totals_line(t: BudgetTotals) -> str:
+def _totals_line(t: "BudgetTotals") -> str:
     line = (f"all layers: {fmt_bytes(t.kv_bytes_before)} \u2192 {fmt_bytes(t.kv_bytes_after_plain)} KV bytes/token "
             "(plain")
     if t.saving_plain_pct is not None:
@@ -255,7 +290,7 @@ def _totals_line(t: BudgetTotals) -> str:
     return line
 
 
-def budget_chart(path: Path, budget: Budget, model_name: str) -> Path | None:
+def budget_chart(path: Path, budget: "Budget", model_name: str) -> Path | None:
     """``sweep_budget.png``: top panel, latent size per layer (sum of k over the layer's kv groups) for the
     plain, data-aware (when present) and uniform allocations side by side; bottom panel, KV cache bytes per
     token per layer before vs after each allocation. Returns ``path``, or None when there is no layer."""
