@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from headlens.residual.sphere import SphereConfig
 
 SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")  # residual.sphere.SPHERE_SITES (torch-free here)
+LABEL_CHOICES = ("auto", "all", "none")  # residual.sphere.LABEL_CHOICES
 
 
 def add_parser(sub) -> None:
@@ -40,7 +41,11 @@ def add_parser(sub) -> None:
     p.add_argument("--cluster-threshold", type=float, default=0.9, metavar="COS",
                    help="cosine threshold for counting clusters (default 0.9)")
     p.add_argument("--frame-seconds", type=float, default=1.0, metavar="S", help="GIF seconds per frame (default 1)")
-    p.add_argument("--no-labels", action="store_true", help="draw the points without token labels in the GIF")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--labels", choices=LABEL_CHOICES, default="auto",
+                   help="token labels in the GIF: auto (default: the first token, the outliers and as many others as "
+                        "fit without overlapping), all (every token), none")
+    g.add_argument("--no-labels", action="store_const", dest="labels", const="none", help="same as --labels none")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="frame-rendering processes (default: cores)")
     p.add_argument("--half", action="store_true", help="store the captured residual stream in float16")
     p.add_argument("--out-dir", default="headlens-out", metavar="DIR", help="output directory (default headlens-out)")
@@ -73,7 +78,7 @@ def sphere_config(args: argparse.Namespace, prompt: str | None) -> SphereConfig:
                         drop_outliers=args.drop_outliers, outlier_factor=args.outlier_factor,
                         cluster_threshold=args.cluster_threshold, seed=args.seed, prompt=prompt,
                         truncate=args.truncate, layers=args.layers, site=args.site, dtype=args.dtype, half=args.half,
-                        frame_seconds=args.frame_seconds, labels=not args.no_labels, workers=args.workers)
+                        frame_seconds=args.frame_seconds, labels=args.labels, workers=args.workers)
 
 
 def cmd_sphere(args: argparse.Namespace) -> int:

@@ -192,7 +192,7 @@ def cmd_run(args) -> int:
     run = run_toy(_toy_config(args), _trace_inputs(args), out_dir, args.seed, _planting(args), args.latent_dim)
     jpath = write_json(out_dir / "toy_ov.json", run.to_json())
     print("\n".join(run_lines(run, jpath)), flush=True)
-    result = sphere_from_traces(str(run.traces), SphereConfig(labels=False, workers=1))  # read while staged
+    result = sphere_from_traces(str(run.traces), SphereConfig(labels="none", workers=1))  # read while staged
     print("\n".join(sphere_lines(result)), flush=True)
     files = write_sphere_outputs(result, out_dir / "sphere")
     print("\n".join(files.lines() + result.summary))

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from headlens.io.files import atomic_path, write_json
 from headlens.report.sphere_frames import Deferred, render_frame, write_gif, write_metrics_png
 from headlens.report.sphere_html import write_sphere_html
 
 if TYPE_CHECKING:
-    from headlens.residual.sphere import SphereResult
+    from headlens.residual.sphere import Frame, SphereConfig, SphereResult
 
 # Columns of sphere_metrics.csv (headlens sphere and the toy clustering demo).
 METRICS_COLUMNS = ["layer", "n_tokens", "mean_cos", "q05", "q25", "q50", "q75", "q95", "n_clusters",
@@ -79,12 +81,51 @@ def write_metrics_csv(path: Path, metrics: list[dict]) -> Path:
     return path
 
 
+def axis_labels(frame: Frame, basis: str = "layer") -> list[str]:
+    """The x, y, z labels of a frame: the share of the layer's variance along each drawn axis, named by the
+    principal component it is ("PC1 (34.2% var)") or, when alignment rotated the components, the one it mostly
+    carries ("axis 1 ≈ PC1 (33.9% var)")."""
+    pc = "global PC" if basis == "global" else "PC"
+    out = []
+    for j, var in enumerate(frame.axis_variance):
+        weight = np.asarray(frame.axes)[:, j] ** 2  # (3,) how much of each component axis j carries
+        k = int(np.argmax(weight))
+        if weight[k] > 1 - 1e-9:
+            out.append(f"{pc}{k + 1} ({var:.1%} var)")
+        elif weight[k] >= 0.5:
+            out.append(f"axis {j + 1} \u2248 {pc}{k + 1} ({var:.1%} var)")
+        else:
+            out.append(f"axis {j + 1} ({var:.1%} var)")
+    return out
+
+
+def _subtitle(frame: Frame, cfg: SphereConfig) -> str:
+    """The line under a frame's title: each component's share of the variance and how the axes were chosen."""
+    pc = "global PC" if cfg.basis == "global" else "PC"
+    ev = ", ".join(f"{pc}{k + 1} {v:.1%}" for k, v in enumerate(frame.explained_variance))
+    rotated = not np.allclose(np.abs(frame.axes), np.round(np.abs(frame.axes)), atol=1e-9)
+    how = ("one basis fitted on all selected layers" if cfg.basis == "global"
+           else "axes rotated to follow the previous layer" if rotated else "the layer's own principal axes")
+    return f"variance kept: {ev}; {how}; {len(frame.kept)} tokens"
+
+
 def _frame_jobs(result: SphereResult) -> list[dict]:
-    """One render job per layer for :func:`~headlens.report.sphere_frames.render_frame`."""
-    title = f"{result.name} {result.config.site}"
-    return [{"points": f.points, "tokens": [result.tokens[i] for i in f.kept], "positions": f.kept.tolist(),
-             "title": f"{title} layer {f.layer}: PCA-3 explains {f.explained_total:.1%} of variance",
-             "labels": result.config.labels} for f in result.frames]
+    """One render job per layer for :func:`~headlens.report.sphere_frames.render_frame` (the keys are
+    :func:`~headlens.report.sphere_figure.build_frame`'s)."""
+    cfg = result.config
+    title = f"{result.name} {cfg.site}"
+    outlier_positions = {o.position for o in result.outliers}
+    jobs = []
+    for f in result.frames:
+        kept = f.kept.tolist()
+        jobs.append({"points": f.points, "tokens": [result.tokens[i] for i in kept], "positions": kept,
+                     "title": f"{title} layer {f.layer}: PCA-3 explains {f.explained_total:.1%} of variance",
+                     "subtitle": _subtitle(f, cfg), "axis_labels": axis_labels(f, cfg.basis), "labels": cfg.labels,
+                     "first": kept.index(0) if 0 in kept else None,
+                     "first_label": "first token (position 0)",
+                     "outliers": [i for i, p in enumerate(kept) if p in outlier_positions],
+                     "outlier_label": f"outlier: norm > {cfg.outlier_factor:g}x its layer's median"})
+    return jobs
 
 
 def _page_frames(result: SphereResult) -> list[dict]:

@@ -18,78 +18,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
-
 from headlens.io.files import atomic_path
 from headlens.report.figures import _pyplot, save_figure
+from headlens.report.sphere_figure import build_frame, frame_png
 
 GIF_MAX_MS = 655_350  # the longest frame a GIF can hold: 65535 hundredths of a second
-SPHERE_GRID = 40  # the notebook drew a 100 x 100 surface; 40 x 40 looks the same at alpha 0.1
 
 
 def render_frame(job: dict) -> bytes:
-    """PNG bytes of one frame: translucent unit sphere, the points coloured by position, every token label.
-
-    The labels are placed where matplotlib's 3-D projection puts each point, but drawn in one pass with
-    Pillow on the rendered image: 400 ``Text3D`` artists cost ~0.6 s a frame, the overlay ~20 ms.
-    """
+    """PNG bytes of one frame (see :func:`headlens.report.sphere_figure.build_frame` for the job's keys): the
+    translucent unit sphere, the points coloured by position, the first token and outliers marked, axis labels
+    with their variance, a colour bar, a legend, and the token labels ``job["labels"]`` asks for."""
     plt = _pyplot()
-    from mpl_toolkits.mplot3d import proj3d
-
-    pts = np.asarray(job["points"], dtype=float)
-    dpi = job.get("dpi", 100)
-    fig = plt.figure(figsize=(6, 6), dpi=dpi)
-    ax = fig.add_subplot(111, projection="3d")
-    u = np.linspace(0, 2 * np.pi, SPHERE_GRID)
-    v = np.linspace(0, np.pi, SPHERE_GRID)
-    u, v = np.meshgrid(u, v, indexing="ij")
-    ax.plot_surface(np.cos(u) * np.sin(v), np.sin(u) * np.sin(v), np.cos(v), color="c", alpha=0.1,
-                    edgecolor="none", shade=False)
-    ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], c=job["positions"], cmap="viridis", s=30, depthshade=False)
-    ax.set_xlim(-1, 1)
-    ax.set_ylim(-1, 1)
-    ax.set_zlim(-1, 1)
-    ax.set_box_aspect([1, 1, 1])
-    ax.set_title(job["title"], fontsize=10)
-    fig.subplots_adjust(left=0, right=1, bottom=0, top=0.94)
-    fig.canvas.draw()
-    width, height = fig.canvas.get_width_height()
-    rgba = np.asarray(fig.canvas.buffer_rgba()).copy()
-    if job.get("labels", True) and len(pts):
-        x2, y2, _ = proj3d.proj_transform(pts[:, 0], pts[:, 1], pts[:, 2], ax.get_proj())
-        disp = ax.transData.transform(np.column_stack([x2, y2]))  # display pixels, origin bottom-left
-        plt.close(fig)
-        return _overlay_labels(rgba, disp, job["tokens"], height, job.get("fontsize", 7) * dpi / 72)
-    plt.close(fig)
-    return _png(rgba)
-
-
-def _font(size_px: float):
-    from matplotlib import font_manager
-    from PIL import ImageFont
-
-    path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"))
-    return ImageFont.truetype(path, max(int(round(size_px)), 6))
-
-
-def _overlay_labels(rgba: np.ndarray, disp: np.ndarray, tokens, height: int, size_px: float) -> bytes:
-    from PIL import Image, ImageDraw
-
-    img = Image.fromarray(rgba, "RGBA")
-    draw = ImageDraw.Draw(img)
-    font = _font(size_px)
-    for (x, y), tok in zip(disp, tokens):
-        label = tok.replace("\n", "\\n").replace("\t", "\\t")
-        draw.text((float(x) + 2, height - float(y) - size_px), label, fill=(0, 0, 0, 255), font=font)
-    return _png(np.asarray(img))
-
-
-def _png(rgba: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").convert("RGB").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    frame = build_frame(job)
+    try:
+        return frame_png(frame)
+    finally:
+        plt.close(frame.fig)
 
 
 def warm_up() -> None:

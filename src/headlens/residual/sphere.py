@@ -33,6 +33,7 @@ from headlens.residual.clustering import LayerMetrics, clustering_metrics, summa
 SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")
 GIF_MAX_SECONDS = 655.35  # a GIF frame lasts at most 65535 hundredths of a second
 # The options that shape the projection and the metrics: what sphere.json records as its "config".
+LABEL_CHOICES = ("auto", "all", "none")  # report: which token labels the GIF frames draw
 PROJECTION_OPTIONS = ("align", "basis", "drop_first", "drop_outliers", "outlier_factor", "cluster_threshold", "seed")
 
 
@@ -55,11 +56,18 @@ class SphereConfig:
     dtype: str = "auto"  # precision the model runs in: auto (float32 on the CPU), float32, float64, bfloat16, float16
     half: bool = False  # store the captured residual stream in float16
     frame_seconds: float = 1.0  # report: GIF seconds per frame
-    labels: bool = True  # report: draw every token's label in the GIF frames
+    labels: str = "auto"  # report: GIF token labels: auto (a non-overlapping subset), all, none (True/False: all/none)
     workers: int | None = None  # report: frame-rendering processes (None: up to 4 cores)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.labels, bool):  # the field was a bool: draw every label or none
+            self.labels = "all" if self.labels else "none"
 
     def check(self) -> None:
         """Raise HeadlensError on an option out of range (before any file is read)."""
+        self.__post_init__()  # labels set to a bool after construction
+        if self.labels not in LABEL_CHOICES:
+            raise HeadlensError(f"`labels` {self.labels!r}: choose {', '.join(LABEL_CHOICES)}")
         if self.frame_seconds <= 0:
             raise HeadlensError(f"`frame_seconds` must be positive, got {self.frame_seconds:g}")
         if not self.frame_seconds <= GIF_MAX_SECONDS:  # also nan
@@ -89,10 +97,20 @@ class Frame:
     full_norms: np.ndarray  # (N,) residual-stream norm of each kept token
     explained_variance: np.ndarray  # (3,) fraction of the layer's variance along each component
     kept: np.ndarray  # (N,) token positions kept
+    # (3, 3) orthogonal map from the components to the drawn axes: points = (unit PCA coordinates) @ axes. The
+    # identity unless alignment rotated the layer; column j says how much of each component axis j carries.
+    axes: np.ndarray = field(default_factory=lambda: np.eye(3))
 
     @property
     def explained_total(self) -> float:
         return float(self.explained_variance.sum())
+
+    @property
+    def axis_variance(self) -> np.ndarray:
+        """(3,) fraction of the layer's variance along each drawn axis (x, y, z). The components' projections are
+        uncorrelated, so axis j carries sum_k axes[k, j]^2 of component k's variance; equal to
+        ``explained_variance`` (reordered) when ``axes`` is a signed permutation."""
+        return (self.axes**2).T @ self.explained_variance
 
 
 @dataclass
@@ -127,8 +145,18 @@ class SphereResult:
     prompt: str = ""  # the text run ("" for traces)
 
     def metrics_json(self) -> list[dict]:
-        """The per-layer metrics as plain dicts (the rows of ``sphere_metrics.json``)."""
-        return [asdict(m) for m in self.metrics]
+        """The per-layer metrics as plain dicts (the rows of ``sphere_metrics.json``), each with the layer's
+        ``explained_variance_pcs`` (3,: the fraction of its variance along PC1..PC3) and ``explained_variance_axes``
+        (3,: along the drawn axes x, y, z, which alignment rotates away from the components)."""
+        frames = {f.layer: f for f in self.frames}
+        rows = []
+        for m in self.metrics:
+            row, f = asdict(m), frames.get(m.layer)
+            if f is not None:
+                row["explained_variance_pcs"] = f.explained_variance.tolist()
+                row["explained_variance_axes"] = f.axis_variance.tolist()
+            rows.append(row)
+        return rows
 
     def to_json(self) -> dict:
         """Everything computed, as JSON-ready data (``sphere.json`` adds model, site and prompt)."""
@@ -142,7 +170,8 @@ class SphereResult:
             "movement_unaligned": self.movement_unaligned,
             "metrics": self.metrics_json(),
             "frames": [
-                {"layer": f.layer, "explained_variance": f.explained_variance.tolist(), "kept": f.kept.tolist(),
+                {"layer": f.layer, "explained_variance": f.explained_variance.tolist(),
+                 "axis_variance": f.axis_variance.tolist(), "axes": f.axes.tolist(), "kept": f.kept.tolist(),
                  "points": f.points.tolist(), "norms3": f.norms3.tolist(), "full_norms": f.full_norms.tolist()}
                 for f in self.frames
             ],
@@ -230,8 +259,9 @@ def _kept_positions(n: int, outliers: list[Outlier], cfg: SphereConfig) -> tuple
         drop.update(o.position for o in outliers)
     kept = np.array([i for i in range(n) if i not in drop], dtype=int)
     if len(kept) < 4:
-        raise HeadlensError(f"only {len(kept)} tokens left after dropping: a sphere needs at least 4; use a "
-                            "longer prompt or drop fewer tokens")
+        left = f"{len(kept)} token" + ("" if len(kept) == 1 else "s")
+        raise HeadlensError(f"only {left} left after dropping: a sphere needs at least 4; use a longer prompt or "
+                            "drop fewer tokens")
     return kept, sorted(drop)
 
 
@@ -316,16 +346,17 @@ def project(hidden: dict[int, torch.Tensor], tokens: list[str], cfg: SphereConfi
         _release_freed_memory()
 
     unaligned_move = movement(raw)
-    points = [raw[0]]
+    points, maps = [raw[0]], [np.eye(3)]
     if cfg.align and cfg.basis == "layer":
         for P in raw[1:]:
-            points.append(P @ align_to(P, points[-1]))
+            maps.append(align_to(P, points[-1]))  # (3, 3) orthogonal
+            points.append(P @ maps[-1])
     else:
-        points = raw
+        points, maps = raw, [np.eye(3)] * len(raw)
     aligned_move = movement(points)
 
-    frames = [Frame(layer=l, points=p, norms3=n3, full_norms=fn, explained_variance=ev, kept=kept)
-              for l, p, n3, fn, ev in zip(layers, points, norms3, full_norms, evs)]
+    frames = [Frame(layer=l, points=p, norms3=n3, full_norms=fn, explained_variance=ev, kept=kept, axes=m)
+              for l, p, n3, fn, ev, m in zip(layers, points, norms3, full_norms, evs, maps)]
     return SphereResult(layers=layers, tokens=tokens, frames=frames, metrics=metrics, outliers=outliers,
                         dropped=dropped, config=cfg, movement_aligned=aligned_move,
                         movement_unaligned=unaligned_move, summary=summarize(metrics, cfg.cluster_threshold))
