@@ -204,9 +204,11 @@ def attention_heatmap_figure(probs: np.ndarray, tokens: Sequence[str], title: st
 
     ``probs`` is (N, N), query rows x key columns. Up to 40 tokens every one is labelled; above that every
     s-th (s = 2, 5, 10, 20, 50, ..., at most 40 labels an axis, each ``"<position>: <token>"``). The size is
-    bounded: the heatmap is 3 to 8 inches a side whatever N, the whole figure at most ~11.5 x 11 inches.
+    bounded: the heatmap is 3 to 8 inches a side whatever N, its labels (cut to 14 characters) placed around
+    it by :func:`~headlens.report.panels.place_panels` (at most ~11 x 11 inches in all).
     """
-    from headlens.report.labels import label_inches, tick_positions, tick_step, token_label, wrap_title
+    from headlens.report.labels import tick_positions, tick_step, token_label
+    from headlens.report.panels import place_panels
 
     n = len(tokens)
     assert probs.shape == (n, n), (probs.shape, n)
@@ -215,23 +217,20 @@ def attention_heatmap_figure(probs: np.ndarray, tokens: Sequence[str], title: st
     step = tick_step(n)
     labels = [token_label(tokens[i]) if step == 1 else f"{i}: {token_label(tokens[i], 10)}" for i in ticks]
     side = min(max(HEATMAP_PITCH_IN * n, HEATMAP_SIDE_IN[0]), HEATMAP_SIDE_IN[1])
-    margin = label_inches(labels, HEATMAP_FONTSIZE) + 0.5  # tick labels, then the axis label
-    width = side + margin + 1.3  # + the colour bar and its label
-    title = wrap_title(title, width - 0.3, 10)
-    height = side + margin + 0.25 * (title.count("\n") + 1) + 0.3
-    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
-    im = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=max(float(np.max(probs)), 1e-12), aspect="equal",
-                   interpolation="nearest" if n <= 400 else "antialiased")
+    fig = plt.figure(dpi=HEATMAP_DPI)
+    ax, cax = fig.add_axes((0.1, 0.1, 0.5, 0.5)), fig.add_axes((0.7, 0.1, 0.05, 0.5))
+    im = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=max(float(np.max(probs)), 1e-12), aspect="auto",
+                   interpolation="nearest" if n <= 400 else "antialiased")  # square: the box is square
     ax.set_xticks(ticks, labels, rotation=90, fontsize=HEATMAP_FONTSIZE)
     ax.set_yticks(ticks, labels, fontsize=HEATMAP_FONTSIZE)
     ax.set_xlabel("key token (attended to)" + ("" if step == 1 else f"; a label every {step} tokens"))
     ax.set_ylabel("query token")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="attention probability")
+    fig.colorbar(im, cax=cax, label="attention probability")
+    place_panels(fig, [[ax]], (side, side), cax, title=title, title_size=10)
     return fig
 
 
 def save_attention_heatmap(path: Path, probs: np.ndarray, tokens: Sequence[str], title: str) -> Path:
     """Attention probabilities ``probs`` (N, N), query rows x key columns, labelled with the decoded tokens
-    (:func:`attention_heatmap_figure`), saved as a PNG at 110 dpi (at most ~1270 x 1210 px); returns ``path``."""
+    (:func:`attention_heatmap_figure`), saved as a PNG at 110 dpi (at most ~1250 x 1250 px); returns ``path``."""
     return save_figure(attention_heatmap_figure(probs, tokens, title), path, dpi=HEATMAP_DPI)

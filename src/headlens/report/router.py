@@ -89,7 +89,7 @@ def stats_csv(stats: list[LayerStats]) -> str:
 
 
 LOAD_DPI = 100  # router_load.png: at most 14 x 12 inches, 1400 x 1200 px
-COACTIVATION_DPI = 100  # router_coactivation.png: at most ~13 x 12.5 inches
+COACTIVATION_DPI = 100  # router_coactivation.png: panels of at most 11 x 11 inches in all, labels around them
 
 
 def load_heatmap_figure(stats: list[LayerStats], name: str):
@@ -125,48 +125,50 @@ def save_load_heatmap(path: Path, stats: list[LayerStats], name: str) -> Path:
 
 def _grid(n: int) -> tuple[int, int, float]:
     """(rows, columns, panel side in inches) for ``n`` co-activation panels: four to a row up to 16 panels,
-    then a near-square grid; panels 1.1 to 3 inches so the whole grid stays within ~11 x 11 inches."""
+    then a near-square grid; panels of at most 3 inches, smaller as the grid grows so that with each row's title
+    and gap (~0.3 in) the grid stays within ~12 x 12 inches (94 layers: 10 x 10 panels of 0.9 in)."""
     import math
 
     cols = min(n, 4 if n <= 16 else math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
-    return rows, cols, min(3.0, 11.0 / cols, 11.0 / rows)
+    return rows, cols, min(3.0, (12.0 - 0.1 * cols) / cols, (12.0 - 0.3 * rows) / rows)
 
 
 def coactivation_figure(stats: list[LayerStats], name: str):
     """The figure of :func:`save_coactivation`: one P(j | i) matrix (E, E) per MoE layer on a grid, one shared
     colour bar; tick labels and the i / j axis labels only on the outer panels (the first column, and the
-    panels with none below them), so no panel's labels run into its neighbour."""
+    panels with none below them), every panel's labels given room by
+    :func:`~headlens.report.panels.place_panels`, so none runs into its neighbour."""
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
     from headlens.report.figures import _pyplot
-    from headlens.report.labels import wrap_title
+    from headlens.report.panels import place_panels
 
     plt = _pyplot()
     L = len(stats)
     rows, cols, panel = _grid(L)
-    width, height = cols * panel + 1.6, rows * panel + 1.0
-    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False, layout="constrained")
+    fig = plt.figure(dpi=COACTIVATION_DPI)
     fontsize = 8 if panel >= 2 else 7
-    for i, (ax, s) in enumerate(zip(axes.flat, stats)):
+    grid: list[list] = [[None] * cols for _ in range(rows)]
+    for i, s in enumerate(stats):
         r, c = divmod(i, cols)
-        im = ax.imshow(np.array(s.coactivation), vmin=0, vmax=1, cmap="magma", interpolation="nearest")  # (E, E)
+        ax = grid[r][c] = fig.add_axes((0.1, 0.1, 0.2, 0.2))
+        im = ax.imshow(np.array(s.coactivation), vmin=0, vmax=1, cmap="magma", interpolation="nearest",
+                       aspect="auto")  # (E, E), square: the panel is square
         ax.set_title(f"layer {s.layer}", fontsize=fontsize + 1)
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_locator(MaxNLocator(nbins=4 if panel >= 2 else 3, integer=True))
-        ax.tick_params(labelsize=fontsize)
         outer_x = i + cols >= L  # no panel below this one
-        ax.tick_params(labelbottom=outer_x, labelleft=c == 0)
+        ax.tick_params(labelsize=fontsize, labelbottom=outer_x, labelleft=c == 0)
         if outer_x:
             ax.set_xlabel("j (expert)", fontsize=fontsize + 1)
         if c == 0:
             ax.set_ylabel("i (expert)", fontsize=fontsize + 1)
-    for ax in list(axes.flat)[L:]:
-        ax.axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8 if rows > 1 else 1.0, label="P(j | i)")
-    fig.suptitle(wrap_title(f"{name}: expert co-activation P(j\u00a0|\u00a0i) over the top-k pairs of a token", width - 0.3,
-                            11), fontsize=11)
+    cax = fig.add_axes((0.9, 0.1, 0.02, 0.5))
+    fig.colorbar(im, cax=cax, label="P(j | i)")
+    place_panels(fig, grid, (panel, panel), cax,
+                 title=f"{name}: expert co-activation P(j\u00a0|\u00a0i) over the top-k pairs of a token")
     return fig
 
 
