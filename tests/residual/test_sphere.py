@@ -99,6 +99,24 @@ def test_outliers_are_detected_reported_and_dropped():
         project({0: torch.randn(4, 8)}, _tokens(4), SphereConfig(drop_first=True))
 
 
+@pytest.mark.parametrize("n, left", [(2, "only 1 token left after"), (1, "only 0 tokens left after")])
+def test_too_few_tokens_left_is_worded_in_the_right_number(n, left):
+    with pytest.raises(HeadlensError) as err:
+        project({0: torch.randn(n, 8)}, _tokens(n), SphereConfig(drop_first=True))
+    assert str(err.value).startswith(left)
+
+
+def test_labels_option():
+    assert SphereConfig().labels == "auto"
+    assert SphereConfig(labels=True).labels == "all" and SphereConfig(labels=False).labels == "none"
+    cfg = SphereConfig()
+    cfg.labels = False  # set after construction: still understood
+    cfg.check()
+    assert cfg.labels == "none"
+    with pytest.raises(HeadlensError, match="`labels` 'some': choose auto, all, none"):
+        SphereConfig(labels="some").check()
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 

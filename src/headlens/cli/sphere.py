@@ -43,8 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--frame-seconds", type=float, default=1.0, metavar="S", help="GIF seconds per frame (default 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--labels", choices=LABEL_CHOICES, default="auto",
-                   help="token labels in the GIF: auto (default: the first token, the outliers and as many others as "
-                        "fit without overlapping), all (every token), none")
+                   help="token labels in the GIF: auto (default: the first token, the outliers and up to 120 others "
+                        "that fit without overlapping), all (every token), none")
     g.add_argument("--no-labels", action="store_const", dest="labels", const="none", help="same as --labels none")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="frame-rendering processes (default: cores)")
     p.add_argument("--half", action="store_true", help="store the captured residual stream in float16")
