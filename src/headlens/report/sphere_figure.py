@@ -27,7 +27,8 @@ TICKS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 SPHERE_GRID = 40  # the notebook drew a 100 x 100 surface; 40 x 40 looks the same at alpha 0.1
 FIRST_COLOUR, OUTLIER_COLOUR = "#e8590c", "#c92a2a"
 LABEL_GAP = 3.0  # px kept free around every auto label
-LABEL_BOX = {"boxstyle": "square,pad=0.08", "facecolor": "white", "alpha": 0.6, "linewidth": 0}  # legible on dots
+# auto labels sit on a faint white box, legible over the dots (all: the notebook's bare text, cheaper to draw)
+LABEL_BOX = {"boxstyle": "square,pad=0.08", "facecolor": "white", "alpha": 0.6, "linewidth": 0}
 AUTO_MAX_LABELS = 120  # auto labels at most this many tokens besides the first and the outliers (legible, and each
 # label costs ~2 ms to draw)
 _NEAR, _MARKED = 4.0, 10.0  # px from a point to its label's first tries (a marked point's mark is ~9 px wide)
@@ -247,7 +248,7 @@ def build_frame(job: dict) -> FrameFigure:
             t = fig.text(x0 / width, y0 / height, texts[i], ha="left", va="bottom", fontsize=size,
                          color=styles.get(i, {}).get("color", "black"),
                          fontweight=styles.get(i, {}).get("fontweight", "normal"), parse_math=False,
-                         bbox=LABEL_BOX)
+                         bbox=LABEL_BOX if mode == "auto" else None)
             if leader:
                 lines.append(_leader(fig, t, renderer, disp[i], width, height))
             frame.labels.append(t)
