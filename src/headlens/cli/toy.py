@@ -30,7 +30,8 @@ def _toy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plant", choices=("geometric", "power", "flat"), default=None,
                    help="plant every kv group's W_OV spectrum with this profile (default: none, random weights)")
     p.add_argument("--plant-rank", type=int, default=None, metavar="R",
-                   help="planted rank: singular values after the R-th are zero (default: --head-dim; needs --plant)")
+                   help="planted rank: the singular values after the R-th are zero (needs --plant; default: the "
+                        "head width, full rank)")
     p.add_argument("--plant-decay", type=float, default=None, metavar="X",
                    help="geometric ratio or power-law exponent (default 0.7; needs --plant)")
 
