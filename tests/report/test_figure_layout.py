@@ -17,6 +17,9 @@ from headlens.moe.statistics import LayerStats
 from headlens.report import ov as ov_report
 from headlens.report import router as router_report
 
+# the tokens below include CJK, which DejaVu Sans draws as boxes (and says so): the layout is what is tested
+pytestmark = pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
+
 MAX_PX = 1400  # neither side of any of these PNGs may exceed this
 MIN_PX = 300  # nor be smaller (a readable picture)
 MAX_LABELS = 40

@@ -8,7 +8,7 @@ import math
 import textwrap
 
 MAX_TICK_LABELS = 40  # labels per axis at most; up to this many positions, every one is labelled
-CHAR_WIDTH_EM = 0.62  # a DejaVu Sans character is at most about this many em wide on average (for margins)
+CHAR_WIDTH_EM = 0.62  # a DejaVu Sans character is at most about this many em wide on average (for wrapping)
 
 
 def tick_step(n: int, most: int = MAX_TICK_LABELS) -> int:
@@ -36,12 +36,6 @@ def token_label(token: str, width: int = 14) -> str:
     if len(text) > width:
         text = text[: width - 1] + "\u2026"
     return text.replace("$", r"\$")
-
-
-def label_inches(labels: list[str], fontsize: float) -> float:
-    """About how long the longest of ``labels`` is in inches at ``fontsize`` points (a margin estimate)."""
-    chars = max((len(s.replace("\\$", "$")) for s in labels), default=0)
-    return chars * CHAR_WIDTH_EM * fontsize / 72
 
 
 def wrap_title(title: str, width_in: float, fontsize: float) -> str:

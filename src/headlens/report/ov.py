@@ -195,7 +195,7 @@ def save_spectrum_plot(path: Path, singular_values: Sequence[float], energy: Seq
 
 HEATMAP_DPI = 110
 HEATMAP_FONTSIZE = 8  # tick labels, in points
-HEATMAP_PITCH_IN = 0.2  # inches of heatmap per labelled position (8 pt labels need ~0.15)
+HEATMAP_PITCH_IN = 0.2  # inches of heatmap per token up to 40 tokens (8 pt labels need ~0.15)
 HEATMAP_SIDE_IN = (3.0, 8.0)  # the heatmap's side in inches, at least and at most
 
 
