@@ -52,5 +52,10 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
+# The README's pictures (docs/pictures/, committed): one small picture of each kind, drawn on the embedded models.
+.PHONY: pictures
+pictures: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/readme_pictures.py
+
 clean:
 	rm -rf $(VENV) $(OUT)
