@@ -6,20 +6,13 @@ This module imports no torch: worker processes start fast and only need numpy an
 from __future__ import annotations
 
 import io
-import multiprocessing as mp
-import os
-import signal
-import sys
-import threading
-import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from headlens.io.files import atomic_path
 from headlens.report.figures import _pyplot, save_figure
+from headlens.report.pool import Deferred, WorkerPool, spawn_pool, stop_pool, usable_cores  # noqa: F401 (re-exported)
 from headlens.report.sphere_figure import build_frame, frame_png
 
 GIF_MAX_MS = 655_350  # the longest frame a GIF can hold: 65535 hundredths of a second
@@ -44,125 +37,30 @@ def warm_up() -> None:
     import PIL.Image  # noqa: F401
 
 
-def _worker_init() -> None:
-    """Renderer processes ignore Ctrl-C: the parent reports it once and tears the pool down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-@contextmanager
-def _starting_workers() -> Iterator[None]:
-    """Start processes without re-running the caller's script and deaf to Ctrl-C from their first instruction.
-
-    Spawn re-imports ``__main__`` in every child, which runs a script's top level again when it calls
-    ``main(["sphere", ...])`` without an ``if __name__ == "__main__"`` guard; the workers need only this module,
-    which they import by name, so a stand-in ``__main__`` is shown to them. SIGINT is ignored while they start
-    (an ignored signal stays ignored in the child, and Python then installs no KeyboardInterrupt handler), so a
-    Ctrl-C during their imports prints no traceback either."""
-    main = sys.modules.get("__main__")
-    stand_in = types.ModuleType("__main__")
-    stand_in.__spec__ = None
-    sys.modules["__main__"] = stand_in
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
-    try:
-        yield
-    finally:
-        if main is not None:
-            sys.modules["__main__"] = main
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
 def start_pool(workers: int | None = None) -> ProcessPoolExecutor | None:
     """A pool of renderer processes, started early so their imports overlap loading and running the model.
 
     ``workers=None`` uses up to 4 cores, and more than the usable cores are never started; None is returned when
     one process is all there is (one core, or ``workers == 1``), and frames are then drawn in this process. The
-    workers ignore SIGINT and never re-import the caller's ``__main__``.
+    workers ignore SIGINT and never re-import the caller's ``__main__`` (:mod:`headlens.report.pool`).
     """
-    workers = min(usable_cores(), 4 if workers is None else workers)
-    if workers <= 1:
-        return None
-    ctx = mp.get_context("spawn")  # no fork of a process that holds torch's thread pools
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
-    with _starting_workers():
-        for _ in range(workers):  # each submit to a pool without an idle worker starts one: all start here
-            pool.submit(warm_up)
-    return pool
+    n = _renderers(workers)
+    return spawn_pool(n, warm_up) if n > 1 else None
 
 
-def stop_pool(pool: ProcessPoolExecutor, now: bool = False) -> None:
-    """Shut ``pool`` down; ``now`` (an error or Ctrl-C) cancels what is queued and ends the workers at once."""
-    if not now:
-        pool.shutdown(cancel_futures=True)
-        return
-    processes = list(getattr(pool, "_processes", {}).values())  # the executor has no public terminate
-    pool.shutdown(wait=False, cancel_futures=True)
-    for proc in processes:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in processes:
-        proc.join(timeout=5)
+def _renderers(workers: int | None) -> int:
+    return min(usable_cores(), 4 if workers is None else workers)
 
 
-class RendererPool:
-    """Renderer processes started on demand and shut down when the ``with`` block ends (at once, workers ended,
-    when it ends by an error or Ctrl-C).
-
-    ``start()`` (e.g. passed as ``on_checked`` to :func:`headlens.residual.sphere.sphere_from_model`) starts
-    them once the cheap checks have passed, so their imports overlap loading and running the model;
-    ``executor`` is then the pool, or None when there is one process only (see :func:`start_pool`).
-    """
+class RendererPool(WorkerPool):
+    """Renderer processes started on demand (``start()``, e.g. passed as ``on_checked`` to
+    :func:`headlens.residual.sphere.sphere_from_model`, once the cheap checks have passed, so their imports
+    overlap loading and running the model) and shut down when the ``with`` block ends; ``executor`` is then the
+    pool, or None when there is one process only (see :func:`start_pool`)."""
 
     def __init__(self, workers: int | None = None):
+        super().__init__(lambda: n if (n := _renderers(workers)) > 1 else 0, warm_up)
         self.workers = workers
-        self.executor: ProcessPoolExecutor | None = None
-        self._started = False
-
-    def start(self) -> None:
-        if not self._started:
-            self._started = True
-            try:
-                self.executor = start_pool(self.workers)
-            except (OSError, RuntimeError):  # no processes to be had: draw here
-                self.executor = None
-
-    def __enter__(self) -> "RendererPool":
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if self.executor is not None:
-            stop_pool(self.executor, now=exc_type is not None)
-            self.executor = None
-
-
-class Deferred:
-    """A call run in the pool when there is one, or here (also when the pool broke: a worker crashed or could not
-    start)."""
-
-    def __init__(self, pool: ProcessPoolExecutor | None, fn: Callable, *args):
-        self.fn, self.args, self.future = fn, args, None
-        if pool is not None:
-            try:
-                self.future = pool.submit(fn, *args)
-            except (BrokenProcessPool, RuntimeError):  # broken, or already shut down
-                self.future = None
-
-    def result(self):
-        if self.future is not None:
-            try:
-                return self.future.result()
-            except BrokenProcessPool:
-                pass
-        return self.fn(*self.args)
 
 
 def render_frames(jobs: list[dict], pool: ProcessPoolExecutor | None = None,
