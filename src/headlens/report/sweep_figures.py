@@ -258,13 +258,20 @@ def warm_up() -> None:
 
 
 def _bars(ax, layers: list[int], series: list[tuple[str, list, str]], ylabel: str, title: str) -> None:
+    from matplotlib.collections import PolyCollection
+
     x = np.arange(len(layers))
     n = len(series)
     width = 0.8 / n
+    top = 0.0
     for i, (label, values, color) in enumerate(series):
-        vals = np.array([number(v) for v in values])
-        ax.bar(x + (i - (n - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width=width, label=label,
-               color=color, edgecolor="none")
+        vals = np.nan_to_num(np.array([number(v) for v in values]), nan=0.0)
+        left = x + (i - (n - 1) / 2) * width - width / 2
+        # One collection a series: as ax.bar draws them, without one patch (and one data-limit update) a bar.
+        rects = [[(a, 0.0), (a, v), (a + width, v), (a + width, 0.0)] for a, v in zip(left, vals)]
+        ax.add_collection(PolyCollection(rects, facecolors=color, edgecolors="none", label=label), autolim=False)
+        top = max(top, float(vals.max(initial=0.0)))
+    ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
     pos, lab = _ticks(layers)
     ax.set_xticks(pos)
     ax.set_xticklabels(lab, fontsize=8 if len(layers) > 16 else 10)
