@@ -6,6 +6,7 @@ and finiteness, and converts. For one head only its rows/columns are read (safet
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -143,25 +144,51 @@ def read_layer_raw(ck: Checkpoint, layer: int, with_qk: bool = True) -> dict[str
     return {n: ck.tensors.read(n) for n in names}
 
 
-def _convert(t: torch.Tensor, load_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
-    """Round to ``load_dtype`` (what the model runs in), then widen; one pass when the rounding is exact."""
+class Buffers:
+    """Conversion targets reused from one layer to the next (:func:`read_layer`'s ``buffers``).
+
+    A layer's float64 factors are tens of MB each: allocated afresh per layer, every one is a new ``mmap`` whose
+    pages the kernel faults in and zeroes (on a 36-layer Qwen3-4B shape, ~6 GB of page faults, seconds of system
+    time). Reusing them is safe only when the previous layer's factors are no longer used when the next layer is
+    read, as in the sweep's layer loop (:func:`headlens.circuits.sweep_layer.iter_layers`): a buffer that anything
+    still refers to (the caller kept the previous factors, or a view of them) is not reused but replaced.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, torch.Tensor] = {}
+
+    def like(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor shaped and strided as ``t`` (a permuted view keeps its layout), in ``dtype``."""
+        key = (tuple(t.shape), tuple(t.stride()), dtype)
+        buf = self._free.get(key)
+        if buf is None or sys.getrefcount(buf) > 3:  # held elsewhere (here: the dict, `buf`, the call's argument)
+            buf = self._free[key] = torch.empty_like(t, dtype=dtype)
+        return buf
+
+
+def _convert(t: torch.Tensor, load_dtype: torch.dtype, compute_dtype: torch.dtype,
+             buffers: Buffers | None = None) -> torch.Tensor:
+    """Round to ``load_dtype`` (what the model runs in), then widen; one pass when the rounding is exact. With
+    ``buffers`` the result is written into a reused tensor of the same layout."""
     exact = {torch.float32: (torch.bfloat16, torch.float16, torch.float32),
              torch.float64: (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
-    if t.dtype in exact.get(load_dtype, ()):
-        return t.to(compute_dtype)
-    return t.to(load_dtype).to(compute_dtype)
+    src = t if t.dtype in exact.get(load_dtype, ()) else t.to(load_dtype)
+    if buffers is None:
+        return src.to(compute_dtype)
+    return buffers.like(t, compute_dtype).copy_(src)
 
 
 def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool = False,
                load_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float64,
                raw: dict[str, torch.Tensor] | None = None, qk_dtype: torch.dtype | None = None,
-               check_finite: bool = True) -> LayerFactors:
+               check_finite: bool = True, buffers: Buffers | None = None) -> LayerFactors:
     """All heads' W_Q (H, hd, d), W_K (G, hd, d), W_V (G, hd, d), W_O (H, d, hd) of ``layer``, split by the
     spec's layout.
 
     ``raw`` takes tensors already read by :func:`read_layer_raw`; ``qk_dtype`` (default ``compute_dtype``)
     is the precision of W_Q and W_K. ``check_finite=False`` leaves the NaN/inf check to the caller (the
     sweep checks its Gram matrices instead, which contain a non-finite value whenever a weight is one).
+    ``buffers`` (:class:`Buffers`) receives the converted factors, overwriting the previous call's.
     """
     check_layer_head(ck, layer)
     s, layout, keys = ck.shape, ck.spec.layout, ck.layer_keys(layer)
@@ -173,10 +200,11 @@ def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool
         stored[role] = raw[name] if not check_finite else _finite(raw[name], name)
     check_stored_shapes(ck, layer, {role: tuple(t.shape) for role, t in stored.items()})
     split = layout.split(stored, s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size)
-    W_V = _convert(split.W_V, load_dtype, compute_dtype)  # (G, hd, d)
-    W_O = _convert(split.W_O, load_dtype, compute_dtype)  # (H, d, hd)
-    W_Q = _convert(split.W_Q, load_dtype, qk_dtype) if with_qk and split.W_Q is not None else None  # (H, hd, d)
-    W_K = _convert(split.W_K, load_dtype, qk_dtype) if with_qk and split.W_K is not None else None  # (G, hd, d)
+    b = buffers
+    W_V = _convert(split.W_V, load_dtype, compute_dtype, b)  # (G, hd, d)
+    W_O = _convert(split.W_O, load_dtype, compute_dtype, b)  # (H, d, hd)
+    W_Q = _convert(split.W_Q, load_dtype, qk_dtype, b) if with_qk and split.W_Q is not None else None  # (H, hd, d)
+    W_K = _convert(split.W_K, load_dtype, qk_dtype, b) if with_qk and split.W_K is not None else None  # (G, hd, d)
     if fold_norm:
         gain, _ = norm_gain(ck, layer, compute_dtype)
         if gain is None:

@@ -266,6 +266,7 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     loop: Iterable = iter_layers(ck, todo, analysis, dtype)
     for layer, f in (progress(loop, len(todo)) if progress is not None else loop):
         done[layer] = _analyze(ck, layer, f, analysis, X.pop(layer, None), source.torch_device)
+        del f  # the loop reuses its conversion buffers for the next layer when nothing holds them
         if parts is not None:
             parts.save(done[layer])
         if on_layer is not None:

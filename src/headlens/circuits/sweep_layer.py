@@ -181,7 +181,7 @@ def iter_layers(ck: Checkpoint, layers: list[int], cfg: AnalysisConfig, load_dty
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from headlens.circuits.heads import read_layer, read_layer_raw
+    from headlens.circuits.heads import Buffers, read_layer, read_layer_raw
 
     def load(layer: int):  # I/O only: no torch compute competing with the analysis for the cores
         return read_layer_raw(ck, layer, with_qk=cfg.with_qk)
@@ -189,13 +189,15 @@ def iter_layers(ck: Checkpoint, layers: list[int], cfg: AnalysisConfig, load_dty
     if not layers:
         return
     qk_dtype = torch.float64 if load_dtype == torch.float64 else torch.float32
+    buffers = Buffers()  # layer i's factors are dead (``del f``) before layer i + 1 is converted into them
     with ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(load, layers[0])
         for i, layer in enumerate(layers):
             raw = nxt.result()
             nxt = pool.submit(load, layers[i + 1]) if i + 1 < len(layers) else None
             f = read_layer(ck, layer, with_qk=cfg.with_qk, fold_norm=cfg.fold_norm, load_dtype=load_dtype,
-                           raw=raw, qk_dtype=qk_dtype, check_finite=False)  # analyze_layer checks its Grams
+                           raw=raw, qk_dtype=qk_dtype, check_finite=False,  # analyze_layer checks its Grams
+                           buffers=buffers)
             del raw
             yield layer, f
             del f
