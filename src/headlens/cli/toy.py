@@ -153,7 +153,9 @@ def cmd_trace(args) -> int:
     traces = trace(model, x)
     st, js = save_traces(stem, model, traces, {"inputs": args.inputs, "input_seed": args.input_seed,
                                                 "weights": str(args.weights)})
-    print(f"traced {x.shape[0]} {args.inputs} tokens through {len(traces)} layers")
+    from headlens.words import count
+
+    print(f"traced {x.shape[0]} {args.inputs} tokens through {count(len(traces), 'layer')}")
     print(f"saved traces -> {st}\nsaved metadata -> {js}")
     return 0
 

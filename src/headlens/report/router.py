@@ -12,6 +12,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from headlens.words import count
 from headlens.moe.router import RouterResult
 from headlens.moe.statistics import LayerStats
 
@@ -58,8 +59,8 @@ def _overlap(s: LayerStats, fmt: str, missing: str = "n/a") -> str:
 def summary_lines(result: RouterResult, files: RouterFiles) -> list[str]:
     """What ``headlens router`` prints: the model line, one line per MoE layer, the definitions, the files."""
     r = result.report
-    lines = [f"{r.model['name']}: {len(r.moe_layers)} MoE layers ({r.experts} experts, top-{r.top_k}, {r.rule}), "
-             f"{r.tokens} tokens from {len(result.texts)} text(s)"
+    lines = [f"{r.model['name']}: {count(len(r.moe_layers), 'MoE layer')} ({count(r.experts, 'expert')}, "
+             f"top-{r.top_k}, {r.rule}), {count(r.tokens, 'token')} from {count(len(result.texts), 'text')}"
              + (f"; dense layers skipped: {r.dense_layers}" if r.dense_layers else "")]
     for s in r.stats:
         lines.append(f"layer {s.layer:3d}: load CV {s.load_cv:.3f}  max/mean {s.load_max_over_mean:.2f}  "

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from headlens.words import count
+
 if TYPE_CHECKING:
     import torch
 
@@ -16,7 +18,8 @@ if TYPE_CHECKING:
 
 def create_lines(c: ToyConfig, planted: torch.Tensor | None, out: Path) -> list[str]:
     """The toy's shape, its planted spectrum (if any) and where it was saved."""
-    lines = [f"toy: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} query heads, {c.n_kv_heads} kv heads, "
+    lines = [f"toy: {count(c.n_layers, 'layer')}, d_model {c.d_model}, {count(c.n_heads, 'query head')}, "
+             f"{count(c.n_kv_heads, 'kv head')}, "
              f"head_dim {c.head_dim}, causal={c.causal}, rope={c.rope}, pre_norm={c.pre_norm}, residual={c.residual}"]
     if planted is not None:
         lines.append("planted W_OV singular values: " + " ".join(f"{v:.3e}" for v in planted.tolist()))
@@ -27,7 +30,8 @@ def create_lines(c: ToyConfig, planted: torch.Tensor | None, out: Path) -> list[
 
 def cluster_lines(cfg: ClusterConfig, demo: ClusterDemo, files: ClusterFiles) -> list[str]:
     """The demo's setup, clustering metrics per pictured layer, the files written and the summary sentences."""
-    lines = [f"clustering demo: {cfg.tokens} tokens in {cfg.dim} dims, {cfg.layers} shared-weight layers, beta "
+    lines = [f"clustering demo: {cfg.tokens} tokens in {cfg.dim} dims, {count(cfg.layers, 'shared-weight layer')}, "
+             "beta "
              f"{cfg.beta:g}"]
     lines += [f"layer {m.layer:3d}: mean cos {m.mean_cos:.3f}  clusters {m.n_clusters}  eff. rank "
               f"{m.effective_rank:.2f}" for m in demo.sphere.metrics]
@@ -44,7 +48,8 @@ def head_line(h: ToyHeadOV, planted: bool) -> str:
 def run_lines(run: ToyRun, json_path: Path) -> list[str]:
     """``toy run``: the toy, one line per head's OV analysis, and the files written."""
     c = run.config
-    lines = [f"toy: {c.n_layers} layers, {c.n_heads} heads ({c.n_kv_heads} kv), head_dim {c.head_dim}; "
+    lines = [f"toy: {count(c.n_layers, 'layer')}, {count(c.n_heads, 'head')} ({c.n_kv_heads} kv), head_dim "
+             f"{c.head_dim}; "
              f"{run.n_tokens} {run.inputs} tokens; latent_dim {run.latent_dim}"]
     lines += [head_line(h, run.planted is not None) for h in run.heads]
     return lines + [f"saved toy -> {run.weights}", f"saved traces -> {run.traces}", f"saved json -> {json_path}"]
