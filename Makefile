@@ -49,7 +49,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/lint-imports          # the house rules: computation never imports report/ or cli/, only report/ draws
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 # The README's pictures (docs/pictures/, committed): one small picture of each kind, drawn on the embedded models.
