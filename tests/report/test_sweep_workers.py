@@ -133,3 +133,26 @@ def _env() -> dict:
 
     src = str(Path(__file__).resolve().parents[2] / "src")
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_cli_with_and_without_the_worker_writes_the_same_files(ckpts, capsys, tmp_path, monkeypatch):
+    import headlens.cli.sweep as cli_sweep
+    from headlens.cli import main
+    from headlens.report import pool as pool_mod
+
+    d = str(ckpts.path("gemma3", "gqa", "hf_dir"))
+    started = []
+    real = pool_mod.WorkerPool.start
+    monkeypatch.setattr(pool_mod.WorkerPool, "start", lambda self: (started.append(1), real(self)))
+    outs = {}
+    for cells in (10**9, 0):  # a tiny model: no worker by default; threshold 0 forces one
+        monkeypatch.setattr(cli_sweep, "POOL_MIN_CELLS", cells)
+        out = tmp_path / f"cells{cells}"
+        assert main(["sweep", "--weights", d, "--k", "4", "--out-dir", str(out)]) == 0
+        outs[cells] = out
+    assert started == [1]  # only the second run started the worker
+    capsys.readouterr()
+    names = sorted(p.name for p in outs[0].iterdir() if p.is_file() and not p.name.startswith("."))
+    assert "sweep_rel_error.png" in names
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[10**9] / name).read_bytes(), name

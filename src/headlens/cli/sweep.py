@@ -51,6 +51,11 @@ def read_calibration(args) -> list[str] | None:
     return None
 
 
+# A worker for the heatmaps pays off from about this many (layer, head) cells (Qwen3-0.6B has 448, Qwen3-4B 1152):
+# below, drawing them here is quicker than starting a process and importing matplotlib there.
+POOL_MIN_CELLS = 256
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -90,7 +95,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def started(start) -> None:
         print(header_line(start), flush=True)
         ks.extend(start.ks)
-        pool.start()  # the heatmaps' worker: its imports overlap the layer loop
+        cells = (len(start.todo) + len(start.done)) * start.shape.num_heads
+        if cells >= POOL_MIN_CELLS:
+            pool.start()  # the heatmaps' worker: its imports overlap the layer loop
 
     def finished(layer) -> None:  # each layer's line as it finishes, above the progress bar
         tqdm.write(layer_line(layer, ks), file=sys.stdout)
