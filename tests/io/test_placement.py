@@ -181,10 +181,16 @@ _PEAK = textwrap.dedent("""
     code = 0
     if sys.argv[1:]:
         code = main(sys.argv[1:])
-    else:  # the interpreter with everything a run imports, and no model
+    else:  # the interpreter with everything a run imports and one frame drawn (the drawing does not scale with
+        # the model: --workers 1 draws in this process), and no model
+        import numpy as np
         import torch, transformers, accelerate  # noqa: F401
         from headlens.residual import sphere, capture  # noqa: F401
         from transformers import Qwen3ForCausalLM  # noqa: F401
+        from headlens.report.sphere_frames import render_frame
+        pts = np.random.default_rng(0).normal(size=(40, 3))
+        render_frame({"points": pts / np.linalg.norm(pts, axis=1, keepdims=True), "tokens": [f"t{i}" for i in range(40)],
+                      "positions": list(range(40)), "title": "baseline", "first": 0})
     # VmHWM, this process's own peak (ru_maxrss would carry the forking parent's: Linux keeps it over exec)
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
     print(json.dumps({"code": code, "peak": int(hwm.split()[1]) * 1024}))
@@ -210,7 +216,7 @@ def test_offloaded_run_stays_under_a_memory_bound(big_checkpoint, tmp_path):
     in_memory = _peak([*argv, "--out-dir", str(tmp_path / "mem")], tmp_path)
     offloaded = _peak([*argv, "--out-dir", str(tmp_path / "disk"), *OFFLOAD, "--offload-dir",
                        str(tmp_path / "off")], tmp_path)
-    assert in_memory - base > 0.9 * size, (in_memory - base, size)  # the control: the bound can fail
+    assert in_memory - base > 0.8 * size, (in_memory - base, size)  # the control: the bound can fail
     assert offloaded - base < 0.5 * size, (offloaded - base, size, in_memory - base)
 
 
