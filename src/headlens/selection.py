@@ -13,6 +13,7 @@ from headlens.errors import HeadlensError
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # ``auto`` as well: float32 on the CPU, the checkpoint's own torch_dtype on an accelerator (headlens.io.placement).
 DTYPE_CHOICES = ("auto", *DTYPES)
+LABEL_CHOICES = ("auto", "all", "none")  # sphere GIF token labels: a non-overlapping subset, every one, none
 
 
 def _int_list(text: str, name: str, syntax: str) -> list[int]:

@@ -81,18 +81,10 @@ _TENSOR_HASHES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionar
 def _tensors_hash(ck: "Checkpoint"):
     """A SHA-256 object fed by :func:`_hash_tensors` over ``ck.tensors``: a copy for the caller to finish, computed
     once per tensor source (a sweep asks twice, for its resume fingerprint and its weights digest)."""
-    src = ck.tensors
-    try:
-        h = _TENSOR_HASHES.get(src)
-    except TypeError:  # a source that takes no weak reference: hash each time
-        h = None
+    h = _TENSOR_HASHES.get(ck.tensors)
     if h is None:
-        h = hashlib.sha256()
-        _hash_tensors(h, src)
-        try:
-            _TENSOR_HASHES[src] = h
-        except TypeError:
-            pass
+        h = _TENSOR_HASHES[ck.tensors] = hashlib.sha256()
+        _hash_tensors(h, ck.tensors)
     return h.copy()
 
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 from headlens.cli.common import command_parser, model_source
 from headlens.errors import HeadlensError
 from headlens.prompts import NOTEBOOK_PROMPT
+from headlens.selection import LABEL_CHOICES
 
 if TYPE_CHECKING:
     from headlens.residual.sphere import SphereConfig
 
 SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")  # residual.sphere.SPHERE_SITES (torch-free here)
-LABEL_CHOICES = ("auto", "all", "none")  # residual.sphere.LABEL_CHOICES
 
 
 def add_parser(sub) -> None:

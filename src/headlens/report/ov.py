@@ -12,6 +12,7 @@ import numpy as np
 
 from headlens.circuits.ov import OVResult
 from headlens.report.figures import _pyplot, save_figure
+from headlens.words import count
 
 
 def default_stem(model_name: str, layer: int, head: int) -> str:
@@ -88,11 +89,6 @@ def report_lines(r: OVResult) -> list[str]:
     ]
 
 
-def _count(n: int, noun: str) -> str:
-    """``"1 token"``, ``"3 tokens"``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _inputs_subject(cache_inputs: str) -> str:
     """The inputs as the subject of a sentence, with its verb: ``"the prompt has"``, ``"the traces have"``."""
     return {"prompt": "the prompt has", "traces": "the traces have"}.get(cache_inputs, f"the {cache_inputs} have")
@@ -100,10 +96,10 @@ def _inputs_subject(cache_inputs: str) -> str:
 
 def _inputs_line(r: OVResult) -> str:
     if r.cache_inputs == "prompt":
-        return (f"cache_error inputs: the prompt's {_count(r.cache_tokens, 'token')} at the input of layer "
+        return (f"cache_error inputs: the prompt's {count(r.cache_tokens, 'token')} at the input of layer "
                 f"{r.layer}'s attention")
     if r.cache_inputs == "traces":
-        return (f"cache_error inputs: {_count(r.cache_tokens, 'traced token')} at the input of layer {r.layer}'s "
+        return (f"cache_error inputs: {count(r.cache_tokens, 'traced token')} at the input of layer {r.layer}'s "
                 f"attention (toy traces)")
     return (f"cache_error inputs: {r.cache_tokens} seeded Gaussian probe tokens (seed {r.seed}); "
             f"pass --prompt to use real activations")
@@ -127,13 +123,13 @@ def extra_lines(r: OVResult) -> list[str]:
     if da is not None:
         lines.append(f"latent_dim={r.latent_dim} on the {r.cache_inputs}: data-aware (whitened) error="
                      f"{da.whitened_error:.3e} plain cache_error={da.plain_cache_error:.3e} (in-sample, "
-                     f"{_count(da.n_tokens, 'token')})")
+                     f"{count(da.n_tokens, 'token')})")
         if da.heldout_whitened_error is not None and da.heldout_plain_error is not None:
             lines.append(f"held-out (fit on {da.heldout_fit_tokens} even-position tokens, measured on "
                          f"{da.heldout_test_tokens} odd ones): data-aware error={da.heldout_whitened_error:.3e} "
                          f"plain cache_error={da.heldout_plain_error:.3e}")
         if da.n_tokens <= r.latent_dim:
-            lines.append(f"note: {_inputs_subject(r.cache_inputs)} {_count(da.n_tokens, 'token')} <= latent_dim "
+            lines.append(f"note: {_inputs_subject(r.cache_inputs)} {count(da.n_tokens, 'token')} <= latent_dim "
                          f"{r.latent_dim}, so the data-aware latent is exact on {'it' if da.n_tokens == 1 else 'them'}; "
                          f"use more tokens to measure it")
     return lines

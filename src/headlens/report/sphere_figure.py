@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from headlens.report.figures import _pyplot
+from headlens.selection import LABEL_CHOICES
 
-LABEL_CHOICES = ("auto", "all", "none")
 FRAME_INCHES = (10.0, 8.5)  # 1000 x 850 px at the default 100 dpi
 ZOOM = 1.04  # the 3-D box fills a little more of its axes; tick and axis labels stay inside the canvas
 TICKS = (-1.0, -0.5, 0.0, 0.5, 1.0)

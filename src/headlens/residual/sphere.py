@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from headlens.errors import HeadlensError
+from headlens.selection import LABEL_CHOICES
 from headlens.residual.clustering import LayerMetrics, clustering_metrics, summarize
 
 SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")
 GIF_MAX_SECONDS = 655.35  # a GIF frame lasts at most 65535 hundredths of a second
 # The options that shape the projection and the metrics: what sphere.json records as its "config".
-LABEL_CHOICES = ("auto", "all", "none")  # report: which token labels the GIF frames draw
 PROJECTION_OPTIONS = ("align", "basis", "drop_first", "drop_outliers", "outlier_factor", "cluster_threshold", "seed")
 
 
