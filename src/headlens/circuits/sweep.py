@@ -13,7 +13,7 @@ and computes the KV budget (:func:`~headlens.circuits.budget.budget`). It return
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
@@ -109,6 +109,7 @@ class SweepStart:
     calibration_tokens: int  # captured now (0 without calibration or when nothing is left to do)
     data_aware: bool  # calibration texts were given
     ks: list[int]  # the latent sizes each layer's errors are given at
+    model: dict = field(default_factory=dict)  # the checkpoint's description (quantization included)
 
 
 @dataclass
@@ -259,7 +260,7 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     if parts is not None:
         parts.start(run)
     if on_start is not None:
-        on_start(SweepStart(ck.name, s, todo, sorted(done), n_calib, data, list(analysis.ks)))
+        on_start(SweepStart(ck.name, s, todo, sorted(done), n_calib, data, list(analysis.ks), ck.describe()))
     if on_layer is not None:
         for layer in sorted(done):
             on_layer(done[layer])

@@ -47,7 +47,7 @@ def run_id(model: dict, config: dict, texts: list[str] | None, max_tokens: int) 
 def _file_stats(ck: "Checkpoint") -> list[list]:
     """[name, size, mtime_ns] of the files the checkpoint's tensors come from (where they are known)."""
     paths: set[Path] = set()
-    info = getattr(ck.tensors, "_info", None)  # SafetensorsSource: {tensor: (path, ...)}
+    info = getattr(ck.tensors.stored, "_info", None)  # SafetensorsSource: {tensor: (path, ...)}
     if isinstance(info, dict):
         paths = {Path(v[0]) for v in info.values()}
     elif ck.directory is not None:
@@ -84,7 +84,7 @@ def _tensors_hash(ck: "Checkpoint"):
     h = _TENSOR_HASHES.get(ck.tensors)
     if h is None:
         h = _TENSOR_HASHES[ck.tensors] = hashlib.sha256()
-        _hash_tensors(h, ck.tensors)
+        _hash_tensors(h, ck.tensors.stored)  # the stored bytes (a quantized weight's codes and scales)
     return h.copy()
 
 

@@ -19,6 +19,7 @@ import torch
 from headlens.arch import SPECS, ArchSpec, KeyMap, LayerKeys, detect_spec, spec_for_type
 from headlens.errors import HeadlensError
 from headlens.io.hub import FULL_MODEL_PATTERNS, HubRepo, hub_tensors
+from headlens.io.quantized import DequantizingSource, Quantization, logical_names
 from headlens.io.tensors import TensorSource, open_path
 
 DEFAULT_HUB_REPO = "Qwen/Qwen3-0.6B"
@@ -60,13 +61,15 @@ class Checkpoint:
     config: dict | None
     directory: Path | None  # HuggingFace directory with config (and tokenizer), when there is one
     revision: str | None = None
+    quantization: Quantization | None = None  # how the weights are stored quantized (they are read dequantized)
 
     def layer_keys(self, layer: int) -> LayerKeys:
         return self.keymap.layer(layer)
 
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "family": self.spec.family,
-                "revision": self.revision, **asdict(self.shape)}
+                "revision": self.revision, **asdict(self.shape),
+                "quantization": self.quantization.to_json() if self.quantization is not None else None}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -257,6 +260,8 @@ def _open_hub(hf_repo: str, revision: str | None, cache_dir: str | None, layers:
     config_path = hub.file("config.json")
     assert config_path is not None
     config = read_config(config_path)
+    if config.get("quantization_config") is None:  # AutoGPTQ-era repos describe it in quantize_config.json
+        hub.file("quantize_config.json", required=False)
     tensors, directory, all_keys = hub_tensors(hub, config_path.parent, _model_type(config), layers, full, roles)
     source = f"hub:{hf_repo}" + (f"@{revision}" if revision else "")
     return hf_repo.split("/")[-1], source, tensors, config, directory, all_keys
@@ -311,7 +316,8 @@ def open_model(
                                                                        full, roles)
     else:
         name, source, tensors, config, directory = _open_local(weights)
-    keys = all_keys or tensors.keys()
+    tensors = DequantizingSource(tensors, config, directory)  # quantized weights read dequantized, the rest as stored
+    keys = logical_names(all_keys) if all_keys else tensors.keys()
     if config is not None:
         model_type = _model_type(config) or "unknown"
         top = config.get("model_type")
@@ -321,7 +327,7 @@ def open_model(
     keymap = KeyMap(spec, keys)
     shape = infer_shape(tensors, spec, keymap, model_type, config, auto_infer, num_heads, num_kv_heads)
     return Checkpoint(name=name, source=source, tensors=tensors, spec=spec, keymap=keymap, shape=shape,
-                      config=config, directory=directory, revision=revision)
+                      config=config, directory=directory, revision=revision, quantization=tensors.quantization)
 
 
 def cast_dtype(name: str) -> torch.dtype:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from headlens.arch import KeyMap, spec_for_type
 from headlens.errors import HeadlensError
+from headlens.io.quantized import logical_names, stored_names
 from headlens.io.tensors import (
     SafetensorsSource,
     StateDictSource,
@@ -141,7 +142,9 @@ def hub_tensors(hub: HubRepo, snapshot: Path, model_type: str | None, layers: li
                                 f"pytorch_model.bin (or they are not in the local cache)")
         return StateDictSource([legacy], description=hub.repo), snapshot, []
     weight_map = read_safetensors_index(index_path)
-    wanted = _wanted_tensors(KeyMap(spec_for_type(model_type, weight_map), weight_map), layers, roles)
+    logical = logical_names(list(weight_map))  # a quantized weight's parts under its unquantized name
+    wanted = _wanted_tensors(KeyMap(spec_for_type(model_type, logical), logical), layers, roles)
+    wanted = stored_names(wanted, list(weight_map))  # and the parts (scales, zero points) it is stored as
     shards = sorted({weight_map[k] for k in wanted if k in weight_map})
     files: dict[str, Path] = {}
     for shard in shards:

@@ -204,9 +204,16 @@ def _placed(kwargs: dict, directory: Path, exc: BaseException) -> HeadlensError 
 
 def _load(cls, directory: Path, dtype: torch.dtype, trust_remote_code: bool, placement: Placement | None,
           **extra):
+    """``cls.from_pretrained`` of ``directory`` placed and in ``dtype``; a checkpoint stored quantized is loaded
+    dequantized to ``dtype`` (:mod:`headlens.io.quantized_model`, which says so in one stderr line)."""
+    from headlens.io import quantized_model
+
     kwargs = placement.load_kwargs() if placement is not None else {}
+    quantized = quantized_model.inspect(directory)
     try:
         with quiet_transformers():
+            if quantized is not None:
+                return quantized_model.load(quantized, cls, dtype, trust_remote_code, kwargs, extra)
             return cls.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs,
                                        **extra)
     except (ValueError, RuntimeError, OSError) as exc:

@@ -45,12 +45,25 @@ class TensorSource:
     def __contains__(self, name: str) -> bool:
         return name in set(self.keys())
 
+    @property
+    def stored(self) -> "TensorSource":
+        """The tensors as the files store them (a dequantizing view answers its underlying source): what identifies
+        the checkpoint's content."""
+        return self
+
 
 _ST_DTYPES = {
     "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
     "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1), "U16": (torch.uint16, 2), "U32": (torch.uint32, 4),
+    "U64": (torch.uint64, 8), "C64": (torch.complex64, 8),
 }
+# The fp8 formats of quantized checkpoints (their numbers are codes: headlens.io.quantized reads them with their
+# scales and refuses them alone).
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+                     ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = (getattr(torch, _attr), 1)
 
 
 def _read_safetensors_header(path: Path) -> tuple[int, dict]:
@@ -78,7 +91,8 @@ def _read_safetensors_header(path: Path) -> tuple[int, dict]:
         try:
             begin, stop = (int(v) for v in info["data_offsets"])
             if info["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"unsupported dtype {info['dtype']}")
+                raise HeadlensError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which headlens cannot read "
+                                    f"(it reads {', '.join(_ST_DTYPES)})")
             n_el = 1
             for dim in info["shape"]:
                 n_el *= int(dim)

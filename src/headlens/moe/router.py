@@ -81,6 +81,12 @@ def _resolve_color_layer(color_layer: int | None, moe: list[int]) -> int:
     return chosen
 
 
+def _quantization(model) -> dict | None:
+    """How the loaded model's checkpoint stores its weights (None: unquantized), as the other commands' JSON says."""
+    q = getattr(model, "headlens_quantization", None)
+    return q.to_json() if q is not None else None
+
+
 def route(source: ModelSource, texts: list[str] | str, cfg: RouterConfig | None = None) -> RouterResult:
     """Run ``texts`` (one string or several, batched) through the MoE model ``source`` names and return the
     routing of every real token at every MoE layer with its statistics (:class:`RouterResult`)."""
@@ -106,7 +112,7 @@ def route(source: ModelSource, texts: list[str] | str, cfg: RouterConfig | None 
     color_layer = _resolve_color_layer(cfg.color_layer, moe)
     report = RouterReport(
         model={"name": name, "source": str(directory), "model_type": text_cfg.get("model_type"),
-               "revision": source.revision},
+               "revision": source.revision, "quantization": _quantization(model)},
         rule=rule, experts=E, top_k=k, moe_layers=moe, dense_layers=[l for l in range(n_layers) if l not in moe],
         tokens=n_tokens, prompt_sha256=prompt_hash(texts), stats=[layer_stats(r, E, rule) for r in layers],
         transitions=layer_transitions(layers, E))

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from headlens.circuits.ov import OVResult
+from headlens.io.quantized import weights_line
 from headlens.report.figures import _pyplot, save_figure
 from headlens.words import count
 
@@ -118,6 +119,9 @@ def extra_lines(r: OVResult) -> list[str]:
         + (f" ({r.norm_key})" if r.norm_key and r.norm_folded else ""),
         _inputs_line(r),
     ]
+    quantized = weights_line(r.model)
+    if quantized:
+        lines.append(quantized)  # the spectrum is the dequantized weights'
     lines += _latent_attention_lines(r)
     da = r.data_aware
     if da is not None:

@@ -17,6 +17,7 @@ from headlens.circuits.budget import Budget
 from headlens.circuits.sweep import SweepResult, SweepStart
 from headlens.circuits.sweep_results import LayerResult, layer_aggregates
 from headlens.io.files import write_json
+from headlens.io.quantized import weights_line
 from headlens.io.tables import write_csv, write_table
 from headlens.report.pool import Deferred
 from headlens.report.sweep_common import (BUDGET_CSV, BUDGET_LAYERS_CSV, BUDGET_PNG, GROUPS_STEM, HEADS_STEM,
@@ -72,9 +73,10 @@ def write_report(result: SweepResult, out_dir: Path, json_path: Path | None = No
 
 
 def header_line(start: SweepStart) -> str:
-    """What the command prints before the first layer."""
+    """What the command prints before the first layer (and, for a quantized checkpoint, how its weights were read)."""
     s = start.shape
-    return (f"{start.name}: {s.num_layers} layers, {s.num_heads} query heads, {s.num_kv_heads} kv heads, head_dim "
+    quantized = weights_line(start.model)
+    return (f"{quantized}\n" if quantized else "") + (f"{start.name}: {s.num_layers} layers, {s.num_heads} query heads, {s.num_kv_heads} kv heads, head_dim "
             f"{s.head_dim}, hidden {s.hidden_size}; sweeping {len(start.todo)} layer(s)"
             + (f", {len(start.done)} already done (--resume)" if start.done else "")
             + (f"; data-aware on {start.calibration_tokens} calibration tokens" if start.data_aware
