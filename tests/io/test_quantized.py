@@ -451,3 +451,58 @@ def test_router_on_an_fp8_moe_checkpoint(ckpts, tmp_path, capsys):
                                                                                                      "moe-fp8")
     qj = json.loads((tmp_path / "q" / "router_dump.json").read_text())
     assert qj["model"]["quantization"]["schemes"] == ["fp8 block 16x16"]
+
+
+def test_fbgemm_fp8_and_bfloat16_load(built, tmp_path, capsys):
+    """fbgemm_fp8 (Llama-3.1-405B-FP8's layout: fp8 weight, (out, 1) weight_scale) reads as the same numbers as the
+    compressed-tensors fp8 channel checkpoint it is built from; a bfloat16 load is dequantized to bfloat16."""
+    qdir, ref, _ = built("ct-fp8-channel")
+    path = tmp_path / "fbgemm"
+    shutil.copytree(qdir, path)
+    sd = load_file(str(path / "model.safetensors"))
+    sd = {k: v.float() if k.endswith("weight_scale") else v for k, v in sd.items()}
+    save_file(sd, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
+    (path / "config.json").write_text(json.dumps(cfg))
+    src = DequantizingSource(open_path(path), cfg, path)
+    assert src.quantization.schemes == ["fbgemm_fp8 fp8, per-channel"]
+    for name, want in ref.items():
+        assert torch.equal(src.read(name), want)
+    from headlens.io.source import ModelSource
+
+    capsys.readouterr()
+    model = ModelSource(weights=str(path)).model(path, "bfloat16")
+    assert capsys.readouterr().err.strip() == "dequantized from fbgemm_fp8 (fp8, per-channel) to bfloat16"
+    assert model.get_parameter("layers.0.self_attn.v_proj.weight").dtype == torch.bfloat16
+    assert torch.equal(model.get_parameter("layers.0.self_attn.v_proj.weight"), ref[V].to(torch.bfloat16))
+
+
+def test_hub_weight_only_fetches_only_the_shards_it_needs(built, tmp_path, capsys, monkeypatch):
+    """A sharded quantized hub repo: a weight-only ov of layer 0 reads the shards holding layer 0's weights and their
+    scales (here in another shard) from the local cache, and not the shard of layer 1, which is absent."""
+    qdir, _, dense = built("fp8-block32")
+    sha = "1" * 40
+    snap = tmp_path / "hub" / "models--org--q" / "snapshots" / sha
+    shutil.copytree(qdir, snap, ignore=shutil.ignore_patterns("model.safetensors"))
+    (tmp_path / "hub" / "models--org--q" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--q" / "refs" / "main").write_text(sha)
+    sd = load_file(str(qdir / "model.safetensors"))
+    shards = {"a": {k: v for k, v in sd.items() if ".layers.0." in k and not k.endswith("_scale_inv")},
+              "b": {k: v for k, v in sd.items() if ".layers.0." in k and k.endswith("_scale_inv")},
+              "c": {k: v for k, v in sd.items() if ".layers.1." in k},
+              "d": {k: v for k, v in sd.items() if ".layers." not in k}}
+    weight_map = {}
+    for tag, part in shards.items():
+        save_file(part, str(snap / f"model-{tag}.safetensors"))
+        weight_map.update({k: f"model-{tag}.safetensors" for k in part})
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (snap / "model-c.safetensors").unlink()  # layer 1's shard is not in the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["--layer", "0", "--head", "1", "--latent-dim", "4", "--auto-infer"]
+    assert main(["ov", "--hf-repo", "org/q", "--cache-dir", str(tmp_path / "hub"), *args,
+                 "--out-dir", str(tmp_path / "o")]) == 0
+    got = capsys.readouterr().out.splitlines()
+    assert main(["ov", "--weights", str(qdir), *args, "--out-dir", str(tmp_path / "p")]) == 0
+    want = capsys.readouterr().out.splitlines()
+    assert got[:6] == want[:6] and "weights: fp8 block 32x32, dequantized" in got
