@@ -1,0 +1,88 @@
+"""SIGINT and SIGTERM stop a command the same way: its output set rolls back, one line, exit 128 + the signal number.
+
+Ctrl-C raises ``KeyboardInterrupt`` in the main thread; :func:`install` makes SIGTERM raise :class:`Terminated`, a
+``KeyboardInterrupt`` too, so every cleanup written for one serves both. :func:`held` holds both back while a step
+that must not be cut in half runs (renaming an output set's files into place, rolling one back); a signal that came
+meanwhile is delivered afterwards, or, when every file was written by then, as :class:`AfterWriting`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt."""
+
+    signum = signal.SIGTERM
+
+
+class AfterWriting(KeyboardInterrupt):
+    """A signal that came while the command's files were being put in place: they all are, nothing was cut."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def signal_of(exc: BaseException) -> int:
+    """The signal behind an interrupt: SIGTERM for :class:`Terminated`, the held one for :class:`AfterWriting`,
+    else SIGINT (Ctrl-C)."""
+    return int(getattr(exc, "signum", signal.SIGINT))
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _restore(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def install() -> Callable[[], None]:
+    """Make SIGTERM raise :class:`Terminated` (main thread only; elsewhere nothing changes); returns a function that
+    puts the previous handlers back."""
+    if not _main_thread():
+        return lambda: None
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
+    return lambda: _restore(previous)
+
+
+@contextmanager
+def held() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM back while the block runs (main thread only); yields the list of the signals that came,
+    for the caller to act on. The previous handlers are back when the block ends."""
+    caught: list[int] = []
+    if not _main_thread():
+        yield caught
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in SIGNALS}
+    try:
+        yield caught
+    finally:
+        _restore(previous)
+
+
+def deliver(caught: list[int]) -> None:
+    """Raise the interrupt of the first signal in ``caught`` (from :func:`held`), if any."""
+    if caught:
+        raise Terminated() if caught[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def ignore_from_now() -> None:
+    """Ignore SIGINT and SIGTERM for the rest of the process, whose outcome is decided (headlens is exiting). An
+    ignored signal stays ignored while the interpreter shuts down, where a Python handler is reset to the default
+    and the signal would end the process with no word (and the exit code of a signal)."""
+    if _main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
