@@ -5,6 +5,7 @@ through transformers reproducing the measured KL and perplexity (checked with ex
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +127,16 @@ def test_saved_model_reloads_and_reproduces_kl_and_perplexity(capsys, tmp_path):
     eval_file = _eval_file(tmp_path, "tiny-lm", 4)
     save = tmp_path / "compressed"
     out_dir = tmp_path / "out"
-    _run(capsys, "--model", "tiny-lm", "--k", "12", "--latent", "data-aware", "--eval", str(eval_file), "--out-dir",
-         str(out_dir), "--save-model", str(save))
+    umask = os.umask(0o027)
+    try:
+        _run(capsys, "--model", "tiny-lm", "--k", "12", "--latent", "data-aware", "--eval", str(eval_file),
+             "--out-dir", str(out_dir), "--save-model", str(save))
+    finally:
+        os.umask(umask)
+    # every output follows the umask: the model's directory and safetensors as the report's files
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (save, out_dir, *save.iterdir(),
+                                                                                      *out_dir.iterdir())}
+    assert modes == {**{name: 0o640 for name in modes}, "compressed": 0o750, "out": 0o750}, modes
     s = json.loads((out_dir / "compress_summary.json").read_text())
     (r,) = s["configurations"]
     assert r["allocation"] == "uniform" and r["latent"] == "data-aware" and r["latent_dims"] == 12 * 2 * 6

@@ -44,13 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def output_dirs(args: argparse.Namespace) -> list[Path]:
-    """The directories a command writes into: ``--out-dir``, those of ``--json``/``--plot-path``, and toy's
-    ``--out`` (a directory itself when it names one)."""
+def new_dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """{parameter: directory} of the :data:`NEW_DIR_PARAMS` the command was given."""
+    return {p: Path(v) for p, v in ((p, getattr(args, p, None)) for p in NEW_DIR_PARAMS) if isinstance(v, str) and v}
+
+
+def output_dirs(args: argparse.Namespace, new: bool = True) -> list[Path]:
+    """The directories a command writes into: ``--out-dir``, those of ``--json``/``--plot-path``, toy's ``--out``
+    (a directory itself when it names one) and, with ``new``, those of :data:`NEW_DIR_PARAMS`."""
     from headlens.io.files import is_dir_target
 
     dirs = [Path(args.out_dir)] if getattr(args, "out_dir", None) else []
-    dirs += [Path(v) for v in (getattr(args, p, None) for p in NEW_DIR_PARAMS) if isinstance(v, str) and v]
+    dirs += list(new_dirs(args).values()) if new else []
     for attr, _ in FILE_FLAGS:
         value = getattr(args, attr, None)
         if isinstance(value, str) and value:
@@ -69,16 +74,15 @@ def check_outputs(args: argparse.Namespace) -> None:
         value = getattr(args, attr, None)
         if isinstance(value, str) and value:
             check_file_target(value, flag)
-    new = {p: Path(v) for p, v in ((p, getattr(args, p, None)) for p in NEW_DIR_PARAMS) if isinstance(v, str) and v}
+    new = new_dirs(args)
     for param, path in new.items():
         check_new_dir(path, param)
-    for d in output_dirs(args):
-        if d not in new.values():
-            check_writable_dir(d)
-            for param, path in new.items():  # a model directory holds the model only
-                if path.resolve() == d.resolve() or path.resolve() in d.resolve().parents:
-                    raise HeadlensError(f"`{param}` {path} would also hold the command's other files ({d}): give it "
-                                        "a directory of its own")
+    for d in output_dirs(args, new=False):
+        check_writable_dir(d)
+        for param, path in new.items():  # a model directory holds the model only
+            if path.resolve() == d.resolve() or path.resolve() in d.resolve().parents:
+                raise HeadlensError(f"`{param}` {path} would also hold the command's other files ({d}): give it a "
+                                    "directory of its own")
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
