@@ -50,11 +50,14 @@ def new_dirs(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def output_dirs(args: argparse.Namespace, new: bool = True) -> list[Path]:
-    """The directories a command writes into: ``--out-dir``, those of ``--json``/``--plot-path``, toy's ``--out``
+    """The directories a command writes into, locked from its start: ``--out-dir`` (unless the command's
+    ``writes_out_dir(args)`` says this run writes nothing there), those of ``--json``/``--plot-path``, toy's ``--out``
     (a directory itself when it names one) and, with ``new``, those of :data:`NEW_DIR_PARAMS`."""
     from headlens.io.files import is_dir_target
 
-    dirs = [Path(args.out_dir)] if getattr(args, "out_dir", None) else []
+    writes_out_dir = getattr(args, "writes_out_dir", None)  # a command that writes there only when asked to
+    use = getattr(args, "out_dir", None) and (writes_out_dir is None or writes_out_dir(args))
+    dirs = [Path(args.out_dir)] if use else []
     dirs += list(new_dirs(args).values()) if new else []
     for attr, _ in FILE_FLAGS:
         value = getattr(args, attr, None)

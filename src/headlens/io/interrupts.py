@@ -2,8 +2,8 @@
 
 Ctrl-C raises ``KeyboardInterrupt`` in the main thread; :func:`install` makes SIGTERM raise :class:`Terminated`, a
 ``KeyboardInterrupt`` too, so every cleanup written for one serves both. :func:`held` holds both back while a step
-that must not be cut in half runs (renaming an output set's files into place, rolling one back); a signal that came
-meanwhile is delivered afterwards, or, when every file was written by then, as :class:`AfterWriting`.
+that must not be cut in half runs (renaming an output set's files into place, rolling one back): the caller decides
+what a signal that came meanwhile means (after a commit: :class:`AfterWriting`, every file is in place).
 """
 
 from __future__ import annotations
@@ -71,12 +71,6 @@ def held() -> Iterator[list[int]]:
         yield caught
     finally:
         _restore(previous)
-
-
-def deliver(caught: list[int]) -> None:
-    """Raise the interrupt of the first signal in ``caught`` (from :func:`held`), if any."""
-    if caught:
-        raise Terminated() if caught[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def ignore_from_now() -> None:
