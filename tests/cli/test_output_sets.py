@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -382,14 +383,26 @@ def test_save_model_in_a_read_only_place_is_refused_before_any_work(capsys, tmp_
 # ------------------------------------------------------------------------------- a signal after the files
 
 
-def test_ctrl_c_during_the_commit_finishes_it_and_says_so(capsys, tmp_path, monkeypatch):
-    real = osm.update_manifest
+@pytest.mark.parametrize("when", ["during the commit", "after the commit"])
+def test_ctrl_c_once_the_files_are_written_stops_nothing_and_says_so(capsys, tmp_path, monkeypatch, when):
+    if when == "during the commit":  # Ctrl-C lands while the files are being renamed into place
+        real_manifest = osm.update_manifest
 
-    def ctrl_c_then_manifest(*a, **k):  # Ctrl-C lands while the files are being renamed into place
-        signal.raise_signal(signal.SIGINT)
-        return real(*a, **k)
+        def ctrl_c_then_manifest(*a, **k):
+            signal.raise_signal(signal.SIGINT)
+            return real_manifest(*a, **k)
 
-    monkeypatch.setattr(osm, "update_manifest", ctrl_c_then_manifest)
+        monkeypatch.setattr(osm, "update_manifest", ctrl_c_then_manifest)
+    else:  # ... or once they all are, before headlens has returned
+        real_set = osm.output_set
+
+        @contextmanager
+        def then_ctrl_c(*a, **k):
+            with real_set(*a, **k) as s:
+                yield s
+            signal.raise_signal(signal.SIGINT)
+
+        monkeypatch.setattr(osm, "output_set", then_ctrl_c)
     out = tmp_path / "t"
     capsys.readouterr()
     code = main(["toy", "create", "--out", f"{out}/", "--layers", "1", "--heads", "2", "--head-dim", "4",

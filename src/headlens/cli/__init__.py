@@ -148,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 code = 2
             else:
                 code = _run(args, argv)
+                late = interrupts.late()  # came after the files were in place: they stopped nothing
+                if late:
+                    code = _report(args, interrupts.AfterWriting(late[0]))
     except BaseException as exc:  # noqa: BLE001 (_report re-raises what it does not report)
         if program:
             interrupts.ignore_from_now()

@@ -1,9 +1,11 @@
 """SIGINT and SIGTERM stop a command the same way: its output set rolls back, one line, exit 128 + the signal number.
 
-Ctrl-C raises ``KeyboardInterrupt`` in the main thread; :func:`install` makes SIGTERM raise :class:`Terminated`, a
-``KeyboardInterrupt`` too, so every cleanup written for one serves both. :func:`held` holds both back while a step
-that must not be cut in half runs (renaming an output set's files into place, rolling one back): the caller decides
-what a signal that came meanwhile means (after a commit: :class:`AfterWriting`, every file is in place).
+Under :func:`install` (the CLI's ``main``) Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM :class:`Terminated`, a
+``KeyboardInterrupt`` too, so every cleanup written for one serves both; once the command's files are all in place
+(:func:`files_complete`, said by the output set after its commit) a signal no longer stops anything: it is kept
+(:func:`late`) for the CLI to report. :func:`held` holds both back while a step that must not be cut in half runs
+(renaming an output set's files into place, rolling one back): the caller decides what a signal that came meanwhile
+means (after a commit: :class:`AfterWriting`, every file is in place).
 """
 
 from __future__ import annotations
@@ -40,8 +42,14 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+_STATE: dict = {"complete": False, "late": []}
+
+
+def _command_handler(signum, frame) -> None:
+    if _STATE["complete"]:  # nothing left to stop: the files are in place
+        _STATE["late"].append(signum)
+        return
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _restore(previous: dict) -> None:
@@ -50,12 +58,30 @@ def _restore(previous: dict) -> None:
 
 
 def install() -> Callable[[], None]:
-    """Make SIGTERM raise :class:`Terminated` (main thread only; elsewhere nothing changes); returns a function that
-    puts the previous handlers back."""
+    """Make SIGINT raise KeyboardInterrupt and SIGTERM :class:`Terminated` until :func:`files_complete`, then keep
+    them for :func:`late` (main thread only; elsewhere nothing changes). Returns a function that puts the previous
+    handlers back."""
     if not _main_thread():
         return lambda: None
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
-    return lambda: _restore(previous)
+    _STATE.update(complete=False, late=[])
+    previous = {s: signal.signal(s, _command_handler) for s in SIGNALS}
+
+    def restore() -> None:
+        _restore(previous)
+        _STATE.update(complete=False, late=[])
+
+    return restore
+
+
+def files_complete() -> None:
+    """Say that every file of the running command is in place: under :func:`install`, a signal from now on is kept
+    for :func:`late` instead of stopping the command."""
+    _STATE["complete"] = True
+
+
+def late() -> list[int]:
+    """The signals that came after :func:`files_complete`, in order."""
+    return list(_STATE["late"])
 
 
 @contextmanager

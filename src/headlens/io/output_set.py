@@ -278,6 +278,7 @@ def output_set(command: str, dirs: Iterable[str | os.PathLike], argv: str = "") 
             except BaseException:
                 s.rollback()
                 raise
+            interrupts.files_complete()
             ended = True
             end()
         if caught:
