@@ -138,6 +138,12 @@ CASES: list[tuple[str, list[str], str]] = [
      "has 1200 tokens but the model takes at most 128"),
     ("compress", ["--save-model", "{dir}/new"], "--save-model writes one configuration, this run has 6"),
     ("compress", ["--save-model", "{file}", "--k", "8", "--latent", "plain"], "already exists"),
+    ("compress", ["--save-model", "{file}/model", "--k", "8", "--latent", "plain"],
+     "--save-model {file}/model: cannot create output directory"),
+    ("compress", ["--save-model", "{dir}/m", "--out-dir", "{dir}/m/report", "--k", "8", "--latent", "plain"],
+     "would also hold the command's other files"),
+    ("compress", ["--save-model", "{dir}/m", "--out-dir", "{dir}/m", "--k", "8", "--latent", "plain"],
+     "give it a directory of its own"),
     ("compress", ["--latent", "fancy"], "invalid choice"),
     ("compress", ["--kv-bytes", "0"], "--kv-bytes 0"),
     ("compress", ["--layers", "6"], "out of range"),
@@ -254,6 +260,6 @@ def test_bad_input_is_one_line_and_leaves_nothing(inputs, capsys, tmp_path, monk
     assert code == 2, (code, out, err)
     assert "Traceback" not in err and len(lines) == 1, err
     assert re.match(rf"headlens {cmd}( \w+)?: error: ", lines[0]), lines[0]
-    assert needle in lines[0], lines[0]
+    assert needle.format(**inputs) in lines[0], lines[0]
     assert _files(work) == set(), _files(work)  # no output directory, no file, no temporary, no lock
     assert _files(Path(inputs["qwen3"]).parent.parent) == before  # nothing written next to the inputs

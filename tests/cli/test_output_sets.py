@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,225 @@ def test_toy_run_latent_dim_message_matches_ov(capsys, tmp_path):
     assert main(["toy", "run", "--out-dir", str(tmp_path), "--head-dim", "16", "--latent-dim", "99"]) == 2
     assert _err_line(capsys) == ("headlens toy: error: --latent-dim 99 is above the toy's head_dim (16): "
                                  "choose 1..16")
+
+
+# ---------------------------------------------------------------------------------- real processes, compress
+
+
+def _headlens(*argv: str, script: str | None = None) -> subprocess.Popen:
+    """``headlens ARGV`` as its own process (or ``script`` run as the program with ARGV), sources as this test's."""
+    cmd = [sys.executable, "-m", "headlens", *argv] if script is None else [sys.executable, "-c", script, *argv]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def _compress(tmp_path: Path, k: int) -> list[str]:
+    """A small compress run of tiny-lm: one layer, plain latents of size ``k``, two eval texts."""
+    from headlens.io.embedded import default_texts
+
+    texts = tmp_path / "eval.txt"
+    if not texts.exists():
+        texts.write_text("\n".join(default_texts("tiny-lm")[1].read_text().splitlines()[:2]) + "\n")
+    return ["compress", "--model", "tiny-lm", "--layers", "0", "--latent", "plain", "--k", str(k), "--eval", str(texts)]
+
+
+def _finish(runs: dict) -> dict:
+    """{key: (returncode, stdout, stderr)} of processes started together."""
+    return {key: (p.wait(timeout=600), *p.communicate()) for key, p in runs.items()}
+
+
+def _winner(done: dict, runs: dict) -> tuple:
+    """(winning key, losing key): exactly one run exits 0, the other 2 with one line naming the winner."""
+    assert sorted(rc for rc, _, _ in done.values()) == [0, 2], {k: (rc, err[-2000:]) for k, (rc, _, err) in done.items()}
+    win = next(k for k, (rc, _, _) in done.items() if rc == 0)
+    lose = next(k for k in done if k != win)
+    err = done[lose][2].strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("headlens compress: error: output directory ") and f"is in use by pid {runs[win].pid}" in err
+    return win, lose
+
+
+# Runs headlens as the program, waiting for a line on stdin before it loads the model and computes.
+WAIT_THEN_COMPUTE = """
+import sys
+import headlens.compress.run as run
+
+real = run.run_compress
+
+def wait_then_run(*a, **k):
+    sys.stdin.readline()
+    return real(*a, **k)
+
+run.run_compress = wait_then_run
+from headlens.cli import main
+sys.argv = ["headlens", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_two_compress_runs_into_one_out_dir_started_together_one_refuses(tmp_path):
+    out = tmp_path / "out"
+    args = {k: [*_compress(tmp_path, k), "--out-dir", str(out), "--save-model", str(tmp_path / f"model{k}")]
+            for k in (8, 16)}
+    # the k=16 run holds before its computation until the k=8 run has ended: a lock taken only to write would let
+    # both finish (the second replacing the first's files); one taken at the start lets exactly one run
+    runs = {8: _headlens(*args[8]), 16: _headlens(*args[16], script=WAIT_THEN_COMPUTE)}
+    done = {8: (runs[8].wait(timeout=600), *runs[8].communicate())}
+    out16, err16 = runs[16].communicate(input="\n", timeout=600)  # go on, if it holds the lock
+    done[16] = (runs[16].returncode, out16, err16)
+    win, lose = _winner(done, runs)
+    # the directory holds the winner's set, whole: its manifest lists exactly the files there, all from its run
+    summary = json.loads((out / "compress_summary.json").read_text())
+    assert [c["name"] for c in summary["configurations"]] == [f"plain k={win}"]
+    (entry,) = json.loads((out / osm.MANIFEST).read_text())["sets"].values()
+    assert f"--k {win} " in entry["command"] and sorted(entry["files"]) == sorted(
+        p.name for p in out.iterdir() if p.name != osm.MANIFEST)
+    plan = json.loads((tmp_path / f"model{win}" / "headlens_latent.json").read_text())
+    assert plan["info"]["configuration"] == f"plain k={win}"
+    assert not (tmp_path / f"model{lose}").exists() and _leftovers(tmp_path) == []
+
+
+def test_two_runs_saving_one_model_directory_one_refuses(tmp_path):
+    model = tmp_path / "model"
+    runs = {k: _headlens(*_compress(tmp_path, k), "--out-dir", str(tmp_path / f"out{k}"), "--save-model", str(model))
+            for k in (8, 16)}
+    win, lose = _winner(_finish(runs), runs)
+    assert json.loads((model / "headlens_latent.json").read_text())["info"]["configuration"] == f"plain k={win}"
+    assert sorted(p.name for p in model.iterdir()) == sorted([
+        osm.MANIFEST, "config.json", "generation_config.json", "headlens_latent.json", "latent_factors.safetensors",
+        "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
+    assert (tmp_path / f"out{win}" / "compress_summary.json").exists() and not (tmp_path / f"out{lose}").exists()
+    assert _leftovers(tmp_path) == []
+
+
+# Runs headlens as the program, stopping inside --save-model once the compressed model is in its staging directory.
+SAVE_AND_WAIT = """
+import sys, time
+import headlens.compress.apply as apply
+
+def wait(*a, **k):
+    print("saving", flush=True)
+    time.sleep(600)
+
+apply.save_latent_factors = wait
+from headlens.cli import main
+sys.argv = ["headlens", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def _wait_for_saving(proc: subprocess.Popen) -> None:
+    for line in proc.stdout:
+        if line.strip() == "saving":
+            return
+    raise AssertionError(f"ended before saving: {proc.wait()} {proc.stderr.read()[-2000:]}")
+
+
+# Stages a model directory as compress --save-model does (io.files.atomic_dir in an output set), then waits.
+STAGE_AND_WAIT = """
+import sys, time
+from headlens.io.files import atomic_dir
+from headlens.io.output_set import output_set
+with output_set("compress", [sys.argv[1]]), atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "model.safetensors").write_bytes(bytes(1 << 20))
+    print("saving", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_sigterm_during_save_model_rolls_back_and_a_killed_runs_staging_is_removed(tmp_path):
+    model = tmp_path / "model"
+    killed = _headlens(str(model), script=STAGE_AND_WAIT)
+    _wait_for_saving(killed)
+    killed.kill()  # SIGKILL: nothing of it runs again
+    killed.wait()
+    stale = json.loads((model / osm.LOCK).read_text())
+    staging = [p for p in model.iterdir() if p.name != osm.LOCK]
+    assert stale["pid"] == killed.pid and len(staging) == 1 and staging[0].name.startswith(f".headlens-{stale['id']}")
+    assert (staging[0] / "model.safetensors").stat().st_size == 1 << 20
+
+    term = _headlens(*_compress(tmp_path, 8), "--out-dir", str(tmp_path / "out"), "--save-model", str(model),
+                     script=SAVE_AND_WAIT)
+    _wait_for_saving(term)
+    # the compress run took the dead run's lock over and removed its staging directory; its own holds the model
+    lock = json.loads((model / osm.LOCK).read_text())
+    assert lock["pid"] == term.pid and not staging[0].exists()
+    ours = [p for p in model.iterdir() if p.name != osm.LOCK]
+    assert ours and all(p.name.startswith(f".headlens-{lock['id']}") for p in ours)
+    assert any(p.name.endswith(".model.safetensors") or (p / "model.safetensors").exists() for p in ours)
+    term.send_signal(signal.SIGTERM)
+    out, err = term.communicate(timeout=120)
+    assert term.returncode == 143, (term.returncode, err[-2000:])
+    assert err.strip().splitlines() == ["headlens: terminated"], err
+    assert list(model.iterdir()) == [] and not (tmp_path / "out").exists()  # rolled back: no staging, no lock
+
+
+def test_save_model_in_a_read_only_place_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    import headlens.compress.run as run
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere whatever the mode: make the permission check see the mode
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: access(p, mode, **k) and not (
+            mode & os.W_OK and Path(p).resolve() == ro.resolve()))
+
+    def computed(*a, **k):
+        raise AssertionError("the model was loaded and measured before the bad --save-model was refused")
+
+    monkeypatch.setattr(run, "run_compress", computed)
+    capsys.readouterr()
+    code = main([*_compress(tmp_path, 8), "--out-dir", str(tmp_path / "out"), "--save-model", str(ro / "model")])
+    err = _err_line(capsys)
+    assert code == 2 and err.startswith(f"headlens compress: error: --save-model {ro}/model: ") and "not writable" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.txt", "ro"] and list(ro.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------- a signal after the files
+
+
+@pytest.mark.parametrize("when", ["during the commit", "after the commit"])
+def test_ctrl_c_once_the_files_are_written_stops_nothing_and_says_so(capsys, tmp_path, monkeypatch, when):
+    if when == "during the commit":  # Ctrl-C lands while the files are being renamed into place
+        real_manifest = osm.update_manifest
+
+        def ctrl_c_then_manifest(*a, **k):
+            signal.raise_signal(signal.SIGINT)
+            return real_manifest(*a, **k)
+
+        monkeypatch.setattr(osm, "update_manifest", ctrl_c_then_manifest)
+    else:  # ... or once they all are, before headlens has returned
+        real_set = osm.output_set
+
+        @contextmanager
+        def then_ctrl_c(*a, **k):
+            with real_set(*a, **k) as s:
+                yield s
+            signal.raise_signal(signal.SIGINT)
+
+        monkeypatch.setattr(osm, "output_set", then_ctrl_c)
+    out = tmp_path / "t"
+    capsys.readouterr()
+    code = main(["toy", "create", "--out", f"{out}/", "--layers", "1", "--heads", "2", "--head-dim", "4",
+                 "--d-model", "8"])
+    assert code == 130
+    assert _err_line(capsys) == "headlens: interrupted after writing: every file of this run is complete"
+    assert sorted(p.name for p in out.iterdir()) == [osm.MANIFEST, "toy.safetensors", "toy.safetensors.toy.json"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_ctrl_c_as_the_program_ends_is_not_a_traceback_nor_a_silent_death(tmp_path):
+    out = tmp_path / "t"
+    proc = _headlens("toy", "create", "--out", f"{out}/", "--layers", "1", "--heads", "2", "--head-dim", "4",
+                     "--d-model", "8")
+    while not (out / osm.MANIFEST).exists():  # the set is committed: the command is ending
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 130:  # still in the command: it says so, in one line
+        assert err.strip().splitlines() == ["headlens: interrupted after writing: every file of this run is complete"]
+    else:  # shutting down: the outcome stands
+        assert proc.returncode == 0 and err.strip() == "", (proc.returncode, err)
+    assert sorted(p.name for p in out.iterdir()) == [osm.MANIFEST, "toy.safetensors", "toy.safetensors.toy.json"]

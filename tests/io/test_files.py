@@ -156,9 +156,17 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     (tmp_path / osm.LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "id": "abc",
                                                  "command": "headlens sphere", "started": "then"}))
     (tmp_path / ".headlens-abc.tokens.gif").write_text("staged by the dead run")
+    (tmp_path / ".headlens-abc~x1" / "sub").mkdir(parents=True)  # its staging directory (atomic_dir) ...
+    (tmp_path / ".headlens-abc~x1" / "sub" / "model.safetensors").write_text("half a model")
+    (tmp_path / "parts").mkdir()  # ... and a file it was writing in a subdirectory
+    (tmp_path / "parts" / ".headlens-abc~y.tmp").write_text("half a part")
+    (tmp_path / ".headlens-abd.other").write_text("not the dead run's: its id differs")
     with osm.output_set("sphere", [tmp_path]):
         write_json(tmp_path / "sphere.json", 1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [osm.MANIFEST, "sphere.json"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        ".headlens-abd.other", osm.MANIFEST, "parts", "sphere.json"]
+    (tmp_path / ".headlens-abd.other").unlink()
+    (tmp_path / "parts").rmdir()
     (tmp_path / osm.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "id": "x"}))
     with pytest.raises(HeadlensError, match="in use by pid 1 on elsewhere"):
         with osm.output_set("sphere", [tmp_path]):
@@ -186,3 +194,67 @@ def test_worker_processes_stage_into_the_set(tmp_path):
         p.join()
     assert json.loads((tmp_path / "m.png").read_text()) == "from a worker"
     assert sorted(p.name for p in tmp_path.iterdir()) == [osm.MANIFEST, "m.png"]
+
+
+def test_every_output_directory_is_locked_when_the_set_opens(tmp_path):
+    out, other = tmp_path / "out", tmp_path / "new" / "other"
+    with osm.output_set("compress", [out, other]) as s:
+        # before anything is written: a second run refuses now, not when both write at the end
+        for d in (out, other):
+            assert json.loads((d / osm.LOCK).read_text())["id"] == s.id
+        with pytest.raises(HeadlensError, match="is in use by pid"):
+            osm.acquire_lock(out, {"pid": os.getpid() + 1, "host": socket.gethostname(), "id": "f00"})
+    assert list(tmp_path.iterdir()) == []  # nothing written: the directories it created go again
+
+
+def test_atomic_dir_joins_the_set_and_follows_the_umask(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from headlens.io.files import atomic_dir
+
+    previous = os.umask(0o027)
+    try:
+        with osm.output_set("compress", [tmp_path / "out"]):
+            write_json(tmp_path / "out" / "summary.json", 1)
+            with atomic_dir(tmp_path / "model") as tmp:
+                assert tmp.parent == tmp_path / "model"  # staged inside the locked directory
+                save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))  # safetensors writes 0600
+                write_json(tmp / "config.json", {"a": 1})  # written at once: the staging directory is staged whole
+                (tmp / "sub").mkdir()
+                (tmp / "sub" / "x.txt").write_text("x")
+            assert not (tmp_path / "model" / "config.json").exists()  # staged until the command's set commits
+            assert json.loads((tmp_path / "model" / osm.LOCK).read_text())["pid"] == os.getpid()
+        modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+        files = ["model/config.json", "model/model.safetensors", "model/sub/x.txt", "out/summary.json"]
+        files += [f"{d}/{osm.MANIFEST}" for d in ("model", "model/sub", "out")]
+        assert modes == {**{f: 0o640 for f in files}, "model": 0o750, "model/sub": 0o750, "out": 0o750}
+        with pytest.raises(RuntimeError):  # a failure leaves no staging directory and no directory it created
+            with atomic_dir(tmp_path / "model2") as tmp:
+                (tmp / "model.safetensors").write_text("half")
+                raise RuntimeError
+        assert not (tmp_path / "model2").exists()
+    finally:
+        os.umask(previous)
+
+
+def test_a_signal_during_the_commit_lets_it_finish(tmp_path, monkeypatch):
+    import signal
+
+    from headlens.io import interrupts
+
+    real = osm.update_manifest
+
+    def signal_then_manifest(*a, **k):
+        signal.raise_signal(signal.SIGINT)  # held back: the renames go on
+        return real(*a, **k)
+
+    monkeypatch.setattr(osm, "update_manifest", signal_then_manifest)
+    with pytest.raises(interrupts.AfterWriting) as exc:
+        with osm.output_set("cmd", [tmp_path / "a", tmp_path / "b"]):
+            write_json(tmp_path / "a" / "x.json", 1)
+            write_json(tmp_path / "b" / "y.json", 2)
+    assert exc.value.signum == signal.SIGINT
+    assert _tree(tmp_path) == {"a/x.json": b"1\n", "b/y.json": b"2\n", f"a/{osm.MANIFEST}": _tree(tmp_path)[
+        f"a/{osm.MANIFEST}"], f"b/{osm.MANIFEST}": _tree(tmp_path)[f"b/{osm.MANIFEST}"]}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back

@@ -128,7 +128,7 @@ def _n_saved(cfg) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from headlens.compress.plan import LATENT_KINDS
     from headlens.compress.run import CompressConfig, run_compress
-    from headlens.io.files import check_writable_dir
+    from headlens.io.files import check_new_dir, check_writable_dir
     from headlens.report.compress import header_line, preload_in_background, result_lines, summary, write_report
 
     cfg = CompressConfig(
@@ -144,8 +144,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if _n_saved(cfg) != 1:
             raise HeadlensError(f"--save-model writes one configuration, this run has {_n_saved(cfg)}: give one "
                                 "--target-error/--target-energy/--k value and --latent plain or data-aware")
-        if save.exists() and (not save.is_dir() or any(save.iterdir())):
-            raise HeadlensError(f"--save-model {save} already exists and is not an empty directory: choose a new one")
+        check_new_dir(save, "save_model")  # again, under the lock this run holds since it started
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
     preload_in_background()  # the report's imports overlap loading and the eval passes

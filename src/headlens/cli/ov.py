@@ -35,7 +35,13 @@ def add_parser(sub) -> None:
     ov.add_argument("--probe-tokens", type=int_arg, default=2048, metavar="N",
                     help="Gaussian probe tokens for cache_error when there is no prompt (default 2048)")
     ov.add_argument("--seed", type=int, default=0, help="seed of the Gaussian probes (default 0)")
-    ov.set_defaults(func=cmd_ov)
+    ov.set_defaults(func=cmd_ov, writes_out_dir=writes_out_dir)
+
+
+def writes_out_dir(args: argparse.Namespace) -> bool:
+    """Whether this run writes into ``--out-dir`` (and so locks it): a plot, heatmap or JSON at its default place.
+    Without them ``ov`` only prints, and runs side by side with anything."""
+    return bool(((args.plot or args.heatmap) and not args.plot_path) or args.json == "")
 
 
 def cmd_ov(args: argparse.Namespace) -> int:

@@ -77,6 +77,22 @@ def _read(param: torch.Tensor, block) -> torch.Tensor:
     return (t.T if block.transposed else t).to("cpu", torch.float64)
 
 
+# Float types a checkpoint stores its weights in, and which of them are 16-bit: rounding to those is visible in what
+# compress measures (2^-8 relative for bfloat16), rounding to 32 bits (2^-24) is not.
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def stored_dtype(ck, name: str) -> torch.dtype | None:
+    """The float type the checkpoint ``ck`` stores tensor ``name`` in; None when it has no such tensor or stores it
+    in another form (integers, fp8: quantized)."""
+    try:
+        dtype = ck.tensors.dtype(name)
+    except (HeadlensError, KeyError):
+        return None
+    return dtype if dtype in STORAGE_DTYPES else None
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     """How far the model's value weights may sit from the plan's (rounded to ``dtype``) and still be the same."""
     return max(1e-6, float(torch.finfo(dtype).eps)) if dtype.is_floating_point else 1e-6
@@ -134,7 +150,11 @@ def prepare_plans(model: nn.Module, ck, plans: Sequence[LayerPlan]) -> Prepared:
     """The new value blocks ``W_V^g Q_g`` of every planned layer of ``model`` (loaded from ``ck``), in the
     parameter's dtype and device, checked against the plans: ``Q_g`` is applied to the model's own weights,
     ``(W_V^g B_g) P_g`` in float64, and those weights must be the ones the plan was fitted on (``W_V^g B_g`` equal
-    to the plan's up-projection, to the model's precision), else HeadlensError. Nothing is written."""
+    to the plan's up-projection, to the model's precision), else HeadlensError. Nothing is written.
+
+    Where ``ck`` stores the value weights in 16 bits (bfloat16, float16) and the model computes in more, the blocks
+    are rounded to the stored type first: the model then holds what :func:`save_compressed_model` writes, as it
+    holds the stored numbers of every other weight, so what is measured is the checkpoint that is saved."""
     from headlens.residual.modules import count_layers
 
     n = count_layers(model, ck.spec)
@@ -149,6 +169,8 @@ def prepare_plans(model: nn.Module, ck, plans: Sequence[LayerPlan]) -> Prepared:
         if plan.layer in writes:
             raise HeadlensError(f"layer {plan.layer} is planned twice")
         vt = value_tensor(model, ck, plan.layer)
+        stored = stored_dtype(ck, vt.checkpoint_name)
+        rounding = stored if stored in HALF_DTYPES and vt.param.element_size() > stored.itemsize else None
         new = []
         for lat in plan.groups:
             block = vt.blocks[lat.kv_head]
@@ -159,6 +181,8 @@ def prepare_plans(model: nn.Module, ck, plans: Sequence[LayerPlan]) -> Prepared:
                 raise HeadlensError(f"layer {plan.layer}, kv group {lat.kv_head}: the model's value weights "
                                     f"({vt.name}) are not those the latent was fitted on")
             value = up @ lat.down
+            if rounding is not None:
+                value = value.to(rounding)
             new.append((vt.param, block, (value.T if block.transposed else value).to(vt.param.device,
                                                                                      vt.param.dtype)))
         writes[plan.layer], names[plan.layer] = new, vt.name
@@ -256,45 +280,108 @@ def load_latent_factors(path: str | os.PathLike) -> tuple[dict, dict[tuple[int, 
 LATENT_PLAN_FILE = "headlens_latent.json"
 
 
+def _storage_plan(model: nn.Module, ck) -> tuple[dict[str, torch.dtype], torch.dtype]:
+    """({model tensor name: the float type to save it in}, the checkpoint's main float type): each tensor in the type
+    the checkpoint stores it in, found by name (the model's and the checkpoint's names may differ by a prefix: the
+    longest common dotted ending that names one type decides), else the type most of the checkpoint's numbers are
+    stored in."""
+    stored = {n: dt for n in ck.tensors.keys() if (dt := stored_dtype(ck, n)) is not None}
+    counts: dict[torch.dtype, int] = {}
+    endings: dict[str, set] = {}
+    for name, dt in stored.items():
+        size = 1
+        for x in ck.tensors.shape(name):
+            size *= x
+        counts[dt] = counts.get(dt, 0) + size
+        parts = name.split(".")
+        for i in range(len(parts)):
+            endings.setdefault(".".join(parts[i:]), set()).add(dt)
+    main = max(counts, key=counts.get) if counts else torch.float32  # type: ignore[arg-type]
+    plan = {}
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        parts, want = name.split("."), main
+        for i in range(len(parts)):
+            found = endings.get(".".join(parts[i:]))
+            if found:
+                want = next(iter(found)) if len(found) == 1 else main
+                break
+        plan[name] = want
+    return plan, main
+
+
+def _stored_state_dict(model: nn.Module, plan: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with each float tensor in its storage type (``plan``); tensors that share memory (tied
+    embeddings) still share it, so ``save_pretrained`` writes them once."""
+    out: dict[str, torch.Tensor] = {}
+    cast: dict[tuple, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        want = plan.get(name, t.dtype)
+        if t.dtype == want:
+            out[name] = t
+            continue
+        key = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), want)
+        if key not in cast:
+            cast[key] = t.to(want)
+        out[name] = cast[key]
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def save_compressed_model(model: nn.Module, ck, plans: Sequence[LayerPlan], out_dir: str | os.PathLike,
                           tokenizer=None, info: dict | None = None) -> Path:
     """Write the compressed model as an ordinary HuggingFace directory at ``out_dir``: the same architecture with
     every planned layer's value weights replaced by ``W_V^g Q_g`` (``save_pretrained``, safetensors), the tokenizer
     when given, ``headlens_latent.json`` (the plan: per layer the latent kind, k_g per kv group and the predicted
-    errors, plus ``info``) and ``latent_factors.safetensors`` (P_g and W_V^g B_g, the matrices an MLA-style cache
-    stores and multiplies). The directory appears whole or not at all (written next to it, then renamed); ``model``
-    is left as it was. Returns the directory."""
-    import shutil
-    import tempfile
+    errors, ``storage_dtype`` and ``compute_dtype``, plus ``info``) and ``latent_factors.safetensors`` (P_g and
+    W_V^g B_g, the matrices an MLA-style cache stores and multiplies).
+
+    Every tensor is saved in the type the checkpoint stores it in (a bfloat16 checkpoint stays bfloat16, whatever
+    the model computed in), and config.json's ``dtype`` is the checkpoint's, so a plain ``from_pretrained`` runs it
+    as it runs the original. ``out_dir`` must be new or empty; it is locked from the start and its files appear
+    together, with the rest of the command's output set, or not at all (:func:`headlens.io.files.atomic_dir`);
+    ``model`` is left as it was. Returns the directory."""
+    from headlens.io.files import atomic_dir, check_new_dir
+    from headlens.io.output_set import output_set
+    from headlens.io.source import quiet_transformers
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise HeadlensError(f"`save_model` {out} already exists and is not an empty directory: choose a new one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        from headlens.io.source import quiet_transformers
-
-        with compressed(model, ck, plans), quiet_transformers():  # headlens's output, not transformers' bars
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-        save_latent_factors(plans, tmp / "latent_factors.safetensors")
-        record = {
-            "format": "headlens-latent-plan/1",
-            "source": {"name": ck.name, "source": ck.source},
-            "construction": "v = W_V^g Q_g x (+ value bias), Q_g = B_g P_g of rank k_g; keys at full size",
-            "layers": [{"layer": p.layer, "kind": p.kind, "k": list(p.ks),
-                        "predicted_error": float(p.predicted_error),
-                        "groups": [{"kv_head": g.kv_head, "k": int(g.k), "predicted_error": float(g.predicted_error)}
-                                   for g in p.groups]} for p in plans],
-            **({"info": info} if info else {}),
-        }
-        (tmp / LATENT_PLAN_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_new_dir(out, "save_model")
+    with output_set("compress", [out]):
+        check_new_dir(out, "save_model")  # again, now that this run holds its lock
+        with atomic_dir(out, "compress") as tmp:
+            storage, main = _storage_plan(model, ck)
+            values = [value_tensor(model, ck, p.layer) for p in plans]
+            compute = values[0].param.dtype if values else main
+            with compressed(model, ck, plans), quiet_transformers():  # headlens's output, not transformers' bars
+                state = _stored_state_dict(model, storage)
+                model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+                del state
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            original = (ck.config or {}).get("dtype") or (ck.config or {}).get("torch_dtype")
+            config["dtype"] = original if isinstance(original, str) else _dtype_name(main)
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_latent_factors(plans, tmp / "latent_factors.safetensors")
+            value_dtype = storage.get(values[0].name, main) if values else main
+            record = {
+                "format": "headlens-latent-plan/1",
+                "source": {"name": ck.name, "source": ck.source},
+                "construction": "v = W_V^g Q_g x (+ value bias), Q_g = B_g P_g of rank k_g; keys at full size",
+                "storage_dtype": _dtype_name(value_dtype),  # what the value weights (and the checkpoint) are saved in
+                "compute_dtype": _dtype_name(compute),  # what the run computed and measured in
+                "layers": [{"layer": p.layer, "kind": p.kind, "k": list(p.ks),
+                            "predicted_error": float(p.predicted_error),
+                            "groups": [{"kv_head": g.kv_head, "k": int(g.k),
+                                        "predicted_error": float(g.predicted_error)} for g in p.groups]}
+                           for p in plans],
+                **({"info": info} if info else {}),
+            }
+            (tmp / LATENT_PLAN_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return out

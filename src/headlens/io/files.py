@@ -1,13 +1,15 @@
 """Atomic file writes: nothing half-written survives an error or an interrupt.
 
-Every file headlens writes goes through :func:`atomic_path`; inside a command it is staged and committed with
-the command's whole set (:mod:`headlens.io.output_set`).
+Every file headlens writes goes through :func:`atomic_path` (a directory written whole through :func:`atomic_dir`);
+inside a command it is staged and committed with the command's whole set (:mod:`headlens.io.output_set`). Every
+output gets the mode a plain open() or mkdir() gives: the user's umask decides.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,12 +93,12 @@ def atomic_path(path: str | os.PathLike, immediate: bool = False) -> Iterator[Pa
     prefix = out.temp_prefix() if out is not None else f".{final.name}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600 and some writers (safetensors) make their file 0600 again: give the file the mode a
+        # plain open() would, once it is written
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         if out is None or immediate:
             os.replace(tmp_path, final)
         else:
@@ -106,6 +108,48 @@ def atomic_path(path: str | os.PathLike, immediate: bool = False) -> Iterator[Pa
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, command: str = "headlens") -> Iterator[Path]:
+    """Yield an empty staging directory whose files become those of the directory ``path`` when the block
+    succeeds: staged and committed with the rest of the command's output set, or with a set of their own (named
+    ``command`` in the manifest) outside a command. ``path`` is locked from the start; the staging directory lies
+    inside it under the set's name, so a failure, an interrupt, or a later run that takes over the lock of a
+    killed one removes it. The files get the user's umask."""
+    from headlens.io import output_set
+
+    final = Path(path)
+    with output_set.output_set(command, [final]) as s:
+        s.prepare(final)
+        tmp = Path(tempfile.mkdtemp(prefix=s.temp_prefix(), dir=final))
+        try:
+            yield tmp
+            s.stage_tree(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_new_dir(path: str | os.PathLike, param: str) -> None:
+    """Fail, creating nothing, unless ``path`` (the parameter ``param``) is absent or an empty directory (headlens's
+    own lock and staged files aside: another run's lock is reported when it is taken) in a writable place."""
+    from headlens.io.output_set import own_entry
+
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or any(not own_entry(c.name) for c in p.iterdir())):
+        raise HeadlensError(f"`{param}` {os.fspath(path)} already exists and is not an empty directory: choose a new "
+                            "one")
+    try:
+        check_writable_dir(p)
+    except HeadlensError as exc:
+        raise HeadlensError(f"`{param}` {os.fspath(path)}: {exc}") from None
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def readable(path: str | os.PathLike) -> Path:

@@ -7,9 +7,10 @@ directories of ``--json``/``--plot-path``, toy's ``--out``). While it is open:
   ``.headlens-<id>.<name>`` next to the target, and the renames onto the final names happen at the end of the
   command (:meth:`OutputSet.commit`). On an error or an interrupt the staged files are removed
   (:meth:`OutputSet.rollback`): the previous set stays whole and no temporary file is left behind.
-- The first write into a directory takes its lock, ``.headlens.lock`` (pid, host, command, start time); a
-  second command writing there meanwhile refuses with one line naming the holder. A lock left by a process
-  that is gone (same host, dead pid) is taken over, with its staged files.
+- Every output directory is locked when the command starts, before it computes anything: ``.headlens.lock``
+  (pid, host, command, start time, the set's id). A second command writing there meanwhile refuses with one line
+  naming the holder. A lock left by a process that is gone (same host, dead pid) is taken over, and every staged
+  file and staging directory of that process's set (named by its id) is removed with it.
 - On commit, ``.headlens-manifest.json`` in each directory records the set (keyed by the command and the
   common stem of the file names, e.g. ``ov:all-MiniLM-L6-v2_layer3_head5``, ``sweep:sweep``, ``sphere:``),
   and the files of that command's previous set with the same key (or one extending it at a ``_``/``.``/``-``)
@@ -19,23 +20,29 @@ directories of ``--json``/``--plot-path``, toy's ``--out``). While it is open:
   (:data:`ENV`): they stage under the same id, and the commit collects their files by name.
 
 Files the command must keep at once (the sweep's resume parts) are written with ``atomic_path(...,
-immediate=True)``: renamed at once, under the directory's lock.
+immediate=True)``: renamed at once, under the directory's lock. A directory written whole (``compress
+--save-model``) goes through :func:`headlens.io.files.atomic_dir`: written into a staging directory of the set
+inside it, its files staged (:meth:`OutputSet.stage_tree`) and committed with the rest.
+
+The renames of a commit, and a rollback, run with SIGINT and SIGTERM held back (:mod:`headlens.io.interrupts`): a
+signal during a commit lets it finish and comes out as :class:`~headlens.io.interrupts.AfterWriting`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
-import signal
+import shutil
 import socket
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from headlens.errors import HeadlensError
+from headlens.io import interrupts
 
 LOCK = ".headlens.lock"
 MANIFEST = ".headlens-manifest.json"
@@ -66,9 +73,25 @@ class OutputSet:
     # ---------------------------------------------------------------------------------------- writing
 
     def covers(self, final: Path) -> bool:
-        """Whether ``final`` lies in (or under) one of the command's output directories."""
+        """Whether ``final`` lies in (or under) one of the command's output directories, and not in a staging
+        directory (whose files the set stages as a whole, :meth:`stage_tree`)."""
         parent = _resolved(final).parent
-        return any(parent == d or d in parent.parents for d in self.scope)
+        return (any(parent == d or d in parent.parents for d in self.scope)
+                and not any(part.startswith(PREFIX) for part in parent.parts))
+
+    def lock(self) -> None:
+        """Create and lock every output directory, now (see the module docstring)."""
+        for d in self.scope:
+            self.prepare(d)
+
+    def include(self, dirs: Iterable[str | os.PathLike]) -> None:
+        """Add ``dirs`` to the set's output directories and lock those not covered yet (a nested output set)."""
+        for d in (_resolved(Path(x)) for x in dirs):
+            if not self.covers(d / "_"):
+                self.scope = sorted({*self.scope, d})
+            self.prepare(d)
+        if self.owner and _ACTIVE is self:
+            os.environ[ENV] = self.env()
 
     def prepare(self, directory: Path) -> None:
         """Create ``directory`` (remembering what was created) and, in the owning process, take its lock."""
@@ -93,6 +116,26 @@ class OutputSet:
 
     def register(self, final: Path, staged: Path) -> None:
         self.staged[_resolved(final)] = staged
+
+    def stage_tree(self, tree: Path, final: Path) -> list[Path]:
+        """Stage every file under the directory ``tree`` as the same path under ``final`` (an output directory of
+        the set), with the mode a plain open() gives (the user's umask); returns the final paths. ``tree`` is left
+        without files."""
+        from headlens.io.files import current_umask
+
+        mode = 0o666 & ~current_umask()
+        done = []
+        for root, _, names in os.walk(tree):
+            target_dir = final / Path(root).relative_to(tree)
+            self.prepare(target_dir)
+            for name in sorted(names):
+                src, target = Path(root) / name, target_dir / name
+                os.chmod(src, mode)  # safetensors writes 0600, mkdtemp's directory 0700: outputs follow the umask
+                staged = self.stage_name(target)
+                os.replace(src, staged)
+                self.register(target, staged)
+                done.append(target)
+        return done
 
     def readable(self, final: Path) -> Path:
         """Where the current bytes of ``final`` are: its staged file when this set (or one of its worker processes,
@@ -121,27 +164,27 @@ class OutputSet:
         """Rename every staged file onto its final name, update the manifests; returns the final paths."""
         found = self._collect()
         for d in found:
-            self.prepare(d)  # a directory only workers wrote into is locked now
+            self.prepare(d)  # a directory only workers wrote into (under a locked one) is created now
         done: list[Path] = []
-        with _no_interrupt():
-            for d, pairs in found.items():
-                for staged, final in pairs:
-                    os.replace(staged, final)
-                    done.append(final)
-                update_manifest(d, self.command, [final.name for _, final in pairs], self.argv)
+        for d, pairs in found.items():
+            for staged, final in pairs:
+                os.replace(staged, final)
+                done.append(final)
+            update_manifest(d, self.command, [final.name for _, final in pairs], self.argv)
         self._remove_temps()
         return done
 
     def rollback(self) -> None:
-        """Remove every staged and half-written file of this set; the previous files stay as they were."""
+        """Remove every staged and half-written file (and staging directory) of this set; the previous files stay
+        as they were."""
         for d in self._dirs():
             for p in d.glob(f"{PREFIX}{self.id}*"):
-                p.unlink(missing_ok=True)
+                _remove(p)
 
     def _remove_temps(self) -> None:
         for d in self._dirs():
             for p in d.glob(f"{PREFIX}{self.id}~*"):
-                p.unlink(missing_ok=True)
+                _remove(p)
 
     def close(self) -> None:
         """Release the locks and remove the directories this set created that stayed empty."""
@@ -163,20 +206,18 @@ class OutputSet:
                            "scope": [str(d) for d in self.scope]})
 
 
-@contextmanager
-def _no_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C back while the renames run (in the main thread), then deliver it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[object] = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+def _remove(p: Path) -> None:
+    """Remove a staged file or a staging directory."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def own_entry(name: str) -> bool:
+    """Whether a directory entry is headlens's own bookkeeping (lock, manifest, staged files and directories)
+    rather than an output."""
+    return name in (LOCK, MANIFEST) or name.startswith(PREFIX)
 
 
 def active() -> OutputSet | None:
@@ -199,34 +240,53 @@ def active() -> OutputSet | None:
 
 @contextmanager
 def output_set(command: str, dirs: Iterable[str | os.PathLike], argv: str = "") -> Iterator[OutputSet]:
-    """Stage every file the block writes into ``dirs``; commit them together when the block succeeds, remove
-    them when it fails or is interrupted. Locks each directory at its first write (see the module docstring)."""
+    """Lock ``dirs`` now, stage every file the block writes into them; commit the files together when the block
+    succeeds, remove them when it fails or is interrupted (see the module docstring). Raises
+    :class:`~headlens.io.interrupts.AfterWriting` when a signal came during the commit, which it let finish.
+    Nested in another (a command calling another), the outer set takes ``dirs`` in."""
     global _ACTIVE
-    if _ACTIVE is not None:  # nested (a command calling another): the outer set covers it
+    if _ACTIVE is not None:
+        _ACTIVE.include(dirs)
         yield _ACTIVE
         return
     s = OutputSet(command, dirs, argv)
     previous_env = os.environ.get(ENV)
     _ACTIVE = s
     os.environ[ENV] = s.env()
-    try:
-        try:
-            yield s
-        except BaseException:
-            s.rollback()
-            raise
-        try:
-            s.commit()
-        except BaseException:
-            s.rollback()
-            raise
-    finally:
+
+    def end() -> None:
+        global _ACTIVE
         _ACTIVE = None
         if previous_env is None:
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = previous_env
         s.close()
+
+    ended = False
+    try:
+        s.lock()
+        try:
+            yield s
+        except BaseException:
+            with interrupts.held():
+                s.rollback()
+            raise
+        with interrupts.held() as caught:
+            try:
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+            interrupts.files_complete()
+            ended = True
+            end()
+        if caught:
+            raise interrupts.AfterWriting(caught[0])
+    finally:
+        if not ended:
+            with interrupts.held():
+                end()
 
 
 # ---------------------------------------------------------------------------------------------- locks
@@ -279,9 +339,10 @@ def acquire_lock(directory: Path, info: dict) -> Path:
                 time.sleep(0.05)
                 holder = _read_lock(path)
             if holder is not None and _is_stale(holder):
-                for p in directory.glob(f"{PREFIX}{holder.get('id', '')}*"):
-                    if holder.get("id"):
-                        p.unlink(missing_ok=True)
+                dead = str(holder.get("id", ""))
+                if re.fullmatch(r"[0-9a-f]+", dead):  # the dead set's staged files and staging directories
+                    for p in sorted(directory.rglob(f"{PREFIX}{dead}*"), key=lambda p: len(p.parts)):
+                        _remove(p)
                 path.unlink(missing_ok=True)
                 continue
             raise HeadlensError(f"output directory {directory} is in use by {describe_holder(holder)}: wait for it "
