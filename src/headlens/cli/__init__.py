@@ -11,14 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from headlens import __version__
-from headlens.cli.common import Parser
-from headlens.errors import HeadlensError, as_flags
-
-# Library parameters whose flag is not spelled --<name with dashes>, for every command and per command.
-FLAG_NAMES = {"ks": "--k"}
-COMMAND_FLAG_NAMES = {"toy": {"n_heads": "--heads", "n_kv_heads": "--kv-heads", "n_layers": "--layers",
-                              "kind": "--plant", "rank": "--plant-rank", "decay": "--plant-decay",
-                              "layers": "--depth"}}
+from headlens.cli.common import Parser, with_flags
+from headlens.errors import HeadlensError
 # Flags naming one output file, checked before the command runs (a directory or an unwritable place: exit 2).
 FILE_FLAGS = (("json", "--json"), ("plot_path", "--plot-path"))
 
@@ -83,8 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, argv)
     except HeadlensError as exc:
-        renames = {**FLAG_NAMES, **COMMAND_FLAG_NAMES.get(args.command, {})}
-        print(f"headlens {args.command}: error: {as_flags(str(exc), renames)}", file=sys.stderr)
+        print(f"headlens {args.command}: error: {with_flags(str(exc), args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("headlens: interrupted", file=sys.stderr)

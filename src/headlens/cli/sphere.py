@@ -57,12 +57,9 @@ def add_parser(sub) -> None:
 
 def read_prompt(args) -> str:
     if args.prompt_file:
-        try:
-            text = Path(args.prompt_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise HeadlensError(f"--prompt-file {args.prompt_file}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise HeadlensError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+        from headlens.io.files import read_text
+
+        text = read_text(args.prompt_file, "prompt_file")  # one prompt: the whole file, line ends as stored
     else:
         text = NOTEBOOK_PROMPT if args.prompt is None else args.prompt
     if not text.strip():
