@@ -320,6 +320,9 @@ def run_mla_sweep(source, layers: str | None = None, kv_bytes: int = 2,
     """Analyse the selected layers (``"0:4"``, ``"1,3"``, None: all) of the latent-attention checkpoint ``source``."""
     from headlens.selection import parse_layers
 
+    if source.device_map is not None:
+        raise HeadlensError("`device_map` places the modules of a loaded model, but the latent-attention sweep loads "
+                            "none (it reads each layer's tensors): leave it out")
     asked = source.placement.device
     if asked not in (None, "auto") and source.torch_device.type != "cpu":  # auto: the CPU, said in the output
         raise HeadlensError(f"`device` {asked}: the latent-attention sweep runs on the CPU only (its per-layer "

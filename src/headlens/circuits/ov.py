@@ -159,6 +159,9 @@ def analyze_head(source: ModelSource, cfg: OVConfig, checkpoint: Checkpoint | No
     Returns the :class:`OVResult`.
     """
     cfg.check()
+    if not cfg.prompt and source.device_map is not None:
+        raise HeadlensError("`device_map` places the modules of a loaded model, but without `prompt` the head is "
+                            "analysed from its weights alone and no model is loaded: leave it out and choose `device`")
     ck = checkpoint if checkpoint is not None else open_head(source, cfg)
     capture_fn = _prompt_capture(source, ck, cfg) if cfg.prompt else None  # traces: analyze_ov reads them
     return analyze_ov(ck, cfg, capture_fn=capture_fn, device=source.torch_device)

@@ -235,9 +235,13 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     Every finished layer is written to ``cfg.out_dir`` at once, so an interrupted sweep resumes there.
     """
     cfg.validate()
+    data = cfg.calibration is not None
+    if not data and source.device_map is not None:
+        raise HeadlensError("`device_map` places the modules of a loaded model, but a weight-only sweep loads none "
+                            "(it reads one layer's tensors at a time): leave it out and choose `device`, or give "
+                            "`calibration` texts, whose capture loads the model")
     dtype = source.dtype(cfg.dtype)  # auto: float32 on the CPU, the checkpoint's on an accelerator
     cfg = replace(cfg, dtype=str(dtype).replace("torch.", ""))
-    data = cfg.calibration is not None
     if is_mla_config(source.peek_config()):
         raise HeadlensError("a multi-head latent attention checkpoint has no per-kv-group values to budget: use "
                             "headlens.circuits.mla.run_mla_sweep (what `headlens sweep` runs on it)")

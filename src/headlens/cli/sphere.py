@@ -85,6 +85,9 @@ def cmd_sphere(args: argparse.Namespace) -> int:
     from headlens.residual.sphere import sphere_from_model
     from headlens.toy.traces import sphere_from_traces
 
+    if args.traces and args.device_map is not None:
+        raise HeadlensError("--device-map places the modules of a loaded model, but --traces reads a trace file and "
+                            "loads none: leave it out")
     cfg = sphere_config(args, read_prompt(args) if not args.traces else None)
     cfg.check()
     out_dir = Path(args.out_dir)

@@ -11,7 +11,6 @@ encoders) and ``compress.html`` (all of it on one self-contained page).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from headlens.compress.run import CompressResult
 from headlens.compress.summary import MODEL_FIELDS, summary
