@@ -72,7 +72,8 @@ def text(value: Any, name: str, optional: bool = True) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str):
-        hint = ": give one text" if isinstance(value, (list, tuple)) else ""
+        hint = (": give one text" if isinstance(value, (list, tuple)) else
+                ": read the file first, e.g. Path(path).read_text()" if isinstance(value, os.PathLike) else "")
         raise _refuse(name, "a text (str)" + (" or None" if optional else ""), value, hint)
     return value
 
@@ -169,5 +170,6 @@ def path(value: Any, name: str, optional: bool = True) -> str | os.PathLike | No
 def instance(value: Any, name: str, cls: type, example: str) -> Any:
     """``value`` if it is a ``cls``; else one line naming the type expected and how to make one (``example``)."""
     if not isinstance(value, cls):
-        raise _refuse(name, f"a {cls.__name__} ({example})", value)
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise _refuse(name, f"{article} {cls.__name__} ({example})", value)
     return value

@@ -18,3 +18,17 @@ def short_repr(obj: Any, title: str, lines: Sequence[str] = (), see: str = "to_j
     if len(body) > MAX_LINES:
         body = body[:MAX_LINES] + [f"... {len(body) - MAX_LINES} more"]
     return "\n".join([f"<{type(obj).__name__} {title}", *(f"  {line}" for line in body), f"  see: {see}>"])
+
+
+def strict(obj: Any) -> Any:
+    """``obj`` (dicts, lists, tuples, scalars) with every float that JSON cannot hold (nan, inf) as None, so that
+    ``json.dumps(..., allow_nan=False)`` takes it: the project's rule for an undefined number."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj

@@ -159,6 +159,12 @@ def read_text_lines(path: str | os.PathLike, name: str = "path") -> list[str]:
     return lines
 
 
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """The texts of a UTF-8 file holding one text per line, split at ``\\n`` and ``\\r\\n`` only, blank lines
+    skipped (:func:`read_text_lines`): what every ``texts`` parameter of the library takes."""
+    return read_text_lines(path, "path")
+
+
 def read_json_and_tensors(path: str | os.PathLike, what: str) -> tuple[dict, dict]:
     """``<base>.json`` and ``<base>.safetensors`` of a pair written together; ``path`` may carry either suffix."""
     from safetensors.torch import load_file
