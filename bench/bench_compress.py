@@ -46,7 +46,7 @@ from headlens.io.embedded import default_texts, embedded_dir
 path = embedded_dir("tiny-lm")
 model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 tok = AutoTokenizer.from_pretrained(str(path))
-calib = [t for t in default_texts("tiny-lm")[0].read_text().splitlines() if t.strip()]
+calib = default_texts("tiny-lm").calib
 evals = [t for t in open(sys.argv[1]).read().splitlines() if t.strip()]
 n_configs = int(sys.argv[2])
 def ids_of(texts, cap=None):
@@ -82,7 +82,7 @@ def eval_texts(n: int) -> list[str]:
     sys.path.insert(0, str(ROOT / "src"))
     from headlens.io.embedded import default_texts
 
-    calib = set(default_texts("tiny-lm")[0].read_text().splitlines())
+    calib = set(default_texts("tiny-lm").calib)
     lines = (ROOT / "tools" / "train" / "heldout.txt").read_text(encoding="utf-8").splitlines()
     paras = list(dict.fromkeys(ln.strip() for ln in lines if 200 <= len(ln.strip()) <= 600))
     return [p for p in paras if p not in calib][:n]

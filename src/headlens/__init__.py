@@ -11,10 +11,13 @@ The library behind the ``headlens`` command, usable from a notebook in a few lin
     sweep = hl.run_sweep(src, hl.SweepConfig(calibration=["Some calibration text ..."], target_error=0.3))
     sphere = hl.sphere_from_model(src, hl.SphereConfig(prompt="The Eiffel Tower ..."))
     routing = hl.route(hl.ModelSource(weights="path/to/moe-dir"), ["a text", "another"])
+    latents = hl.run_compress(hl.ModelSource(embedded="tiny-lm"), hl.CompressConfig(ks=16, latents="plain"))
 
-Every entry point returns a plain dataclass (``.to_json()`` where the command writes JSON); bad arguments raise
-:class:`HeadlensError` naming the parameter. Importing ``headlens`` is cheap and has no side effects: the
-names below load their modules on first use.
+Every entry point returns a plain dataclass with ``.to_json()`` (strict JSON data) and a short ``repr``; bad
+arguments raise :class:`HeadlensError` naming the parameter and the type or values expected (one string where a
+list is expected is one item). ``hl.default_texts(name)`` holds the texts shipped with an embedded model,
+``hl.read_texts(path)`` reads a file of one text per line. Importing ``headlens`` is cheap and has no side effects:
+the names below load their modules on first use.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ _API = {
     "RouterResult": "headlens.moe.router",
     "route": "headlens.moe.router",
     "load_dump": "headlens.moe.dump",
+    "CompressConfig": "headlens.compress.run",
+    "CompressResult": "headlens.compress.run",
+    "run_compress": "headlens.compress.run",
+    "default_texts": "headlens.io.embedded",
+    "read_texts": "headlens.io.files",
 }
 
 __all__ = ["HeadlensError", "__version__", *_API]

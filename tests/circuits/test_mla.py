@@ -186,3 +186,17 @@ def test_sweep_on_a_latent_attention_checkpoint(mla, tmp_path, capsys):
     summary = json.loads((out / "sweep_summary.json").read_text())
     assert summary["kv_bytes_per_token_layer"] == {"latent": (R + ROPE) * 2, "expanded": H * (NOPE + ROPE + V) * 2}
     assert [row["layer"] for row in summary["layers"]] == [0, 1]
+
+
+def test_the_latent_sweep_result_prints_short_and_serialises(mla):
+    import json
+
+    from headlens.circuits.mla import run_mla_sweep
+    from headlens.io.source import ModelSource
+
+    _, _, _, directory = mla
+    r = run_mla_sweep(ModelSource(weights=directory))
+    lines = repr(r).splitlines()
+    assert lines[0].startswith(f"<MLASweepResult {directory.name}: 2 latent-attention layer(s), kv_lora_rank {R}")
+    assert len(lines) == 4 and lines[-1].startswith("  see: ") and "to_json()" in lines[-1], lines
+    assert json.loads(json.dumps(r.to_json(), allow_nan=False)) == r.to_json()

@@ -6,7 +6,9 @@ Placeholders in the argv templates: ``{qwen3}`` (a HuggingFace directory), ``{ba
 layer 0 head 1 zeroed), ``{heads0}`` / ``{heads4}`` (config.json with 0 / "four" attention heads), ``{corrupt}``,
 ``{long}`` (a text longer than the tiny models' 128 positions), ``{dir}`` (an existing directory), ``{file}`` (an
 existing file), ``{missing}`` (a path that does not exist). The working directory is a fresh temporary directory,
-so default output directories land there and are checked too.
+so default output directories land there and are checked too. An ``ENV:NAME=VALUE`` item sets an environment
+variable for the case instead of being an argument. No case may raise a Python warning either (accelerate's
+``UserWarning`` lines would come before headlens's own).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -115,7 +118,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compress", ["--eval", "{empty}"], "is empty"),
     ("compress", ["--eval", "{short}", "--latent", "plain"], "every eval text needs at least 4"),
     ("compress", ["--calib", "{empty}"], "--calib"),
-    ("compress", ["--calib", "{evalfile}", "--eval", "{evalfile}"], "share texts"),
+    ("compress", ["--calib", "{evalfile}", "--eval", "{evalfile}"], "--calib and --eval share 1 text(s)"),
     ("compress", ["--target-error", "0"], "--target-error 0: a target lies strictly between 0 and 1"),
     ("compress", ["--target-error", "0.1,1"], "--target-error 1: a target lies strictly between 0 and 1"),
     ("compress", ["--target-energy", "1.5"], "--target-energy 1.5"),
@@ -132,7 +135,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compress", ["--budget", "{budget_nodigest}"], "does not say which model it belongs to"),
     ("compress", ["--budget", "{budget_plain}"], "has no k_data"),
     ("compress", ["--budget", "{file}"], "expected the sweep_budget.csv"),
-    ("compress", ["--weights", "{qwen3}"], "--eval FILE is required"),
+    ("compress", ["--latent", "plain", "--budget", "{budget_binary}"], "is not a sweep budget: not UTF-8 text"),
+    ("compress", ["--latent", "plain", "--budget", "{budget_dup}"],
+     "lists layer 2 kv group 1 twice (lines 7 and 14): one row per (layer, kv group)"),
+    ("compress", ["--eval", "{binary}"], "--eval {binary} is not UTF-8 text"),
+    ("sweep", ["--calib", "{binary}"], "--calib {binary} is not UTF-8 text"),
+    ("router", ["--prompt-file", "{binary}"], "--prompt-file {binary} is not UTF-8 text"),
+    ("sphere", ["--prompt-file", "{nul}"], "--prompt-file {nul} is not a text file: it holds NUL bytes"),
+    ("compress", ["--weights", "{qwen3}"], "--eval is required"),
     ("compress", ["--weights", "{qwen3}", "--eval", "{evalfile}"], "data-aware latents need --calib"),
     ("compress", ["--weights", "{qwen3}", "--eval", "{long}", "--k", "8", "--latent", "plain"],
      "has 1200 tokens but the model takes at most 128"),
@@ -167,6 +177,30 @@ CASES: list[tuple[str, list[str], str]] = [
     ("diagram", ["--device", "cpu", "--device-map", "auto"], "not both"),
     ("compress", ["--device-map", "auto", "--offload-dir", "{file}/off"], "is a file"),
     ("compress", ["--device-map", "auto", "--max-memory", "cpu=1MB"], "compress replaces weights in place"),
+    ("ov", ["ENV:HEADLENS_DEVICE=tpu"],
+     "the environment variable HEADLENS_DEVICE 'tpu' is not a device: choose auto, cpu, cuda, cuda:N, mps; pass "
+     "--device or unset HEADLENS_DEVICE"),
+    ("router", ["ENV:HEADLENS_DEVICE=cuda:3", "--prompt", "hi"], "the environment variable HEADLENS_DEVICE cuda:3"),
+    ("router", ["--prompt", "hi", "--device-map", "{map_disk}"], "give --offload-dir DIR for them"),
+    ("router", ["--prompt", "hi", "--device-map", "{map_unmatched}"],
+     "--device-map {map_unmatched}: 2 key(s) match no module of tiny-moe (Qwen3MoeModel): 'foo', 'model.bar'; its "
+     "modules are named like embed_tokens, layers.0, layers.5, norm"),
+    ("compress", ["--k", "8", "--latent", "plain", "--device-map", "{map_unmatched}"],
+     "match no module of tiny-lm (Qwen3ForCausalLM): 'foo', 'model.bar'; its modules are named like "
+     "model.embed_tokens, model.layers.0, model.layers.5, model.norm, lm_head (with or without the leading model.)"),
+    ("sphere", ["--prompt", "hi", "--model", "tiny-lm", "--device-map", "{map_some}"],
+     "--device-map {map_some} places no device for 5 module(s) of tiny-lm: layers.1, layers.2, layers.3, layers.4, "
+     "norm; give every module a device"),
+    ("compress", ["--k", "8", "--latent", "plain", "--device-map", "{map_some}"],
+     "--device-map {map_some} places no device for 5 module(s) of tiny-lm: model.layers.1, model.layers.2, "
+     "model.layers.3, model.layers.4, model.norm; give every module a device"),
+    ("diagram", ["--model", "tiny-lm", "--device-map", "{map_twice}"], "places layers.1 twice, on cpu and disk"),
+    ("sweep", ["--model", "tiny-lm", "--device-map", "{map_cpu}"], "--device-map places the modules of a loaded "
+     "model, but a weight-only sweep loads none"),
+    ("sweep", ["--model", "tiny-lm", "--device-map", "auto"], "a weight-only sweep loads none"),
+    ("ov", ["--model", "tiny-lm", "--device-map", "{map_cpu}"], "without --prompt the head is analysed from its "
+     "weights alone"),
+    ("sphere", ["--traces", "{missing}", "--device-map", "{map_cpu}"], "--traces reads a trace file and loads none"),
     # ---- toy
     ("toy", [], "choose"),
     ("toy", ["create", "--out", "toy.txt"], ".safetensors"),
@@ -207,10 +241,19 @@ def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
     (root / "a-file").write_text("x")
     paths["file"] = root / "a-file"
     paths["missing"] = root / "missing.safetensors"
+    five = [f"layers.{i}" for i in range(5)]
     for name, mapping in (("map_list", [1]), ("map_cuda", {"": "cuda:0"}),
-                          ("map_partial", {"embed_tokens": "cpu", "layers.0": "disk"})):
+                          ("map_partial", {"embed_tokens": "cpu", "layers.0": "disk"}), ("map_disk", {"": "disk"}),
+                          ("map_unmatched", {"": "cpu", "foo": "cpu", "model.bar": "disk"}),
+                          ("map_some", {"embed_tokens": "cpu", "model.layers.0": "cpu", "layers.5": "disk"}),
+                          ("map_twice", {"": "cpu", "layers.1": "cpu", "model.layers.1": "disk"}),
+                          ("map_cpu", {k: "cpu" for k in ("embed_tokens", "norm", *five, "layers.5")})):
         (root / f"{name}.json").write_text(json.dumps(mapping))
         paths[name] = root / f"{name}.json"
+    (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    paths["binary"] = root / "binary.txt"
+    (root / "nul.txt").write_bytes(b"a prompt\x00with a NUL byte\n")
+    paths["nul"] = root / "nul.txt"
     paths.update(_compress_inputs(root, paths["qwen3"]))
     return {k: str(v) for k, v in paths.items()}
 
@@ -233,10 +276,13 @@ def _compress_inputs(root: Path, qwen3: str) -> dict[str, Path]:
     variants = {"budget_layers": rows + [{**rows[0], "layer": 6}],
                 "budget_groups": [r for r in rows if r["kv_head"] == 0],
                 "budget_nodigest": [{k: v for k, v in r.items() if k != "model_weights"} for r in rows],
-                "budget_plain": [{**r, "k_data": None} for r in rows]}
+                "budget_plain": [{**r, "k_data": None} for r in rows],
+                "budget_dup": rows + [{**rows[5], "k_plain": 4}]}  # layer 2 kv group 1 again, on line 14
     for name, table in variants.items():
         out[name] = write_csv(root / f"{name}.csv", table)
     assert len(read_table(out["budget_layers"])) == 13
+    out["budget_binary"] = root / "budget_binary.csv"
+    out["budget_binary"].write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00\x01")
     return out
 
 
@@ -249,13 +295,21 @@ def test_bad_input_is_one_line_and_leaves_nothing(inputs, capsys, tmp_path, monk
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    args = [a.format(**inputs) if "{" in a else a for a in argv]
+    for item in argv:
+        if item.startswith("ENV:"):
+            name, _, value = item[4:].partition("=")
+            monkeypatch.setenv(name, value)
+    args = [a.format(**inputs) if "{" in a else a for a in argv if not a.startswith("ENV:")]
+    needle = needle.format(**inputs) if "{" in needle else needle
     if cmd in ("ov", "sphere", "diagram", "sweep", "router", "compress") and "--out-dir" not in args:
         args += ["--out-dir", str(work / "out")]
     before = _files(Path(inputs["qwen3"]).parent.parent)
     capsys.readouterr()
-    code = main([cmd, *args])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main([cmd, *args])
     out, err = capsys.readouterr()
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
     lines = err.splitlines()
     assert code == 2, (code, out, err)
     assert "Traceback" not in err and len(lines) == 1, err

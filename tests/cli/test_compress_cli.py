@@ -23,7 +23,7 @@ LAYER_FIELDS = ("layer", "predicted_error", "value_path_error", "isolated_error"
 
 
 def _eval_file(tmp_path: Path, name: str, n: int) -> Path:
-    lines = default_texts(name)[1].read_text().splitlines()[:n]
+    lines = default_texts(name).eval[:n]
     path = tmp_path / f"eval-{name}.txt"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -253,3 +253,40 @@ def test_cpu_disk_split_captures_the_same_residual_stream(ckpts, tmp_path):
         assert torch.equal(x, y)
     for layer in range(n):  # and HuggingFace's own hidden states are what resid_pre captured
         assert torch.equal(b["resid_pre"][layer], hb[layer].cpu())
+
+
+# ------------------------------------------------------------------------ module names in a map, either way
+
+
+def test_a_map_names_modules_either_way_in_every_command(ckpts, tmp_path, capsys):
+    """The base model (sphere, ov, router, diagram) names its blocks ``layers.0``, a causal LM (compress)
+    ``model.layers.0``: a map written either way places the same modules in both, ``lm_head`` is dropped where the
+    base model is loaded, and a tied ``lm_head`` left out follows the input embedding."""
+    directory = ckpts.path("qwen3", "gqa", "hf_dir")
+    n = json.loads((directory / "config.json").read_text())["num_hidden_layers"]
+    short = {"embed_tokens": "cpu", "norm": "cpu", "lm_head": "cpu",
+             **{f"layers.{i}": ("cpu" if i % 2 == 0 else "disk") for i in range(n)}}
+    long = {(k if k == "lm_head" else f"model.{k}"): v for k, v in short.items()}
+    for mapping in (short, long):
+        src = ModelSource(weights=directory, device_map=mapping, offload_dir=tmp_path / "off")
+        base, lm = src.model(directory), src.lm_model(directory)
+        assert base.hf_device_map == {k: v for k, v in short.items() if k != "lm_head"}
+        assert lm.hf_device_map == long
+        assert any(p.device.type == "meta" for p in base.layers[1].parameters())  # really on disk
+        assert any(p.device.type == "meta" for p in lm.model.layers[1].parameters())
+    # the command line: sphere reads either file to the same numbers as without a map
+    files = {}
+    for name, mapping in (("short", short), ("long", long)):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(mapping))
+    argv = ["sphere", "--weights", str(directory), "--prompt", PROMPT, "--workers", "1"]
+    _run(argv, tmp_path / "plain", [], capsys)
+    for name, path in files.items():
+        _run(argv, tmp_path / name, ["--device-map", str(path), "--offload-dir", str(tmp_path / "off")], capsys)
+        assert numbers(tmp_path / name) == numbers(tmp_path / "plain"), name
+    # compress on tiny-lm (tied embeddings): a map in the base model's names, without lm_head
+    cpu_map = tmp_path / "cpu.json"
+    cpu_map.write_text(json.dumps({"embed_tokens": "cpu", "norm": "cpu", **{f"layers.{i}": "cpu" for i in range(6)}}))
+    texts = eval_texts(tmp_path)
+    _run(["compress", "--model", "tiny-lm", "--k", "16", "--latent", "plain", "--eval", texts["eval"]],
+         tmp_path / "compress", ["--device-map", str(cpu_map)], capsys)

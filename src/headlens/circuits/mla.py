@@ -314,12 +314,25 @@ class MLASweepResult:
                 "kv_bytes_per_token_layer": {"latent": self.kv_bytes_latent, "expanded": self.kv_bytes_expanded},
                 "layers": self.layer_rows(), "note": MLALayer.note}
 
+    def __repr__(self) -> str:
+        from headlens.results import short_repr
+
+        lines = [f"layer {r['layer']:>3}: latent map rank {r['latent_map_rank']}, the heads read "
+                 f"{r['layer_latent_e90']} of {r['kv_lora_rank']} latent directions at 90% energy"
+                 for r in self.layer_rows()]
+        return short_repr(self, f"{self.name}: {len(self.layers)} latent-attention layer(s), kv_lora_rank "
+                                f"{self.mla.kv_lora_rank}", lines, "layers[i].heads[h], head_rows(), layer_rows(), "
+                          "to_json()")
+
 
 def run_mla_sweep(source, layers: str | None = None, kv_bytes: int = 2,
                   progress=None) -> MLASweepResult:
     """Analyse the selected layers (``"0:4"``, ``"1,3"``, None: all) of the latent-attention checkpoint ``source``."""
     from headlens.selection import parse_layers
 
+    if source.device_map is not None:
+        raise HeadlensError("`device_map` places the modules of a loaded model, but the latent-attention sweep loads "
+                            "none (it reads each layer's tensors): leave it out")
     asked = source.placement.device
     if asked not in (None, "auto") and source.torch_device.type != "cpu":  # auto: the CPU, said in the output
         raise HeadlensError(f"`device` {asked}: the latent-attention sweep runs on the CPU only (its per-layer "

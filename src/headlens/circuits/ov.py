@@ -15,11 +15,12 @@ The printed lines and the pictures are :mod:`headlens.report.ov`'s.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 
+from headlens import params
 from headlens.arch import GENERIC
 from headlens.circuits.heads import HeadFactors, check_layer_head, read_head
 from headlens.circuits.mla import (MLACheckpoint, head_latent_use, is_mla_config, latent_token_scale,
@@ -40,6 +41,7 @@ from headlens.errors import HeadlensError
 from headlens.io.checkpoint import Checkpoint
 from headlens.io.source import ModelSource
 from headlens.residual.capture import PromptCapture
+from headlens.selection import DTYPE_CHOICES
 
 DEFAULT_LATENT_DIM = 32
 DEFAULT_PROBE_TOKENS = 2048
@@ -54,7 +56,7 @@ class OVConfig:
     head: int  # query head index h (it reads kv head h // (H / G))
     latent_dim: int | None = None  # latent size k for rel_error / cache_error; None: min(32, numerical rank)
     fold_norm: bool = False  # analyse W_OV diag(gamma) with the pre-attention norm gain folded in
-    dtype: torch.dtype = torch.float32  # weights are rounded to this (the model's run dtype) before analysis
+    dtype: torch.dtype | str = torch.float32  # weights are rounded to this (the model's run dtype); a name or auto
     prompt: str | None = None  # real attention inputs for cache_error and the data-aware latent
     traces: str | None = None  # or a toy trace file (headlens toy trace) providing the attention inputs
     heatmap: bool = False  # also record this head's attention pattern over the prompt (or the traces)
@@ -66,7 +68,9 @@ class OVConfig:
         self.check()
 
     def check(self) -> None:
-        """Raise :class:`HeadlensError` (naming the field) for a request that cannot be answered."""
+        """Raise :class:`HeadlensError` (naming the field) for a request that cannot be answered, a wrong type
+        included (``layer="3"``, a list of prompts)."""
+        self._coerce()
         if self.heatmap and not (self.prompt or self.traces):
             raise HeadlensError("`heatmap` needs `prompt` TEXT (the tokens to draw attention over)")
         if self.prompt is not None and not self.prompt.strip():
@@ -79,6 +83,19 @@ class OVConfig:
             raise HeadlensError(f"`probe_tokens` must be positive, got {self.probe_tokens}")
         if not 0 <= self.seed < 2**63:
             raise HeadlensError(f"`seed` must be in 0..{2**63 - 1}, got {self.seed}")
+
+
+    def _coerce(self) -> None:
+        for name in ("layer", "head", "probe_tokens", "seed"):
+            setattr(self, name, params.integer(getattr(self, name), name))
+        self.latent_dim = params.integer(self.latent_dim, "latent_dim", optional=True)
+        for name in ("fold_norm", "heatmap", "truncate"):
+            setattr(self, name, params.flag(getattr(self, name), name))
+        self.prompt = params.text(self.prompt, "prompt")
+        self.traces = params.path(self.traces, "traces")
+        if not isinstance(self.dtype, torch.dtype):
+            name = params.choice(self.dtype, "dtype", DTYPE_CHOICES)
+            self.dtype = name if name == "auto" else getattr(torch, name)  # auto: the source's, in analyze_head
 
 
 @dataclass
@@ -135,7 +152,24 @@ class OVResult:
     device: str = "cpu"  # where the factored SVD and the cache errors ran (float64 throughout)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Every field as strict JSON data (tuples as lists, an undefined number as None): what ``--json`` writes."""
+        from headlens.results import strict
+
+        return strict(asdict(self))
+
+    def __repr__(self) -> str:
+        from headlens.results import short_repr
+
+        name = self.model.get("name", "?") if isinstance(self.model, dict) else "?"
+        lines = [f"latent_dim {self.latent_dim}: rel_error {self.rel_error:.3f}, cache_error {self.cache_error:.3f} "
+                 f"({self.cache_inputs}, {self.cache_tokens} tokens)"]
+        if self.data_aware is not None:
+            d = self.data_aware
+            held = "n/a" if d.heldout_whitened_error is None else f"{d.heldout_whitened_error:.3f}"
+            lines.append(f"data-aware latent: error {d.whitened_error:.3f} in-sample, {held} held out")
+        return short_repr(self, f"{name} layer {self.layer} head {self.head} (kv head {self.kv_head}): rank "
+                                f"{self.rank} of head_dim {self.head_dim}, condition number {self.condition_number:.4g}",
+                          lines, "singular_values, cumulative_energy, data_aware, attention, to_json()")
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -158,7 +192,14 @@ def analyze_head(source: ModelSource, cfg: OVConfig, checkpoint: Checkpoint | No
     stand in. ``checkpoint``: one already opened with :func:`open_head` (the CLI names its files first).
     Returns the :class:`OVResult`.
     """
+    params.instance(source, "source", ModelSource, 'e.g. headlens.ModelSource(embedded="tiny-lm")')
+    params.instance(cfg, "cfg", OVConfig, "e.g. headlens.OVConfig(layer=3, head=5)")
     cfg.check()
+    if cfg.dtype == "auto":
+        cfg = replace(cfg, dtype=source.dtype("auto"))
+    if not cfg.prompt and source.device_map is not None:
+        raise HeadlensError("`device_map` places the modules of a loaded model, but without `prompt` the head is "
+                            "analysed from its weights alone and no model is loaded: leave it out and choose `device`")
     ck = checkpoint if checkpoint is not None else open_head(source, cfg)
     capture_fn = _prompt_capture(source, ck, cfg) if cfg.prompt else None  # traces: analyze_ov reads them
     return analyze_ov(ck, cfg, capture_fn=capture_fn, device=source.torch_device)
@@ -297,8 +338,11 @@ def analyze_ov(
     The factored SVD and the cache errors run in float64 on ``device`` (default the CPU; MPS, without float64,
     stays on the CPU).
     """
-    check_layer_head(ck, cfg.layer, cfg.head)
+    params.instance(cfg, "cfg", OVConfig, "e.g. headlens.OVConfig(layer=3, head=5)")
     cfg.check()
+    if cfg.dtype == "auto":  # no source here to ask: the weights as the CPU runs them
+        cfg = replace(cfg, dtype=torch.float32)
+    check_layer_head(ck, cfg.layer, cfg.head)
     d = ck.shape.hidden_size
     most = max_probe_tokens(d)
     if cfg.probe_tokens > most and not (cfg.prompt or cfg.traces):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 
+from headlens import params
 from headlens.circuits.budget import Budget, BudgetTarget, budget
 from headlens.circuits.sweep_layer import AnalysisConfig, NonFiniteWeights, analyze_layer, iter_layers
 from headlens.circuits.sweep_parts import SweepParts, run_id
@@ -59,8 +60,27 @@ class SweepConfig:
     resume: bool = False  # skip the layers already finished in out_dir
     truncate: bool = False  # cut calibration texts longer than the model's positions instead of refusing them
 
+    def __post_init__(self) -> None:
+        self._coerce()
+
+    def _coerce(self) -> None:
+        """Each field in its one form (one calibration text is a list of one), or a HeadlensError naming the field
+        and the type expected."""
+        self.layers = params.selection(self.layers, "layers")
+        self.ks = params.selection(self.ks, "ks")
+        for name in ("fold_norm", "with_qk", "resume", "truncate"):
+            setattr(self, name, params.flag(getattr(self, name), name))
+        self.dtype = params.choice(self.dtype, "dtype", DTYPE_CHOICES)
+        for name in ("target_error", "target_energy"):
+            setattr(self, name, params.number(getattr(self, name), name, optional=True))
+        for name in ("kv_bytes", "max_calib_tokens"):
+            setattr(self, name, params.integer(getattr(self, name), name))
+        self.calibration = params.texts(self.calibration, "calibration", optional=True)
+        self.out_dir = params.path(self.out_dir, "out_dir")
+
     def validate(self) -> None:
         """Raise a HeadlensError naming the first bad parameter."""
+        self._coerce()  # fields may have been set after construction
         if self.ks is not None:
             parse_ks(_text(self.ks))
         if not 1 <= self.kv_bytes <= MAX_KV_BYTES:
@@ -139,6 +159,32 @@ class SweepResult:
     def rows(self) -> tuple[list[dict], list[dict]]:
         """(head rows, group rows): the ``sweep_heads`` / ``sweep_groups`` tables."""
         return to_rows(self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything as strict JSON data: :meth:`summary` (the ``sweep_summary.json`` content) with the budget's
+        rows, and the ``heads`` and ``groups`` table rows (an undefined number, such as a zero head's condition
+        number, is null)."""
+        from headlens.results import strict
+
+        heads, groups = self.rows()
+        return strict({**self.summary(), "budget": self.budget.to_json(with_rows=True), "heads": heads,
+                       "groups": groups})
+
+    def __repr__(self) -> str:
+        from headlens.results import short_repr
+
+        s, t = self.shape, self.budget.totals
+        mode = f"data-aware on {self.calibration_tokens} calibration tokens" if self.data_aware else "weight-only"
+        lines = [f"layer {a.layer:>3}: mean OV rank@90% {a.rank_e90.mean:.1f}"
+                 + "".join(f", rel_error@{k} {a.rel_error[k].mean:.3f}" for k in self.config.ks)
+                 for a in self.aggregates()]
+        lines.append(f"budget ({self.budget.target.label()}): KV bytes/token {t.kv_bytes_before} -> "
+                     f"{t.kv_bytes_after_plain} plain ({t.saving_plain_pct:.1f}% saved)"
+                     + (f", {t.kv_bytes_after_data} data-aware ({t.saving_data_pct:.1f}% saved)"
+                        if t.kv_bytes_after_data is not None and t.saving_data_pct is not None else ""))
+        return short_repr(self, f"{self.name}: {len(self.layers)} of {s.num_layers} layers, {s.num_heads} query / "
+                                f"{s.num_kv_heads} kv heads, head_dim {s.head_dim}; {mode}", lines,
+                          "layers[i].heads[h], layers[i].groups[g], budget, rows(), summary(), to_json()")
 
     def aggregates(self) -> list[LayerAggregate]:
         """One :class:`LayerAggregate` per layer (means/min/max over its heads and kv groups)."""
@@ -235,10 +281,18 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     each new one as it finishes).
     Every finished layer is written to ``cfg.out_dir`` at once, so an interrupted sweep resumes there.
     """
+    from headlens.io.source import ModelSource
+
+    params.instance(source, "source", ModelSource, 'e.g. headlens.ModelSource(embedded="tiny-lm")')
+    params.instance(cfg, "cfg", SweepConfig, 'e.g. headlens.SweepConfig(layers="0:4")')
     cfg.validate()
+    data = cfg.calibration is not None
+    if not data and source.device_map is not None:
+        raise HeadlensError("`device_map` places the modules of a loaded model, but a weight-only sweep loads none "
+                            "(it reads one layer's tensors at a time): leave it out and choose `device`, or give "
+                            "`calibration` texts, whose capture loads the model")
     dtype = source.dtype(cfg.dtype)  # auto: float32 on the CPU, the checkpoint's on an accelerator
     cfg = replace(cfg, dtype=str(dtype).replace("torch.", ""))
-    data = cfg.calibration is not None
     if is_mla_config(source.peek_config()):
         raise HeadlensError("a multi-head latent attention checkpoint has no per-kv-group values to budget: use "
                             "headlens.circuits.mla.run_mla_sweep (what `headlens sweep` runs on it)")

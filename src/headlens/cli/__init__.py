@@ -14,14 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from headlens import __version__
-from headlens.cli.common import Parser
-from headlens.errors import HeadlensError, as_flags
-
-# Library parameters whose flag is not spelled --<name with dashes>, for every command and per command.
-FLAG_NAMES = {"ks": "--k"}
-COMMAND_FLAG_NAMES = {"toy": {"n_heads": "--heads", "n_kv_heads": "--kv-heads", "n_layers": "--layers",
-                              "kind": "--plant", "rank": "--plant-rank", "decay": "--plant-decay",
-                              "layers": "--depth"}}
+from headlens.cli.common import Parser, with_flags
+from headlens.errors import HeadlensError
 # Flags naming one output file, checked before the command runs (a directory or an unwritable place: exit 2).
 FILE_FLAGS = (("json", "--json"), ("plot_path", "--plot-path"))
 # Parameters naming a directory the command writes whole and new (compress's model), checked before it runs: absent
@@ -107,8 +101,7 @@ def _report(args: argparse.Namespace | None, exc: BaseException) -> int:
 
     command = getattr(args, "command", None)
     if isinstance(exc, HeadlensError):
-        renames = {**FLAG_NAMES, **COMMAND_FLAG_NAMES.get(command or "", {})}
-        print(f"headlens {command}: error: {as_flags(str(exc), renames)}", file=sys.stderr)
+        print(f"headlens {command}: error: {with_flags(str(exc), command or '')}", file=sys.stderr)
         return 2
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (interrupts.Terminated)
         signum = interrupts.signal_of(exc)

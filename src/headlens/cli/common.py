@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+from headlens.errors import as_flags
 from headlens.selection import DTYPE_CHOICES
+
+# Library parameters whose flag is not spelled --<name with dashes>, for every command and per command.
+FLAG_NAMES = {"ks": "--k", "embedded": "--model"}
+COMMAND_FLAG_NAMES = {"toy": {"n_heads": "--heads", "n_kv_heads": "--kv-heads", "n_layers": "--layers",
+                              "kind": "--plant", "rank": "--plant-rank", "decay": "--plant-decay",
+                              "layers": "--depth"},
+                      "compress": {"target_errors": "--target-error", "target_energies": "--target-energy",
+                                   "latents": "--latent", "eval_texts": "--eval", "calib_texts": "--calib"},
+                      "sweep": {"calibration": "--calib"},
+                      "router": {"texts": "--prompt"}}
+
+
+def with_flags(message: str, command: str) -> str:
+    """A library message (parameters in backticks) as ``command`` shows it: each parameter as its flag."""
+    return as_flags(message, {**FLAG_NAMES, **COMMAND_FLAG_NAMES.get(command, {})})
 
 
 class Parser(argparse.ArgumentParser):

@@ -7,7 +7,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from headlens.cli.common import command_parser, model_source
+from headlens.cli.common import command_parser, model_source, with_flags
 from headlens.errors import HeadlensError
 
 LATENT_CHOICES = ("plain", "data-aware", "both")
@@ -78,42 +78,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_compress)
 
 
-def _read_texts(given: str | None, flag: str, what: str, default, embedded: str | None, missing: str,
-                notes: list[str]) -> list[str]:
-    """The texts of ``flag`` (a file, one text per line), else the embedded model's shipped ``default`` (noted),
-    else refused with ``missing``."""
+def _texts(args, source, cfg):
+    """The run's texts (:func:`headlens.compress.texts.compress_texts`): the files of --eval / --calib (one text per
+    line), else the texts shipped with an embedded model; its notes say which."""
+    from headlens.compress.texts import compress_texts
     from headlens.io.files import read_text_lines
 
-    if given:
-        return read_text_lines(given, flag)
-    if default is None:
-        raise HeadlensError(missing)
-    texts = read_text_lines(default, flag)
-    notes.append(f"{what}: {len(texts)} shipped for {embedded} ({default.name})")
-    return texts
-
-
-def _texts(args, source, cfg) -> tuple[list[str] | None, list[str], list[str]]:
-    """(calibration texts or None, eval texts, notes)."""
-    notes: list[str] = []
-    embedded = source.embedded if source.weights is None and source.hf_repo is None else None
-    defaults = (None, None)
-    if embedded is not None:
-        from headlens.io.embedded import default_texts
-
-        defaults = default_texts(embedded)
-    eval_texts = _read_texts(args.eval_file, "--eval", "eval texts", defaults[1], embedded,
-                             "--eval FILE is required (held-out texts, one per line): defaults ship only for the "
-                             "embedded models (--model minilm, tiny-lm, tiny-moe)", notes)
-    calib = None
-    if cfg.needs_calibration():
-        calib = _read_texts(args.calib, "--calib", "calibration texts", defaults[0], embedded,
-                            "data-aware latents need --calib FILE (texts, one per line), or pass --latent plain", notes)
-        if set(calib) & set(eval_texts):
-            raise HeadlensError("--calib and --eval share texts: the eval texts must be held out from the fit")
-    elif args.calib:
-        notes.append("--calib is not used: plain latents are fitted on the weights alone")
-    return calib, eval_texts, notes
+    given_eval = read_text_lines(args.eval_file, "eval") if args.eval_file else None
+    given_calib = read_text_lines(args.calib, "calib") if args.calib else None
+    return compress_texts(source, cfg.needs_calibration(), given_eval, given_calib)
 
 
 def _n_saved(cfg) -> int:
@@ -149,11 +122,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     check_writable_dir(out_dir)
     preload_in_background()  # the report's imports overlap loading and the eval passes
     source = model_source(args)
-    calib, eval_texts, notes = _texts(args, source, cfg)
-    for n in notes:
-        print(n)
-    result = run_compress(source, cfg, eval_texts, calib, on_start=lambda s: print(header_line(s), flush=True),
-                          keep_model=save is not None)
+    texts = _texts(args, source, cfg)
+    eval_texts = texts.eval
+    for n in texts.notes:
+        print(with_flags(n, "compress"))
+
+    def started(start: dict) -> None:
+        print("\n".join([header_line(start), *(f"note: {n}" for n in start["notes"])]), flush=True)
+
+    result = run_compress(source, cfg, eval_texts, texts.calib, on_start=started, keep_model=save is not None)
+    result.notes[:0] = texts.notes  # the summary JSON says which texts were used
     paths = write_report(result, out_dir, Path(args.json) if args.json else None)
     data = summary(result)
     lines = result_lines(data)

@@ -32,7 +32,7 @@ def _texts(args) -> list[str]:
     if args.prompt_file:
         from headlens.io.files import read_text_lines
 
-        return read_text_lines(args.prompt_file, "--prompt-file")
+        return read_text_lines(args.prompt_file, "prompt_file")
     text = NOTEBOOK_PROMPT if args.prompt is None else args.prompt
     if not text.strip():
         raise HeadlensError("--prompt is empty")

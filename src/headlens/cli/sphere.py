@@ -57,12 +57,9 @@ def add_parser(sub) -> None:
 
 def read_prompt(args) -> str:
     if args.prompt_file:
-        try:
-            text = Path(args.prompt_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise HeadlensError(f"--prompt-file {args.prompt_file}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise HeadlensError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+        from headlens.io.files import read_text
+
+        text = read_text(args.prompt_file, "prompt_file")  # one prompt: the whole file, line ends as stored
     else:
         text = NOTEBOOK_PROMPT if args.prompt is None else args.prompt
     if not text.strip():
@@ -88,6 +85,9 @@ def cmd_sphere(args: argparse.Namespace) -> int:
     from headlens.residual.sphere import sphere_from_model
     from headlens.toy.traces import sphere_from_traces
 
+    if args.traces and args.device_map is not None:
+        raise HeadlensError("--device-map places the modules of a loaded model, but --traces reads a trace file and "
+                            "loads none: leave it out")
     cfg = sphere_config(args, read_prompt(args) if not args.traces else None)
     cfg.check()
     out_dir = Path(args.out_dir)

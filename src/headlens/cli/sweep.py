@@ -43,7 +43,7 @@ def read_calibration(args) -> list[str] | None:
     if args.calib:
         from headlens.io.files import read_text_lines
 
-        return read_text_lines(args.calib, "--calib")
+        return read_text_lines(args.calib, "calib")
     if args.prompt is not None:
         if not args.prompt.strip():
             raise HeadlensError("--prompt is empty")

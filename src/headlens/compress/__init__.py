@@ -8,6 +8,8 @@
 - :mod:`headlens.compress.apply`: writes ``W_V^g Q_g`` into a loaded HuggingFace model through the family's
   :class:`~headlens.layout.Layout` (separate, fused, transposed Conv1D, interleaved), and exports the two factors
   an MLA cache stores (``latent_factors.safetensors``).
+- :mod:`headlens.compress.run`: ``run_compress`` (the command as one call), with its texts
+  (:mod:`headlens.compress.texts`) and its JSON summary (:mod:`headlens.compress.summary`).
 
 Keys stay at full size: a key latent under RoPE needs a partial-RoPE split (MHA2MLA, TransMLA), not done here.
 """

@@ -82,52 +82,66 @@ def read_budget(path: str | Path, ck, weights: str, kinds: tuple[str, ...]) -> d
     """The latent sizes of a ``sweep_budget.csv`` (``headlens sweep``), per latent kind among ``kinds``
     (``k_plain`` for plain, ``k_data`` for data-aware).
 
-    Refused, one line each: a file that is not a sweep budget, one made for other weights (its ``model_weights``
-    column, the :func:`~headlens.circuits.sweep_parts.weights_digest` of the model it was swept on, differs from
-    ``weights``) or without that column, a layer outside the model, a layer whose kv groups are not exactly
-    0..G-1, a latent size outside 0..head_dim, and a data-aware request on a weight-only budget."""
+    Refused, one line each naming the parameter ``budget``: a file that is not a sweep budget (another suffix,
+    binary or not UTF-8, other columns), one made for other weights (its ``model_weights`` column, the
+    :func:`~headlens.circuits.sweep_parts.weights_digest` of the model it was swept on, differs from ``weights``)
+    or without that column, a (layer, kv group) listed twice, a layer outside the model, a layer whose kv groups
+    are not exactly 0..G-1, a latent size outside 0..head_dim, and a data-aware request on a weight-only budget.
+    A latent size of 0 is allowed: that group's values are removed (the run notes it)."""
     from headlens.io.tables import read_table
 
     path = Path(path)
+    where = f"`budget` {path}"
     if path.suffix.lower() != ".csv":
-        raise HeadlensError(f"--budget {path}: expected the sweep_budget.csv that `headlens sweep` writes")
+        raise HeadlensError(f"{where}: expected the sweep_budget.csv that `headlens sweep` writes")
     if not path.is_file():
-        raise HeadlensError(f"--budget {path} does not exist")
-    rows = read_table(path)
+        raise HeadlensError(f"{where} does not exist")
+    try:
+        rows = read_table(path)
+    except HeadlensError as exc:
+        detail = str(exc).replace(f"{path} is not a CSV table: ", "").replace(str(path), "it")
+        raise HeadlensError(f"{where} is not a sweep budget: {detail}") from None
     need = {"layer", "kv_head", "k_plain"}
     if not rows or not need <= set(rows[0]):
-        raise HeadlensError(f"--budget {path} is not a sweep budget: it needs the columns layer, kv_head, k_plain "
+        raise HeadlensError(f"{where} is not a sweep budget: it needs the columns layer, kv_head, k_plain "
                             "(the sweep_budget.csv of `headlens sweep`)")
     digests = {r.get("model_weights") for r in rows}
     if digests == {None}:
-        raise HeadlensError(f"--budget {path} does not say which model it belongs to (no model_weights column): "
+        raise HeadlensError(f"{where} does not say which model it belongs to (no model_weights column): "
                             "re-run `headlens sweep` on this model to make it")
     if digests != {weights}:
         other = ", ".join(sorted(str(d) for d in digests))
-        raise HeadlensError(f"--budget {path} belongs to another model (weights {other}, this model's are "
+        raise HeadlensError(f"{where} belongs to another model (weights {other}, this model's are "
                             f"{weights}): run `headlens sweep` on this model")
     s = ck.shape
+    seen: dict[tuple, int] = {}
+    for n, r in enumerate(rows, start=2):  # line numbers: the header is line 1
+        key = (r["layer"], r["kv_head"])
+        if key in seen:
+            raise HeadlensError(f"{where} lists layer {key[0]} kv group {key[1]} twice (lines {seen[key]} and {n}): "
+                                "one row per (layer, kv group)")
+        seen[key] = n
     out: dict[str, Ks] = {}
     for kind in kinds:
         col = BUDGET_COLUMNS[kind]
         if any(r.get(col) is None for r in rows):
-            raise HeadlensError(f"--budget {path} has no {col} for every kv group (a weight-only sweep has no "
-                                f"data-aware budget): use --latent plain, or sweep with --calib")
+            raise HeadlensError(f"{where} has no {col} for every kv group (a weight-only sweep has no "
+                                f"data-aware budget): pass `latents` plain, or sweep with calibration texts")
         ks: dict[int, dict[int, int]] = {}
         for r in rows:
             layer, g, k = r["layer"], r["kv_head"], r[col]
-            if not all(isinstance(v, int) for v in (layer, g, k)):
-                raise HeadlensError(f"--budget {path}: layer, kv_head and {col} must be integers")
+            if not all(type(v) is int for v in (layer, g, k)):
+                raise HeadlensError(f"{where}: layer, kv_head and {col} must be integers")
             if not 0 <= layer < s.num_layers:
-                raise HeadlensError(f"--budget {path} has layer {layer}, but the model has {s.num_layers} layers "
+                raise HeadlensError(f"{where} has layer {layer}, but the model has {s.num_layers} layers "
                                     f"(0..{s.num_layers - 1}): it belongs to another model")
             if not 0 <= k <= s.head_dim:
-                raise HeadlensError(f"--budget {path}: layer {layer} kv group {g} has {col} {k}, outside "
+                raise HeadlensError(f"{where}: layer {layer} kv group {g} has {col} {k}, outside "
                                     f"0..{s.head_dim} (head_dim)")
             ks.setdefault(layer, {})[g] = k
         for layer, per in ks.items():
             if sorted(per) != list(range(s.num_kv_heads)):
-                raise HeadlensError(f"--budget {path}: layer {layer} lists kv groups {sorted(per)}, the model has "
+                raise HeadlensError(f"{where}: layer {layer} lists kv groups {sorted(per)}, the model has "
                                     f"{s.num_kv_heads} (0..{s.num_kv_heads - 1}): it belongs to another model")
         out[kind] = {layer: [per[g] for g in range(s.num_kv_heads)] for layer, per in sorted(ks.items())}
     return out

@@ -143,8 +143,10 @@ class Measurement:
     kl_mean: float | None = None  # nats
     kl_p95: float | None = None
     top1_agreement: float | None = None
-    ppl_before: float | None = None
+    ppl_before: float | None = None  # exp(nll_before); math.inf where that overflows float64 (see perplexity)
     ppl_after: float | None = None
+    nll_before: float | None = None  # mean next-token loss (nats) of the actual next tokens: log(ppl), always finite
+    nll_after: float | None = None
     embedding_cosine_mean: float | None = None
     embedding_cosine_min: float | None = None
     neighbour_agreement: float | None = None
@@ -157,7 +159,8 @@ class Measurement:
                 "kv_bytes_per_token_before": self.kv.total_before, "kv_bytes_per_token_after": self.kv.total_after,
                 "saving": self.kv.saving, "hidden_error": self.hidden_error, "kl_mean": self.kl_mean,
                 "kl_p95": self.kl_p95, "top1_agreement": self.top1_agreement, "ppl_before": self.ppl_before,
-                "ppl_after": self.ppl_after, "embedding_cosine_mean": self.embedding_cosine_mean,
+                "ppl_after": self.ppl_after, "nll_before": self.nll_before, "nll_after": self.nll_after,
+                "embedding_cosine_mean": self.embedding_cosine_mean,
                 "embedding_cosine_min": self.embedding_cosine_min, "neighbour_agreement": self.neighbour_agreement,
                 "layers": [e.as_dict() for e in self.layers]}
 
@@ -210,6 +213,15 @@ def _token_ids(tokenizer, texts: list[str], limit: int | None, vocab: int | None
 def _forward(model: nn.Module, ids: torch.Tensor, use_cache: bool):
     kwargs = {"use_cache": False} if use_cache else {}
     return model(input_ids=ids, **kwargs)
+
+
+def perplexity(mean_nll: float) -> float:
+    """``exp(mean_nll)``, or ``math.inf`` where that is beyond float64 (a mean loss above ~709.8 nats: a model
+    that puts next to no probability on the actual tokens)."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
 
 
 def _ratio(num: float, den: float) -> float:
@@ -337,8 +349,9 @@ def _result(sites: dict, tally: Tally, kv: KVBytes, causal: bool, n_texts: int) 
         kl = torch.cat(tally.kl).numpy()
         m.kl_mean, m.kl_p95 = float(kl.mean()), float(np.percentile(kl, 95))
         m.top1_agreement = tally.top1 / tally.n_predicted
-        m.ppl_before = math.exp(tally.nll_before / tally.n_predicted)
-        m.ppl_after = math.exp(tally.nll_after / tally.n_predicted)
+        m.nll_before = tally.nll_before / tally.n_predicted
+        m.nll_after = tally.nll_after / tally.n_predicted
+        m.ppl_before, m.ppl_after = perplexity(m.nll_before), perplexity(m.nll_after)
     else:
         m.embedding_cosine_mean, m.embedding_cosine_min, m.neighbour_agreement = embedding_numbers(
             tally.pooled_before, tally.pooled_after)

@@ -15,56 +15,86 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
+from headlens import params
 from headlens.compress.allocate import (Ks, cut_all, full_plans, read_budget, same_ks, target_ks, uniform_ks)
 from headlens.compress.measure import Measurement, measure_many
 from headlens.compress.plan import LATENT_KINDS, LayerPlan
 from headlens.errors import HeadlensError
+from headlens.selection import DTYPE_CHOICES
 
 DEFAULT_TARGET_ERRORS = (0.1, 0.2, 0.4)
 MIN_EVAL_TOKENS = 4  # an eval text needs a few tokens: 3 next-token predictions at the least
 
 
-def _in_unit(values: Sequence[float] | None, flag: str) -> None:
+def _in_unit(values: Sequence[float] | None, name: str) -> None:
     for v in values or ():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v < 1):
-            raise HeadlensError(f"`{flag}` {v}: a target lies strictly between 0 and 1")
+        if not (math.isfinite(v) and 0 < v < 1):
+            raise HeadlensError(f"`{name}` {v:g}: a target lies strictly between 0 and 1")
 
 
 @dataclass
 class CompressConfig:
     """What to compress and how. Exactly one budget source: ``target_errors`` (default
-    :data:`DEFAULT_TARGET_ERRORS` when none is given), ``target_energies``, ``ks`` or ``budget``."""
+    :data:`DEFAULT_TARGET_ERRORS` when none is given), ``target_energies``, ``ks`` or ``budget``. One value stands
+    for a list of one (``ks=16``, ``latents="plain"``); a wrong type is one HeadlensError naming the field."""
 
-    layers: str | None = None  # layer selection (parse_layers syntax); None: every layer
-    target_errors: Sequence[float] | None = None
-    target_energies: Sequence[float] | None = None
-    ks: Sequence[int] | None = None  # uniform latent sizes, each measured as its own configuration
-    budget: str | None = None  # a sweep_budget.csv
-    latents: Sequence[str] = LATENT_KINDS
+    layers: str | Sequence[int] | None = None  # layer selection ("0:4", "1,3", a list); None: every layer
+    target_errors: Sequence[float] | float | None = None  # per kv group the smallest latent with error <= each
+    target_energies: Sequence[float] | float | None = None  # or with kept energy >= each
+    ks: Sequence[int] | int | str | None = None  # uniform latent sizes (0..head_dim), each its own configuration
+    budget: str | os.PathLike | None = None  # a sweep_budget.csv made by `headlens sweep` for this model
+    latents: Sequence[str] | str = LATENT_KINDS  # plain, data-aware, or both
     kv_bytes: int = 2  # bytes per cached number
     max_calib_tokens: int = 2048
     truncate: bool = False
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto (float32 on the CPU, the checkpoint's on an accelerator), float32, ...
+
+    def __post_init__(self) -> None:
+        self._coerce()
+
+    def _coerce(self) -> None:
+        """Each field in its one form (lists as lists), or a HeadlensError naming the field and the type expected."""
+        self.layers = params.selection(self.layers, "layers")
+        for name in ("target_errors", "target_energies"):
+            if getattr(self, name) is not None:
+                setattr(self, name, params.numbers(getattr(self, name), name))
+        if isinstance(self.ks, str):
+            from headlens.selection import _int_list
+
+            self.ks = _int_list(self.ks, "ks", "give whole latent sizes separated by commas, e.g. 16,32")
+        elif self.ks is not None:
+            self.ks = params.integers(self.ks, "ks")
+        self.budget = params.path(self.budget, "budget")
+        kinds = params.choices(self.latents, "latents", (*LATENT_KINDS, "both"))
+        self.latents = list(dict.fromkeys(k for kind in kinds for k in (LATENT_KINDS if kind == "both" else (kind,))))
+        for name in ("kv_bytes", "max_calib_tokens"):
+            setattr(self, name, params.integer(getattr(self, name), name))
+        self.truncate = params.flag(self.truncate, "truncate")
+        self.dtype = params.choice(self.dtype, "dtype", DTYPE_CHOICES)
 
     def validate(self) -> None:
-        given = [n for n, v in (("target_error", self.target_errors), ("target_energy", self.target_energies),
-                                ("k", self.ks), ("budget", self.budget)) if v]
+        self._coerce()  # fields may have been set after construction
+        given = [n for n, v in (("target_errors", self.target_errors), ("target_energies", self.target_energies),
+                                ("ks", self.ks), ("budget", self.budget)) if v]
         if len(given) > 1:
             raise HeadlensError(f"give one budget: {' or '.join('`' + g + '`' for g in given)}, not several")
-        _in_unit(self.target_errors, "target_error")
-        _in_unit(self.target_energies, "target_energy")
-        for k in self.ks or ():
-            if not isinstance(k, int) or k < 0:
-                raise HeadlensError(f"`k` {k}: a latent size is a whole number, 0..head_dim")
-        bad = [k for k in self.latents if k not in LATENT_KINDS]
-        if bad or not self.latents:
-            raise HeadlensError(f"`latent` {bad[0] if bad else ''!r}: choose plain, data-aware or both")
+        for name in ("target_errors", "target_energies", "ks"):
+            if getattr(self, name) is not None and not getattr(self, name):
+                raise HeadlensError(f"`{name}` is empty: give at least one value, or leave it out (None)")
+        _in_unit(self.target_errors, "target_errors")  # type: ignore[arg-type]
+        _in_unit(self.target_energies, "target_energies")  # type: ignore[arg-type]
+        for k in self.ks or ():  # type: ignore[union-attr]
+            if k < 0:
+                raise HeadlensError(f"`ks` {k}: a latent size is a whole number, 0..head_dim")
+        if not self.latents:
+            raise HeadlensError("`latents` is empty: choose plain, data-aware or both")
         if not 1 <= self.kv_bytes <= 8:
             raise HeadlensError(f"`kv_bytes` {self.kv_bytes}: bytes per cached value are 1..8")
         if self.max_calib_tokens < 4:
@@ -97,6 +127,10 @@ class Configuration:
 
 @dataclass
 class CompressResult:
+    """What :func:`run_compress` measured: per configuration (``configurations[i]``) its :class:`Measurement`
+    (``measurements[i]``: per-layer errors, KL, top-1, perplexity or embedding cosine, KV bytes). ``to_json()``
+    is ``compress_summary.json``; ``print(result)`` shows one line per configuration."""
+
     model: dict  # the checkpoint's description and weights digest
     name: str
     task: str  # causal-lm or embedding
@@ -108,9 +142,29 @@ class CompressResult:
     measurements: list[Measurement]  # one per configuration
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went
     kept: tuple | None = field(default=None, repr=False)  # (model, ck, tokenizer, plans per configuration) when kept
+    notes: list[str] = field(default_factory=list)  # what the run chose or removed (shipped texts, k = 0 groups)
 
     def pairs(self) -> list[tuple[Configuration, Measurement]]:
         return list(zip(self.configurations, self.measurements))
+
+    def to_json(self) -> dict:
+        """Everything measured as strict JSON data: what ``compress_summary.json`` holds
+        (:func:`headlens.compress.summary.summary`; a perplexity beyond float64 is null with a flag)."""
+        from headlens.compress.summary import summary
+
+        return summary(self)
+
+    def __repr__(self) -> str:
+        from headlens.results import short_repr
+
+        lines = []
+        for c, m in self.pairs():
+            what = (f"KL {m.kl_mean:.4f} nats, ppl {m.ppl_before:.4g} -> {m.ppl_after:.4g}" if m.kl_mean is not None
+                    else f"cosine {m.embedding_cosine_mean:.4f}" if m.embedding_cosine_mean is not None else "")
+            lines.append(f"{c.name}: {100 * m.kv.saving:.1f}% of the KV cache saved; {what}")
+        return short_repr(self, f"{self.name} ({self.task}): {len(self.configurations)} configuration(s) on "
+                                f"{len(self.layers)} layer(s)", lines, "configurations[i], measurements[i], notes, "
+                                "to_json(), save_model(name, dir)")
 
     def save_model(self, name: str, out_dir, info: dict | None = None):
         """Write configuration ``name`` as a compressed HuggingFace directory
@@ -147,7 +201,7 @@ def configurations(cfg: CompressConfig, full: dict[str, dict[int, LayerPlan]], c
         if kind == "k":
             for k in cfg.ks:  # type: ignore[union-attr]
                 if k > s.head_dim:
-                    raise HeadlensError(f"`k` {k} is above head_dim {s.head_dim}: a kv group's latent holds "
+                    raise HeadlensError(f"`ks` {k} is above head_dim {s.head_dim}: a kv group's latent holds "
                                         f"0..{s.head_dim} numbers")
                 out.append(Configuration(f"{latent} {_label('k', k)}", "k", k, latent, "uniform",
                                          same_ks(layers, s.num_kv_heads, k)))
@@ -162,8 +216,8 @@ def configurations(cfg: CompressConfig, full: dict[str, dict[int, LayerPlan]], c
                 ks = budget_ks[latent]  # type: ignore[index]
                 missing = [layer for layer in layers if layer not in ks]
                 if missing or set(ks) - set(layers):
-                    raise HeadlensError(f"--budget covers layers {sorted(ks)}, but this run compresses {layers}: "
-                                        "pass --layers to match the sweep")
+                    raise HeadlensError(f"`budget` covers layers {sorted(ks)}, but this run compresses {layers}: "
+                                        f"pass `layers` {','.join(map(str, sorted(ks)))} to match the sweep")
             else:
                 ks = target_ks(full[latent], BudgetTarget("energy" if kind == "target-energy" else "error", float(v)))
             name = f"{latent} {_label(kind, v)}"
@@ -173,25 +227,42 @@ def configurations(cfg: CompressConfig, full: dict[str, dict[int, LayerPlan]], c
     return out
 
 
-def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts: list[str] | None = None, *,
-                 on_start: Callable[[dict], None] | None = None, disable: bool | None = None,
-                 keep_model: bool = False) -> CompressResult:
-    """Fit, put in and measure the latents ``cfg`` describes on ``source`` (a ModelSource), on ``eval_texts``
-    (never used to fit), with ``calib_texts`` for data-aware latents. ``on_start`` gets a dict describing the
-    run before the eval passes; ``keep_model`` keeps the loaded model in the result, for
+def zero_notes(confs: list[Configuration]) -> list[str]:
+    """One note per configuration that gives some kv groups a latent of 0: their values are removed."""
+    out = []
+    for c in confs:
+        sizes = [k for v in c.ks.values() for k in v]
+        zeros = sum(k == 0 for k in sizes)
+        if zeros:
+            which = "every kv group" if zeros == len(sizes) else f"{zeros} of {len(sizes)} kv groups"
+            out.append(f"{c.name}: k = 0 for {which}: their values are removed (the attention of those groups "
+                       "writes only the value bias)")
+    return out
+
+
+def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence[str] | str | None = None,
+                 calib_texts: Sequence[str] | str | None = None, *, on_start: Callable[[dict], None] | None = None,
+                 disable: bool | None = None, keep_model: bool = False) -> CompressResult:
+    """Fit, put in and measure the latents ``cfg`` describes (default :class:`CompressConfig`: error targets
+    0.1, 0.2, 0.4, plain and data-aware) on ``source`` (a ModelSource), on ``eval_texts`` (never used to fit),
+    with ``calib_texts`` for data-aware latents. For an embedded model either may be left out: the texts shipped
+    with it are used (:func:`headlens.io.embedded.default_texts`; ``result.notes`` says so). ``on_start`` gets a
+    dict describing the run before the eval passes; ``keep_model`` keeps the loaded model in the result, for
     :meth:`CompressResult.save_model`. Returns a :class:`CompressResult`."""
     from headlens.circuits.sweep_parts import weights_digest
-    from headlens.io.source import check_text_lengths
+    from headlens.compress.texts import compress_texts
+    from headlens.io.source import ModelSource, check_text_lengths
     from headlens.residual.capture import capture_attention_inputs, max_positions
     from headlens.selection import parse_layers
 
+    params.instance(source, "source", ModelSource, 'e.g. headlens.ModelSource(embedded="tiny-lm")')
+    cfg = CompressConfig() if cfg is None else params.instance(cfg, "cfg", CompressConfig,
+                                                              "e.g. headlens.CompressConfig(ks=[16])")
     cfg.validate()
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    if not eval_texts:
-        raise HeadlensError("`eval` holds no texts")
-    if cfg.needs_calibration() and not calib_texts:
-        raise HeadlensError("data-aware latents need calibration texts (`calib`), or pass `latent` plain")
+    texts = compress_texts(source, cfg.needs_calibration(), eval_texts, calib_texts)
+    eval_texts, calib_texts, notes = texts.eval, texts.calib, list(texts.notes)
     ck = source.checkpoint(full=True, roles=("q", "k", "v", "o", "qkv", "norm"))
     if ck.directory is None:
         raise HeadlensError("compress runs the model: pass a HuggingFace model directory (config.json, weights and "
@@ -200,7 +271,7 @@ def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts
     layers = parse_layers(cfg.layers, s.num_layers)
     for k in cfg.ks or ():
         if k > s.head_dim:
-            raise HeadlensError(f"`k` {k} is above head_dim {s.head_dim}: a kv group's latent holds "
+            raise HeadlensError(f"`ks` {k} is above head_dim {s.head_dim}: a kv group's latent holds "
                                 f"0..{s.head_dim} numbers")
     digest = weights_digest(ck)
     budget_ks = read_budget(cfg.budget, ck, digest, tuple(cfg.latents)) if cfg.budget else None
@@ -227,9 +298,11 @@ def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts
     confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
     seconds["fit"] = time.perf_counter() - t
     ridge = {layer: max(g.ridge for g in p.groups) for layer, p in full.get("data-aware", {}).items()}
+    removed = zero_notes(confs)
+    notes += removed
     if on_start is not None:
         on_start({"name": ck.name, "shape": s, "layers": layers, "calibration_tokens": n_calib,
-                  "eval_texts": len(eval_texts), "configurations": len(confs)})
+                  "eval_texts": len(eval_texts), "configurations": len(confs), "notes": removed})
     # identical (kind, sizes) are measured once
     keys = [(c.latent, tuple((layer, tuple(v)) for layer, v in sorted(c.ks.items()))) for c in confs]
     unique = list(dict.fromkeys(keys))
@@ -244,7 +317,7 @@ def run_compress(source, cfg: CompressConfig, eval_texts: list[str], calib_texts
     return CompressResult(model={**ck.describe(), "weights_digest": digest}, name=ck.name, task=measured[0].task,
                           layers=layers, config=cfg, calibration_tokens=n_calib, ridge=ridge, configurations=confs,
                           measurements=[by_key[k] for k in keys], seconds=seconds,
-                          kept=(model, ck, tok, [plans_of[k] for k in keys]) if keep_model else None)
+                          kept=(model, ck, tok, [plans_of[k] for k in keys]) if keep_model else None, notes=notes)
 
 
 def _check_short(tok, texts: list[str]) -> None:

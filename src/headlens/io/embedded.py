@@ -120,14 +120,39 @@ def describe(name: str) -> dict:
 TEXTS_DIR = MODELS_DIR / "texts"
 
 
-def default_texts(name: str) -> tuple[Path, Path]:
-    """(calibration texts, eval texts) that ``headlens compress`` uses for the embedded model ``name`` when none
-    are given, one text per line (``tools/train/compress_texts.py`` writes them): held-out paragraphs of the
-    training corpus for the decoders trained here, the notebook prompt's sentences for MiniLM."""
+@dataclass(frozen=True)
+class ShippedTexts:
+    """The texts shipped for an embedded model: ``calib`` (fit the data-aware latents) and ``eval`` (held out),
+    one text per line in ``calib_file`` / ``eval_file``. ``headlens compress`` (and ``run_compress`` without
+    ``eval_texts``) uses them for the embedded models."""
+
+    model: str
+    calib_file: Path
+    eval_file: Path
+
+    @property
+    def calib(self) -> list[str]:
+        """The calibration texts (a fresh list each time)."""
+        from headlens.io.files import read_text_lines
+
+        return read_text_lines(self.calib_file, "calib_file")
+
+    @property
+    def eval(self) -> list[str]:
+        """The eval texts (a fresh list each time), disjoint from :attr:`calib`."""
+        from headlens.io.files import read_text_lines
+
+        return read_text_lines(self.eval_file, "eval_file")
+
+
+def default_texts(name: str) -> ShippedTexts:
+    """The calibration and eval texts shipped for the embedded model ``name`` (:class:`ShippedTexts`; written by
+    ``tools/train/compress_texts.py``): held-out paragraphs of the training corpus for the decoders trained here,
+    the notebook prompt's sentences for MiniLM."""
     model = check_name(name)
     stem = "decoder" if model.decoder else "minilm"
-    paths = (TEXTS_DIR / f"{stem}_calib.txt", TEXTS_DIR / f"{stem}_eval.txt")
-    missing = [str(p) for p in paths if not p.is_file()]
+    texts = ShippedTexts(model.name, TEXTS_DIR / f"{stem}_calib.txt", TEXTS_DIR / f"{stem}_eval.txt")
+    missing = [str(p) for p in (texts.calib_file, texts.eval_file) if not p.is_file()]
     if missing:
         raise HeadlensError(f"the default texts of {name} are missing ({', '.join(missing)}): reinstall headlens")
-    return paths
+    return texts

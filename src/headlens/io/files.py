@@ -169,17 +169,44 @@ def write_json(path: str | os.PathLike, obj: Any, immediate: bool = False) -> Pa
     return Path(path)
 
 
-def read_text_lines(path: str | os.PathLike, flag: str) -> list[str]:
-    """Non-blank lines of a UTF-8 text file given with ``flag`` (one text per line); one-line errors."""
+def read_text(path: str | os.PathLike, name: str = "path") -> str:
+    """The whole of a UTF-8 text file (a byte-order mark dropped), exactly as stored: line ends are not translated.
+    ``name`` is the parameter that gave ``path``, named in the one-line errors (missing, unreadable, not UTF-8
+    text, or binary: a NUL byte)."""
     try:
-        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            text = fh.read()
+    except IsADirectoryError:
+        raise HeadlensError(f"`{name}` {path} is a directory: give a text file") from None
     except OSError as exc:
-        raise HeadlensError(f"{flag} {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise HeadlensError(f"{flag} {path} is not UTF-8 text") from None
+        raise HeadlensError(f"`{name}` {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise HeadlensError(f"`{name}` {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if "\x00" in text:
+        raise HeadlensError(f"`{name}` {path} is not a text file: it holds NUL bytes")
+    return text
+
+
+def split_lines(text: str) -> list[str]:
+    """The non-blank lines of ``text``, split at ``\\n`` and ``\\r\\n`` only. Unlike ``str.splitlines`` a form feed,
+    ``\\x1c``-``\\x1e``, ``\\x85``, U+2028 or a lone ``\\r`` inside a line stays in its text."""
+    lines = (ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n"))
+    return [ln for ln in lines if ln.strip()]
+
+
+def read_text_lines(path: str | os.PathLike, name: str = "path") -> list[str]:
+    """The texts of a UTF-8 file holding one text per line (:func:`split_lines`: blank lines skipped); ``name`` is
+    the parameter that gave ``path``, named in the one-line errors (see :func:`read_text`, and an empty file)."""
+    lines = split_lines(read_text(path, name))
     if not lines:
-        raise HeadlensError(f"{flag} {path} is empty")
+        raise HeadlensError(f"`{name}` {path} is empty")
     return lines
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """The texts of a UTF-8 file holding one text per line, split at ``\\n`` and ``\\r\\n`` only, blank lines
+    skipped (:func:`read_text_lines`): what every ``texts`` parameter of the library takes."""
+    return read_text_lines(path, "path")
 
 
 def read_json_and_tensors(path: str | os.PathLike, what: str) -> tuple[dict, dict]:

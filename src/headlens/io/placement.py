@@ -55,26 +55,33 @@ def _mps_available() -> bool:
 
 
 def parse_device(text: str | None) -> torch.device:
-    """The torch device ``text`` names (``auto`` resolved), or HeadlensError naming what this machine has."""
-    name = (default_device() if text is None else str(text)).strip().lower()
+    """The torch device ``text`` names (``auto`` resolved), or HeadlensError naming what this machine has. With
+    ``text`` None the environment variable ``HEADLENS_DEVICE`` names it (else ``auto``), and the errors say so."""
+    from_env = text is None
+    given = default_device() if from_env else str(text)
+    name = given.strip().lower()
+    # the environment variable is not a parameter: no backticks, so the command line keeps its name
+    what = "the environment variable HEADLENS_DEVICE" if from_env else "`device`"
+    unset = "; pass `device` or unset HEADLENS_DEVICE" if from_env else ""
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "mps":
         if not _mps_available():
-            raise HeadlensError(f"`device` mps is not available on this machine (available: {available_devices()})")
+            raise HeadlensError(f"{what} mps is not available on this machine (available: {available_devices()})"
+                                f"{unset}")
         return torch.device("mps")
     m = re.fullmatch(r"cuda(?::(\d+))?", name)
     if m is None:
-        raise HeadlensError(f"`device` {text!r} is not a device: choose {DEVICE_CHOICES}")
+        raise HeadlensError(f"{what} {given!r} is not a device: choose {DEVICE_CHOICES}{unset}")
     if not torch.cuda.is_available():
-        raise HeadlensError(f"`device` {name} asked for, but CUDA is not available on this machine "
-                            f"(available: {available_devices()})")
+        raise HeadlensError(f"{what} {name} asked for, but CUDA is not available on this machine "
+                            f"(available: {available_devices()}){unset}")
     index = int(m.group(1)) if m.group(1) else 0
     if index >= torch.cuda.device_count():
-        raise HeadlensError(f"`device` {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                            f"(available: {available_devices()})")
+        raise HeadlensError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(available: {available_devices()}){unset}")
     return torch.device("cuda", index)
 
 

@@ -187,7 +187,7 @@ def check_text_lengths(tokenizer, texts: list[str], limit: int | None, truncate:
         used += n
 
 
-def _placed(kwargs: dict, directory: Path, exc: BaseException) -> HeadlensError | None:
+def _placed(placement: Placement, directory: Path, exc: BaseException) -> HeadlensError | None:
     """One line for a placement that cannot hold the model (accelerate's own message is a paragraph)."""
     text = str(exc)
     uncovered = "does not give any device for the following parameters:"
@@ -196,28 +196,46 @@ def _placed(kwargs: dict, directory: Path, exc: BaseException) -> HeadlensError 
         return HeadlensError(f"`device_map` places no device for {len(names)} parameter(s) of {directory.name} "
                              f"({names[0] if names else '?'}, ...): give every module a device (cpu, disk, a GPU)")
     if "offload" in text and "disk" in text:
+        if placement.max_memory is None:
+            return HeadlensError(f"the device map puts weights of {directory.name} on disk that accelerate must write "
+                                 "out again (not safetensors, or stored in another layout, as MoE experts are): give "
+                                 "`offload_dir` DIR for them")
         return HeadlensError(f"the model of {directory} does not fit the device map's memory (`max_memory` "
-                             f"{kwargs.get('max_memory')}): give `offload_dir` DIR to offload the rest to disk, or "
+                             f"{placement.max_memory}): give `offload_dir` DIR to offload the rest to disk, or "
                              "allow more memory")
     return None
+
+
+def _map_name(placement: Placement) -> str:
+    value = placement.device_map
+    return str(value) if isinstance(value, (str, os.PathLike)) else "the device map"
 
 
 def _load(cls, directory: Path, dtype: torch.dtype, trust_remote_code: bool, placement: Placement | None,
           **extra):
     """``cls.from_pretrained`` of ``directory`` placed and in ``dtype``; a checkpoint stored quantized is loaded
     dequantized to ``dtype`` (:mod:`headlens.io.quantized_model`, which says so in one stderr line)."""
+    import warnings
+
     from headlens.io import quantized_model
 
     kwargs = placement.load_kwargs() if placement is not None else {}
+    if placement is not None and isinstance(kwargs.get("device_map"), dict) and placement.device_map is not None:
+        from headlens.io.device_map import empty_model, fit_map, head_modules
+
+        kwargs["device_map"] = fit_map(kwargs["device_map"], empty_model(cls, directory, trust_remote_code),
+                                       directory.name, _map_name(placement),
+                                       heads=lambda: head_modules(directory, trust_remote_code))
     quantized = quantized_model.inspect(directory)
     try:
-        with quiet_transformers():
+        with quiet_transformers(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="accelerate")  # said by headlens
             if quantized is not None:
                 return quantized_model.load(quantized, cls, dtype, trust_remote_code, kwargs, extra)
             return cls.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs,
                                        **extra)
     except (ValueError, RuntimeError, OSError) as exc:
-        placed = _placed(kwargs, directory, exc) if kwargs else None
+        placed = _placed(placement, directory, exc) if kwargs and placement is not None else None
         if placed is not None:
             raise placed from None
         raise

@@ -202,14 +202,23 @@ def read_table(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            return []
-        out = []
-        for n, cells in enumerate(reader, start=2):
-            if len(cells) != len(header):
-                raise HeadlensError(f"{path}:{n}: {len(cells)} cells, the header has {len(header)}")
-            out.append({c: _parse_csv_cell(v) for c, v in zip(header, cells)})
-        return out
+    """The rows of a UTF-8 CSV file; a binary or non-UTF-8 file, or one the csv module cannot parse, is one
+    HeadlensError naming the file (and the line)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                return []
+            out = []
+            for n, cells in enumerate(reader, start=2):
+                if len(cells) != len(header):
+                    raise HeadlensError(f"{path}:{n}: {len(cells)} cells, the header has {len(header)}")
+                out.append({c: _parse_csv_cell(v) for c, v in zip(header, cells)})
+            return out
+    except UnicodeDecodeError as exc:
+        raise HeadlensError(f"{path} is not a CSV table: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except csv.Error as exc:
+        raise HeadlensError(f"{path} is not a CSV table: line {reader.line_num}: {exc}") from None
+    except OSError as exc:
+        raise HeadlensError(f"cannot read table {path}: {exc.strerror or exc}") from None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headlens import params
 from headlens.errors import HeadlensError
 from headlens.io.source import ModelSource
 from headlens.moe.capture import RouterLayer, capture_routing, is_moe_config, scoring_rule
@@ -35,6 +36,18 @@ class RouterConfig:
     truncate: bool = False  # cut texts longer than the model's positions instead of refusing them
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise HeadlensError naming a field of the wrong type or out of range."""
+        from headlens.selection import DTYPE_CHOICES
+
+        self.batch_size = params.integer(self.batch_size, "batch_size")
+        self.color_layer = params.integer(self.color_layer, "color_layer", optional=True)
+        self.progress = params.flag(self.progress, "progress")
+        self.truncate = params.flag(self.truncate, "truncate")
+        if not isinstance(self.dtype, torch.dtype):
+            self.dtype = params.choice(self.dtype, "dtype", DTYPE_CHOICES)
         if self.batch_size < 1:
             raise HeadlensError(f"`batch_size` must be at least 1, got {self.batch_size}")
 
@@ -49,6 +62,24 @@ class RouterResult:
     token_ids: list[list[int]]  # per text, its real (unpadded) token ids; T tokens in all
     token_pieces: list[list[str]]  # per text, each token decoded on its own
     color_layer: int  # the MoE layer whose top expert colours the text page
+
+    def to_json(self) -> dict:
+        """The report (statistics per MoE layer, transitions) with the texts and their tokens, as strict JSON data;
+        the routing tensors (``layers``) are what ``headlens router`` writes to ``router_dump.safetensors``."""
+        from headlens.results import strict
+
+        return strict({"report": self.report.to_json(), "texts": self.texts, "token_ids": self.token_ids,
+                       "token_pieces": self.token_pieces, "color_layer": self.color_layer})
+
+    def __repr__(self) -> str:
+        from headlens.results import short_repr
+
+        r = self.report
+        lines = [f"layer {s.layer:>3}: load CV {s.load_cv:.3f}, dead {len(s.dead_experts)}, load entropy "
+                 f"{s.load_entropy_norm:.3f}, routing entropy {s.routing_entropy_norm:.3f}" for s in r.stats]
+        return short_repr(self, f"{r.model.get('name', '?')}: {len(r.moe_layers)} MoE layers ({r.experts} experts, "
+                                f"top-{r.top_k}, {r.rule}), {r.tokens} tokens from {len(self.texts)} text(s)", lines,
+                          "report.stats[i], layers[i].logits / indices / weights, token_pieces, to_json()")
 
 
 def _moe_text_config(name: str, config: dict) -> dict:
@@ -93,8 +124,11 @@ def route(source: ModelSource, texts: list[str] | str, cfg: RouterConfig | None 
     from headlens.io.source import check_text_lengths
     from headlens.residual.capture import max_positions
 
-    cfg = cfg or RouterConfig()
-    texts = [texts] if isinstance(texts, str) else list(texts)
+    params.instance(source, "source", ModelSource, 'e.g. headlens.ModelSource(embedded="tiny-moe")')
+    cfg = RouterConfig() if cfg is None else params.instance(cfg, "cfg", RouterConfig,
+                                                            "e.g. headlens.RouterConfig(batch_size=4)")
+    cfg.check()
+    texts = params.texts(texts, "texts")
     if not texts or not all(t.strip() for t in texts):
         raise HeadlensError("`texts` is empty" if not texts else "`texts` holds an empty text")
     name, directory, config = source.model_dir()

@@ -32,6 +32,14 @@ def _num(value: Any, spec: str) -> str:
     return "\u2013" if value is None else format(float(value), spec)
 
 
+def _ppl(record: dict, side: str) -> str:
+    """A perplexity cell: ``inf`` where it overflowed float64 (null in the JSON), scientific from a million."""
+    if record.get(f"ppl_{side}_overflow"):
+        return "inf"
+    value = record.get(f"ppl_{side}")
+    return _num(value, ".3e" if value is not None and value >= 1e6 else ".2f")
+
+
 def _pct(fraction: Any) -> str:
     return "\u2013" if fraction is None else f"{100 * float(fraction):.1f}%"
 
@@ -75,7 +83,7 @@ def _config_cells(r: dict, causal: bool) -> list[str]:
              _pct(r.get("saving"))]
     if causal:
         cells += [_num(r.get("kl_mean"), ".4f"), _num(r.get("kl_p95"), ".4f"), _pct(r.get("top1_agreement")),
-                  f"{_num(r.get('ppl_before'), '.2f')} \u2192 {_num(r.get('ppl_after'), '.2f')}"]
+                  f"{_ppl(r, 'before')} \u2192 {_ppl(r, 'after')}"]
     else:
         cells += [_num(r.get("embedding_cosine_mean"), ".4f"), _num(r.get("embedding_cosine_min"), ".4f"),
                   _pct(r.get("neighbour_agreement"))]

@@ -62,10 +62,29 @@ class SphereConfig:
     def __post_init__(self) -> None:
         if isinstance(self.labels, bool):  # the field was a bool: draw every label or none
             self.labels = "all" if self.labels else "none"
+        self._coerce()
+
+    def _coerce(self) -> None:
+        """Each field in its one form, or a HeadlensError naming the field and the type expected."""
+        from headlens import params
+        from headlens.selection import DTYPE_CHOICES
+
+        for name in ("align", "drop_first", "drop_outliers", "truncate", "half"):
+            setattr(self, name, params.flag(getattr(self, name), name))
+        for name in ("outlier_factor", "cluster_threshold", "frame_seconds"):
+            setattr(self, name, params.number(getattr(self, name), name))
+        self.seed = params.integer(self.seed, "seed")
+        self.workers = params.integer(self.workers, "workers", optional=True)
+        self.prompt = params.text(self.prompt, "prompt")
+        self.layers = params.selection(self.layers, "layers")
+        self.basis = params.choice(self.basis, "basis", ("layer", "global"))
+        self.site = params.choice(self.site, "site", SPHERE_SITES)
+        self.dtype = params.choice(self.dtype, "dtype", DTYPE_CHOICES)
+        self.labels = params.choice(self.labels, "labels", LABEL_CHOICES)
 
     def check(self) -> None:
-        """Raise HeadlensError on an option out of range (before any file is read)."""
-        self.__post_init__()  # labels set to a bool after construction
+        """Raise HeadlensError on an option out of range or of the wrong type (before any file is read)."""
+        self.__post_init__()  # fields set after construction (labels to a bool, say)
         if self.labels not in LABEL_CHOICES:
             raise HeadlensError(f"`labels` {self.labels!r}: choose {', '.join(LABEL_CHOICES)}")
         if self.frame_seconds <= 0:
@@ -157,6 +176,17 @@ class SphereResult:
                 row["explained_variance_axes"] = f.axis_variance.tolist()
             rows.append(row)
         return rows
+
+    def __repr__(self) -> str:
+        from headlens.results import short_repr
+
+        lines = [f"layer {m.layer:>3}: {m.n_tokens} tokens, PCA-3 keeps {100 * m.explained_variance_3:.1f}%, mean cos "
+                 f"{m.mean_cos:.3f}, clusters {m.n_clusters}, eff. rank {m.effective_rank:.1f}" for m in self.metrics]
+        if self.outliers:
+            lines.append(f"outliers: positions {[o.position for o in self.outliers]}")
+        return short_repr(self, f"{self.name or 'stream'}: {len(self.tokens)} tokens, {len(self.layers)} layer(s) on "
+                                f"the sphere, site {self.config.site}", lines,
+                          "frames[i].points, metrics[i], outliers, summary, to_json()")
 
     def to_json(self) -> dict:
         """Everything computed, as JSON-ready data (``sphere.json`` adds model, site and prompt)."""
@@ -418,6 +448,11 @@ def sphere_from_model(source, cfg: SphereConfig, on_checked: Callable[[], object
     from headlens.residual.target import open_run_target
     from headlens.selection import parse_layers
 
+    from headlens import params
+    from headlens.io.source import ModelSource
+
+    params.instance(source, "source", ModelSource, 'e.g. headlens.ModelSource(embedded="tiny-lm")')
+    params.instance(cfg, "cfg", SphereConfig, 'e.g. headlens.SphereConfig(prompt="...")')
     cfg.check()
     target = open_run_target(source, "sphere runs the model: pass `weights` DIR (a HuggingFace model directory "
                                      "with config.json and tokenizer) or `hf_repo`, not a bare state dict")

@@ -39,10 +39,18 @@ class DiagramResult:
         """What the command prints before the file lines: the model, a blank line, the summary, the hook guide."""
         return [self.model_text, "", *summary_lines(self.graph), *self.hook_guide]
 
-    def to_json(self, files: dict[str, str]) -> dict:
+    def to_json(self, files: dict[str, str] | None = None) -> dict:
         """The JSON document of the diagram; ``files`` names the files written (``png``, ``mermaid``, ``json``)."""
         return {"model": self.model_info, "graph": self.graph.to_json(),
-                "hooks": [vars(s) for s in self.hook_sites], "hook_guide": self.hook_guide, "files": files}
+                "hooks": [vars(s) for s in self.hook_sites], "hook_guide": self.hook_guide, "files": dict(files or {})}
+
+    def __repr__(self) -> str:
+        from headlens.results import short_repr
+
+        return short_repr(self, f"{self.model_name} layer {self.graph.layer}: {self.graph.model_class}, "
+                                f"{self.graph.source}", self.hook_guide[:1] + [f"{s.site}: {s.hook} on {s.module}"
+                                                                              for s in self.hook_sites],
+                          "lines() (what the command prints), graph, hook_sites, model_text, to_json()")
 
 
 def build_layer_graph(model: nn.Module, spec: ArchSpec, layer: int) -> LayerGraph:
@@ -79,6 +87,10 @@ def trace_model_layer(source: ModelSource, layer: int, dtype: torch.dtype = torc
     the model is loaded (the command line creates its output directories there, so a bad directory fails before a
     large model loads). Returns a :class:`DiagramResult`.
     """
+    from headlens import params
+
+    params.instance(source, "source", ModelSource, 'e.g. headlens.ModelSource(embedded="tiny-lm")')
+    layer = params.integer(layer, "layer")  # type: ignore[assignment]
     target = open_diagram_target(source, layer)
     if before_load is not None:
         before_load(target)
