@@ -506,3 +506,28 @@ def test_hub_weight_only_fetches_only_the_shards_it_needs(built, tmp_path, capsy
     assert main(["ov", "--weights", str(qdir), *args, "--out-dir", str(tmp_path / "p")]) == 0
     want = capsys.readouterr().out.splitlines()
     assert got[:6] == want[:6] and "weights: fp8 block 32x32, dequantized" in got
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block16", "gptq-int4-actorder"])
+def test_compress_save_model_from_a_quantized_checkpoint(scheme, built, tmp_path, capsys):
+    """The compressed model of a quantized checkpoint is saved dequantized, in the checkpoint's own float type (its
+    config's torch_dtype), without a quantization_config (through either loading route), and a plain
+    from_pretrained runs it as the measured model: its value weights are the dense copy's compressed ones."""
+    from transformers import AutoModelForCausalLM
+
+    qdir, _, dense = built(scheme)
+    texts = tmp_path / "eval.txt"
+    texts.write_text("The true meaning of life is absurdity and suffering\nThe cat sat on the mat and the dog barked\n")
+    args = ["--k", "8", "--latent", "plain", "--eval", str(texts)]
+    assert main(["compress", "--weights", str(qdir), *args, "--out-dir", str(tmp_path / "o1"),
+                 "--save-model", str(tmp_path / "q")]) == 0
+    assert main(["compress", "--weights", str(dense), *args, "--out-dir", str(tmp_path / "o2"),
+                 "--save-model", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    assert json.loads((tmp_path / "q" / "headlens_latent.json").read_text())["storage_dtype"] == "float32"
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    d = AutoModelForCausalLM.from_pretrained(tmp_path / "d")
+    for name, p in d.named_parameters():
+        assert torch.allclose(q.get_parameter(name), p, rtol=1e-5, atol=1e-7), name

@@ -84,10 +84,15 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def stored_dtype(ck, name: str) -> torch.dtype | None:
-    """The float type the checkpoint ``ck`` stores tensor ``name`` in; None when it has no such tensor or stores it
-    in another form (integers, fp8: quantized)."""
+    """The float type the checkpoint ``ck`` stores tensor ``name`` in; None when it has no such tensor. A weight stored
+    quantized (integers, fp8 with scales) counts as stored in the checkpoint's own float type (config.json's
+    ``torch_dtype``, what its dequantized weights are meant in), or None when the config names none."""
     try:
-        dtype = ck.tensors.dtype(name)
+        if ck.tensors.is_quantized(name):
+            named = (ck.config or {}).get("dtype") or (ck.config or {}).get("torch_dtype")
+            dtype = getattr(torch, named, None) if isinstance(named, str) else None
+        else:
+            dtype = ck.tensors.dtype(name)
     except (HeadlensError, KeyError):
         return None
     return dtype if dtype in STORAGE_DTYPES else None

@@ -5,7 +5,8 @@ Commands that run the model (prompts, ``sphere``, ``router``, ``compress``, ``di
 
 - fp8 with block scales whose blocks tile every weight exactly (and per-tensor fp8) load through transformers' own
   dequantizing loader (``FineGrainedFP8Config(dequantize=True)``), and a sample of the weights it built is checked
-  against headlens's own dequantization (:func:`verify`). transformers derives the block size from the scale grid,
+  against headlens's own dequantization (:func:`verify`); those weights then make a plain model (a model loaded
+  with a quantizer attached would quantize again when ``compress`` saves it). transformers derives the block size from the scale grid,
   which is wrong when a dimension is not a multiple of the block (a 48-wide weight in blocks of 32 would be read in
   blocks of 24), so such checkpoints take the second route;
 - every other scheme (and those fp8 checkpoints) is dequantized by headlens's reader
@@ -124,24 +125,25 @@ def load(q: QuantizedCheckpoint, cls, dtype: torch.dtype, trust_remote_code: boo
 
     print(q.quantization.load_line(dtype), file=sys.stderr)
     block = q.transformers_fp8()
-    if block is not None:
+    state = None
+    if block is not None:  # transformers' own fp8 dequantization, checked, then kept as plain weights
         from transformers import FineGrainedFP8Config
 
         qc = FineGrainedFP8Config(weight_block_size=block or None, dequantize=True)
-        got = cls.from_pretrained(str(q.directory), dtype=dtype, trust_remote_code=trust_remote_code,
-                                  quantization_config=qc, **kwargs, **extra)
-        model = got[0] if isinstance(got, tuple) else got
-        verify(model, q, dtype)
-        model.headlens_quantization = q.quantization  # for the outputs that describe the model (router's JSON)
-        return got
+        fp8 = cls.from_pretrained(str(q.directory), dtype=dtype, trust_remote_code=trust_remote_code,
+                                  quantization_config=qc)
+        verify(fp8, q, dtype)
+        state = fp8.state_dict()  # a model loaded so re-quantizes on save_pretrained: rebuild it without the quantizer
+        del fp8
     config = AutoConfig.from_pretrained(str(q.directory), trust_remote_code=trust_remote_code)
     for holder in (config, getattr(config, "text_config", None)):
         if holder is not None and getattr(holder, "quantization_config", None) is not None:
             delattr(holder, "quantization_config")
     model_cls = _model_class(cls, config)
     wants_info = bool(extra.pop("output_loading_info", False))
-    model, info = model_cls.from_pretrained(None, config=config, state_dict=q.state_dict(dtype), dtype=dtype,
-                                            output_loading_info=True, **kwargs, **extra)
+    model, info = model_cls.from_pretrained(None, config=config, state_dict=state if state is not None else
+                                            q.state_dict(dtype), dtype=dtype, output_loading_info=True, **kwargs,
+                                            **extra)
     missing = sorted(k for k in info.get("missing_keys", ()) if k)
     if missing:
         raise HeadlensError(f"{len(missing)} weight(s) of the model are not in the dequantized checkpoint "

@@ -45,6 +45,10 @@ class TensorSource:
     def __contains__(self, name: str) -> bool:
         return name in set(self.keys())
 
+    def is_quantized(self, name: str) -> bool:
+        """Whether tensor ``name`` is a weight stored quantized (read dequantized): never, for a plain source."""
+        return False
+
     @property
     def stored(self) -> "TensorSource":
         """The tensors as the files store them (a dequantizing view answers its underlying source): what identifies
