@@ -229,11 +229,13 @@ def factor_name(layer: int, kv_head: int, which: str) -> str:
     return f"layer{layer}.group{kv_head}.{which}"
 
 
-def save_latent_factors(plans: Sequence[LayerPlan], path: str | os.PathLike) -> Path:
+def save_latent_factors(plans: Sequence[LayerPlan], path: str | os.PathLike, latents: dict | None = None) -> Path:
     """Write ``latent_factors.safetensors`` at ``path`` (atomically): per layer l and kv group g,
     ``layer{l}.group{g}.down`` = P_g (k, d) and ``layer{l}.group{g}.up`` = U_g (hd, k), float32, with metadata
     ``format``, ``kind`` (plain or data-aware), ``k`` (JSON: layer -> k_g per group), ``head_dim`` and
-    ``hidden_size``. Returns the path."""
+    ``hidden_size``. With ``latents`` ({layer: :class:`~headlens.compress.cache.LayerLatents`}) also what
+    ``LatentCache`` reads: ``.encode`` = E_g (k, hd) and, where the value projection has one, ``.bias`` = b_g (hd,).
+    Returns the path."""
     from safetensors.torch import save_file
 
     from headlens.io.files import atomic_path
@@ -251,6 +253,11 @@ def save_latent_factors(plans: Sequence[LayerPlan], path: str | os.PathLike) -> 
         for g in p.groups:
             tensors[factor_name(p.layer, g.kv_head, "down")] = g.down.to(torch.float32).contiguous()
             tensors[factor_name(p.layer, g.kv_head, "up")] = g.up.to(torch.float32).contiguous()
+            lat = (latents or {}).get(p.layer)
+            if lat is not None:
+                tensors[factor_name(p.layer, g.kv_head, "encode")] = lat.encode[g.kv_head].to(torch.float32).contiguous()
+                if lat.bias is not None:
+                    tensors[factor_name(p.layer, g.kv_head, "bias")] = lat.bias[g.kv_head].to(torch.float32).contiguous()
     first = plans[0].groups[0]
     meta = {"format": FACTORS_FORMAT, "kind": plans[0].kind,
             "k": json.dumps({str(p.layer): p.ks for p in plans}),
@@ -283,6 +290,7 @@ def load_latent_factors(path: str | os.PathLike) -> tuple[dict, dict[tuple[int, 
 
 
 LATENT_PLAN_FILE = "headlens_latent.json"
+FACTORS_FILE = "latent_factors.safetensors"
 
 
 def _storage_plan(model: nn.Module, ck) -> tuple[dict[str, torch.dtype], torch.dtype]:
@@ -350,6 +358,7 @@ def save_compressed_model(model: nn.Module, ck, plans: Sequence[LayerPlan], out_
     as it runs the original. ``out_dir`` must be new or empty; it is locked from the start and its files appear
     together, with the rest of the command's output set, or not at all (:func:`headlens.io.files.atomic_dir`);
     ``model`` is left as it was. Returns the directory."""
+    from headlens.compress.cache import encoders
     from headlens.io.files import atomic_dir, check_new_dir
     from headlens.io.output_set import output_set
     from headlens.io.source import quiet_transformers
@@ -361,6 +370,7 @@ def save_compressed_model(model: nn.Module, ck, plans: Sequence[LayerPlan], out_
         with atomic_dir(out, "compress") as tmp:
             storage, main = _storage_plan(model, ck)
             values = [value_tensor(model, ck, p.layer) for p in plans]
+            latents = encoders(model, ck, plans)  # E_g from the original value weights, each checked
             compute = values[0].param.dtype if values else main
             with compressed(model, ck, plans), quiet_transformers():  # headlens's output, not transformers' bars
                 state = _stored_state_dict(model, storage)
@@ -373,7 +383,7 @@ def save_compressed_model(model: nn.Module, ck, plans: Sequence[LayerPlan], out_
             original = (ck.config or {}).get("dtype") or (ck.config or {}).get("torch_dtype")
             config["dtype"] = original if isinstance(original, str) else _dtype_name(main)
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_latent_factors(plans, tmp / "latent_factors.safetensors")
+            save_latent_factors(plans, tmp / FACTORS_FILE, latents)
             value_dtype = storage.get(values[0].name, main) if values else main
             record = {
                 "format": "headlens-latent-plan/1",
