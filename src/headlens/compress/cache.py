@@ -312,7 +312,7 @@ def read_latents(directory: Path, model=None) -> tuple[dict[int, LayerLatents], 
             E = tensors.get(f"{name}.encode")
             if E is None:
                 raise HeadlensError(f"{factors_path} has no encoders (written by a headlens before LatentCache): "
-                                    "run compress --save-model again")
+                                    "save the compressed model again (`compress` with `save_model`)")
             if hd is not None and U.shape[0] != hd:
                 raise HeadlensError(f"the latent factors of {directory} have head_dim {U.shape[0]}, but the model "
                                     f"has {hd}: they belong to another model")
