@@ -172,6 +172,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("generate", ["--compressed", "{cm_corrupt}"], "is not a readable latent factors file"),
     ("generate", ["--compressed", "{cm_other}"], "but the plan gives k = 4 and the model hidden size 256"),
     ("generate", ["--compressed", "{cm_encoder}"], "encode has shape"),
+    ("generate", ["--compressed", "{cm_minilm}"], "--compressed {cm_minilm} is an encoder (BERT): it keeps no KV cache"),
     ("generate", ["--compressed", "{cm}", "--k", "8"], "--compressed carries its own latents: leave out --k"),
     ("generate", ["--compressed", "{cm}", "--latent", "plain", "--layers", "0"],
      "leave out --latent, --layers"),
@@ -299,15 +300,16 @@ def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
 def _generate_inputs(root: Path, qwen3, evalfile) -> dict[str, Path]:
     """compress --save-model of tiny-lm (k = 16, plain) and copies broken one way each: its plan not JSON, its factors
     or weights missing, its factors corrupt, another model's plan and factors (the tiny qwen3's, k = 4), an encoder
-    that does not invert its up-projection."""
+    that does not invert its up-projection; and one of MiniLM (an encoder)."""
     from safetensors.torch import load_file, save_file
 
     cm, q3 = root / "cm", root / "q3"
     for argv in (["--model", "tiny-lm", "--k", "16", "--save-model", str(cm)],
-                 ["--weights", str(qwen3), "--k", "4", "--save-model", str(q3)]):
+                 ["--weights", str(qwen3), "--k", "4", "--save-model", str(q3)],
+                 ["--model", "minilm", "--k", "8", "--save-model", str(root / "cm_minilm")]):
         assert main(["compress", *argv, "--latent", "plain", "--eval", str(evalfile), "--out-dir",
                      str(root / f"{Path(argv[-1]).name}-report")]) == 0
-    out = {"cm": cm}
+    out = {"cm": cm, "cm_minilm": root / "cm_minilm"}
 
     def broken(name: str) -> Path:
         d = root / f"cm_{name}"

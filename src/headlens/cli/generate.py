@@ -66,7 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         calib = read_text_lines(args.calib, "calib")
     cfg = GenerateConfig(prompts=_prompts(args), max_new_tokens=args.max_new_tokens, compressed=args.compressed,
                          k=args.k, latent=args.latent, layers=args.layers, calib_texts=calib, dtype=args.dtype,
-                         device=args.device)
+                         device=args.device if args.compressed else None)
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
     named = args.model is not None or args.weights is not None or args.hf_repo is not None

@@ -33,13 +33,12 @@ def read_record(compressed: str | os.PathLike) -> dict:
                             "`compress --save-model` wrote")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        layers = record["layers"]
-        if not isinstance(record, dict) or not isinstance(layers, list):
-            raise TypeError("no list of layers")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not isinstance(record, dict) or not isinstance(record.get("layers"), list):
+            raise ValueError("no list of layers")
+    except (OSError, ValueError) as exc:
         raise HeadlensError(f"{path} is not a latent plan ({exc})") from None
     missing = [name for name in ("config.json", FACTORS_FILE) if not (d / name).is_file()]
-    if not any(d.glob("*.safetensors")) or not any(p.name != FACTORS_FILE for p in d.glob("*.safetensors")):
+    if not any(p.name != FACTORS_FILE for p in d.glob("*.safetensors")):
         missing.append("the model weights (*.safetensors)")
     if missing:
         raise HeadlensError(f"`compressed` {d} lacks {', '.join(missing)}: it is not a complete directory "

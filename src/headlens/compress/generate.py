@@ -97,6 +97,9 @@ class GenerateConfig:
             raise HeadlensError(f"`max_new_tokens` {self.max_new_tokens}: generate at least 1 token")
         if self.k is not None and self.k < 0:
             raise HeadlensError(f"`k` {self.k}: a latent size is a whole number, 0..head_dim")
+        if self.device is not None and self.compressed is None:
+            raise HeadlensError("`device` places the model read from `compressed`; without it the model runs where "
+                                "its ModelSource says (its `device`)")
         if self.compressed is not None:
             given = [n for n in ("k", "latent", "layers", "calib_texts") if getattr(self, n) is not None]
             if given:
