@@ -223,7 +223,7 @@ def _compress(tmp_path: Path, k: int) -> list[str]:
 
     texts = tmp_path / "eval.txt"
     if not texts.exists():
-        texts.write_text("\n".join(default_texts("tiny-lm")[1].read_text().splitlines()[:2]) + "\n")
+        texts.write_text("\n".join(default_texts("tiny-lm").eval_file.read_text().splitlines()[:2]) + "\n")
     return ["compress", "--model", "tiny-lm", "--layers", "0", "--latent", "plain", "--k", str(k), "--eval", str(texts)]
 
 
