@@ -13,7 +13,8 @@ PROMPT = "Octopuses have three hearts, and two of them stop beating when they sw
 def test_dir_lists_the_entry_points_and_import_is_cheap():
     names = dir(hl)
     for name in ("ModelSource", "analyze_head", "OVConfig", "run_sweep", "SweepConfig", "sphere_from_model",
-                 "SphereConfig", "route", "RouterConfig", "load_dump", "trace_model_layer", "HeadlensError"):
+                 "SphereConfig", "route", "RouterConfig", "load_dump", "trace_model_layer", "HeadlensError",
+                 "run_generate", "GenerateConfig", "load_compressed", "LatentCache"):
         assert name in names
         assert getattr(hl, name) is not None
     # `import headlens` loads neither torch nor transformers (no side effects at import time).
@@ -84,11 +85,12 @@ def results():
         "CompressResult": hl.run_compress(lm, hl.CompressConfig(ks=16, latents="plain", layers="0:2"),
                                           [LM_PROMPT]),
         "DiagramResult": hl.trace_model_layer(lm, 1),
+        "GenerateResult": hl.run_generate(lm, hl.GenerateConfig(prompts=LM_PROMPT, max_new_tokens=3, layers="0:2")),
     }
 
 
 @pytest.mark.parametrize("name", ["OVResult", "SweepResult", "SphereResult", "RouterResult", "CompressResult",
-                                  "DiagramResult"])
+                                  "DiagramResult", "GenerateResult"])
 def test_every_result_has_strict_json_and_a_short_repr(results, name):
     import json
 

@@ -12,6 +12,10 @@ The library behind the ``headlens`` command, usable from a notebook in a few lin
     sphere = hl.sphere_from_model(src, hl.SphereConfig(prompt="The Eiffel Tower ..."))
     routing = hl.route(hl.ModelSource(weights="path/to/moe-dir"), ["a text", "another"])
     latents = hl.run_compress(hl.ModelSource(embedded="tiny-lm"), hl.CompressConfig(ks=16, latents="plain"))
+    side_by_side = hl.run_generate(hl.ModelSource(embedded="tiny-lm"), hl.GenerateConfig(k=16))
+
+    model, tok = hl.load_compressed("dir")    # a `compress --save-model` directory, with its value-latent cache:
+    model.generate(ids, past_key_values=hl.LatentCache.from_pretrained("dir"))
 
 Every entry point returns a plain dataclass with ``.to_json()`` (strict JSON data) and a short ``repr``; bad
 arguments raise :class:`HeadlensError` naming the parameter and the type or values expected (one string where a
@@ -53,6 +57,11 @@ _API = {
     "CompressConfig": "headlens.compress.run",
     "CompressResult": "headlens.compress.run",
     "run_compress": "headlens.compress.run",
+    "LatentCache": "headlens.compress.cache",
+    "load_compressed": "headlens.compress.exported",
+    "GenerateConfig": "headlens.compress.generate",
+    "GenerateResult": "headlens.compress.generate",
+    "run_generate": "headlens.compress.generate",
     "default_texts": "headlens.io.embedded",
     "read_texts": "headlens.io.files",
 }

@@ -159,6 +159,44 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compress", ["--layers", "6"], "out of range"),
     ("compress", ["--weights", "{bare}", "--num-heads", "4", "--eval", "{evalfile}", "--latent", "plain"],
      "HuggingFace model directory"),
+    ("compress", ["--generate", "0"], "--generate 0: generate at least 1 token"),
+    ("compress", ["--model", "minilm", "--k", "8", "--latent", "plain", "--generate", "4"],
+     "--generate 4: all-MiniLM-L6-v2 is an encoder (BERT): it keeps no KV cache"),
+    # ---- generate ({cm}: compress --save-model of tiny-lm at k = 16; {cm_*}: that directory broken one way each)
+    ("generate", ["--compressed", "{missing}"], "--compressed {missing}: no such directory"),
+    ("generate", ["--compressed", "{dir}"], "--compressed {dir} has no headlens_latent.json: it is not a directory"),
+    ("generate", ["--compressed", "{qwen3}"], "has no headlens_latent.json"),
+    ("generate", ["--compressed", "{cm_badplan}"], "headlens_latent.json is not a latent plan"),
+    ("generate", ["--compressed", "{cm_nofactors}"], "--compressed {cm_nofactors} lacks latent_factors.safetensors"),
+    ("generate", ["--compressed", "{cm_noweights}"], "lacks the model weights (*.safetensors)"),
+    ("generate", ["--compressed", "{cm_corrupt}"], "is not a readable latent factors file"),
+    ("generate", ["--compressed", "{cm_other}"], "but the plan gives k = 4 and the model hidden size 256"),
+    ("generate", ["--compressed", "{cm_encoder}"], "encode has shape"),
+    ("generate", ["--compressed", "{cm_minilm}"], "--compressed {cm_minilm} is an encoder (BERT): it keeps no KV cache"),
+    ("generate", ["--compressed", "{cm}", "--k", "8"], "--compressed carries its own latents: leave out --k"),
+    ("generate", ["--compressed", "{cm}", "--latent", "plain", "--layers", "0"],
+     "leave out --latent, --layers"),
+    ("generate", ["--compressed", "{cm}", "--weights", "{qwen3}", "--prompt", "hi"],
+     "is not the model --compressed {cm} was made from"),
+    ("generate", ["--compressed", "{cm}", "--device-map", "auto"], "--device-map places the model the model flags name"),
+    ("generate", ["--model", "minilm"], "all-MiniLM-L6-v2 is an encoder (BERT): it keeps no KV cache and generates no "
+     "text"),
+    ("generate", ["--weights", "{bert}", "--prompt", "hi"], "is an encoder (BERT)"),
+    ("generate", ["--max-new-tokens", "0"], "--max-new-tokens 0: generate at least 1 token"),
+    ("generate", ["--max-new-tokens", "-2"], "--max-new-tokens -2: generate at least 1 token"),
+    ("generate", ["--max-new-tokens", "x"], "invalid integer"),
+    ("generate", ["--k", "65"], "--k 65 is above head_dim 64"),
+    ("generate", ["--k", "-1"], "--k -1: a latent size is a whole number"),
+    ("generate", ["--weights", "{qwen3}"], "--prompt is required"),
+    ("generate", ["--weights", "{qwen3}", "--prompt", LONG], "but the model takes at most 128"),
+    ("generate", ["--weights", "{qwen3}", "--prompt", "hi", "--max-new-tokens", "200"],
+     "with --max-new-tokens 200 that is"),
+    ("generate", ["--weights", "{qwen3}", "--prompt", "hi", "--latent", "data-aware"],
+     "data-aware latents need --calib"),
+    ("generate", ["--prompt", " "], "--prompt is empty"),
+    ("generate", ["--prompt-file", "{empty}"], "is empty"),
+    ("generate", ["--prompt", "hi", "--prompt-file", "{evalfile}"], "not allowed with"),
+    ("generate", ["--json", "{dir}"], "directory"),
     # ---- device and placement (every model-running command shares the flags; headlens.io.placement)
     ("ov", ["--device", "gpu"], "--device 'gpu' is not a device: choose auto, cpu, cuda, cuda:N, mps"),
     ("sphere", ["--device", "cuda:7"], "cuda:7"),
@@ -219,7 +257,7 @@ def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad-inputs")
     paths = {"qwen3": ckpts.path("qwen3", "gqa", "hf_dir"), "bare": ckpts.path("qwen3", "gqa", "safetensors"),
              "pt": ckpts.path("llama", "gqa", "pt"), "neox": ckpts.path("gpt_neox", "mha", "hf_dir"),
-             "moe": ckpts.path("qwen3_moe", "gqa", "hf_dir")}
+             "moe": ckpts.path("qwen3_moe", "gqa", "hf_dir"), "bert": ckpts.path("bert", "mha", "hf_dir")}
     model = build_model("qwen3", "gqa")
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight[:, 16:32] = 0
@@ -255,7 +293,42 @@ def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
     (root / "nul.txt").write_bytes(b"a prompt\x00with a NUL byte\n")
     paths["nul"] = root / "nul.txt"
     paths.update(_compress_inputs(root, paths["qwen3"]))
+    paths.update(_generate_inputs(root, paths["qwen3"], paths["evalfile"]))
     return {k: str(v) for k, v in paths.items()}
+
+
+def _generate_inputs(root: Path, qwen3, evalfile) -> dict[str, Path]:
+    """compress --save-model of tiny-lm (k = 16, plain) and copies broken one way each: its plan not JSON, its factors
+    or weights missing, its factors corrupt, another model's plan and factors (the tiny qwen3's, k = 4), an encoder
+    that does not invert its up-projection; and one of MiniLM (an encoder)."""
+    from safetensors.torch import load_file, save_file
+
+    cm, q3 = root / "cm", root / "q3"
+    for argv in (["--model", "tiny-lm", "--k", "16", "--save-model", str(cm)],
+                 ["--weights", str(qwen3), "--k", "4", "--save-model", str(q3)],
+                 ["--model", "minilm", "--k", "8", "--save-model", str(root / "cm_minilm")]):
+        assert main(["compress", *argv, "--latent", "plain", "--eval", str(evalfile), "--out-dir",
+                     str(root / f"{Path(argv[-1]).name}-report")]) == 0
+    out = {"cm": cm, "cm_minilm": root / "cm_minilm"}
+
+    def broken(name: str) -> Path:
+        d = root / f"cm_{name}"
+        shutil.copytree(cm, d)
+        out[f"cm_{name}"] = d
+        return d
+
+    (broken("badplan") / "headlens_latent.json").write_text("{not json")
+    (broken("nofactors") / "latent_factors.safetensors").unlink()
+    (broken("noweights") / "model.safetensors").unlink()
+    (broken("corrupt") / "latent_factors.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    other = broken("other")
+    for name in ("headlens_latent.json", "latent_factors.safetensors"):
+        shutil.copy(q3 / name, other / name)
+    d = broken("encoder")
+    sd = load_file(str(d / "latent_factors.safetensors"))
+    sd["layer0.group0.encode"] = sd["layer0.group0.encode"][:, :8].contiguous()
+    save_file(sd, str(d / "latent_factors.safetensors"))
+    return out
 
 
 def _compress_inputs(root: Path, qwen3: str) -> dict[str, Path]:
@@ -301,7 +374,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(inputs, capsys, tmp_path, monk
             monkeypatch.setenv(name, value)
     args = [a.format(**inputs) if "{" in a else a for a in argv if not a.startswith("ENV:")]
     needle = needle.format(**inputs) if "{" in needle else needle
-    if cmd in ("ov", "sphere", "diagram", "sweep", "router", "compress") and "--out-dir" not in args:
+    if cmd in ("ov", "sphere", "diagram", "sweep", "router", "compress", "generate") and "--out-dir" not in args:
         args += ["--out-dir", str(work / "out")]
     before = _files(Path(inputs["qwen3"]).parent.parent)
     capsys.readouterr()

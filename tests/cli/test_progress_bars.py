@@ -62,6 +62,7 @@ def test_control_transformers_prints_its_bar_on_this_terminal():
 @pytest.mark.parametrize("command", [
     ["sweep", "--model", "tiny-lm", "--prompt", PROMPT, "--k", "8"],
     ["sphere", "--model", "tiny-lm", "--prompt", PROMPT, "--layers", "0:2"],
+    ["generate", "--model", "tiny-lm", "--prompt", PROMPT, "--max-new-tokens", "4"],
 ])
 def test_only_headlens_bars_on_a_terminal_and_none_on_a_pipe(tmp_path, command):
     argv = ["-m", "headlens", *command, "--out-dir", str(tmp_path / "tty")]

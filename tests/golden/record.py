@@ -86,6 +86,7 @@ CASES: list[Case] = [
     case("help_diagram", "diagram --help"),
     case("help_sweep", "sweep --help"),
     case("help_compress", "compress --help"),
+    case("help_generate", "generate --help"),
     case("help_router", "router --help"),
     case("help_toy", "toy --help", "toy create --help", "toy trace --help", "toy cluster --help",
          "toy run --help"),

@@ -15,7 +15,8 @@ COMMAND_FLAG_NAMES = {"toy": {"n_heads": "--heads", "n_kv_heads": "--kv-heads", 
                       "compress": {"target_errors": "--target-error", "target_energies": "--target-energy",
                                    "latents": "--latent", "eval_texts": "--eval", "calib_texts": "--calib"},
                       "sweep": {"calibration": "--calib"},
-                      "router": {"texts": "--prompt"}}
+                      "router": {"texts": "--prompt"},
+                      "generate": {"prompts": "--prompt", "calib_texts": "--calib", "latent": "--latent"}}
 
 
 def with_flags(message: str, command: str) -> str:

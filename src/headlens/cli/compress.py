@@ -7,7 +7,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from headlens.cli.common import command_parser, model_source, with_flags
+from headlens.cli.common import command_parser, int_arg, model_source, with_flags
 from headlens.errors import HeadlensError
 
 LATENT_CHOICES = ("plain", "data-aware", "both")
@@ -68,6 +68,9 @@ def add_parser(sub) -> None:
                    help="cap on calibration tokens (default 2048)")
     p.add_argument("--truncate", action="store_true",
                    help="cut texts longer than the model's positions (refused otherwise)")
+    p.add_argument("--generate", type=int_arg, metavar="N",
+                   help="per configuration, generate N greedy tokens with its LatentCache (decoders) and check the "
+                        "cache's measured bytes per token against the planned ones")
     p.add_argument("--save-model", metavar="DIR",
                    help="write the compressed model (one configuration: one target or --k, one --latent) as a "
                         "HuggingFace directory with headlens_latent.json and latent_factors.safetensors")
@@ -110,7 +113,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         target_energies=_floats(args.target_energy, "--target-energy") if args.target_energy is not None else None,
         ks=_ints(args.ks, "--k") if args.ks is not None else None, budget=args.budget,
         latents=LATENT_KINDS if args.latent == "both" else (args.latent,), kv_bytes=args.kv_bytes,
-        max_calib_tokens=args.max_calib_tokens, truncate=args.truncate, dtype=args.dtype)
+        max_calib_tokens=args.max_calib_tokens, truncate=args.truncate, dtype=args.dtype, generate=args.generate)
     cfg.validate()
     save = Path(args.save_model) if args.save_model else None
     if save is not None:

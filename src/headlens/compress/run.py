@@ -55,6 +55,7 @@ class CompressConfig:
     max_calib_tokens: int = 2048
     truncate: bool = False
     dtype: str = "auto"  # auto (float32 on the CPU, the checkpoint's on an accelerator), float32, ...
+    generate: int | None = None  # per configuration, this many greedy tokens with its LatentCache (decoders only)
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -78,6 +79,7 @@ class CompressConfig:
             setattr(self, name, params.integer(getattr(self, name), name))
         self.truncate = params.flag(self.truncate, "truncate")
         self.dtype = params.choice(self.dtype, "dtype", DTYPE_CHOICES)
+        self.generate = params.integer(self.generate, "generate", optional=True)
 
     def validate(self) -> None:
         self._coerce()  # fields may have been set after construction
@@ -99,6 +101,8 @@ class CompressConfig:
             raise HeadlensError(f"`kv_bytes` {self.kv_bytes}: bytes per cached value are 1..8")
         if self.max_calib_tokens < 4:
             raise HeadlensError(f"`max_calib_tokens` {self.max_calib_tokens}: at least 4")
+        if self.generate is not None and self.generate < 1:
+            raise HeadlensError(f"`generate` {self.generate}: generate at least 1 token, or leave it out (None)")
 
     def budget_kind(self) -> str:
         return ("target-energy" if self.target_energies else "k" if self.ks else "file" if self.budget
@@ -142,6 +146,8 @@ class CompressResult:
     measurements: list[Measurement]  # one per configuration
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went
     kept: tuple | None = field(default=None, repr=False)  # (model, ck, tokenizer, plans per configuration) when kept
+    cache_checks: list | None = None  # with `generate`: per configuration its LatentCache measured (CacheCheck)
+    generate_prompt: str | None = None  # the prompt of those generations
     notes: list[str] = field(default_factory=list)  # what the run chose or removed (shipped texts, k = 0 groups)
 
     def pairs(self) -> list[tuple[Configuration, Measurement]]:
@@ -164,7 +170,7 @@ class CompressResult:
             lines.append(f"{c.name}: {100 * m.kv.saving:.1f}% of the KV cache saved; {what}")
         return short_repr(self, f"{self.name} ({self.task}): {len(self.configurations)} configuration(s) on "
                                 f"{len(self.layers)} layer(s)", lines, "configurations[i], measurements[i], notes, "
-                                "to_json(), save_model(name, dir)")
+                                "to_json(), save_model(name, dir), latent_cache(name)")
 
     def save_model(self, name: str, out_dir, info: dict | None = None):
         """Write configuration ``name`` as a compressed HuggingFace directory
@@ -179,6 +185,22 @@ class CompressResult:
         model, ck, tok, plans = self.kept
         return save_compressed_model(model, ck, list(plans[names.index(name)].values()), out_dir, tokenizer=tok,
                                      info=info)
+
+    def latent_cache(self, name: str):
+        """A fresh :class:`~headlens.compress.cache.LatentCache` of configuration ``name`` for the kept model
+        (``kept[0]``, its original value weights): ``model.generate(ids, past_key_values=result.latent_cache(name))``
+        runs the compressed model with a cache holding ``sum_g k_g`` numbers per token and layer for the values.
+        Needs ``run_compress(..., keep_model=True)``."""
+        from headlens.compress.cache import LatentCache
+
+        if self.kept is None:
+            raise HeadlensError("the model was not kept: run with `keep_model` True to build a configuration's "
+                                "LatentCache")
+        names = [c.name for c in self.configurations]
+        if name not in names:
+            raise HeadlensError(f"no configuration {name!r}: choose one of {', '.join(names)}")
+        model, ck, _, plans = self.kept
+        return LatentCache.from_plans(model, ck, list(plans[names.index(name)].values()))
 
 
 def _label(budget: str, value: Any) -> str:
@@ -248,7 +270,10 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     with ``calib_texts`` for data-aware latents. For an embedded model either may be left out: the texts shipped
     with it are used (:func:`headlens.io.embedded.default_texts`; ``result.notes`` says so). ``on_start`` gets a
     dict describing the run before the eval passes; ``keep_model`` keeps the loaded model in the result, for
-    :meth:`CompressResult.save_model`. Returns a :class:`CompressResult`."""
+    :meth:`CompressResult.save_model`. With ``cfg.generate`` (decoders) each configuration also generates that many
+    greedy tokens after the opening of the first eval text with its
+    :class:`~headlens.compress.cache.LatentCache`, whose bytes per token, read from its tensors, are checked against
+    the planned ones (``result.cache_checks``). Returns a :class:`CompressResult`."""
     from headlens.circuits.sweep_parts import weights_digest
     from headlens.compress.texts import compress_texts
     from headlens.io.source import ModelSource, check_text_lengths
@@ -268,6 +293,9 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
         raise HeadlensError("compress runs the model: pass a HuggingFace model directory (config.json, weights and "
                             "tokenizer), an embedded `model`, or `hf_repo`")
     s = ck.shape
+    if cfg.generate and not ck.spec.decoder:
+        raise HeadlensError(f"`generate` {cfg.generate}: {ck.name} is an encoder ({ck.spec.family}): it keeps no KV "
+                            "cache and generates no text; leave `generate` out")
     layers = parse_layers(cfg.layers, s.num_layers)
     for k in cfg.ks or ():
         if k > s.head_dim:
@@ -313,11 +341,41 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     seconds["eval"] = time.perf_counter() - t
     by_key = dict(zip(unique, measured))
     plans_of = dict(zip(unique, plan_sets))
+    checks, prompt = None, None
+    if cfg.generate:
+        t = time.perf_counter()
+        checks_of, prompt = _check_caches(model, ck, tok, eval_texts[0], unique, plan_sets, measured, cfg, disable)
+        checks = [checks_of[k] for k in keys]
+        seconds["generate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return CompressResult(model={**ck.describe(), "weights_digest": digest}, name=ck.name, task=measured[0].task,
                           layers=layers, config=cfg, calibration_tokens=n_calib, ridge=ridge, configurations=confs,
                           measurements=[by_key[k] for k in keys], seconds=seconds,
-                          kept=(model, ck, tok, [plans_of[k] for k in keys]) if keep_model else None, notes=notes)
+                          kept=(model, ck, tok, [plans_of[k] for k in keys]) if keep_model else None,
+                          cache_checks=checks, generate_prompt=prompt, notes=notes)
+
+
+def _check_caches(model, ck, tok, text: str, unique: list, plan_sets: list, measured: list, cfg: CompressConfig,
+                  disable: bool | None) -> tuple[dict, str]:
+    """({configuration key: CacheCheck}, the prompt): each distinct configuration generates ``cfg.generate`` greedy
+    tokens after the opening of ``text`` with its LatentCache (:func:`headlens.compress.decode.check_cache`)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from headlens.compress.decode import check_cache, opening
+    from headlens.io.source import quiet_transformers
+
+    ids = opening(tok, text)
+    with quiet_transformers():
+        prompt = tok.decode(ids[0].tolist(), skip_special_tokens=True)
+    out = {}
+    n = int(cfg.generate)  # type: ignore[arg-type]
+    with tqdm(total=n * len(unique), desc="generating", unit="token", file=sys.stderr, disable=disable) as bar:
+        for key, plans, m in zip(unique, plan_sets, measured):
+            out[key] = check_cache(model, ck, tok, ids, list(plans.values()), n, m.kv.total_after, cfg.kv_bytes)
+            bar.update(n)
+    return out, prompt
 
 
 def _check_short(tok, texts: list[str]) -> None:

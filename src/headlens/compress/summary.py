@@ -36,6 +36,22 @@ NOTES = [
     "ppl_before_overflow / ppl_after_overflow true, and printed as inf.",
 ]
 
+ENCODER_NOTE = (
+    "An encoder keeps no KV cache: every token's keys and values are computed in one pass and dropped, so the KV "
+    "bytes above are what a cache of these layers would hold, not memory saved. What the latents save in an "
+    "encoder is in the value projections: each kv group's block W_V^g (hd x d) becomes W_V^g Q_g of rank k_g, "
+    "which stored as its two factors (latent_factors.safetensors: P_g, k_g x d, and U_g, hd x k_g) takes "
+    "k_g (hd + d) numbers where that is fewer than hd d, and as many multiply-adds per token "
+    "(value_params_before/after, value_flops_per_token_before/after: 2 FLOPs per multiply-add; every layer of the "
+    "model counted, layers left out at full size). The exported model keeps dense blocks of rank k_g.")
+
+GENERATE_NOTE = (
+    "kv_bytes_per_token_measured (a run that generates): the bytes of every tensor the configuration's LatentCache holds "
+    "after a greedy generation, over the tokens it has seen, in the dtype the model ran in "
+    "(kv_bytes_per_value_measured bytes per number); kv_bytes_per_token_after counts the same numbers at "
+    "kv_bytes_per_value bytes each. kv_measured_matches_plan: the measured numbers per token (bytes over bytes per "
+    "number) equal the planned ones.")
+
 MODEL_FIELDS = ("kv_bytes_per_token_before", "kv_bytes_per_token_after", "saving", "hidden_error", "kl_mean",
                 "kl_p95", "top1_agreement", "ppl_before", "ppl_after", "ppl_before_overflow", "ppl_after_overflow",
                 "nll_before", "nll_after", "embedding_cosine_mean", "embedding_cosine_min", "neighbour_agreement")
@@ -52,16 +68,47 @@ def _strict(s: dict) -> dict:
     return s
 
 
+def value_weights(model: dict, ks: dict[int, list[int]]) -> dict[str, int]:
+    """The value projections' parameters and multiply-add FLOPs per token over every layer of ``model`` (a
+    checkpoint description: ``num_layers``, ``num_kv_heads``, ``head_dim``, ``hidden_size``), dense and with the
+    kv groups of ``ks`` (layer -> k_g) as rank-k_g factors: ``hd d`` -> ``min(hd d, k_g (hd + d))`` per group."""
+    L, G, hd, d = (int(model[k]) for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size"))
+    before = L * G * hd * d
+    after = sum(min(hd * d, k * (hd + d)) for layer in range(L) for k in ks.get(layer, [hd] * G))
+    return {"value_params_before": before, "value_params_after": after,
+            "value_params_saving": 1.0 - after / before if before else 0.0,
+            "value_flops_per_token_before": 2 * before, "value_flops_per_token_after": 2 * after}
+
+
+ENCODER_FIELDS = ("value_params_before", "value_params_after", "value_params_saving", "value_flops_per_token_before",
+                  "value_flops_per_token_after")
+CHECK_FIELDS = ("kv_bytes_per_token_measured", "kv_bytes_per_value_measured", "kv_measured_matches_plan",
+                "generated_text")
+
+
+def _check_fields(check) -> dict[str, Any]:
+    if check is None:
+        return {k: None for k in CHECK_FIELDS}
+    return {"kv_bytes_per_token_measured": check.kv_bytes_per_token,
+            "kv_bytes_per_value_measured": check.kv_bytes_per_value, "kv_measured_matches_plan": check.agrees,
+            "generated_text": check.text}
+
+
 def configuration_records(result: CompressResult) -> list[dict[str, Any]]:
-    """Per configuration: ``name, budget, target, latent, allocation, matches, latent_dims, ks`` and the
-    measurement's fields (:data:`MODEL_FIELDS`, None where they do not apply) with ``layers``."""
+    """Per configuration: ``name, budget, target, latent, allocation, matches, latent_dims, ks``, the
+    measurement's fields (:data:`MODEL_FIELDS`, None where they do not apply), for an encoder the value weights it
+    saves (:data:`ENCODER_FIELDS`, else None), with ``generate`` the cache measured in generation
+    (:data:`CHECK_FIELDS`, else None), and ``layers``."""
     out = []
-    for c, m in result.pairs():
+    checks = result.cache_checks or [None] * len(result.configurations)
+    for (c, m), check in zip(result.pairs(), checks):
         s = _strict(m.summary())
+        weights = (value_weights(result.model, c.ks) if result.task != "causal-lm"
+                   else {k: None for k in ENCODER_FIELDS})
         out.append({"name": c.name, "budget": c.budget, "target": c.target, "latent": c.latent,
                     "allocation": c.allocation, "matches": c.matches, "latent_dims": c.latent_dims,
                     "ks": {str(layer): list(v) for layer, v in sorted(c.ks.items())},
-                    **{k: s[k] for k in MODEL_FIELDS},
+                    **{k: s[k] for k in MODEL_FIELDS}, **weights, **_check_fields(check),
                     "layers": [{k: e[k] for k in ("layer", "predicted_error", "value_path_error", "isolated_error",
                                                    "accumulated_error", "ks")} for e in s["layers"]]})
     return out
@@ -124,4 +171,19 @@ def summary(result: CompressResult) -> dict[str, Any]:
             "predicted_positions": m0.n_predicted,
             "ridge": {str(k): v for k, v in sorted(result.ridge.items())},
             "configurations": records, "comparisons": comparisons(records, result.task),
-            "seconds": {k: round(v, 3) for k, v in result.seconds.items()}, "notes": [*result.notes, *NOTES]}
+            "generate": ({"tokens": cfg.generate, "prompt": result.generate_prompt} if result.cache_checks else None),
+            "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+            "notes": [*result.notes, *_check_notes(result), *NOTES,
+                      *([ENCODER_NOTE] if result.task != "causal-lm" else []),
+                      *([GENERATE_NOTE] if result.cache_checks else [])]}
+
+
+def _check_notes(result: CompressResult) -> list[str]:
+    """One note per configuration whose LatentCache held other than the planned numbers per token."""
+    out = []
+    for c, check in zip(result.configurations, result.cache_checks or []):
+        if check is not None and not check.agrees:
+            out.append(f"{c.name}: the LatentCache held {check.numbers_per_token:g} numbers per token in generation, "
+                       f"the plan counts {check.planned_numbers_per_token:g}"
+                       + (f" ({'; '.join(check.notes)})" if check.notes else ""))
+    return out

@@ -115,6 +115,24 @@ def overflow_notes(data: dict) -> list[str]:
     return out
 
 
+def generated_lines(data: dict, width: int) -> list[str]:
+    """With ``--generate``: per configuration what its LatentCache held in generation, against the plan."""
+    gen = data.get("generate")
+    if not gen:
+        return []
+    lines = [f"generated {gen['tokens']} token(s) after {gen['prompt']!r} with each configuration's LatentCache "
+             "(bytes read from its tensors):"]
+    kvb = data["kv_bytes_per_value"]
+    for r in data["configurations"]:
+        bpv = r["kv_bytes_per_value_measured"]
+        numbers = r["kv_bytes_per_token_measured"] / bpv
+        lines.append(f"{r['name']:<{width}}  measured {r['kv_bytes_per_token_measured']:.0f} B/token at {bpv} "
+                     f"B/number = {numbers:g} numbers/token; planned {r['kv_bytes_per_token_after'] / kvb:g} "
+                     f"({r['kv_bytes_per_token_after']:.0f} B/token at --kv-bytes {kvb}): "
+                     + ("agree" if r["kv_measured_matches_plan"] else "DIFFER (see the notes)"))
+    return lines
+
+
 def result_lines(data: dict) -> list[str]:
     """One line per configuration, the notes on perplexities that overflowed, then the equal-bytes comparisons."""
     causal = data["task"] == "causal-lm"
@@ -128,9 +146,16 @@ def result_lines(data: dict) -> list[str]:
                  f"{_ppl(r['ppl_after'], r.get('ppl_after_overflow'))}" if causal
                  else f"cosine mean {_f(r['embedding_cosine_mean'], '.4f')} min {_f(r['embedding_cosine_min'], '.4f')}"
                       f", neighbours {_f(r['neighbour_agreement'], '.2f')}")
-        lines.append(f"{r['name']:<{width}}  KV {r['kv_bytes_per_token_before']:.0f} -> "
-                     f"{r['kv_bytes_per_token_after']:.0f} B/token ({100 * r['saving']:.1f}% saved); {model}; "
-                     f"max layer error predicted {pred:.3f}, accumulated {acc:.3f}")
+        saved = (f"KV {r['kv_bytes_per_token_before']:.0f} -> {r['kv_bytes_per_token_after']:.0f} B/token "
+                 f"({100 * r['saving']:.1f}% saved)" if causal else
+                 f"value weights {r['value_params_before']} -> {r['value_params_after']} parameters and "
+                 f"multiply-adds per token ({100 * r['value_params_saving']:.1f}% saved)")
+        lines.append(f"{r['name']:<{width}}  {saved}; {model}; max layer error predicted {pred:.3f}, "
+                     f"accumulated {acc:.3f}")
+    if not causal:
+        lines.append("note: an encoder keeps no KV cache: the latents save value-projection weights and FLOPs "
+                     "(value_params_*, value_flops_per_token_* in the summary), not cache memory")
+    lines += generated_lines(data, width)
     lines += overflow_notes(data)
     lines += [line for line in map(comparison_line, data["comparisons"]) if line is not None]
     return lines
