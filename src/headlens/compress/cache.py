@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from headlens.compress.absorbed import LatentValues, absorbing
 from headlens.errors import HeadlensError
 
 # How far E_g W_V^g may be from P_g (relative, in float64) before the layer is refused.
@@ -118,8 +119,23 @@ class _LatentValues:
         return v.to(dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the new tokens' latents; return (keys, values rebuilt from every cached latent), or under absorbed
+        attention (keys, the latents as :class:`~headlens.compress.absorbed.LatentValues`)."""
         keys, latents = super().update(key_states, self.encode(value_states), *args, **kwargs)  # type: ignore[misc]
+        if self._hand_latents():
+            return keys, LatentValues.wrap(latents, self)
         return keys, self.decode(latents, value_states.dtype)
+
+    absorbed: bool | str = "auto"
+
+    def _hand_latents(self) -> bool:
+        if self.absorbed is False:
+            return False
+        if self.absorbed is True and not absorbing():
+            raise HeadlensError("the LatentCache was built with `absorbed`=True, but the model is not running "
+                                "absorbed attention: run it inside headlens.compress.absorbed.absorbed_attention(model)"
+                                " (or build the cache with `absorbed`='auto' or False)")
+        return absorbing()
 
 
 def _transformers_cache():
@@ -163,9 +179,18 @@ class LatentCache(Cache):
     Build it with :meth:`from_pretrained` (a ``compress --save-model`` directory), :meth:`from_plans` (a model and
     compress plans in memory) or ``CompressResult.latent_cache(name)``, and pass it to a forward pass or to
     ``model.generate(ids, past_key_values=cache)``. :meth:`nbytes` is what the cache holds, measured from its
-    tensors. A layer the plan leaves out, and a layer type without a latent form, keep full values (``notes``)."""
+    tensors. A layer the plan leaves out, and a layer type without a latent form, keep full values (``notes``).
 
-    def __init__(self, latents: dict[int, LayerLatents], config, notes: list[str] | None = None):
+    ``absorbed``: how attention reads the latents (:mod:`headlens.compress.absorbed`). ``"auto"`` (default): as
+    latents, without rebuilding a value, while the model runs inside ``absorbed_attention(model)``, and as values
+    rebuilt from them (``U_g c + b_g`` for every cached token at every step) otherwise; ``True``: always as latents
+    (a forward outside ``absorbed_attention`` is refused); ``False``: always rebuilt."""
+
+    def __init__(self, latents: dict[int, LayerLatents], config, notes: list[str] | None = None,
+                 absorbed: bool | str = "auto"):
+        if not isinstance(absorbed, (bool, str)) or absorbed not in (True, False, "auto"):
+            raise HeadlensError(f"`absorbed` must be True, False or 'auto', not {absorbed!r}")
+        self.absorbed = absorbed
         plan = layer_plan(config)
         bad = [layer for layer in latents if not 0 <= layer < len(plan)]
         if bad:
@@ -176,6 +201,8 @@ class LatentCache(Cache):
             if i in latents and cls is None:
                 kept.append(i)
             layers.append(cls(latents[i], **kw) if cls is not None else base(**kw))
+            if cls is not None:
+                layers[-1].absorbed = absorbed
         self.notes = list(notes or [])
         if kept:
             self.notes.append(f"layers {', '.join(map(str, kept))} keep full values: their cache layer type "
@@ -188,19 +215,20 @@ class LatentCache(Cache):
         super().__init__(layers=layers)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, model=None) -> "LatentCache":
+    def from_pretrained(cls, directory: str | Path, model=None, absorbed: bool | str = "auto") -> "LatentCache":
         """The cache for a ``compress --save-model`` directory: ``headlens_latent.json`` (the plan),
         ``latent_factors.safetensors`` (P_g, U_g, E_g, b_g) and ``config.json`` (the layer types). It works with the
         exported model in that directory and with the original checkpoint it was made from. ``model``: the model it
-        will run with, whose config is then checked against the factors (layers, kv heads, head_dim, hidden size)."""
+        will run with, whose config is then checked against the factors (layers, kv heads, head_dim, hidden size).
+        ``absorbed``: see the class."""
         latents, config, notes = read_latents(Path(directory), model)
-        return cls(latents, config, notes)
+        return cls(latents, config, notes, absorbed)
 
     @classmethod
-    def from_plans(cls, model, ck, plans: Sequence) -> "LatentCache":
+    def from_plans(cls, model, ck, plans: Sequence, absorbed: bool | str = "auto") -> "LatentCache":
         """The cache for compress ``plans`` (:class:`~headlens.compress.plan.LayerPlan`) on ``model``, loaded from
-        ``ck`` with its original value weights."""
-        return cls(encoders(model, ck, plans), model.config)
+        ``ck`` with its original value weights. ``absorbed``: see the class."""
+        return cls(encoders(model, ck, plans), model.config, absorbed=absorbed)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (keys and latents or values of every layer), read from the
@@ -215,7 +243,8 @@ class LatentCache(Cache):
     def __repr__(self) -> str:
         ks = sum(sum(lat.ks) for lat in self.latents.values())
         return (f"LatentCache({len(self.layers)} layers, {len(self.latents)} storing value latents "
-                f"(sum of k = {ks}), {self.get_seq_length()} tokens, {self.nbytes()} bytes)")
+                f"(sum of k = {ks}), {self.get_seq_length()} tokens, {self.nbytes()} bytes, "
+                f"absorbed={self.absorbed!r})")
 
 
 # ------------------------------------------------------------------------------------------------ encoders
