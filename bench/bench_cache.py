@@ -17,9 +17,11 @@ tokens after a ``--prompt``-token prompt of random token ids, seeded). Measured 
   scales; not LatentCache's factors), summed from the tensors; against the bytes planned for that many tokens;
 - prefill: the time to the first new token; decode tokens/s: the new tokens after the first over the time they took
   (a stopping criterion timestamps each step), the model's default attention (sdpa) unless absorbed;
-- peak RSS of the generate call: the process's peak resident set is reset just before it (``/proc/self/clear_refs``)
-  and read after (VmHWM); printed as its increase over the RSS just before generate (the model and the code are
-  already resident).
+- peak RSS of the generate call, in two phases: the process's peak resident set is reset (``/proc/self/clear_refs``)
+  just before generate and again when the first new token is out, and read (VmHWM) at that token and at the end;
+  printed as the prefill's peak above the RSS before generate (the model and the code are already resident) and the
+  decoding's peak above the RSS at the first token (memory freed after the prefill stays with the process and is
+  reused, so the decoding's growth is what it needs beyond that).
 
 Configurations per model: DynamicCache; transformers' ``QuantizedCache(backend="fp8")`` (``Fp8QuantizedLayer``, the
 quantized cache layer that runs here: quanto and HQQ need the optimum-quanto / hqq packages, not installed); per k,
@@ -109,9 +111,15 @@ def worker(spec: dict) -> dict:
 
     stamps: list[float] = []
 
+    at_first: list[int] = []
+
     class Clock(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             stamps.append(time.perf_counter())
+            if len(stamps) == 1:  # the prefill is done: from here the peak is the decoding's
+                st = _status()
+                at_first.extend([st["VmRSS"], st["VmHWM"]])
+                Path("/proc/self/clear_refs").write_text("5")
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     new = spec["new"]
@@ -121,7 +129,8 @@ def worker(spec: dict) -> dict:
     with context, torch.no_grad():
         out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([Clock()]), pad_token_id=0)
-    peak = _status()["VmHWM"]
+    decode_peak = _status()["VmHWM"]
+    prefill_peak = at_first[1]
     G, hd, L = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     T = spec["prompt"] + new - 1  # the last new token is never cached
     per_token = {"dynamic": 2 * G * hd * 4, "fp8": 2 * G * hd * 1}.get(kind, (G * hd + G * (k or 0)) * 4)
@@ -130,7 +139,8 @@ def worker(spec: dict) -> dict:
     if kind in ("rebuild", "absorbed"):
         assert held == cache.nbytes(), (held, cache.nbytes())
     return {"cache": kind, "k": k, "bytes": held, "planned": planned, "prefill_s": stamps[0] - t0,
-            "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "rss_before": before, "peak": peak,
+            "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "rss_before": before,
+            "prefill_peak": prefill_peak, "rss_first": at_first[0], "decode_peak": decode_peak,
             "tokens": out[0, spec["prompt"]:].tolist()}
 
 
@@ -165,13 +175,14 @@ def table(name: str, hd: int, rows: list[list[dict]], prompt: int) -> list[str]:
     """Markdown lines: one row per configuration (medians over the repeats), ratios against DynamicCache."""
     med = [{**r[0], "decode_tok_s": statistics.median(x["decode_tok_s"] for x in r),
             "prefill_s": statistics.median(x["prefill_s"] for x in r),
-            "grow": statistics.median(x["peak"] - x["rss_before"] for x in r)} for r in rows]
+            "grow": statistics.median(x["prefill_peak"] - x["rss_before"] for x in r),
+            "grow_decode": statistics.median(x["decode_peak"] - x["rss_first"] for x in r)} for r in rows]
     dyn = next(m for m in med if m["cache"] == "dynamic")
     rebuild = {m["k"]: m for m in med if m["cache"] == "rebuild"}
     lines = [f"### {name} (head_dim {hd}), {prompt}-token prompt, {len(rows[0][0]['tokens'])} new tokens, "
              f"{len(rows[0])} run(s) each", "",
              "| cache | k | bytes | / planned | / DynamicCache | prefill s | decode tok/s | / DynamicCache | "
-             "peak RSS growth MiB | tokens = rebuilding |",
+             "peak RSS growth MiB: prefill, decode | tokens = rebuilding |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for m in med:
         same = "" if m["cache"] != "absorbed" else ("yes" if m["tokens"] == rebuild[m["k"]]["tokens"] else "NO")
@@ -180,7 +191,7 @@ def table(name: str, hd: int, rows: list[list[dict]], prompt: int) -> list[str]:
         lines.append(f"| {label} | {m['k'] if m['k'] is not None else hd} | {m['bytes']:,} | "
                      f"{m['bytes'] / m['planned']:.4f} | {m['bytes'] / dyn['bytes']:.3f} | {m['prefill_s']:.2f} | "
                      f"{m['decode_tok_s']:.1f} | {m['decode_tok_s'] / dyn['decode_tok_s']:.2f}x | "
-                     f"{m['grow'] / 2**20:.0f} | {same} |")
+                     f"{m['grow'] / 2**20:.0f}, {m['grow_decode'] / 2**20:.0f} | {same} |")
     quarter = next((m for m in med if m["cache"] == "absorbed" and m["k"] == hd // 4), None)
     if quarter is not None:
         ratio = quarter["decode_tok_s"] / dyn["decode_tok_s"]

@@ -15,10 +15,11 @@ import copy
 import pytest
 import torch
 import transformers
-from tiny_models import FAMILIES, build_tiny, save_checkpoint, tokenizer_for
+from tiny_models import FAMILIES, build_tiny, save_checkpoint, tokenizer_for, variants_of
 
 import headlens.compress.absorbed as absorbed_mod
-from headlens.compress.absorbed import ABSORBED, LatentValues, absorbed_attention, absorbed_attention_forward
+from headlens.compress.absorbed import (ABSORBED, LatentValues, absorbed_attention, absorbed_attention_forward,
+                                        supports_absorbed)
 from headlens.compress.apply import apply_plans
 from headlens.compress.cache import LatentCache, LatentLayer, LayerLatents, SlidingLatentLayer, _LatentValues
 from headlens.compress.plan import plan_layers
@@ -93,10 +94,10 @@ class Spy:
             self.decoded += 1
             return decode(layer, latents, dtype)
 
-        def counting_apply(layer, probs, C):
+        def counting_apply(layer, probs, C, *args):
             self.absorbed += 1
             self.widths.add(int(C.shape[-1]))
-            return apply(layer, probs, C)
+            return apply(layer, probs, C, *args)
 
         monkeypatch.setattr(_LatentValues, "decode", counting_decode)
         monkeypatch.setattr(absorbed_mod, "_apply_latents", counting_apply)
@@ -238,6 +239,34 @@ def test_absorbed_equals_rebuilding_and_the_weight_replaced_model(family, varian
         assert sliding and all(layer.values.shape[-2] < 10 for layer in sliding)
 
 
+ENCODERS = {"bert", "distilbert", "t5"}
+DECODERS = [(f, "gqa" if "gqa" in variants_of(f) else variants_of(f)[0]) for f in FAMILIES if f not in ENCODERS]
+SELF_ATTENDING = {"gptj", "gpt_neo", "falcon", "falcon_mq", "falcon_rw", "bloom"}  # attention computed in the module itself
+
+
+@pytest.mark.parametrize("family,variant", DECODERS, ids=[f for f, _ in DECODERS])
+def test_every_decoder_family_absorbs_or_is_refused(family, variant, ckpts, monkeypatch):
+    """Every tiny decoder family: where attention goes through transformers' interface, absorbed = rebuilding over 16
+    greedy tokens (logits to 1e-5, k = head_dim / 4, latents read at every decoding step); the others (GPT-J, GPT-Neo,
+    Falcon, BLOOM) are refused by absorbed_attention, naming the class."""
+    model, _ = ckpts.model(family, variant)
+    model = copy.deepcopy(model).float().eval()
+    assert supports_absorbed(model) == (family not in SELF_ATTENDING)
+    if family in SELF_ATTENDING:
+        with pytest.raises(HeadlensError, match=f"{type(model).__name__} computes attention itself"):
+            with absorbed_attention(model):
+                pass
+        return
+    ck = ModelSource(weights=ckpts.path(family, variant, "hf_dir")).checkpoint()
+    plans = _plans(ck, ck.shape.head_dim // 4)
+    rebuilt = _generate(model, LatentCache.from_plans(model, ck, plans, absorbed=False), n=16)
+    spy = Spy(monkeypatch)
+    with absorbed_attention(model):
+        absorbed = _generate(model, LatentCache.from_plans(model, ck, plans), n=16)
+    _assert_same(absorbed, rebuilt)
+    assert spy.absorbed == len(plans) * 15 and spy.decoded == len(plans)
+
+
 def test_batch_with_left_padding_and_beams(built, monkeypatch):
     """Qwen3: a batch of two with left padding, beam search (the cache reorders latents between steps), with k
     different per kv group: absorbed = rebuilding = weight-replaced."""
@@ -253,20 +282,18 @@ def test_batch_with_left_padding_and_beams(built, monkeypatch):
 
 
 def test_short_multi_token_steps_read_latents(built, monkeypatch):
-    """A manual loop feeding 3 tokens at a time after the prompt (6 score rows per group, head_dim 16: absorbed,
-    with a causal mask inside the step): logits equal the weight-replaced model's, no value rebuilt after the
-    prompt."""
+    """A manual loop from a 3-token prompt, then 3 tokens at a time (6 score rows per group, head_dim 16: absorbed
+    throughout; the prompt's causal pattern rebuilt where sdpa's mask leaves it to the kernel, the steps' from the
+    mask): logits equal the weight-replaced model's, no value ever rebuilt."""
     model, ck, _ = built("qwen3", "gqa")
     plans = _plans(ck, 4)
     replaced = copy.deepcopy(model)
     apply_plans(replaced, ck, plans)
     cache, ref = LatentCache.from_plans(model, ck, plans), _dynamic(replaced)
+    spy = Spy(monkeypatch)
     with absorbed_attention(model), torch.no_grad():
-        model(PROMPT, past_key_values=cache, use_cache=True)
-        replaced(PROMPT, past_key_values=ref, use_cache=True)
-        spy = Spy(monkeypatch)
         for step in range(4):
-            nxt = PROMPT[:, step:step + 3]
+            nxt = PROMPT[:, 3 * step:3 * step + 3]
             out = model(nxt, past_key_values=cache, use_cache=True)
             out_ref = replaced(nxt, past_key_values=ref, use_cache=True)
             assert float((out.logits - out_ref.logits).abs().max()) < 1e-5
@@ -299,7 +326,7 @@ def test_softcapping_is_applied(built, monkeypatch):
 @pytest.mark.parametrize("family", ["qwen3", "gemma2"])
 def test_the_model_setting_is_restored_and_plain_values_use_it(family, built):
     """Inside the block, a DynamicCache (plain values) runs the model's own implementation (sdpa for Qwen3, eager for
-    Gemma 2) with the same logits; leaving the block, also by an exception, restores the setting; re-entering for a
+    Gemma 2) with its own masks: the same logits, bit for bit; leaving the block, also by an exception, restores the setting; re-entering for a
     model already inside changes nothing."""
     model, _, _ = built(family, "gqa")
     own = model.config._attn_implementation
@@ -309,7 +336,7 @@ def test_the_model_setting_is_restored_and_plain_values_use_it(family, built):
         with absorbed_attention(model):
             inside = _generate(model, _dynamic(model), n=8)
         assert model.config._attn_implementation == ABSORBED
-    _assert_same(inside, ref, tol=1e-6)
+    assert torch.equal(inside[0], ref[0]) and torch.equal(inside[1], ref[1])  # the same function, the same masks
     with pytest.raises(RuntimeError, match="boom"):
         with absorbed_attention(model):
             raise RuntimeError("boom")

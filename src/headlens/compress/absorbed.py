@@ -21,13 +21,14 @@ module calls ``past_key_values.update(k, v, layer_idx)`` and passes what it retu
 ``with`` block and restores the model's own afterwards. Inside it, a LatentCache layer (``absorbed="auto"`` or
 ``True``) returns from ``update`` its latents wrapped as :class:`LatentValues`, which carries the cache layer (its
 factors); :func:`absorbed_attention_forward` recognises them and computes the right-hand side above. Values that are
-not latents (layers left uncompressed, a DynamicCache) go to the implementation the model had (eager or sdpa).
+not latents (layers left uncompressed, a DynamicCache) go to the implementation the model had (eager or sdpa), and
+transformers builds the masks of that implementation (:func:`absorbed_mask`), so those layers run as outside the block.
 
 A :class:`LatentValues` refuses every torch operation but reading its shape, dtype and device: latents that reach
 any other function (a family that computes attention itself, a model that runs another attention implementation)
 raise :class:`~headlens.errors.HeadlensError` instead of being read as values.
 
-Families that compute attention themselves (Falcon, GPT-J, BLOOM in transformers 5.x) are refused by
+Families that compute attention themselves (Falcon, GPT-J, GPT-Neo, BLOOM in transformers 5.x) are refused by
 :func:`absorbed_attention`; their LatentCache rebuilds the values.
 """
 
@@ -97,12 +98,14 @@ def absorbed_attention_forward(module, query: torch.Tensor, key: torch.Tensor, v
     ``value`` a :class:`LatentValues`: attention on the latents, each group's ``U_g`` applied after (module
     docstring), where a kv group has at most ``head_dim / 2`` score rows (queries x its query heads); with more (a
     prefill), the values rebuilt once and the model's own implementation. Any other value: the implementation the
-    model had before :func:`absorbed_attention`, with the same arguments. ``query`` ``[batch, heads, q_len, head_dim]``, ``key`` ``[batch, kv heads, kv_len, head_dim]`` (kv heads
-    may come repeated, Falcon-style), ``attention_mask`` additive ``[batch, 1, q_len, kv_len]`` (the eager masks this
-    implementation asks transformers for; a boolean mask is read as keep/drop) or None. Keyword arguments read:
-    ``scaling`` (None: ``head_dim ** -0.5``), ``dropout`` (applied in training only, as eager does), ``softcap``
-    (Gemma 2's logit soft-capping); ``sliding_window`` needs nothing here (the mask and the cache layer's window
-    carry it); attention sinks (``s_aux``, gpt-oss) are refused."""
+    model had before :func:`absorbed_attention`, with the same arguments.
+
+    ``query`` ``[batch, heads, q_len, head_dim]``, ``key`` ``[batch, kv heads, kv_len, head_dim]`` (kv heads may come
+    repeated, Falcon-style), ``attention_mask`` ``[batch, 1, q_len, kv_len]`` additive (eager's) or boolean (sdpa's,
+    True = attend), or None (no mask; under sdpa's masks, causal where there is more than one query, as sdpa reads
+    it). Keyword arguments read: ``scaling`` (None: ``head_dim ** -0.5``), ``dropout`` (applied in training only, as
+    eager does), ``softcap`` (Gemma 2's logit soft-capping), ``is_causal``; ``sliding_window`` needs nothing here (the
+    mask and the cache layer's window carry it); attention sinks (``s_aux``, gpt-oss) are refused."""
     if not isinstance(value, LatentValues):
         return _fallback(module)(module, query, key, value, attention_mask, **kwargs)
     if kwargs.get("s_aux") is not None:
@@ -120,49 +123,65 @@ def absorbed_attention_forward(module, query: torch.Tensor, key: torch.Tensor, v
     if 2 * n * L > hd:  # a prefill: rebuild the values once for this call, run the model's own (fused) attention
         values = value.layer.decode(value.latents, value.latents.dtype)
         return _fallback(module)(module, query, key, values, attention_mask, **kwargs)
-    K = key[:, :: key.shape[1] // G]  # (B, G, S, hd): one copy of each kv head
+    K = key if key.shape[1] == G else key[:, :: key.shape[1] // G]  # (B, G, S, hd): one copy of each kv head
     scale = hd ** -0.5 if scaling is None else scaling
     q = query.reshape(B, G, n * L, hd)  # query head h = g n + j serves kv group g (repeat_kv's order)
     scores = torch.matmul(q, K.transpose(2, 3)) * scale  # (B, G, n L, S)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(B, G, n, L, S)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    if attention_mask is None and L > 1 and causal and _own(module.config) == "sdpa":
+        # sdpa's masks leave the causal pattern to the kernel where queries and keys line up: rebuild it
+        rows = torch.arange(L, device=query.device)[:, None] + (S - L)
+        attention_mask = (torch.arange(S, device=query.device)[None, :] <= rows)[None, None]  # (1, 1, L, S)
     if attention_mask is not None:
         mask = attention_mask[..., :S].unsqueeze(2)  # (B, 1, 1, L, S)
+        scores = scores.view(B, G, n, L, S)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if dropout and module.training:
+    probs = torch.softmax(scores.view(B, G, n * L, S), dim=-1, dtype=torch.float32).to(query.dtype)
+    dropped = bool(dropout) and module.training
+    if dropped:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    out = _apply_latents(value.layer, probs.view(B, G, n * L, S), C)  # (B, G, n L, hd)
-    return out.view(B, H, L, hd).transpose(1, 2).contiguous(), probs.view(B, H, L, S)  # (B, L, H, hd)
+    out = _apply_latents(value.layer, probs, C, dropped)  # (B, n L, G hd)
+    out = out.view(B, n, L, G, hd).permute(0, 2, 3, 1, 4).reshape(B, L, H, hd)  # head g n + j at [:, l, g n + j]
+    return out, probs.view(B, H, L, S)
 
 
-def _apply_latents(layer, probs: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """``probs_g C_g U_g^T + rowsum(probs_g) b_g^T`` per group: ``probs`` (B, G, M, S), ``C`` (B, S, sum_g k_g) ->
-    (B, G, M, hd) in ``probs``' dtype. The products with ``U_g`` run in float32 (the factors' precision)."""
-    _, up, bias, _, U = layer._factors(C.device)
+def _apply_latents(layer, probs: torch.Tensor, C: torch.Tensor, dropped: bool) -> torch.Tensor:
+    """``probs_g C_g U_g^T + rowsum(probs_g) b_g^T`` for every group at once: ``probs`` (B, G, M, S), ``C``
+    (B, S, sum_g k_g) -> (B, M, G hd) in ``probs``' dtype. The rows of a softmax sum to 1; after dropout (``dropped``)
+    each row's kept mass scales the bias. The products with ``U`` run in float32 (the factors' precision)."""
+    _, U, bias = layer.blocks(C.device)
     B, G, M, S = probs.shape
-    if U is not None:  # every group the same k: C viewed as (B, G, S, k) without a copy
-        k = U.shape[-1]
-        Cg = C.view(B, S, G, k).transpose(1, 2)
-        mixed = torch.matmul(probs, Cg).to(torch.float32)  # (B, G, M, k): what the step reads per token is k
-        out = torch.matmul(mixed, U.transpose(1, 2))  # (B, G, M, hd)
+    ks = layer.latents.ks
+    if len(set(ks)) == 1:  # C viewed as (B, G, S, k) without a copy
+        mixed = torch.matmul(probs, C.view(B, S, G, ks[0]).transpose(1, 2))  # (B, G, M, k): k numbers a token
+        mixed = mixed.transpose(1, 2).reshape(B, M, G * ks[0])
     else:
-        parts = torch.split(C, layer.latents.ks, dim=-1)
-        out = torch.stack([torch.matmul(torch.matmul(probs[:, g], parts[g]).to(torch.float32), up[g].T)
-                           for g in range(G)], dim=1)
+        parts = torch.split(C, ks, dim=-1)
+        mixed = torch.cat([torch.matmul(probs[:, g], parts[g]) for g in range(G)], dim=-1)  # (B, M, K)
+    out = torch.matmul(mixed.to(torch.float32), U)  # (B, M, G hd)
     if bias is not None:
-        out = out + probs.sum(-1, dtype=torch.float32).unsqueeze(-1) * bias[None, :, None, :]
+        if dropped:
+            rows = probs.sum(-1, dtype=torch.float32).transpose(1, 2).unsqueeze(-1)  # (B, M, G, 1)
+            out = out + (rows * bias.view(G, -1)).reshape(B, M, -1)
+        else:
+            out = out + bias
     return out.to(probs.dtype)
+
+
+def _own(config) -> str:
+    """The implementation ``config`` had before :func:`absorbed_attention` (eager where it is not known)."""
+    return _previous.get(id(config), "eager")
 
 
 def _fallback(module):
     """The attention function the model ran before :func:`absorbed_attention`: sdpa, or the family's own eager."""
-    previous = _previous.get(id(module.config), "eager")
-    if previous == "sdpa":
+    if _own(module.config) == "sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward
@@ -175,14 +194,24 @@ def _fallback(module):
 # ------------------------------------------------------------------------------------------ switching a model over
 
 
+def absorbed_mask(*args, **kwargs):
+    """transformers mask function for :data:`ABSORBED`: the masks of the implementation the model had (``config``
+    is passed by transformers), so that its own attention, which runs a prefill and every layer without latents,
+    gets exactly the masks it would get outside the block: eager's additive masks, or sdpa's boolean masks (None
+    where the kernel's causal flag does the job)."""
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    return (sdpa_mask if _own(kwargs.get("config")) == "sdpa" else eager_mask)(*args, **kwargs)
+
+
 def _register() -> None:
-    """Register :data:`ABSORBED` with transformers (attention function and eager-style masks), once."""
+    """Register :data:`ABSORBED` with transformers (attention function and mask function), once."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     if AttentionInterface._global_mapping.get(ABSORBED) is not absorbed_attention_forward:
         AttentionInterface.register(ABSORBED, absorbed_attention_forward)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ABSORBED, eager_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ABSORBED, absorbed_mask)
 
 
 def _configs(model) -> list:
