@@ -344,6 +344,30 @@ def test_the_model_setting_is_restored_and_plain_values_use_it(family, built):
     assert not absorbed_mod.absorbing() and not absorbed_mod._previous
 
 
+def test_only_the_model_inside_the_block_absorbs_in_any_thread(built, monkeypatch):
+    """A cache absorbs when the model it was built for is inside the block, also when generate runs in a thread
+    started there (a streamer's pattern); a second model's cache rebuilds meanwhile (no latents reach its sdpa)."""
+    import threading
+
+    model, ck, _ = built("qwen3", "gqa")
+    other = copy.deepcopy(model)
+    plans = _plans(ck, 4)
+    ref = _generate(model, LatentCache.from_plans(model, ck, plans, absorbed=False), n=8)
+    spy = Spy(monkeypatch)
+    results = {}
+    with absorbed_attention(model):
+        worker = threading.Thread(target=lambda: results.update(
+            own=_generate(model, LatentCache.from_plans(model, ck, plans, absorbed=True), n=8)))
+        worker.start()
+        worker.join()
+        assert spy.absorbed == len(plans) * 7
+        spy.absorbed = spy.decoded = 0
+        results["other"] = _generate(other, LatentCache.from_plans(other, ck, plans), n=8)
+        assert spy.absorbed == 0 and spy.decoded == len(plans) * 8  # every forward rebuilt its values
+    _assert_same(results["own"], ref)
+    _assert_same(results["other"], ref)
+
+
 def test_refusals(built, ckpts):
     model, ck, _ = built("qwen3", "gqa")
     plans = _plans(ck, 4)

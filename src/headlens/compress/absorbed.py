@@ -35,8 +35,8 @@ Families that compute attention themselves (Falcon, GPT-J, GPT-Neo, BLOOM in tra
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import sys
+import threading
 
 import torch
 
@@ -46,14 +46,17 @@ ABSORBED = "headlens_latent"
 # The implementations a model may run outside the block; absorbed_attention hands non-latent values back to them.
 FALLBACKS = ("eager", "sdpa")
 
-_depth: contextvars.ContextVar[int] = contextvars.ContextVar("headlens_absorbed_depth", default=0)
-_previous: dict[int, str] = {}  # id(config) -> the implementation it had before absorbed_attention
+# Process-wide, so that a generate running in another thread (a streamer's) absorbs too: which configs are inside an
+# absorbed_attention block (id -> how many blocks), and the implementation each had before.
+_lock = threading.Lock()
+_inside: dict[int, int] = {}
+_previous: dict[int, str] = {}
 
 
-def absorbing() -> bool:
-    """True inside an :func:`absorbed_attention` block (of any model): LatentCache layers with ``absorbed="auto"``
-    then hand their latents to attention."""
-    return _depth.get() > 0
+def absorbing(config=None) -> bool:
+    """Whether the model whose config is ``config`` runs inside an :func:`absorbed_attention` block (``None``: any
+    model): a LatentCache layer with ``absorbed="auto"`` then hands its latents to attention."""
+    return bool(_inside) if config is None else id(config) in _inside
 
 
 class LatentValues(torch.Tensor):
@@ -232,46 +235,51 @@ def _configs(model) -> list:
 
 def supports_absorbed(model) -> bool:
     """Whether ``model``'s family routes attention through transformers' attention interface (transformers' own
-    test: the modeling file's attention classes call ``ALL_ATTENTION_FUNCTIONS.get_interface``)."""
-    return bool(type(model)._can_set_attn_implementation())
+    test: the modeling file's attention classes call ``ALL_ATTENTION_FUNCTIONS.get_interface``; a transformers
+    without that test is trusted, and latents that reach another function still raise)."""
+    test = getattr(type(model), "_can_set_attn_implementation", None)
+    return bool(test()) if test is not None else True
 
 
 @contextlib.contextmanager
 def absorbed_attention(model):
-    """Run ``model``'s attention through :data:`ABSORBED` inside the block, so that a LatentCache
+    """Run ``model``'s attention through :data:`ABSORBED` inside the block, so that a LatentCache built for it
     (``absorbed="auto"``, the default, or ``True``) is read as latents instead of rebuilt values; the model's own
-    attention implementation (every config's) is restored on leaving. Re-entering for a model already inside
-    changes nothing.
+    attention implementation (every config's) is restored on leaving. Nested blocks for one model change nothing
+    more; a generate running in another thread started inside the block absorbs too.
 
     HeadlensError for a family that computes attention itself (its LatentCache rebuilds values: use it outside the
     block) and for a model running neither eager nor sdpa attention."""
     configs = _configs(model)
     saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
-    if model.config._attn_implementation == ABSORBED:
-        token = _depth.set(_depth.get() + 1)
-        try:
-            yield model
-        finally:
-            _depth.reset(token)
-        return
-    if not supports_absorbed(model):
-        raise HeadlensError(f"`model` {type(model).__name__} computes attention itself, not through transformers' "
-                            "attention interface: absorbed attention cannot read its cache; its LatentCache rebuilds "
-                            "the values (use it without absorbed_attention, or with `absorbed`=False)")
-    others = sorted({str(cfg._attn_implementation) for cfg, _ in saved if cfg._attn_implementation is not None}
-                    - set(FALLBACKS))
-    if others:
-        raise HeadlensError(f"`model` runs {others[0]} attention; absorbed attention stands in for "
-                            f"{' or '.join(FALLBACKS)} (load the model with attn_implementation='sdpa')")
-    _register()
-    for cfg, impl in saved:
-        _previous[id(cfg)] = impl or "eager"
-    token = _depth.set(_depth.get() + 1)
+    switch = model.config._attn_implementation != ABSORBED
+    if switch:
+        if not supports_absorbed(model):
+            raise HeadlensError(f"`model` {type(model).__name__} computes attention itself, not through "
+                                "transformers' attention interface: absorbed attention cannot read its cache; its "
+                                "LatentCache rebuilds the values (use it without absorbed_attention, or with "
+                                "`absorbed`=False)")
+        others = sorted({str(cfg._attn_implementation) for cfg, _ in saved
+                         if cfg._attn_implementation is not None} - set(FALLBACKS))
+        if others:
+            raise HeadlensError(f"`model` runs {others[0]} attention; absorbed attention stands in for "
+                                f"{' or '.join(FALLBACKS)} (load the model with attn_implementation='sdpa')")
+        _register()
+    with _lock:
+        for cfg, impl in saved:
+            if switch:
+                _previous[id(cfg)] = cfg._attn_implementation or "eager"
+            _inside[id(cfg)] = _inside.get(id(cfg), 0) + 1
     try:
-        model.set_attn_implementation(ABSORBED)
+        if switch:
+            model.set_attn_implementation(ABSORBED)
         yield model
     finally:
-        _depth.reset(token)
-        for cfg, impl in saved:
-            cfg._attn_implementation_internal = impl
-            _previous.pop(id(cfg), None)
+        with _lock:
+            for cfg, impl in saved:
+                _inside[id(cfg)] -= 1
+                if not _inside[id(cfg)]:
+                    del _inside[id(cfg)]
+                if switch:
+                    cfg._attn_implementation_internal = impl
+                    _previous.pop(id(cfg), None)

@@ -139,15 +139,17 @@ class _LatentValues:
         return keys, self.decode(latents, value_states.dtype)
 
     absorbed: bool | str = "auto"
+    owner = None  # the config of the model the cache was built for (None: not known)
 
     def _hand_latents(self) -> bool:
         if self.absorbed is False:
             return False
-        if self.absorbed is True and not absorbing():
+        inside = absorbing(self.owner)
+        if self.absorbed is True and not inside:
             raise HeadlensError("the LatentCache was built with `absorbed`=True, but the model is not running "
                                 "absorbed attention: run it inside headlens.compress.absorbed.absorbed_attention(model)"
                                 " (or build the cache with `absorbed`='auto' or False)")
-        return absorbing()
+        return inside
 
 
 def _transformers_cache():
@@ -196,13 +198,16 @@ class LatentCache(Cache):
     ``absorbed``: how attention reads the latents (:mod:`headlens.compress.absorbed`). ``"auto"`` (default): as
     latents, without rebuilding a value, while the model runs inside ``absorbed_attention(model)``, and as values
     rebuilt from them (``U_g c + b_g`` for every cached token at every step) otherwise; ``True``: always as latents
-    (a forward outside ``absorbed_attention`` is refused); ``False``: always rebuilt."""
+    (a forward outside ``absorbed_attention`` is refused); ``False``: always rebuilt. "The model" is the one whose
+    ``config`` the cache was built with (``owner``: another config, or None for any model inside a block, as
+    ``from_pretrained`` without a model builds it)."""
 
     def __init__(self, latents: dict[int, LayerLatents], config, notes: list[str] | None = None,
-                 absorbed: bool | str = "auto"):
+                 absorbed: bool | str = "auto", owner=...):
         if not isinstance(absorbed, (bool, str)) or absorbed not in (True, False, "auto"):
             raise HeadlensError(f"`absorbed` must be True, False or 'auto', not {absorbed!r}")
         self.absorbed = absorbed
+        owner = config if owner is ... else owner
         plan = layer_plan(config)
         bad = [layer for layer in latents if not 0 <= layer < len(plan)]
         if bad:
@@ -214,7 +219,7 @@ class LatentCache(Cache):
                 kept.append(i)
             layers.append(cls(latents[i], **kw) if cls is not None else base(**kw))
             if cls is not None:
-                layers[-1].absorbed = absorbed
+                layers[-1].absorbed, layers[-1].owner = absorbed, owner
         self.notes = list(notes or [])
         if kept:
             self.notes.append(f"layers {', '.join(map(str, kept))} keep full values: their cache layer type "
@@ -234,7 +239,7 @@ class LatentCache(Cache):
         will run with, whose config is then checked against the factors (layers, kv heads, head_dim, hidden size).
         ``absorbed``: see the class."""
         latents, config, notes = read_latents(Path(directory), model)
-        return cls(latents, config, notes, absorbed)
+        return cls(latents, config, notes, absorbed, owner=model.config if model is not None else None)
 
     @classmethod
     def from_plans(cls, model, ck, plans: Sequence, absorbed: bool | str = "auto") -> "LatentCache":
