@@ -7,7 +7,8 @@ Per query head h of kv group g, with ``C_g`` the group's cached latents (tokens 
     softmax(q K^T + mask) V_g  =  (softmax(q K^T + mask) C_g) U_g^T  +  rowsum(softmax(...)) b_g^T
 
 so a decoding step reads k_g numbers per cached token and kv group instead of head_dim (what MLA does with its
-``W_UV``). The row sum is 1 for a softmax; it is kept as computed so that dropout in training stays exact.
+``W_UV``). The row sum is 1 for a softmax (the bias is added as it is); after dropout in training it is each row's
+kept mass.
 
 Which calls absorb: those with at most head_dim / 2 score rows per kv group (queries x query heads per group:
 decoding steps, short multi-token steps). A call with more (a prefill) rebuilds the values once for that call and runs
@@ -18,9 +19,9 @@ unfused one took 2.3x as long).
 transformers routes attention through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``: each attention
 module calls ``past_key_values.update(k, v, layer_idx)`` and passes what it returns straight to that function.
 :func:`absorbed_attention` sets the model's implementation to :data:`ABSORBED` (``"headlens_latent"``) for a
-``with`` block and restores the model's own afterwards. Inside it, a LatentCache layer (``absorbed="auto"`` or
-``True``) returns from ``update`` its latents wrapped as :class:`LatentValues`, which carries the cache layer (its
-factors); :func:`absorbed_attention_forward` recognises them and computes the right-hand side above. Values that are
+``with`` block and restores the model's own afterwards. Inside it, the layers of a LatentCache built for that model
+(``absorbed="auto"`` or ``True``) return from ``update`` their latents wrapped as :class:`LatentValues`, which carries
+the cache layer (its factors); :func:`absorbed_attention_forward` recognises them and computes the right-hand side above. Values that are
 not latents (layers left uncompressed, a DynamicCache) go to the implementation the model had (eager or sdpa), and
 transformers builds the masks of that implementation (:func:`absorbed_mask`), so those layers run as outside the block.
 

@@ -13,7 +13,8 @@ Each compressed layer of a :class:`LatentCache` is one of transformers' cache la
 ``DynamicSlidingWindowLayer`` for a sliding-window layer) whose ``values`` slot holds the latents of all kv groups,
 ``[batch, 1, tokens, sum_g k_g]``: the layer's own growing, windowing, cropping, beam reordering and batch selection
 apply to it unchanged (they work on the batch and token axes), as transformers' ``QuantizedLayer`` stores one form
-and returns another. Keys are kept as they are.
+and returns another. Keys are kept as they are. Inside ``absorbed_attention(model)`` (:mod:`headlens.compress.absorbed`)
+``update`` hands attention the latents themselves instead of rebuilt values.
 """
 
 from __future__ import annotations
