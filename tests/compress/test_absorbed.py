@@ -395,3 +395,33 @@ def test_refusals(built, ckpts):
         with absorbed_attention(other):
             pass
     assert other.config._attn_implementation == "flex_attention"
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    """README's absorbed-attention block, on a ``compress --save-model`` directory of tiny-lm and the original model:
+    it reads latents at every decoding step, gives the same tokens as the same cache rebuilding outside the block,
+    and the model's setting is back after it."""
+    import re
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headlens.cli import main
+    from headlens.io.embedded import embedded_dir
+
+    saved = tmp_path / "m"
+    assert main(["compress", "--model", "tiny-lm", "--k", "16", "--latent", "plain", "--out-dir", str(tmp_path / "o"),
+                 "--save-model", str(saved)]) == 0
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "absorbed_attention(model)" in b]
+    assert len(blocks) == 1
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir("tiny-lm"), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(embedded_dir("tiny-lm"))("The cat sat on the", return_tensors="pt").input_ids
+    scope = {"model": model, "ids": ids}
+    spy = Spy(monkeypatch)
+    exec(compile(blocks[0].replace('"compressed-dir"', repr(str(saved))), "README.md (absorbed)", "exec"), scope)
+    assert model.config._attn_implementation == "sdpa"
+    # 6 layers, every forward absorbed: the short prompt too (4 query heads a group x 7 tokens <= head_dim / 2)
+    assert spy.absorbed == 6 * (scope["out"].shape[1] - ids.shape[1]) and spy.decoded == 0
+    ref = model.generate(ids, past_key_values=LatentCache.from_pretrained(saved, model), max_new_tokens=256)
+    assert torch.equal(scope["out"], ref) and scope["out"].shape[1] > ids.shape[1] + 16
