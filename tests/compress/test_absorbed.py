@@ -208,17 +208,17 @@ def test_dropout_in_training_equals_eager_attention_on_the_rebuilt_values():
 # ------------------------------------------------------------------------------------------ in generate()
 
 
-FAMILY_CASES = [("qwen3", "gqa"), ("llama", "gqa"), ("qwen2", "gqa"), ("gpt2", "mha"), ("gemma2", "gqa"),
-                ("mistral_window", "gqa")]
+FAMILY_CASES = [("qwen3", "gqa"), ("llama", "gqa"), ("llama", "mqa"), ("qwen2", "gqa"), ("gpt2", "mha"),
+                ("gemma2", "gqa"), ("mistral_window", "gqa")]
 
 
 @pytest.mark.parametrize("kind", ["plain", "data-aware"])
-@pytest.mark.parametrize("family,variant", FAMILY_CASES, ids=[f for f, _ in FAMILY_CASES])
+@pytest.mark.parametrize("family,variant", FAMILY_CASES, ids=[f"{f}-{v}" for f, v in FAMILY_CASES])
 def test_absorbed_equals_rebuilding_and_the_weight_replaced_model(family, variant, kind, built, monkeypatch):
-    """Qwen3 (GQA, q/k norms), Llama, Qwen2 and GPT-2 (value bias; GPT-2's fused Conv1D), Gemma 2 (sliding window 4,
-    logit softcapping, eager by default) and Mistral with a 6-token window (sdpa): absorbed = rebuilding = the
-    weight-replaced model with DynamicCache over 64 greedy tokens, logits to 1e-5; the absorbed run never rebuilds a
-    value."""
+    """Qwen3 (GQA, q/k norms), Llama (GQA and MQA), Qwen2 and GPT-2 (value bias; GPT-2's fused Conv1D, MHA), Gemma 2
+    (sliding window 4, logit softcapping, eager by default) and Mistral with a 6-token window (sdpa): absorbed =
+    rebuilding = the weight-replaced model with DynamicCache over 64 greedy tokens, logits to 1e-5; the absorbed run
+    rebuilds values only in the prefill."""
     from headlens.residual.capture import capture_attention_inputs
 
     model, ck, tok = built(family, variant)

@@ -150,31 +150,27 @@ def absorbed_attention_forward(module, query: torch.Tensor, key: torch.Tensor, v
     dropped = bool(dropout) and module.training
     if dropped:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    out = _apply_latents(value.layer, probs, C, dropped)  # (B, n L, G hd)
-    out = out.view(B, n, L, G, hd).permute(0, 2, 3, 1, 4).reshape(B, L, H, hd)  # head g n + j at [:, l, g n + j]
+    out = _apply_latents(value.layer, probs, C, dropped)  # (B, G, n L, hd)
+    out = out.view(B, G, n, L, hd).permute(0, 3, 1, 2, 4).reshape(B, L, H, hd)  # head g n + j at [:, l, g n + j]
     return out, probs.view(B, H, L, S)
 
 
 def _apply_latents(layer, probs: torch.Tensor, C: torch.Tensor, dropped: bool) -> torch.Tensor:
-    """``probs_g C_g U_g^T + rowsum(probs_g) b_g^T`` for every group at once: ``probs`` (B, G, M, S), ``C``
-    (B, S, sum_g k_g) -> (B, M, G hd) in ``probs``' dtype. The rows of a softmax sum to 1; after dropout (``dropped``)
-    each row's kept mass scales the bias. The products with ``U`` run in float32 (the factors' precision)."""
-    _, U, bias = layer.blocks(C.device)
+    """``probs_g C_g U_g^T + rowsum(probs_g) b_g^T`` per group: ``probs`` (B, G, M, S), ``C`` (B, S, sum_g k_g) ->
+    (B, G, M, hd) in ``probs``' dtype. The rows of a softmax sum to 1; after dropout (``dropped``) each row's kept
+    mass scales the bias. The products with ``U_g`` run in float32 (the factors' precision)."""
+    _, up, bias, _, Ut = layer._factors(C.device)
     B, G, M, S = probs.shape
-    ks = layer.latents.ks
-    if len(set(ks)) == 1:  # C viewed as (B, G, S, k) without a copy
-        mixed = torch.matmul(probs, C.view(B, S, G, ks[0]).transpose(1, 2))  # (B, G, M, k): k numbers a token
-        mixed = mixed.transpose(1, 2).reshape(B, M, G * ks[0])
+    if Ut is not None:  # every group the same k: C viewed as (B, G, S, k) without a copy
+        mixed = torch.matmul(probs, C.view(B, S, G, -1).transpose(1, 2))  # (B, G, M, k): k numbers a token
+        out = torch.matmul(mixed.to(torch.float32), Ut)  # (B, G, M, hd)
     else:
-        parts = torch.split(C, ks, dim=-1)
-        mixed = torch.cat([torch.matmul(probs[:, g], parts[g]) for g in range(G)], dim=-1)  # (B, M, K)
-    out = torch.matmul(mixed.to(torch.float32), U)  # (B, M, G hd)
+        parts = torch.split(C, layer.latents.ks, dim=-1)
+        out = torch.stack([torch.matmul(torch.matmul(probs[:, g], parts[g]).to(torch.float32), up[g].T)
+                           for g in range(G)], dim=1)
     if bias is not None:
-        if dropped:
-            rows = probs.sum(-1, dtype=torch.float32).transpose(1, 2).unsqueeze(-1)  # (B, M, G, 1)
-            out = out + (rows * bias.view(G, -1)).reshape(B, M, -1)
-        else:
-            out = out + bias
+        rows = probs.sum(-1, dtype=torch.float32).unsqueeze(-1) if dropped else 1.0  # (B, G, M, 1)
+        out = out + rows * bias[:, None, :]
     return out.to(probs.dtype)
 
 

@@ -78,8 +78,8 @@ class _LatentValues:
         self._ready: dict = {}
 
     def _factors(self, device: torch.device):
-        """(E list, U list, bias (G, hd) or None, E stacked (G, k, hd) and U stacked (G, hd, k) where every group has
-        the same k, else None) on ``device`` in float32."""
+        """(E list, U list, bias (G, hd) or None, E stacked (G, k, hd) and U^T stacked (G, k, hd) where every group
+        has the same k, else None) on ``device`` in float32."""
         if device not in self._ready:
             lat = self.latents
             enc = [e.to(device, torch.float32) for e in lat.encode]
@@ -87,41 +87,32 @@ class _LatentValues:
             bias = torch.stack([b.to(device, torch.float32) for b in lat.bias]) if lat.bias is not None else None
             uniform = len(set(lat.ks)) == 1
             self._ready[device] = (enc, up, bias, torch.stack(enc) if uniform else None,
-                                   torch.stack(up) if uniform else None)
+                                   torch.stack(up).transpose(1, 2).contiguous() if uniform else None)
         return self._ready[device]
-
-    def blocks(self, device: torch.device):
-        """The factors as block-diagonal matrices over all kv groups, float32 on ``device``: (E (G hd, K) with
-        ``E_g^T`` as block g, U (K, G hd) with ``U_g^T`` as block g, bias (G hd,) or None), K = sum_g k_g. One product
-        with them serves every group in the projection's own layout ``[..., G hd]``, whatever each k_g is."""
-        key = ("blocks", device)
-        if key not in self._ready:
-            lat = self.latents
-            E = torch.block_diag(*[e.T for e in lat.encode]).to(device, torch.float32)
-            U = torch.block_diag(*[u.T for u in lat.up]).to(device, torch.float32)
-            bias = torch.cat(lat.bias).to(device, torch.float32) if lat.bias is not None else None
-            self._ready[key] = (E, U, bias)
-        return self._ready[key]
 
     def encode(self, value_states: torch.Tensor) -> torch.Tensor:
         """``[batch, G, tokens, hd]`` values -> ``[batch, 1, tokens, sum_g k_g]`` latents ``c_g = E_g (v_g - b_g)``,
         in the values' dtype."""
         self.repeat = self.latents.repeats(value_states)
-        E, _, bias = self.blocks(value_states.device)
+        enc, _, bias, E, _ = self._factors(value_states.device)
         v = value_states[:, ::self.repeat] if self.repeat > 1 else value_states
-        B, G, T, hd = v.shape
-        v = v.transpose(1, 2).reshape(B, T, G * hd).to(torch.float32)  # (B, T, G hd): as the projection wrote it
+        v = v.to(torch.float32)
         if bias is not None:
-            v = v - bias
-        return torch.matmul(v, E).unsqueeze(1).to(value_states.dtype)  # (B, 1, T, K)
+            v = v - bias[:, None, :]
+        B, G, T, _ = v.shape
+        if E is not None:  # every group the same k: one batched product
+            c = torch.matmul(v, E.transpose(1, 2)).transpose(1, 2).reshape(B, T, -1)  # (B, T, G k)
+        else:
+            c = torch.cat([v[:, g] @ enc[g].T for g in range(G)], dim=-1)
+        return c.unsqueeze(1).to(value_states.dtype)
 
     def decode(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``[batch, 1, tokens, sum_g k_g]`` latents -> ``[batch, G, tokens, hd]`` values ``U_g c_g + b_g``."""
-        _, up, bias, _, U = self._factors(latents.device)
+        _, up, bias, _, Ut = self._factors(latents.device)
         c = latents[:, 0].to(torch.float32)  # (B, T, K)
-        if U is not None:
+        if Ut is not None:
             B, T, _ = c.shape
-            v = torch.einsum("btgk,ghk->bgth", c.reshape(B, T, len(up), -1), U)
+            v = torch.matmul(c.view(B, T, len(up), -1).transpose(1, 2), Ut)  # (B, G, T, hd)
         else:
             parts = torch.split(c, self.latents.ks, dim=-1)
             v = torch.stack([p @ u.T for p, u in zip(parts, up)], dim=1)
