@@ -58,6 +58,7 @@ _API = {
     "CompressResult": "headlens.compress.run",
     "run_compress": "headlens.compress.run",
     "LatentCache": "headlens.compress.cache",
+    "absorbed_attention": "headlens.compress.absorbed",
     "load_compressed": "headlens.compress.exported",
     "GenerateConfig": "headlens.compress.generate",
     "GenerateResult": "headlens.compress.generate",

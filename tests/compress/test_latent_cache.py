@@ -79,12 +79,23 @@ def _calibration(model, tok, ck):
     return X
 
 
+def _perturb_biases(model) -> None:
+    """Seeded noise on every bias (zero at initialisation), so that the value bias b_g the cache subtracts and adds
+    back is tested (the plans fit weights only; the bias is read from the model)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+
+
 @pytest.mark.parametrize("kind", ["plain", "data-aware"])
 @pytest.mark.parametrize("family,variant", LOW_RANK, ids=[f for f, _ in LOW_RANK])
 def test_latents_on_the_original_equal_the_weight_replaced_model(family, variant, kind, ckpts):
     """k < head_dim: LatentCache on the original checkpoint = the weight-replaced model with DynamicCache, token for
     token over 64 greedy tokens, logits to 1e-5; the cache holds sum_g k_g numbers per token and layer."""
     ck, model, tok = _setup(ckpts, family, variant)
+    _perturb_biases(model)  # HF initialises biases to zero: give the value bias something to carry
     X = _calibration(model, tok, ck) if kind == "data-aware" else None
     k = ck.shape.head_dim // 4
     plans = _plans(ck, k, kind, X)

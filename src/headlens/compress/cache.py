@@ -13,7 +13,8 @@ Each compressed layer of a :class:`LatentCache` is one of transformers' cache la
 ``DynamicSlidingWindowLayer`` for a sliding-window layer) whose ``values`` slot holds the latents of all kv groups,
 ``[batch, 1, tokens, sum_g k_g]``: the layer's own growing, windowing, cropping, beam reordering and batch selection
 apply to it unchanged (they work on the batch and token axes), as transformers' ``QuantizedLayer`` stores one form
-and returns another. Keys are kept as they are.
+and returns another. Keys are kept as they are. Inside ``absorbed_attention(model)`` (:mod:`headlens.compress.absorbed`)
+``update`` hands attention the latents themselves instead of rebuilt values.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from headlens.compress.absorbed import LatentValues, absorbing
 from headlens.errors import HeadlensError
 
 # How far E_g W_V^g may be from P_g (relative, in float64) before the layer is refused.
@@ -76,7 +78,8 @@ class _LatentValues:
         self._ready: dict = {}
 
     def _factors(self, device: torch.device):
-        """(E (K, G, hd) block-stacked as a list, U list, bias (G, hd) or None) on ``device`` in float32."""
+        """(E list, U list, bias (G, hd) or None, E stacked (G, k, hd) and U^T stacked (G, k, hd) where every group
+        has the same k, else None) on ``device`` in float32."""
         if device not in self._ready:
             lat = self.latents
             enc = [e.to(device, torch.float32) for e in lat.encode]
@@ -84,7 +87,7 @@ class _LatentValues:
             bias = torch.stack([b.to(device, torch.float32) for b in lat.bias]) if lat.bias is not None else None
             uniform = len(set(lat.ks)) == 1
             self._ready[device] = (enc, up, bias, torch.stack(enc) if uniform else None,
-                                   torch.stack(up) if uniform else None)
+                                   torch.stack(up).transpose(1, 2).contiguous() if uniform else None)
         return self._ready[device]
 
     def encode(self, value_states: torch.Tensor) -> torch.Tensor:
@@ -92,22 +95,24 @@ class _LatentValues:
         in the values' dtype."""
         self.repeat = self.latents.repeats(value_states)
         enc, _, bias, E, _ = self._factors(value_states.device)
-        v = value_states[:, ::self.repeat].to(torch.float32)
+        v = value_states[:, ::self.repeat] if self.repeat > 1 else value_states
+        v = v.to(torch.float32)
         if bias is not None:
-            v = v - bias[None, :, None, :]
+            v = v - bias[:, None, :]
+        B, G, T, _ = v.shape
         if E is not None:  # every group the same k: one batched product
-            c = torch.einsum("bgth,gkh->btgk", v, E).flatten(2)
+            c = torch.matmul(v, E.transpose(1, 2)).transpose(1, 2).reshape(B, T, -1)  # (B, T, G k)
         else:
-            c = torch.cat([v[:, g] @ enc[g].T for g in range(len(enc))], dim=-1)
+            c = torch.cat([v[:, g] @ enc[g].T for g in range(G)], dim=-1)
         return c.unsqueeze(1).to(value_states.dtype)
 
     def decode(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``[batch, 1, tokens, sum_g k_g]`` latents -> ``[batch, G, tokens, hd]`` values ``U_g c_g + b_g``."""
-        _, up, bias, _, U = self._factors(latents.device)
+        _, up, bias, _, Ut = self._factors(latents.device)
         c = latents[:, 0].to(torch.float32)  # (B, T, K)
-        if U is not None:
+        if Ut is not None:
             B, T, _ = c.shape
-            v = torch.einsum("btgk,ghk->bgth", c.reshape(B, T, len(up), -1), U)
+            v = torch.matmul(c.view(B, T, len(up), -1).transpose(1, 2), Ut)  # (B, G, T, hd)
         else:
             parts = torch.split(c, self.latents.ks, dim=-1)
             v = torch.stack([p @ u.T for p, u in zip(parts, up)], dim=1)
@@ -118,8 +123,25 @@ class _LatentValues:
         return v.to(dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the new tokens' latents; return (keys, values rebuilt from every cached latent), or under absorbed
+        attention (keys, the latents as :class:`~headlens.compress.absorbed.LatentValues`)."""
         keys, latents = super().update(key_states, self.encode(value_states), *args, **kwargs)  # type: ignore[misc]
+        if self._hand_latents():
+            return keys, LatentValues.wrap(latents, self)
         return keys, self.decode(latents, value_states.dtype)
+
+    absorbed: bool | str = "auto"
+    owner = None  # the config of the model the cache was built for (None: not known)
+
+    def _hand_latents(self) -> bool:
+        if self.absorbed is False:
+            return False
+        inside = absorbing(self.owner)
+        if self.absorbed is True and not inside:
+            raise HeadlensError("the LatentCache was built with `absorbed`=True, but the model is not running "
+                                "absorbed attention: run it inside headlens.compress.absorbed.absorbed_attention(model)"
+                                " (or build the cache with `absorbed`='auto' or False)")
+        return inside
 
 
 def _transformers_cache():
@@ -163,9 +185,21 @@ class LatentCache(Cache):
     Build it with :meth:`from_pretrained` (a ``compress --save-model`` directory), :meth:`from_plans` (a model and
     compress plans in memory) or ``CompressResult.latent_cache(name)``, and pass it to a forward pass or to
     ``model.generate(ids, past_key_values=cache)``. :meth:`nbytes` is what the cache holds, measured from its
-    tensors. A layer the plan leaves out, and a layer type without a latent form, keep full values (``notes``)."""
+    tensors. A layer the plan leaves out, and a layer type without a latent form, keep full values (``notes``).
 
-    def __init__(self, latents: dict[int, LayerLatents], config, notes: list[str] | None = None):
+    ``absorbed``: how attention reads the latents (:mod:`headlens.compress.absorbed`). ``"auto"`` (default): as
+    latents, without rebuilding a value, while the model runs inside ``absorbed_attention(model)``, and as values
+    rebuilt from them (``U_g c + b_g`` for every cached token at every step) otherwise; ``True``: always as latents
+    (a forward outside ``absorbed_attention`` is refused); ``False``: always rebuilt. "The model" is the one whose
+    ``config`` the cache was built with (``owner``: another config, or None for any model inside a block, as
+    ``from_pretrained`` without a model builds it)."""
+
+    def __init__(self, latents: dict[int, LayerLatents], config, notes: list[str] | None = None,
+                 absorbed: bool | str = "auto", owner=...):
+        if not isinstance(absorbed, (bool, str)) or absorbed not in (True, False, "auto"):
+            raise HeadlensError(f"`absorbed` must be True, False or 'auto', not {absorbed!r}")
+        self.absorbed = absorbed
+        owner = config if owner is ... else owner
         plan = layer_plan(config)
         bad = [layer for layer in latents if not 0 <= layer < len(plan)]
         if bad:
@@ -176,6 +210,8 @@ class LatentCache(Cache):
             if i in latents and cls is None:
                 kept.append(i)
             layers.append(cls(latents[i], **kw) if cls is not None else base(**kw))
+            if cls is not None:
+                layers[-1].absorbed, layers[-1].owner = absorbed, owner
         self.notes = list(notes or [])
         if kept:
             self.notes.append(f"layers {', '.join(map(str, kept))} keep full values: their cache layer type "
@@ -188,19 +224,20 @@ class LatentCache(Cache):
         super().__init__(layers=layers)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, model=None) -> "LatentCache":
+    def from_pretrained(cls, directory: str | Path, model=None, absorbed: bool | str = "auto") -> "LatentCache":
         """The cache for a ``compress --save-model`` directory: ``headlens_latent.json`` (the plan),
         ``latent_factors.safetensors`` (P_g, U_g, E_g, b_g) and ``config.json`` (the layer types). It works with the
         exported model in that directory and with the original checkpoint it was made from. ``model``: the model it
-        will run with, whose config is then checked against the factors (layers, kv heads, head_dim, hidden size)."""
+        will run with, whose config is then checked against the factors (layers, kv heads, head_dim, hidden size).
+        ``absorbed``: see the class."""
         latents, config, notes = read_latents(Path(directory), model)
-        return cls(latents, config, notes)
+        return cls(latents, config, notes, absorbed, owner=model.config if model is not None else None)
 
     @classmethod
-    def from_plans(cls, model, ck, plans: Sequence) -> "LatentCache":
+    def from_plans(cls, model, ck, plans: Sequence, absorbed: bool | str = "auto") -> "LatentCache":
         """The cache for compress ``plans`` (:class:`~headlens.compress.plan.LayerPlan`) on ``model``, loaded from
-        ``ck`` with its original value weights."""
-        return cls(encoders(model, ck, plans), model.config)
+        ``ck`` with its original value weights. ``absorbed``: see the class."""
+        return cls(encoders(model, ck, plans), model.config, absorbed=absorbed)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (keys and latents or values of every layer), read from the
@@ -215,7 +252,8 @@ class LatentCache(Cache):
     def __repr__(self) -> str:
         ks = sum(sum(lat.ks) for lat in self.latents.values())
         return (f"LatentCache({len(self.layers)} layers, {len(self.latents)} storing value latents "
-                f"(sum of k = {ks}), {self.get_seq_length()} tokens, {self.nbytes()} bytes)")
+                f"(sum of k = {ks}), {self.get_seq_length()} tokens, {self.nbytes()} bytes, "
+                f"absorbed={self.absorbed!r})")
 
 
 # ------------------------------------------------------------------------------------------------ encoders
