@@ -71,6 +71,65 @@ def value_tensor(model: nn.Module, ck, layer: int) -> ValueTensor:
                        param=param, blocks=blocks)  # type: ignore[arg-type]
 
 
+@dataclass
+class HeadProjection:
+    """One layer's query or key heads in the model: the (possibly fused) projection module and where each head's
+    rows lie in its weight, bias and output (``head_projection``)."""
+
+    module: nn.Module
+    param: nn.Parameter
+    blocks: list  # per head (query heads for "q", kv heads for "k"), its Block in ``param``
+
+    def _features(self, block) -> slice:
+        rows, cols = block.index
+        return cols if block.transposed else rows
+
+    def select(self, output: torch.Tensor) -> torch.Tensor:
+        """The module's output [B, T, features] narrowed to these heads' features, side by side [B, T, heads*hd]."""
+        from headlens.residual.modules import first_tensor
+
+        out = first_tensor(output).detach()
+        return torch.cat([out[..., self._features(b)] for b in self.blocks], dim=-1)
+
+    def weights(self) -> list[torch.Tensor]:
+        """Per head its (hd, d) Linear-layout block, float64 on the CPU."""
+        return [_read(self.param, b) for b in self.blocks]
+
+    def biases(self) -> list[torch.Tensor] | None:
+        """Per head its bias (hd,) float64 on the CPU, or None for a projection without a bias."""
+        bias = getattr(self.module, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            return None
+        return [bias.detach()[self._features(b)].to("cpu", torch.float64) for b in self.blocks]
+
+    key_bias = biases
+
+
+def head_projection(model: nn.Module, ck, layer: int, role: str) -> HeadProjection:
+    """The :class:`HeadProjection` of ``role`` ("q" or "k") of ``layer``, found as :func:`value_tensor` finds the
+    values (the same checks)."""
+    from headlens.residual.modules import find_layer
+
+    s, layout = ck.shape, ck.spec.layout
+    n = s.num_heads if role == "q" else s.num_kv_heads
+    blocks = [layout.head_block(role, h, s.num_heads, s.num_kv_heads, s.head_dim) for h in range(n)]
+    rel = getattr(layout, blocks[0].tensor)
+    path, layer_mod = find_layer(model, ck.spec, layer)
+    mod_rel, attr = rel.rsplit(".", 1)
+    try:
+        module = layer_mod.get_submodule(mod_rel)
+    except AttributeError:
+        module = None
+    param = getattr(module, attr, None) if module is not None else None
+    if not isinstance(param, torch.Tensor):
+        raise HeadlensError(f"`model` has no tensor {path}.{rel} holding layer {layer}'s {role} weights")
+    want = layout.shapes(s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size)[blocks[0].tensor]
+    if tuple(param.shape) != want:
+        raise HeadlensError(f"`model` tensor {path}.{rel} has shape {tuple(param.shape)}, but {ck.name} implies "
+                            f"{want}: the model was not loaded from this checkpoint")
+    return HeadProjection(module=module, param=param, blocks=blocks)  # type: ignore[arg-type]
+
+
 def _read(param: torch.Tensor, block) -> torch.Tensor:
     """The Linear-layout (hd, d) block of ``param``, float64, on the CPU."""
     t = param.detach()[block.index]

@@ -126,13 +126,17 @@ class CacheCheck:
 
 
 def check_cache(model, ck, tokenizer, ids: torch.Tensor, plans: Sequence, n: int, planned_bytes_per_token: float,
-                bytes_per_value: float) -> CacheCheck:
-    """Generate ``n`` greedy tokens after ``ids`` (1, P) with ``LatentCache.from_plans(model, ck, plans)`` and
-    measure what the cache holds (:class:`CacheCheck`)."""
+                bytes_per_value: float, key_plans: dict | None = None) -> CacheCheck:
+    """Generate ``n`` greedy tokens after ``ids`` (1, P) with ``LatentCache.from_plans(model, ck, plans)`` (and the
+    key latents of ``key_plans``, layer -> KeyLayerPlan) and measure what the cache holds (:class:`CacheCheck`)."""
     from headlens.compress.cache import LatentCache
     from headlens.io.source import quiet_transformers
 
-    cache = LatentCache.from_plans(model, ck, plans)
+    if key_plans:
+        cache = LatentCache.from_plans(model, ck, plans,
+                                       key_latents={layer: p.cache_latents() for layer, p in key_plans.items()})
+    else:
+        cache = LatentCache.from_plans(model, ck, plans)
     g = greedy(model, ids, cache, n)
     with quiet_transformers():
         text = tokenizer.decode(g.tokens, skip_special_tokens=True)

@@ -47,6 +47,7 @@ exactly as it came, hooks removed, also when an error is raised.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -93,6 +94,28 @@ class LayerErrors:
 
 
 @dataclass
+class KeyLayerErrors:
+    """One layer's key numbers and its attention-output errors (keys alone, values alone, both), on the eval tokens,
+    measured at the attention function's output (every head's ``softmax(q k^T) v`` before the output projection),
+    relative to that output. None where the configuration does not compress that part of the layer."""
+
+    layer: int
+    key_kind: str | None
+    key_ks: list[int] | None
+    rotary: bool | None
+    key_predicted_error: float | None  # the key plan's spectrum (averaged over relative rotations where rotary)
+    key_logit_error: float | None  # measured, only this layer's keys compressed: ||L' - L|| / ||L|| over unmasked pairs
+    key_attention_kl: float | None  # mean over query rows and heads of KL(softmax(L) || softmax(L'))
+    isolated_keys_error: float | None
+    isolated_values_error: float | None
+    isolated_both_error: float | None
+    attention_accumulated_error: float | None  # everything the configuration compresses, errors propagating
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class KVBytes:
     """KV-cache bytes per token, per layer of the model (every layer, compressed or not)."""
 
@@ -116,16 +139,23 @@ class KVBytes:
         return 1.0 - self.total_after / self.total_before if self.total_before > 0 else 0.0
 
 
-def kv_bytes(ck, plans: Mapping[int, LayerPlan], bytes_per_value: float) -> KVBytes:
+def kv_bytes(ck, plans: Mapping[int, LayerPlan], bytes_per_value: float, key_plans: Mapping | None = None,
+             position_bytes: float = 0.0) -> KVBytes:
     """:class:`KVBytes` for the checkpoint ``ck`` with ``plans`` (layer -> plan) in place: per layer
-    ``2 * G * hd * bytes_per_value`` before, ``(G * hd + sum_g k_g) * bytes_per_value`` after (keys stay full)."""
+    ``2 * G * hd * bytes_per_value`` before, ``(G * hd + sum_g k_g) * bytes_per_value`` after (keys full), or with
+    ``key_plans`` (layer -> KeyLayerPlan) ``sum_g k^K_g`` numbers for a layer's keys; ``position_bytes`` per token
+    (the positions a rotary key latent keeps) are added to the first layer."""
     if not bytes_per_value > 0:
         raise HeadlensError(f"`bytes_per_value` must be positive, got {bytes_per_value}")
     s = ck.shape
     _check_plans(plans, s.num_layers)
     full = s.num_kv_heads * s.head_dim
     before = [2.0 * full * bytes_per_value] * s.num_layers
-    after = [float((full + sum(plans[l].ks)) * bytes_per_value) if l in plans else b for l, b in enumerate(before)]
+    key_plans = key_plans or {}
+    after = [float(((sum(key_plans[l].ks) if l in key_plans else full) + (sum(plans[l].ks) if l in plans else full))
+                   * bytes_per_value) for l in range(s.num_layers)]
+    if after:
+        after[0] += float(position_bytes)
     return KVBytes(bytes_per_value=float(bytes_per_value), before=before, after=after)
 
 
@@ -150,6 +180,7 @@ class Measurement:
     embedding_cosine_mean: float | None = None
     embedding_cosine_min: float | None = None
     neighbour_agreement: float | None = None
+    key_layers: list[KeyLayerErrors] = field(default_factory=list)  # with key latents measured (else empty)
 
     def summary(self) -> dict:
         """The issue's ``compress_summary.json`` fields for this configuration (without ``target`` and ``latent``,
@@ -162,7 +193,8 @@ class Measurement:
                 "ppl_after": self.ppl_after, "nll_before": self.nll_before, "nll_after": self.nll_after,
                 "embedding_cosine_mean": self.embedding_cosine_mean,
                 "embedding_cosine_min": self.embedding_cosine_min, "neighbour_agreement": self.neighbour_agreement,
-                "layers": [e.as_dict() for e in self.layers]}
+                "layers": [e.as_dict() for e in self.layers],
+                "key_layers": [e.as_dict() for e in self.key_layers]}
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -249,13 +281,21 @@ def measure(model: nn.Module, ck, tokenizer, plans: Mapping[int, LayerPlan], tex
 
 def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int, LayerPlan]], texts: Sequence[str],
                  *, bytes_per_value: float | None = None, truncate: bool = False, disable: bool | None = None,
-                 desc: str = "eval") -> list[Measurement]:
+                 desc: str = "eval", key_plans: Sequence[Mapping | None] | None = None,
+                 position_bytes: float = 0.0) -> list[Measurement]:
     """:func:`measure` for several configurations (each a layer -> plan mapping) at once, one
     :class:`Measurement` each, equal to what :func:`measure` returns for it alone.
 
     Per text the unmodified model runs once for all of them (its hidden states, logits and each planned layer's
     inputs and outputs are shared); each configuration adds its isolated re-runs of its planned layers' attention
-    blocks and one forward pass with its layers compressed."""
+    blocks and one forward pass with its layers compressed.
+
+    ``key_plans``: per configuration its key latents (layer -> :class:`~headlens.compress.keys.KeyLayerPlan`, or
+    None / empty for values only). Where any configuration has some, every pass runs through
+    :func:`~headlens.compress.qk_capture.key_attention`: the original pass adds per layer the isolated key logit
+    error, attention KL and attention-output errors (keys alone, values alone, both), and each configuration's
+    compressed pass has its keys replaced by the latents' (:class:`KeyLayerErrors`, ``Measurement.key_layers``);
+    ``position_bytes`` per token count the positions such a cache keeps."""
     from tqdm.auto import tqdm
 
     from headlens.residual.capture import max_positions, vocab_size
@@ -279,7 +319,13 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
     ids_list = _token_ids(tokenizer, texts, max_positions(model), vocab_size(model), truncate)
     if bytes_per_value is None:
         bytes_per_value = value_tensor(model, ck, 0).param.element_size()
-    kvs = [kv_bytes(ck, plans, bytes_per_value) for plans in configs]
+    key_plans = list(key_plans) if key_plans is not None else [None] * len(configs)
+    if len(key_plans) != len(configs):
+        raise HeadlensError(f"`key_plans` has {len(key_plans)} entries for {len(configs)} configurations")
+    key_plans = [dict(k) if k else {} for k in key_plans]
+    kvs = [kv_bytes(ck, plans, bytes_per_value, kp, position_bytes if any(p.rotary for p in kp.values()) else 0.0)
+           for plans, kp in zip(configs, key_plans)]
+    keys_on = any(key_plans)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     causal = head is not None and ck.spec.decoder
     device = input_device(model)
@@ -307,26 +353,65 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
     was_training = model.training
     model.eval()
     head_in = HeadInput(head if causal else None)
+    key_ctx = contextlib.nullcontext(None)
+    if keys_on:
+        from headlens.compress.cache import encoders
+        from headlens.compress.qk_capture import key_attention
+
+        value_factors = [encoders(model, ck, plans) for plans in ordered]
+        layers = sorted({layer for c in configs for layer in c} | {layer for kp in key_plans for layer in kp})
+        key_ctx = key_attention(model, ck, layers)
     try:
-        with Recorder(model, ck, per_config) as rec, torch.no_grad():
+        with Recorder(model, ck, per_config) as rec, torch.no_grad(), key_ctx as keys:
+            if keys is not None:
+                keys.configs = [{layer: (kp.get(layer), vf.get(layer)) for layer in set(kp) | set(vf)}
+                                for kp, vf in zip(key_plans, value_factors)]
             bar = tqdm(total=len(ids_list) * len(configs), desc=desc, unit="pass", file=sys.stderr, disable=disable)
             with bar:
                 for ids in ids_list:
                     ids = ids.to(device)
                     rec.start_text()
+                    if keys is not None:
+                        keys.start("orig")
                     orig = Original(ids, _final(_forward(model, ids, use_cache), causal, head_in))
                     for c, plans in enumerate(ordered):
                         rec.mode, rec.current = "acc", c
+                        if keys is not None:
+                            keys.start("acc", c)
                         with (applied(prepared[c]) if keep else compressed(model, ck, plans)):
                             after = _final(_forward(model, ids, use_cache), causal, head_in)
                         rec.mode = "orig"
-                        tally_model(per_config[c][1], orig, after, unchanged=not plans)
+                        tally_model(per_config[c][1], orig, after, unchanged=not plans and not key_plans[c])
                         bar.update(1)
                     rec.check_text()
     finally:
         head_in.remove()
         model.train(was_training)
-    return [_result(sites, tally, kv, causal, len(texts)) for (sites, tally), kv in zip(per_config, kvs)]
+    out = [_result(sites, tally, kv, causal, len(texts)) for (sites, tally), kv in zip(per_config, kvs)]
+    if keys_on:
+        for c, m in enumerate(out):
+            m.key_layers = _key_result(key_plans[c], keys.sums[c] if c < len(keys.sums) else {}, keys.info)
+    return out
+
+
+def _key_result(key_plans: Mapping, sums: Mapping, info: Mapping) -> list[KeyLayerErrors]:
+    out = []
+    for layer in sorted(sums):
+        s, plan = sums[layer], key_plans.get(layer)
+
+        def part(name: str) -> float | None:
+            a = s.out.get(name)
+            return _ratio(a[0], a[1]) if a is not None else None
+
+        out.append(KeyLayerErrors(
+            layer=layer, key_kind=plan.kind if plan else None, key_ks=plan.ks if plan else None,
+            rotary=info[layer].rotary if layer in info else None,
+            key_predicted_error=plan.predicted_error if plan else None,
+            key_logit_error=_ratio(s.logit_lost, s.logit_total) if plan else None,
+            key_attention_kl=s.kl / s.rows if plan and s.rows else None,
+            isolated_keys_error=part("keys"), isolated_values_error=part("values"), isolated_both_error=part("both"),
+            attention_accumulated_error=part("acc")))
+    return out
 
 
 def _result(sites: dict, tally: Tally, kv: KVBytes, causal: bool, n_texts: int) -> Measurement:

@@ -13,6 +13,7 @@ same total KV bytes (for ``ks`` the configuration is itself uniform).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 
 from headlens import params
 from headlens.compress.allocate import (Ks, cut_all, full_plans, read_budget, same_ks, target_ks, uniform_ks)
+from headlens.compress.keys import cut_keys
 from headlens.compress.measure import Measurement, measure_many
 from headlens.compress.plan import LATENT_KINDS, LayerPlan
 from headlens.errors import HeadlensError
@@ -56,6 +58,8 @@ class CompressConfig:
     truncate: bool = False
     dtype: str = "auto"  # auto (float32 on the CPU, the checkpoint's on an accelerator), float32, ...
     generate: int | None = None  # per configuration, this many greedy tokens with its LatentCache (decoders only)
+    keys: str = "none"  # key latents: none (values only), plain (weights) or data-aware (calibration queries/keys)
+    key_ks: Sequence[int] | int | str | None = None  # key latent sizes: one for all, or one per budget value
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -80,6 +84,15 @@ class CompressConfig:
         self.truncate = params.flag(self.truncate, "truncate")
         self.dtype = params.choice(self.dtype, "dtype", DTYPE_CHOICES)
         self.generate = params.integer(self.generate, "generate", optional=True)
+        from headlens.compress.keys import KEY_KINDS
+
+        self.keys = params.choice(self.keys, "keys", KEY_KINDS)
+        if isinstance(self.key_ks, str):
+            from headlens.selection import _int_list
+
+            self.key_ks = _int_list(self.key_ks, "key_ks", "give whole key latent sizes separated by commas, e.g. 8,16")
+        elif self.key_ks is not None:
+            self.key_ks = params.integers(self.key_ks, "key_ks")
 
     def validate(self) -> None:
         self._coerce()  # fields may have been set after construction
@@ -101,6 +114,11 @@ class CompressConfig:
             raise HeadlensError(f"`kv_bytes` {self.kv_bytes}: bytes per cached value are 1..8")
         if self.max_calib_tokens < 4:
             raise HeadlensError(f"`max_calib_tokens` {self.max_calib_tokens}: at least 4")
+        if self.key_ks is not None:
+            if self.keys == "none":
+                raise HeadlensError("`key_ks` sizes key latents: choose `keys` plain or data-aware too")
+            if not self.key_ks or any(k < 0 for k in self.key_ks):  # type: ignore[union-attr]
+                raise HeadlensError(f"`key_ks` {self.key_ks}: give key latent sizes, whole numbers 0..head_dim")
         if self.generate is not None and self.generate < 1:
             raise HeadlensError(f"`generate` {self.generate}: generate at least 1 token, or leave it out (None)")
 
@@ -109,7 +127,7 @@ class CompressConfig:
                 else "target-error")
 
     def needs_calibration(self) -> bool:
-        return "data-aware" in self.latents
+        return "data-aware" in self.latents or self.keys == "data-aware"
 
 
 @dataclass
@@ -123,10 +141,19 @@ class Configuration:
     allocation: str  # "budget" (the target's sizes) or "uniform"
     ks: Ks
     matches: str | None = None  # for a uniform allocation: the name of the budget it has the bytes of
+    key_ks: Ks | None = None  # key latent sizes (None: keys kept whole)
+    key_latent: str | None = None  # plain or data-aware key latents
+    part: str = "values"  # what is compressed: values, keys or both
 
     @property
     def latent_dims(self) -> int:
+        """Value latent numbers per token over every compressed layer."""
         return sum(sum(v) for v in self.ks.values())
+
+    @property
+    def key_dims(self) -> int:
+        """Key latent numbers per token over every layer with key latents."""
+        return sum(sum(v) for v in (self.key_ks or {}).values())
 
 
 @dataclass
@@ -249,6 +276,64 @@ def configurations(cfg: CompressConfig, full: dict[str, dict[int, LayerPlan]], c
     return out
 
 
+def key_configurations(cfg: CompressConfig, confs: list[Configuration], key_full: dict, ck,
+                       budget_key_ks: Ks | None = None) -> list[Configuration]:
+    """With key latents (``cfg.keys``): per budget configuration of ``confs`` the keys alone (``keys <kind>
+    <label>``, once per budget value) and keys with values (``<name> + keys``), and per uniform one the same bytes
+    spread uniformly over keys and values. Key sizes: ``cfg.key_ks`` (one for every budget value, or one each), else
+    the same budget as the values (``k`` the same size; a target cut from the key spectra; a budget file's key
+    columns)."""
+    from headlens.circuits.budget import BudgetTarget
+
+    s = ck.shape
+    layers = sorted(key_full)
+    kind = cfg.budget_kind()
+    values = ([cfg.budget] if kind == "file" else list(cfg.ks or cfg.target_energies or cfg.target_errors
+                                                        or DEFAULT_TARGET_ERRORS))  # type: ignore[arg-type]
+    given = list(cfg.key_ks or [])  # type: ignore[arg-type]
+    if given and len(given) not in (1, len(values)):
+        raise HeadlensError(f"`key_ks` gives {len(given)} sizes for {len(values)} budget values: give one, or one "
+                            "per budget value")
+    for k in given:
+        if k > s.head_dim:
+            raise HeadlensError(f"`key_ks` {k} is above head_dim {s.head_dim}")
+
+    def sizes(target) -> Ks:
+        if given:
+            return same_ks(layers, s.num_kv_heads, given[0] if len(given) == 1 else given[values.index(target)])
+        if kind == "k":
+            return same_ks(layers, s.num_kv_heads, int(target))
+        if kind == "file":
+            if budget_key_ks is None:
+                raise HeadlensError("`budget` has no key sizes (key_k_plain / key_k_data columns): pass `key_ks`, or "
+                                    "sweep again with a headlens that writes them")
+            return budget_key_ks
+        t = BudgetTarget("energy" if kind == "target-energy" else "error", float(target))
+        return {layer: [t.k_for(g.spectrum) for g in key_full[layer].groups] for layer in layers}
+
+    out: list[Configuration] = []
+    names: set[str] = set()
+    by_name = {c.name: c for c in confs}
+    for c in confs:
+        label = _label(kind, c.target)
+        kk = sizes(c.target)
+        if c.allocation == "budget" or c.budget == "k":
+            alone = f"keys {cfg.keys} {label}"
+            if alone not in names:
+                names.add(alone)
+                out.append(Configuration(alone, c.budget, c.target, c.latent, c.allocation, {}, key_ks=kk,
+                                         key_latent=cfg.keys, part="keys"))
+            out.append(dataclasses.replace(c, name=f"{c.name} + keys {cfg.keys}", key_ks=kk, key_latent=cfg.keys,
+                                           part="both"))
+        else:
+            budget = by_name.get(c.matches or "")
+            kb = sizes(budget.target) if budget is not None else kk
+            out.append(dataclasses.replace(c, name=f"{c.name} + uniform keys", key_ks=uniform_ks(kb, s.head_dim),
+                                           key_latent=cfg.keys, part="both",
+                                           matches=f"{c.matches} + keys {cfg.keys}" if c.matches else None))
+    return out
+
+
 def zero_notes(confs: list[Configuration]) -> list[str]:
     """One note per configuration that gives some kv groups a latent of 0: their values are removed."""
     out = []
@@ -313,10 +398,22 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     seconds["load"] = time.perf_counter() - t0
     X: dict[int, torch.Tensor] = {}
     n_calib = 0
+    key_ctx = contextlib.nullcontext(None)
+    if cfg.keys != "none":
+        from headlens.compress.qk_capture import key_attention
+
+        key_ctx = key_attention(model, ck, layers)
+    with key_ctx as key_state:
+        if key_state is not None:
+            key_state.start("capture")
+            _probe(model, tok)  # the layers' rotary structure (and, data-aware, nothing else: moments come below)
+            key_state.moments.clear()
+        if cfg.needs_calibration():
+            t = time.perf_counter()
+            check_text_lengths(tok, calib_texts, limit, cfg.truncate, "calibration text", cfg.max_calib_tokens)  # type: ignore[arg-type]
+            X, n_calib = capture_attention_inputs(model, tok, ck.spec, calib_texts, layers, cfg.max_calib_tokens, limit)  # type: ignore[arg-type]
+        key_full = _key_plans(model, ck, layers, cfg.keys, key_state) if key_state is not None else {}
     if cfg.needs_calibration():
-        t = time.perf_counter()
-        check_text_lengths(tok, calib_texts, limit, cfg.truncate, "calibration text", cfg.max_calib_tokens)  # type: ignore[arg-type]
-        X, n_calib = capture_attention_inputs(model, tok, ck.spec, calib_texts, layers, cfg.max_calib_tokens, limit)  # type: ignore[arg-type]
         if n_calib < 4:
             raise HeadlensError(f"the calibration texts give {n_calib} tokens: data-aware latents need at least 4")
         seconds["calibration"] = time.perf_counter() - t
@@ -324,6 +421,8 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     full = {kind: full_plans(ck, layers, kind, X if kind == "data-aware" else None, dtype) for kind in cfg.latents}
     X.clear()
     confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
+    if key_full:
+        confs = confs + key_configurations(cfg, confs, key_full, ck, _budget_keys(cfg, ck, digest))
     seconds["fit"] = time.perf_counter() - t
     ridge = {layer: max(g.ridge for g in p.groups) for layer, p in full.get("data-aware", {}).items()}
     removed = zero_notes(confs)
@@ -331,20 +430,25 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     if on_start is not None:
         on_start({"name": ck.name, "shape": s, "layers": layers, "calibration_tokens": n_calib,
                   "eval_texts": len(eval_texts), "configurations": len(confs), "notes": removed})
-    # identical (kind, sizes) are measured once
-    keys = [(c.latent, tuple((layer, tuple(v)) for layer, v in sorted(c.ks.items()))) for c in confs]
+    # identical (kind, sizes, key sizes) are measured once
+    keys = [(c.latent if c.ks else None, tuple((layer, tuple(v)) for layer, v in sorted(c.ks.items())),
+             tuple((layer, tuple(v)) for layer, v in sorted((c.key_ks or {}).items()))) for c in confs]
     unique = list(dict.fromkeys(keys))
-    plan_sets = [cut_all(full[kind], dict((layer, list(v)) for layer, v in sizes)) for kind, sizes in unique]
+    plan_sets = [cut_all(full[kind], dict((layer, list(v)) for layer, v in sizes)) if kind else {}
+                 for kind, sizes, _ in unique]
+    key_sets = [{layer: cut_keys(key_full[layer], list(v)) for layer, v in ksz} for _, _, ksz in unique]
     t = time.perf_counter()
     measured = measure_many(model, ck, tok, plan_sets, eval_texts, bytes_per_value=cfg.kv_bytes,
-                            truncate=cfg.truncate, disable=disable)
+                            truncate=cfg.truncate, disable=disable, key_plans=key_sets,
+                            position_bytes=POSITION_BYTES)
     seconds["eval"] = time.perf_counter() - t
     by_key = dict(zip(unique, measured))
     plans_of = dict(zip(unique, plan_sets))
     checks, prompt = None, None
     if cfg.generate:
         t = time.perf_counter()
-        checks_of, prompt = _check_caches(model, ck, tok, eval_texts[0], unique, plan_sets, measured, cfg, disable)
+        checks_of, prompt = _check_caches(model, ck, tok, eval_texts[0], unique, plan_sets, key_sets, measured, cfg,
+                                          disable)
         checks = [checks_of[k] for k in keys]
         seconds["generate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
@@ -355,8 +459,8 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
                           cache_checks=checks, generate_prompt=prompt, notes=notes)
 
 
-def _check_caches(model, ck, tok, text: str, unique: list, plan_sets: list, measured: list, cfg: CompressConfig,
-                  disable: bool | None) -> tuple[dict, str]:
+def _check_caches(model, ck, tok, text: str, unique: list, plan_sets: list, key_sets: list, measured: list,
+                  cfg: CompressConfig, disable: bool | None) -> tuple[dict, str]:
     """({configuration key: CacheCheck}, the prompt): each distinct configuration generates ``cfg.generate`` greedy
     tokens after the opening of ``text`` with its LatentCache (:func:`headlens.compress.decode.check_cache`)."""
     import sys
@@ -372,10 +476,63 @@ def _check_caches(model, ck, tok, text: str, unique: list, plan_sets: list, meas
     out = {}
     n = int(cfg.generate)  # type: ignore[arg-type]
     with tqdm(total=n * len(unique), desc="generating", unit="token", file=sys.stderr, disable=disable) as bar:
-        for key, plans, m in zip(unique, plan_sets, measured):
-            out[key] = check_cache(model, ck, tok, ids, list(plans.values()), n, m.kv.total_after, cfg.kv_bytes)
+        for key, plans, kp, m in zip(unique, plan_sets, key_sets, measured):
+            out[key] = check_cache(model, ck, tok, ids, list(plans.values()), n, m.kv.total_after, cfg.kv_bytes,
+                                   key_plans=kp)
             bar.update(n)
     return out, prompt
+
+
+POSITION_BYTES = 4  # per cached token: the int32 position a rotary key latent is turned back by
+
+
+def _probe(model, tok) -> None:
+    """One short forward pass (8 token ids, no text): each layer's first attention call finds its rotary
+    structure (:meth:`~headlens.compress.qk_capture.KeyState.check_layer`)."""
+    from headlens.io.placement import input_device
+
+    vocab = int(getattr(model.config.get_text_config(decoder=True), "vocab_size", 8) or 8)
+    ids = (torch.arange(8) % max(vocab, 1)).reshape(1, 8).to(input_device(model))
+    import inspect
+
+    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    with torch.no_grad():
+        model(input_ids=ids, **kwargs)
+
+
+def _key_plans(model, ck, layers: list[int], kind: str, state) -> dict:
+    """Full-size key plans per layer (k = head_dim): from the captured moments (data-aware) or the weights."""
+    from headlens.compress.keys import plain_moments, plan_keys
+
+    out = {}
+    if kind == "data-aware":
+        for layer, m in state.key_moments().items():
+            out[layer] = plan_keys(m, kind)
+    else:
+        for layer in layers:
+            info = state.info[layer]
+            m = plain_moments(model, ck, layer, info.rotary, info.pairs, bias_subtracted=state.bias.get(layer) is not None)
+            out[layer] = plan_keys(m, kind)
+    missing = [layer for layer in layers if layer not in out]
+    if missing:
+        raise HeadlensError(f"layer {missing[0]}'s attention was not called in the calibration passes: no key latent")
+    return out
+
+
+def _budget_keys(cfg: CompressConfig, ck, digest: str) -> Ks | None:
+    """The key sizes of a budget file (its key_k_plain / key_k_data column for ``cfg.keys``), None without one."""
+    if not cfg.budget or cfg.keys == "none":
+        return None
+    from headlens.io.tables import read_table
+
+    col = {"plain": "key_k_plain", "data-aware": "key_k_data"}[cfg.keys]
+    rows = read_table(cfg.budget)
+    if not rows or col not in rows[0] or any(r.get(col) is None for r in rows):
+        return None
+    out: dict[int, dict[int, int]] = {}
+    for r in rows:
+        out.setdefault(int(r["layer"]), {})[int(r["kv_head"])] = int(r[col])
+    return {layer: [per[g] for g in sorted(per)] for layer, per in sorted(out.items())}
 
 
 def _check_short(tok, texts: list[str]) -> None:

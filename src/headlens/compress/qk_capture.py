@@ -1,0 +1,387 @@
+"""Where key latents meet the running model: the queries and keys attention receives, un-rotated; keys compressed
+inside a forward pass; the logit and attention errors a key latent causes.
+
+transformers routes attention through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` with the queries
+and keys as attention uses them (after ``q_norm``/``k_norm`` and rotary). :func:`key_attention` sets the model's
+implementation to :data:`KEYS` (``"headlens_keys"``) for a ``with`` block (masks: those of the implementation the
+model had) and hands each call to a :class:`KeyState`, then to the model's own implementation (eager or sdpa).
+A forward pre-hook on every attention module keeps the ``position_embeddings`` (cos, sin) it was handed, so a call
+can un-rotate with the family's own ``apply_rotary_pos_emb`` (inverse: ``(cos, -sin) / (cos^2 + sin^2)``, exact also
+under an attention scaling). The first call of each layer checks what it assumes (:meth:`KeyState.check_layer`):
+the keys attention receives, un-rotated, are the family's key projection (through ``k_norm`` where there is one);
+a layer where they are the projection without un-rotating is a NoPE layer; anything else is refused in one line.
+
+Passes are unbatched and uncached (batch 1, keys = this pass's tokens), as the compress passes are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from headlens.compress.keys import KeyLayerPlan, KeyMoments, rotary_pairs, rotation_average
+from headlens.errors import HeadlensError
+
+KEYS = "headlens_keys"
+FALLBACKS = ("eager", "sdpa")
+CHECK_TOL = 1e-3  # relative: un-rotated keys against the key projection (float32 models; bfloat16 gets 2e-2)
+
+_states: dict[int, "KeyState"] = {}  # id(config) -> the state of the model running inside key_attention
+
+
+@dataclass
+class LayerInfo:
+    """What the first call of a layer found: whether its keys are rotated, the family's rotary function and pairs."""
+
+    rotary: bool
+    apply: object = None
+    pairs: list = field(default_factory=list)
+
+
+@dataclass
+class LayerSums:
+    """Per layer and configuration, the isolated key errors summed over the eval texts."""
+
+    logit_lost: float = 0.0
+    logit_total: float = 0.0
+    kl: float = 0.0
+    rows: int = 0
+    out: dict = field(default_factory=dict)  # "keys"/"values"/"both"/"acc" -> [lost, total]
+
+
+def _add(d: dict, key: str, lost: float, total: float) -> None:
+    a = d.setdefault(key, [0.0, 0.0])
+    a[0] += lost
+    a[1] += total
+
+
+class KeyState:
+    """What :data:`KEYS` does with each attention call. ``mode``: ``capture`` (sum the moments of ``layers``),
+    ``orig`` (the unmodified pass: the isolated errors of every configuration in ``configs``), ``acc`` (configuration
+    ``current`` compressed: its keys replaced, the attention output's accumulated error), or ``off``."""
+
+    def __init__(self, model, ck, layers: list[int]):
+        self.model, self.ck = model, ck
+        self.layers = set(layers)
+        self.info: dict[int, LayerInfo] = {}
+        self.mode = "off"
+        self.moments: dict[int, list] = {}  # layer -> [Cq (G,hd,hd), Ck (G,hd,hd), tokens]
+        self.bias: dict[int, list | None] = {}
+        self.configs: list[dict] = []  # per configuration {layer: (KeyLayerPlan | None, value factors | None)}
+        self.sums: list[dict[int, LayerSums]] = []
+        self.current = 0
+        self.orig_out: dict[int, torch.Tensor] = {}  # layer -> this text's original attention output
+        self.seen: set = set()
+        self.pe: dict[int, tuple] = {}  # id(attention module) -> position_embeddings of its current call
+        self.k_out: dict[int, torch.Tensor] = {}  # layer -> the key projection's output of the current call
+
+    # -------------------------------------------------------------------------------------------- a pass
+
+    def start(self, mode: str, current: int = 0) -> None:
+        self.mode, self.current = mode, current
+        self.seen = set()
+
+    def call(self, module, query, key, value, attention_mask, kwargs, run):
+        layer = getattr(module, "layer_idx", None)
+        if self.mode == "off" or layer not in self.layers or (self.mode != "capture" and (self.mode, layer) in self.seen):
+            return run(module, query, key, value, attention_mask, **kwargs)
+        self.seen.add((self.mode, layer))  # later calls of a layer in a measured pass are re-runs (the value recorder's)
+        info = self.check_layer(module, layer, key)
+        if self.mode == "capture":
+            self._capture(module, layer, info, query, key)
+            return run(module, query, key, value, attention_mask, **kwargs)
+        if self.mode == "orig":
+            out = run(module, query, key, value, attention_mask, **kwargs)
+            self.orig_out[layer] = out[0].detach().to(torch.float64)
+            for c, per in enumerate(self.configs):
+                if layer in per:
+                    self._isolated(c, module, layer, info, query, key, value, attention_mask, kwargs, run, out[0])
+            return out
+        # acc: the configuration's keys replaced; its values are already the compressed model's
+        plan, _ = self.configs[self.current].get(layer, (None, None))
+        if plan is not None:
+            key = self.compress(module, info, key, plan).to(key.dtype)
+        out = run(module, query, key, value, attention_mask, **kwargs)
+        if layer in self.configs[self.current] and layer in self.orig_out:
+            o, o2 = self.orig_out[layer], out[0].detach().to(torch.float64)
+            _add(self._sums(self.current, layer).out, "acc", float(((o2 - o) ** 2).sum()), float((o ** 2).sum()))
+        return out
+
+    def _sums(self, c: int, layer: int) -> LayerSums:
+        while len(self.sums) <= c:
+            self.sums.append({})
+        return self.sums[c].setdefault(layer, LayerSums())
+
+    # -------------------------------------------------------------------------------------------- rotary
+
+    def rotate(self, module, info: LayerInfo, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """``x`` [B, heads, T, hd] turned by the positions of the module's current call (or back, ``inverse``)."""
+        if not info.rotary:
+            return x
+        cos, sin = self.pe[id(module)]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if inverse:
+            s2 = cos * cos + sin * sin
+            cos, sin = cos / s2, -sin / s2
+        out, _ = info.apply(x, x, cos, sin)
+        return out
+
+    def check_layer(self, module, layer: int, key: torch.Tensor) -> LayerInfo:
+        """The first call of ``layer``: is the family's rotary what attention received? (module docstring)"""
+        if layer in self.info:
+            return self.info[layer]
+        k_lin = self.k_out.get(layer)
+        if k_lin is None:
+            raise HeadlensError(f"layer {layer}: the key projection was not called before attention: headlens cannot "
+                                "check the keys attention receives")
+        G, hd = key.shape[1], key.shape[-1]
+        expect = _normed(module, k_lin, G, hd).to(torch.float64)  # [B, G, T, hd]
+        got = key.detach().to(torch.float64)
+        tol = CHECK_TOL if key.dtype in (torch.float32, torch.float64) else 2e-2
+        pe = self.pe.get(id(module))
+        info = None
+        if pe is not None:
+            apply = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
+            if apply is not None:
+                cand = LayerInfo(True, apply, rotary_pairs(apply, tuple(pe[0].shape), hd))
+                if _close(self.rotate(module, cand, got, inverse=True), expect, tol):
+                    info = cand
+        if info is None and _close(got, expect, tol):
+            info = LayerInfo(False)
+        if info is None:
+            raise HeadlensError(f"layer {layer} ({type(module).__name__}): the keys attention receives are not the key "
+                                "projection turned by the family's apply_rotary_pos_emb: headlens cannot un-rotate "
+                                "them, so it fits no key latent here")
+        self.info[layer] = info
+        return info
+
+    # -------------------------------------------------------------------------------------------- capture
+
+    def _capture(self, module, layer: int, info: LayerInfo, query, key) -> None:
+        q = self.rotate(module, info, query.detach().to(torch.float64), inverse=True)[0]  # (H, T, hd)
+        k = self.rotate(module, info, key.detach().to(torch.float64), inverse=True)[0]  # (G, T, hd)
+        H, G = q.shape[0], k.shape[0]
+        bias = self.bias.get(layer)
+        if bias is not None:
+            k = k - torch.stack(bias)[:, None, :]
+        Cq = torch.einsum("gnti,gntj->gij", q.reshape(G, H // G, *q.shape[1:]), q.reshape(G, H // G, *q.shape[1:]))
+        Ck = torch.einsum("gti,gtj->gij", k, k)
+        acc = self.moments.setdefault(layer, [0, 0, 0])
+        acc[0], acc[1], acc[2] = acc[0] + Cq, acc[1] + Ck, acc[2] + k.shape[1]
+
+    def key_moments(self) -> dict[int, KeyMoments]:
+        out = {}
+        for layer, (Cq, Ck, n) in sorted(self.moments.items()):
+            info = self.info[layer]
+            Cq = rotation_average(Cq, info.pairs) if info.rotary else Cq
+            out[layer] = KeyMoments(layer=layer, Cq=Cq, Ck=Ck, rotary=info.rotary, bias=self.bias.get(layer),
+                                    tokens=int(n))
+        return out
+
+    # -------------------------------------------------------------------------------------------- compress
+
+    def compress(self, module, info: LayerInfo, key: torch.Tensor, plan: KeyLayerPlan) -> torch.Tensor:
+        """Keys [B, G, T, hd] as the cache rebuilds them from the plan's latents, float64."""
+        k = self.rotate(module, info, key.detach().to(torch.float64), inverse=True)
+        P = torch.stack(plan.projectors()).to(k.device)  # (G, hd, hd)
+        b = torch.stack(plan.bias).to(k.device, torch.float64)[None, :, None, :] if plan.bias is not None else 0.0
+        k2 = torch.matmul(k - b, P.transpose(1, 2)) + b
+        return self.rotate(module, info, k2, inverse=False)
+
+    def _isolated(self, c, module, layer, info, query, key, value, mask, kwargs, run, out) -> None:
+        plan, vfac = self.configs[c][layer]
+        sums = self._sums(c, layer)
+        o = out.detach().to(torch.float64)
+        total = float((o ** 2).sum())
+        k2 = self.compress(module, info, key, plan).to(key.dtype) if plan is not None else None
+        v2 = _values(vfac, value) if vfac is not None else None
+        if k2 is not None:
+            _logit_errors(sums, module, query, key, k2, mask, kwargs)
+            _add(sums.out, "keys", _lost(run(module, query, k2, value, mask, **kwargs)[0], o), total)
+        if v2 is not None:
+            _add(sums.out, "values", _lost(run(module, query, key, v2, mask, **kwargs)[0], o), total)
+        if k2 is not None and v2 is not None:
+            _add(sums.out, "both", _lost(run(module, query, k2, v2, mask, **kwargs)[0], o), total)
+
+
+def _lost(out: torch.Tensor, o: torch.Tensor) -> float:
+    return float(((out.detach().to(torch.float64) - o) ** 2).sum())
+
+
+def _values(vfac, value: torch.Tensor) -> torch.Tensor:
+    """Values [B, G, T, hd] as a value-latent cache rebuilds them (``U_g E_g (v - b) + b``)."""
+    v = value.detach().to(torch.float64)
+    enc = torch.stack([e.to(v.device, torch.float64) for e in vfac.encode])  # (G, k, hd) (uniform k not needed:)
+    up = torch.stack([u.to(v.device, torch.float64) for u in vfac.up]) if len(set(vfac.ks)) == 1 else None
+    b = (torch.stack([x.to(v.device, torch.float64) for x in vfac.bias])[None, :, None, :]
+         if vfac.bias is not None else 0.0)
+    if up is not None:
+        P = torch.matmul(up, enc)  # (G, hd, hd)
+    else:
+        P = torch.stack([u.to(v.device, torch.float64) @ e.to(v.device, torch.float64)
+                         for u, e in zip(vfac.up, vfac.encode)])
+    return (torch.matmul(v - b, P.transpose(1, 2)) + b).to(value.dtype)
+
+
+def _logit_errors(sums: LayerSums, module, query, key, k2, mask, kwargs) -> None:
+    """Add the relative logit error and the attention-pattern KL of keys ``k2`` against ``key`` (every query head,
+    every unmasked query-key pair) to ``sums``."""
+    q = query.detach().to(torch.float64)
+    B, H, T, hd = q.shape
+    G = key.shape[1]
+    rep = H // G
+    K = key.detach().to(torch.float64).repeat_interleave(rep, dim=1)
+    K2 = k2.detach().to(torch.float64).repeat_interleave(rep, dim=1)
+    scale = kwargs.get("scaling") or hd ** -0.5
+    L = torch.matmul(q, K.transpose(2, 3)) * scale  # (B, H, T, S)
+    L2 = torch.matmul(q, K2.transpose(2, 3)) * scale
+    S = L.shape[-1]
+    if mask is not None:
+        m = mask[..., :S]
+        allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        allowed = allowed.expand(B, H, T, S)
+    elif getattr(module, "is_causal", False) and T > 1:
+        allowed = (torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)).to(q.device).expand(B, H, T, S)
+    else:
+        allowed = torch.ones(B, H, T, S, dtype=torch.bool, device=q.device)
+    d = (L2 - L) * allowed
+    sums.logit_lost += float((d ** 2).sum())
+    sums.logit_total += float(((L * allowed) ** 2).sum())
+    softcap = kwargs.get("softcap")
+    if softcap:
+        L, L2 = torch.tanh(L / softcap) * softcap, torch.tanh(L2 / softcap) * softcap
+    neg = torch.finfo(torch.float64).min
+    lp = torch.log_softmax(L.masked_fill(~allowed, neg), dim=-1)
+    lp2 = torch.log_softmax(L2.masked_fill(~allowed, neg), dim=-1)
+    kl = (lp.exp() * (lp - lp2)).masked_fill(~allowed, 0.0).sum(-1)  # (B, H, T)
+    sums.kl += float(kl.sum())
+    sums.rows += int(kl.numel())
+
+
+def _normed(module, k_lin: torch.Tensor, G: int, hd: int) -> torch.Tensor:
+    """The key projection's output [B, T, G*hd] through the family's ``k_norm`` (per head, or over all kv heads),
+    as [B, G, T, hd]."""
+    B, T = k_lin.shape[:2]
+    norm = getattr(module, "k_norm", None)
+    if norm is None and getattr(module, "qk_norm", None) is not None:
+        norm = module.qk_norm
+    per_head = k_lin.reshape(B, T, G, hd)
+    if norm is not None:
+        w = getattr(norm, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() == G * hd and G > 1:
+            per_head = norm(k_lin).reshape(B, T, G, hd)
+        else:
+            per_head = norm(per_head)
+    return per_head.transpose(1, 2)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return a.shape == b.shape and float(torch.linalg.norm(a - b)) <= tol * max(float(torch.linalg.norm(b)), 1e-30)
+
+
+# ------------------------------------------------------------------------------------------ switching a model over
+
+
+def _attention_forward(module, query, key, value, attention_mask, **kwargs):
+    state = _states.get(id(module.config))
+    run = _fallback(module, state)
+    if state is None:
+        return run(module, query, key, value, attention_mask, **kwargs)
+    return state.call(module, query, key, value, attention_mask, kwargs, run)
+
+
+def _fallback(module, state):
+    impl = state.previous.get(id(module.config), "eager") if state is not None else "eager"
+    if impl == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise HeadlensError(f"{type(module).__name__} has no eager attention function to fall back on")
+    return eager
+
+
+def _mask(*args, **kwargs):
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    cfg = kwargs.get("config")
+    state = _states.get(id(cfg))
+    impl = state.previous.get(id(cfg), "eager") if state is not None else "eager"
+    return (sdpa_mask if impl == "sdpa" else eager_mask)(*args, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if AttentionInterface._global_mapping.get(KEYS) is not _attention_forward:
+        AttentionInterface.register(KEYS, _attention_forward)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(KEYS, _mask)
+
+
+def supports_keys(model) -> bool:
+    """Whether the family routes attention through transformers' attention interface (where headlens reads keys)."""
+    test = getattr(type(model), "_can_set_attn_implementation", None)
+    return bool(test()) if test is not None else True
+
+
+@contextlib.contextmanager
+def key_attention(model, ck, layers: list[int]):
+    """Run ``model``'s attention through :data:`KEYS` inside the block; yields the :class:`KeyState` (mode ``off``
+    until set). The model's implementation, hooks and configs are restored on leaving, also on error."""
+    from headlens.compress.absorbed import _configs
+    from headlens.compress.apply import head_projection
+
+    if not supports_keys(model):
+        raise HeadlensError(f"key latents: {ck.spec.family} ({type(model).__name__}) computes attention itself, not "
+                            "through transformers' attention interface, where headlens reads queries and keys; "
+                            "compress its values only (`keys` none)")
+    configs = _configs(model)
+    saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
+    others = sorted({str(cfg._attn_implementation) for cfg, _ in saved if cfg._attn_implementation is not None}
+                    - set(FALLBACKS))
+    if others:
+        raise HeadlensError(f"`model` runs {others[0]} attention; key latents stand in for "
+                            f"{' or '.join(FALLBACKS)} (load the model with attn_implementation='sdpa')")
+    state = KeyState(model, ck, layers)
+    state.previous = {id(cfg): cfg._attn_implementation or "eager" for cfg, _ in saved}  # type: ignore[attr-defined]
+    handles = []
+    try:
+        for mod in model.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int) and "Attention" in type(mod).__name__:
+                def keep(m, args, kwargs):
+                    pe = kwargs.get("position_embeddings")
+                    if pe is None and len(args) > 1 and isinstance(args[1], tuple):
+                        pe = args[1]
+                    if pe is not None:
+                        state.pe[id(m)] = pe
+                    else:
+                        state.pe.pop(id(m), None)
+                handles.append(mod.register_forward_pre_hook(keep, with_kwargs=True))
+        for layer in layers:
+            proj = head_projection(model, ck, layer, "k")
+            state.bias[layer] = proj.key_bias() if not _rotary_family(model) else None
+
+            def keep_k(_m, _args, output, layer=layer, proj=proj):
+                state.k_out[layer] = proj.select(output)
+            handles.append(proj.module.register_forward_hook(keep_k))
+        _register()
+        for cfg, _ in saved:
+            _states[id(cfg)] = state
+        model.set_attn_implementation(KEYS)
+        yield state
+    finally:
+        for h in handles:
+            h.remove()
+        for cfg, impl in saved:
+            cfg._attn_implementation_internal = impl
+            _states.pop(id(cfg), None)
+
+
+def _rotary_family(model) -> bool:
+    """A model with a rotary embedding module: its key biases sit before the rotation and stay in the keys."""
+    return any("Rotary" in type(m).__name__ for m in model.modules())
