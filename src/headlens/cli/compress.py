@@ -63,6 +63,13 @@ def add_parser(sub) -> None:
     p.add_argument("--latent", choices=LATENT_CHOICES, default="both",
                    help="which latents: plain (from the weights), data-aware (whitened by the calibration tokens) "
                         "or both (default)")
+    p.add_argument("--keys", choices=("none", "plain", "data-aware"), default="none",
+                   help="key latents too: plain (from the weights, q/k norm gains folded) or data-aware (the "
+                        "calibration tokens' own queries and keys, un-rotated); the keys alone, and keys with values, "
+                        "are measured beside the values (default none: values only)")
+    p.add_argument("--key-k", metavar="K[,K...]", dest="key_ks",
+                   help="key latent sizes: one for every budget value, or one each (default: the values' budget: the "
+                        "same --k, or the target cut from the key spectra)")
     p.add_argument("--kv-bytes", type=int, default=2, metavar="B", help="bytes per cached value, 1..8 (default 2)")
     p.add_argument("--max-calib-tokens", type=int, default=2048, metavar="N",
                    help="cap on calibration tokens (default 2048)")
@@ -113,7 +120,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         target_energies=_floats(args.target_energy, "--target-energy") if args.target_energy is not None else None,
         ks=_ints(args.ks, "--k") if args.ks is not None else None, budget=args.budget,
         latents=LATENT_KINDS if args.latent == "both" else (args.latent,), kv_bytes=args.kv_bytes,
-        max_calib_tokens=args.max_calib_tokens, truncate=args.truncate, dtype=args.dtype, generate=args.generate)
+        max_calib_tokens=args.max_calib_tokens, truncate=args.truncate, dtype=args.dtype, generate=args.generate,
+        keys=args.keys, key_ks=_ints(args.key_ks, "--key-k") if args.key_ks is not None else None)
     cfg.validate()
     save = Path(args.save_model) if args.save_model else None
     if save is not None:

@@ -191,10 +191,15 @@ def rotary_pairs(apply_rotary, rot_shape: tuple[int, ...], hd: int) -> list[tupl
     """The (a, b) dimension pairs a family's ``apply_rotary_pos_emb`` turns together, found by turning each basis
     vector by 90 degrees (cos 0, sin 1) with the family's own function: a rotated dimension goes to its partner, a
     dimension the family leaves alone (partial rotary) to itself. HeadlensError where the result is not a pairing."""
+    rot = int(rot_shape[-1])
     eye = torch.eye(hd, dtype=torch.float64).reshape(1, 1, hd, hd)  # batch 1, "head" 1, hd tokens, hd
-    cos = torch.zeros((1, hd, rot_shape[-1]), dtype=torch.float64)
+    cos = torch.zeros((1, hd, rot), dtype=torch.float64)
     sin = torch.ones_like(cos)
-    out, _ = apply_rotary(eye, eye, cos, sin)
+    if rot < hd:  # partial rotary: the leading rot dimensions turn, the rest pass (as the families split them)
+        out, _ = apply_rotary(eye[..., :rot], eye[..., :rot], cos, sin)
+        out = torch.cat([out, eye[..., rot:]], dim=-1)
+    else:
+        out, _ = apply_rotary(eye, eye, cos, sin)
     turned = out.reshape(hd, hd)
     pairs, seen = [], set()
     for a in range(hd):

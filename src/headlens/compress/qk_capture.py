@@ -126,6 +126,10 @@ class KeyState:
         if inverse:
             s2 = cos * cos + sin * sin
             cos, sin = cos / s2, -sin / s2
+        rot = cos.shape[-1]
+        if rot < x.shape[-1]:  # partial rotary: the leading rot dimensions turn (the families split before turning)
+            out, _ = info.apply(x[..., :rot], x[..., :rot], cos, sin)
+            return torch.cat([out, x[..., rot:]], dim=-1)
         out, _ = info.apply(x, x, cos, sin)
         return out
 
@@ -138,7 +142,7 @@ class KeyState:
             raise HeadlensError(f"layer {layer}: the key projection was not called before attention: headlens cannot "
                                 "check the keys attention receives")
         G, hd = key.shape[1], key.shape[-1]
-        expect = _normed(module, k_lin, G, hd).to(torch.float64)  # [B, G, T, hd]
+        expect = [e.to(torch.float64) for e in _normed(module, k_lin, G, hd)]  # each [B, G, T, hd]
         got = key.detach().to(torch.float64)
         tol = CHECK_TOL if key.dtype in (torch.float32, torch.float64) else 2e-2
         pe = self.pe.get(id(module))
@@ -147,9 +151,10 @@ class KeyState:
             apply = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
             if apply is not None:
                 cand = LayerInfo(True, apply, rotary_pairs(apply, tuple(pe[0].shape), hd))
-                if _close(self.rotate(module, cand, got, inverse=True), expect, tol):
+                turned = self.rotate(module, cand, got, inverse=True)
+                if any(_close(turned, e, tol) for e in expect):
                     info = cand
-        if info is None and _close(got, expect, tol):
+        if info is None and any(_close(got, e, tol) for e in expect):
             info = LayerInfo(False)
         if info is None:
             raise HeadlensError(f"layer {layer} ({type(module).__name__}): the keys attention receives are not the key "
@@ -261,21 +266,29 @@ def _logit_errors(sums: LayerSums, module, query, key, k2, mask, kwargs) -> None
     sums.rows += int(kl.numel())
 
 
-def _normed(module, k_lin: torch.Tensor, G: int, hd: int) -> torch.Tensor:
-    """The key projection's output [B, T, G*hd] through the family's ``k_norm`` (per head, or over all kv heads),
-    as [B, G, T, hd]."""
+def _normed(module, k_lin: torch.Tensor, G: int, hd: int) -> list[torch.Tensor]:
+    """The key projection's output [B, T, G*hd] through the family's key norm (``k_norm``, ``qk_norm``,
+    ``k_layernorm``: per head or over all kv heads), as [B, G, T, hd]: every way the families apply it (heads before
+    or after the token axis), for the check to match one."""
     B, T = k_lin.shape[:2]
-    norm = getattr(module, "k_norm", None)
-    if norm is None and getattr(module, "qk_norm", None) is not None:
-        norm = module.qk_norm
+    norm = next((getattr(module, n) for n in ("k_norm", "qk_norm", "k_layernorm")
+                 if getattr(module, n, None) is not None), None)
     per_head = k_lin.reshape(B, T, G, hd)
-    if norm is not None:
-        w = getattr(norm, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() == G * hd and G > 1:
-            per_head = norm(k_lin).reshape(B, T, G, hd)
-        else:
-            per_head = norm(per_head)
-    return per_head.transpose(1, 2)
+    if norm is None:
+        return [per_head.transpose(1, 2)]
+    out = []
+    w = getattr(norm, "weight", None)
+    tries = [lambda: norm(per_head).transpose(1, 2), lambda: norm(per_head.transpose(1, 2))]
+    if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() == G * hd and G > 1:
+        tries.insert(0, lambda: norm(k_lin).reshape(B, T, G, hd).transpose(1, 2))
+    for make in tries:
+        try:
+            t = make()
+        except (RuntimeError, ValueError, IndexError):
+            continue
+        if t.shape == (B, G, T, hd):
+            out.append(t)
+    return out
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:

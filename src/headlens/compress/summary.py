@@ -108,9 +108,13 @@ def configuration_records(result: CompressResult) -> list[dict[str, Any]]:
         out.append({"name": c.name, "budget": c.budget, "target": c.target, "latent": c.latent,
                     "allocation": c.allocation, "matches": c.matches, "latent_dims": c.latent_dims,
                     "ks": {str(layer): list(v) for layer, v in sorted(c.ks.items())},
+                    "part": c.part, "key_latent": c.key_latent, "key_dims": c.key_dims,
+                    "key_ks": ({str(layer): list(v) for layer, v in sorted(c.key_ks.items())}
+                               if c.key_ks is not None else None),
                     **{k: s[k] for k in MODEL_FIELDS}, **weights, **_check_fields(check),
                     "layers": [{k: e[k] for k in ("layer", "predicted_error", "value_path_error", "isolated_error",
-                                                   "accumulated_error", "ks")} for e in s["layers"]]})
+                                                   "accumulated_error", "ks")} for e in s["layers"]],
+                    "key_layers": s["key_layers"]})
     return out
 
 
@@ -166,7 +170,7 @@ def summary(result: CompressResult) -> dict[str, Any]:
     m0 = result.measurements[0]
     cfg = result.config
     return {"model": result.model, "task": result.task, "layers": result.layers, "budget": cfg.budget_kind(),
-            "latents": list(cfg.latents), "kv_bytes_per_value": cfg.kv_bytes, "dtype": cfg.dtype,
+            "latents": list(cfg.latents), "keys": cfg.keys, "kv_bytes_per_value": cfg.kv_bytes, "dtype": cfg.dtype,
             "calibration_tokens": result.calibration_tokens, "eval_texts": m0.n_texts, "eval_tokens": m0.n_tokens,
             "predicted_positions": m0.n_predicted,
             "ridge": {str(k): v for k, v in sorted(result.ridge.items())},

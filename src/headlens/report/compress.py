@@ -23,6 +23,7 @@ TRADEOFF_CSV = "compress_tradeoff.csv"
 SCATTER_PNG = "compress_scatter.png"
 TRADEOFF_PNG = "compress_tradeoff.png"
 PAGE_HTML = "compress.html"
+KEYS_CSV = "compress_keys.csv"
 
 def layer_rows(records: list[dict]) -> list[dict]:
     return [{"configuration": r["name"], "latent": r["latent"], "allocation": r["allocation"], "target": r["target"],
@@ -34,8 +35,25 @@ def layer_rows(records: list[dict]) -> list[dict]:
 
 def tradeoff_rows(records: list[dict]) -> list[dict]:
     return [{"configuration": r["name"], "budget": r["budget"], "target": r["target"], "latent": r["latent"],
-             "allocation": r["allocation"], "latent_dims": r["latent_dims"], **{k: r[k] for k in MODEL_FIELDS}}
+             "allocation": r["allocation"], "latent_dims": r["latent_dims"],
+             **({"part": r["part"], "key_latent": r["key_latent"], "key_dims": r["key_dims"]} if _keys(records) else {}),
+             **{k: r[k] for k in MODEL_FIELDS}}
             for r in records]
+
+
+def _keys(records: list[dict]) -> bool:
+    return any(r.get("key_layers") for r in records)
+
+
+def key_rows(records: list[dict]) -> list[dict]:
+    """One row per configuration and layer: keys beside values (predicted and measured key errors, attention KL,
+    the attention output's isolated errors for keys alone, values alone and both, and its accumulated error)."""
+    return [{"configuration": r["name"], "part": r["part"], "layer": e["layer"],
+             "key_k": sum(e["key_ks"]) if e["key_ks"] else None,
+             **{k: e[k] for k in ("rotary", "key_predicted_error", "key_logit_error", "key_attention_kl",
+                                  "isolated_keys_error", "isolated_values_error", "isolated_both_error",
+                                  "attention_accumulated_error")}}
+            for r in records for e in r.get("key_layers") or []]
 
 
 def preload_in_background() -> None:
@@ -65,7 +83,7 @@ def write_report(result: CompressResult, out_dir: Path, json_path: Path | None =
     data = summary(result)
     records = data["configurations"]
     files = [write_csv(out_dir / LAYERS_CSV, layer_rows(records)),
-             write_csv(out_dir / TRADEOFF_CSV, tradeoff_rows(records))]
+             write_csv(out_dir / TRADEOFF_CSV, tradeoff_rows(records))] + ([write_csv(out_dir / KEYS_CSV, key_rows(records))] if _keys(records) else [])
     images = [scatter(out_dir / SCATTER_PNG, data), tradeoff(out_dir / TRADEOFF_PNG, data)]
     jpath = write_json(Path(json_path) if json_path else out_dir / SUMMARY_JSON, data)
     page = write_html(out_dir / PAGE_HTML, data, images)
@@ -150,8 +168,12 @@ def result_lines(data: dict) -> list[str]:
                  f"({100 * r['saving']:.1f}% saved)" if causal else
                  f"value weights {r['value_params_before']} -> {r['value_params_after']} parameters and "
                  f"multiply-adds per token ({100 * r['value_params_saving']:.1f}% saved)")
+        keys = r.get("key_layers") or []
+        kpred = [e["key_predicted_error"] for e in keys if e["key_predicted_error"] is not None]
+        kmeas = [e["key_logit_error"] for e in keys if e["key_logit_error"] is not None]
+        key_part = (f"; keys: max logit error predicted {max(kpred):.3f}, measured {max(kmeas):.3f}" if kpred else "")
         lines.append(f"{r['name']:<{width}}  {saved}; {model}; max layer error predicted {pred:.3f}, "
-                     f"accumulated {acc:.3f}")
+                     f"accumulated {acc:.3f}{key_part}")
     if not causal:
         lines.append("note: an encoder keeps no KV cache: the latents save value-projection weights and FLOPs "
                      "(value_params_*, value_flops_per_token_* in the summary), not cache memory")

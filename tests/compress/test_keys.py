@@ -1,0 +1,248 @@
+"""Key latents (issue 23): fitted from query/key moments, measured where attention receives the keys.
+
+Independent references: the queries and keys read in the test from the projection's own output (split by hand),
+a dense float64 SVD of the stacked QK operator built from the raw weights, an exact average over rotations built
+with the family's own rotary function, and HuggingFace's own forward pass (k = head_dim changes nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+
+import pytest
+import torch
+from tiny_models import FAMILIES, variants_of
+
+from headlens.compress.keys import (cut_keys, plain_moments, plan_keys, rotary_pairs, rotation_average)
+from headlens.compress.qk_capture import key_attention
+from headlens.errors import HeadlensError
+from headlens.io.source import ModelSource
+
+ENCODERS = {"bert", "distilbert", "t5"}
+OWN_ATTENTION = {"gptj", "falcon", "falcon_mq", "falcon_rw", "bloom", "gpt_neo"}
+COMPLEX_ROTARY = {"llama4"}  # rotary as complex products (freqs_cis), not apply_rotary_pos_emb: refused  # attention computed outside transformers' interface
+INTERFACE_DECODERS = [(f, "gqa" if "gqa" in variants_of(f) else variants_of(f)[0]) for f in FAMILIES
+                      if f not in ENCODERS | OWN_ATTENTION | COMPLEX_ROTARY]
+IDS = torch.tensor([[5, 17, 33, 2, 41, 8, 99, 120, 64, 7, 250, 31, 3, 77, 12, 9]])
+
+
+MOE = {"qwen3_moe", "mixtral", "olmoe", "llama4"}  # grouped expert products: float32 only
+
+
+def _setup(ckpts, family, variant="gqa", perturb=False):
+    model, _ = ckpts.model(family, variant, perturb_norms=perturb)
+    ck = ModelSource(weights=ckpts.path(family, variant, "hf_dir", perturb_norms=perturb)).checkpoint()
+    model = copy.deepcopy(model)
+    return ck, (model.float() if family in MOE else model.double()).eval()
+
+
+def _capture(model, ck, ids=IDS):
+    layers = list(range(ck.shape.num_layers))
+    with torch.no_grad(), key_attention(model, ck, layers) as st:
+        st.start("capture")
+        model(input_ids=ids, use_cache=False)
+    return st
+
+
+@pytest.mark.parametrize("family,variant", INTERFACE_DECODERS)
+def test_full_size_key_latents_change_nothing(family, variant, ckpts):
+    """k = head_dim: keys un-rotated, projected, rotated back give the model's own logits (float64), on every
+    decoder family whose attention runs through transformers' interface (plain, partial and interleaved rotary,
+    ALiBi-free absolute positions, NoPE layers)."""
+    ck, model = _setup(ckpts, family, variant)
+    layers = list(range(ck.shape.num_layers))
+    with torch.no_grad():
+        ref = model(input_ids=IDS, use_cache=False).logits
+        with key_attention(model, ck, layers) as st:
+            st.start("capture")
+            model(input_ids=IDS, use_cache=False)
+            plans = {layer: plan_keys(m, "data-aware") for layer, m in st.key_moments().items()}
+            st.configs = [{layer: (p, None) for layer, p in plans.items()}]
+            st.start("acc", 0)
+            out = model(input_ids=IDS, use_cache=False).logits
+            cut = {layer: cut_keys(p, [1] * len(p.groups)) for layer, p in plans.items()}
+            st.configs = [{layer: (p, None) for layer, p in cut.items()}]
+            st.start("acc", 0)
+            small = model(input_ids=IDS, use_cache=False).logits
+    tol = 1e-5 if family in MOE else 1e-8
+    assert torch.allclose(out, ref, atol=tol, rtol=0), float((out - ref).abs().max())
+    assert float((small - ref).abs().max()) > 1e-6  # a 1-number key latent does change the model
+
+
+def _gpt2_qk(model, ck, ids):
+    """Queries (H, N, hd) and keys less their bias (1 group per head: H, N, hd), read from c_attn's output."""
+    s = ck.shape
+    d, H, hd = s.hidden_size, s.num_heads, s.head_dim
+    out = {}
+    attn = model.transformer.h[0].attn
+    h = attn.c_attn.register_forward_hook(lambda m, a, o: out.setdefault("qkv", o.detach()))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        h.remove()
+    qkv = out["qkv"][0]  # (N, 3d)
+    b = attn.c_attn.bias.detach()
+    q = qkv[:, :d].reshape(-1, H, hd).transpose(0, 1)
+    k = (qkv[:, d:2 * d] - b[d:2 * d]).reshape(-1, H, hd).transpose(0, 1)
+    return q, k
+
+
+def test_data_aware_prediction_is_exact_on_the_calibration_tokens(ckpts):
+    """No rotary (GPT-2): the predicted relative logit error equals the one computed by hand over every
+    query-key pair of the calibration tokens, with the queries and keys read from the projection's output."""
+    ck, model = _setup(ckpts, "gpt2", variants_of("gpt2")[0])
+    st = _capture(model, ck)
+    assert st.info[0].rotary is False
+    plan = cut_keys(plan_keys(st.key_moments()[0], "data-aware"), [3] * ck.shape.num_kv_heads)
+    q, k = _gpt2_qk(model, ck, IDS)
+    lost = total = 0.0
+    for g, lat in enumerate(plan.groups):
+        k2 = k[g] @ (lat.up @ lat.encode).T  # bias subtracted, as the cache stores it
+        L, L2 = q[g] @ k[g].T, q[g] @ k2.T
+        lost += float(((L - L2) ** 2).sum())
+        total += float((L ** 2).sum())
+    assert plan.predicted_error == pytest.approx(math.sqrt(lost / total), rel=1e-9)
+    assert 0.01 < plan.predicted_error < 1
+
+
+def _state_qk(family, ck, model, layer):
+    """Dense W_Q (H, hd, d) and W_K (G, hd, d) from the raw state dict, float64."""
+    s = ck.shape
+    H, G, hd, d = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    if family == "gpt2":
+        W = sd[f"transformer.h.{layer}.attn.c_attn.weight"].T  # Conv1D [in, out] -> Linear [out, in]
+        return W[:d].reshape(H, hd, d), W[d:2 * d].reshape(G, hd, d)
+    if family == "gpt_bigcode":
+        W = sd[f"transformer.h.{layer}.attn.c_attn.weight"]  # Linear [(H + 2G) hd, d]
+        return W[:H * hd].reshape(H, hd, d), W[H * hd:(H + G) * hd].reshape(G, hd, d)
+    if family == "opt":
+        p = f"model.decoder.layers.{layer}.self_attn"
+        return sd[f"{p}.q_proj.weight"].reshape(H, hd, d), sd[f"{p}.k_proj.weight"].reshape(G, hd, d)
+    raise AssertionError(family)
+
+
+@pytest.mark.parametrize("family,variant", [("gpt2", "mha"), ("gpt_bigcode", "mqa"), ("opt", "mha")])
+def test_plain_spectrum_is_the_stacked_qk_operator(family, variant, ckpts):
+    """No rotary, no q/k norms: the plain key spectrum is the singular values of the stacked QK operator
+    ``[(W_Q^h)^T W_K^g]_{h in g}`` ((H/G) d x d), formed densely from the raw weights (MHA, MQA, Conv1D)."""
+    ck, model = _setup(ckpts, family, variant)
+    st = _capture(model, ck)
+    s = ck.shape
+    n = s.num_heads // s.num_kv_heads
+    for layer in range(s.num_layers):
+        info = st.info[layer]
+        assert not info.rotary
+        plan = plan_keys(plain_moments(model, ck, layer, False, [], bias_subtracted=st.bias[layer] is not None),
+                         "plain")
+        Wq, Wk = _state_qk(family, ck, model, layer)
+        for g, lat in enumerate(plan.groups):
+            M = torch.cat([Wq[g * n + j].T @ Wk[g] for j in range(n)])  # ((H/G) d, d)
+            dense = torch.linalg.svdvals(M)[: s.head_dim]
+            assert torch.allclose(lat.spectrum, dense, rtol=1e-9, atol=1e-9 * float(dense[0]))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt_neox", "cohere"])
+def test_rotation_average_is_exact_over_rotations(family, ckpts):
+    """``rotation_average(C)`` equals ``mean_theta R^T C R`` over an exact design of angles (each frequency pair
+    its own multiple of 2 pi n / M, so that every cross term averages to exactly 0), the rotations R built with the
+    family's own apply_rotary_pos_emb (rotate-half, partial, interleaved)."""
+    ck, model = _setup(ckpts, family, variants_of(family)[0])
+    st = _capture(model, ck)
+    info = st.info[0]
+    assert info.rotary and info.pairs
+    hd = ck.shape.head_dim
+    rot = 2 * len(info.pairs)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(hd, 3 * hd, generator=gen, dtype=torch.float64)
+    C = X @ X.T
+    M = 8 * rot + 8
+    mult = torch.arange(1, rot // 2 + 1, dtype=torch.float64)
+    eye = torch.eye(hd, dtype=torch.float64).reshape(1, 1, hd, hd)
+    acc = torch.zeros(hd, hd, dtype=torch.float64)
+    for n in range(M):
+        theta = 2 * math.pi * n * mult / M  # one angle per frequency
+        ang = _layout(family, theta, rot)
+        cos, sin = torch.cos(ang).reshape(1, 1, -1).expand(1, hd, -1), torch.sin(ang).reshape(1, 1, -1).expand(1, hd, -1)
+        R, _ = info.apply(eye, eye, cos, sin)  # row i: R applied to e_i, i.e. R^T's rows
+        Rt = R.reshape(hd, hd)  # Rt[i] = R e_i  ->  Rt = R^T
+        acc += Rt @ C @ Rt.T
+    assert torch.allclose(rotation_average(C, info.pairs), acc / M, atol=1e-10 * float(C.abs().max()))
+
+
+def _layout(family: str, theta: torch.Tensor, rot: int) -> torch.Tensor:
+    """Per-dimension angles in the family's cos/sin layout: rotate-half repeats the frequencies ``cat(f, f)``,
+    interleaved (Cohere) repeats each ``f_i`` twice."""
+    if family == "cohere":
+        return theta.repeat_interleave(2)
+    return torch.cat([theta, theta])
+
+
+def test_rotary_pairs_of_partial_and_interleaved_rotary(ckpts):
+    """The pairs come from the family's function: rotate-half pairs (i, i + rot/2), interleaved pairs (2i, 2i+1),
+    partial rotary leaves the dimensions past rot alone."""
+    for family, expect in (("qwen3", "half"), ("cohere", "interleaved"), ("gpt_neox", "partial")):
+        ck, model = _setup(ckpts, family, variants_of(family)[0])
+        st = _capture(model, ck)
+        pairs, hd = st.info[0].pairs, ck.shape.head_dim
+        if expect == "half":
+            assert pairs == [(i, i + hd // 2) for i in range(hd // 2)]
+        elif expect == "interleaved":
+            assert pairs == [(2 * i, 2 * i + 1) for i in range(hd // 2)]
+        else:
+            rot = 2 * len(pairs)
+            assert 0 < rot < hd and pairs == [(i, i + rot // 2) for i in range(rot // 2)]
+
+
+def test_plain_folds_the_key_norm_gains(ckpts):
+    """Qwen3 with perturbed norm gains: the plain moments use diag(gain) W_K, read from the k_norm module."""
+    ck, model = _setup(ckpts, "qwen3", variants_of("qwen3")[0], perturb=True)
+    st = _capture(model, ck)
+    m = plain_moments(model, ck, 0, True, st.info[0].pairs, bias_subtracted=False)
+    attn = model.model.layers[0].self_attn
+    s = ck.shape
+    Wk = attn.k_proj.weight.detach().double().reshape(s.num_kv_heads, s.head_dim, s.hidden_size)
+    gain = attn.k_norm.weight.detach().double()
+    assert not torch.allclose(gain, torch.ones_like(gain))  # the norms were perturbed
+    Wg = gain[:, None] * Wk[0]
+    assert torch.allclose(m.Ck[0], Wg @ Wg.T, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(OWN_ATTENTION))
+def test_families_computing_attention_themselves_are_refused(family, ckpts):
+    ck, model = _setup(ckpts, family, variants_of(family)[0])
+    with pytest.raises(HeadlensError, match="computes attention itself"):
+        with key_attention(model, ck, [0]):
+            pass
+
+
+def test_complex_rotary_is_refused(ckpts):
+    """Llama 4 turns queries and keys as complex numbers (freqs_cis), not with apply_rotary_pos_emb: the first call's
+    check finds the keys are not the projection turned by that function, and refuses."""
+    ck, model = _setup(ckpts, "llama4", variants_of("llama4")[0])
+    with pytest.raises(HeadlensError, match="cannot un-rotate"):
+        _capture(model, ck)
+
+
+def test_unknown_rotation_is_refused(ckpts):
+    """A layer whose keys are neither the family's rotary of its key projection (by the position_embeddings the
+    attention module was handed) nor the projection itself gets no key latent: here a later pre-hook hands
+    attention twice the angles."""
+    ck, model = _setup(ckpts, "llama", "gqa")
+    attn = model.model.layers[0].self_attn
+
+    def double(_m, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        return args, {**kwargs, "position_embeddings": (cos * cos - sin * sin, 2 * sin * cos)}
+
+    with torch.no_grad(), key_attention(model, ck, [0, 1]) as st:
+        h = attn.register_forward_pre_hook(double, with_kwargs=True)
+        try:
+            st.start("capture")
+            with pytest.raises(HeadlensError, match="cannot un-rotate"):
+                model(input_ids=IDS, use_cache=False)
+        finally:
+            h.remove()
