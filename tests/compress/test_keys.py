@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 
 import pytest
 import torch
 from tiny_models import FAMILIES, variants_of
 
-from headlens.compress.keys import (cut_keys, plain_moments, plan_keys, rotary_pairs, rotation_average)
+from headlens.compress.keys import (cut_keys, plain_moments, plan_keys, rotation_average)
 from headlens.compress.qk_capture import key_attention
 from headlens.errors import HeadlensError
 from headlens.io.source import ModelSource

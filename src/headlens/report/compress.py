@@ -172,8 +172,8 @@ def result_lines(data: dict) -> list[str]:
         kpred = [e["key_predicted_error"] for e in keys if e["key_predicted_error"] is not None]
         kmeas = [e["key_logit_error"] for e in keys if e["key_logit_error"] is not None]
         key_part = (f"; keys: max logit error predicted {max(kpred):.3f}, measured {max(kmeas):.3f}" if kpred else "")
-        lines.append(f"{r['name']:<{width}}  {saved}; {model}; max layer error predicted {pred:.3f}, "
-                     f"accumulated {acc:.3f}{key_part}")
+        value_part = f"; max layer error predicted {pred:.3f}, accumulated {acc:.3f}" if r["layers"] else ""
+        lines.append(f"{r['name']:<{width}}  {saved}; {model}{value_part}{key_part}")
     if not causal:
         lines.append("note: an encoder keeps no KV cache: the latents save value-projection weights and FLOPs "
                      "(value_params_*, value_flops_per_token_* in the summary), not cache memory")
