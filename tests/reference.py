@@ -203,3 +203,72 @@ def capture_attention_io(model, family: str, layer: int, input_ids: torch.Tensor
     if family == "bert":  # BertSelfAttention returns the per-head context; its output map is a separate module
         y = y @ _layers(model)[layer].attention.output.dense.weight.detach().double().T
     return seen["x"][0].double().numpy(), y.numpy()
+
+
+def query_key_blocks(model, family: str, layer: int) -> tuple[list[np.ndarray], list[np.ndarray], int, int, int]:
+    """Per query head W_Q^h (hd x d) list, per kv head W_K^g (hd x d) list, and (H, G, hd), float64, split as each
+    modeling file splits its projections (no q/k norm applied)."""
+    cfg = model.config
+    blk = _layers(model)[layer]
+    H = cfg.num_attention_heads
+    if family == "gpt2":
+        d = cfg.n_embd
+        hd, G = d // H, H
+        W = _w(blk.attn.c_attn)  # Conv1D: (in=d, out=3d), columns q | k | v
+        q_full, k_full = W[:, :d].T, W[:, d:2 * d].T
+    elif family == "gpt_neox":
+        d = cfg.hidden_size
+        hd, G = d // H, H
+        W = _w(blk.attention.query_key_value).reshape(H, 3, hd, d)  # view(H, 3 * hd) then split
+        q_full, k_full = W[:, 0].reshape(H * hd, d), W[:, 1].reshape(H * hd, d)
+    elif family == "phi3":
+        d = cfg.hidden_size
+        hd, G = d // H, cfg.num_key_value_heads
+        W = _w(blk.self_attn.qkv_proj)
+        q_full, k_full = W[: H * hd], W[H * hd: H * hd + G * hd]
+    elif family == "bert":
+        d = cfg.hidden_size
+        hd, G = d // H, H
+        q_full, k_full = _w(blk.attention.self.query), _w(blk.attention.self.key)
+    else:
+        attn = blk.self_attn
+        q_full, k_full = _w(attn.q_proj), _w(attn.k_proj)
+        hd = attn.head_dim
+        G = k_full.shape[0] // hd
+    return ([q_full[h * hd:(h + 1) * hd] for h in range(H)], [k_full[g * hd:(g + 1) * hd] for g in range(G)], H, G, hd)
+
+
+def qk_norm_maps(model, family: str, layer: int, head: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(M_q, M_k), each hd x hd or None: the linear part of the norm the family applies to head ``head``'s projected
+    query and to its kv head's key (gain, and centring for LayerNorms), written from the modeling code."""
+    attn = getattr(_layers(model)[layer], "self_attn", None)
+    if attn is None or not (hasattr(attn, "q_norm") or hasattr(attn, "q_layernorm")):
+        return None, None
+    H, hd = model.config.num_attention_heads, attn.head_dim
+    g = head // (H // (attn.k_proj.weight.shape[0] // hd))
+    center = np.eye(hd) - np.ones((hd, hd)) / hd
+    if family == "stablelm" and hasattr(attn, "q_layernorm"):  # one nn.LayerNorm per head
+        return (np.diag(attn.q_layernorm.norms[head].weight.detach().double().numpy()) @ center,
+                np.diag(attn.k_layernorm.norms[g].weight.detach().double().numpy()) @ center)
+    wq, wk = attn.q_norm.weight.detach().double().numpy(), attn.k_norm.weight.detach().double().numpy()
+    if family == "cohere":  # CohereLayerNorm over (heads, hd): per head, mean subtracted
+        return np.diag(wq[head]) @ center, np.diag(wk[g]) @ center
+    if family in ("olmo2", "olmoe"):  # RMSNorm over the whole projection (H*hd, G*hd)
+        return np.diag(wq[head * hd:(head + 1) * hd]), np.diag(wk[g * hd:(g + 1) * hd])
+    off = 1.0 if family.startswith("gemma") else 0.0  # Gemma3RMSNorm: (1 + w)
+    return np.diag(wq + off), np.diag(wk + off)
+
+
+def dense_wqk(model, family: str, layer: int, head: int, fold_norm: bool = False) -> np.ndarray:
+    """The explicit d x d float64 form (M_q W_Q^h)^T (M_k W_K^g), the q/k norms' linear parts M folded in, and
+    diag(gamma) of the pre-attention norm on both sides when ``fold_norm``."""
+    qs, ks, H, G, _ = query_key_blocks(model, family, layer)
+    Wq, Wk = qs[head], ks[head // (H // G)]
+    Mq, Mk = qk_norm_maps(model, family, layer, head)
+    Wq = Wq if Mq is None else Mq @ Wq
+    Wk = Wk if Mk is None else Mk @ Wk
+    W = Wq.T @ Wk
+    if fold_norm:
+        gamma = norm_gain(model, family, layer)
+        W = gamma[:, None] * W * gamma[None, :]
+    return W

@@ -116,9 +116,29 @@ class ArchSpec:
     # Index of the attention probabilities in the attention module's output tuple under eager attention
     # (T5 returns (output, position_bias, probabilities)).
     probs_at: int = 1
+    # The QK circuit (``headlens ov --circuit qk``). Norms applied to the projected queries and keys, relative to the
+    # layer (``{h}``: the head index, where each head has a module of its own, as StableLM's); their gains fold into
+    # W_Q / W_K, their per-token scale cannot. A gain may be (hd,) shared by the heads, (n*hd,) over all heads
+    # (OLMo 2) or (n, hd). An absent tensor means the checkpoint has no such norm.
+    q_norm: str | None = None
+    k_norm: str | None = None
+    qk_norm_centered: bool = False  # a LayerNorm over each head (subtracts the mean: a linear map, folded too)
+    # How positions enter the logits: "rotary", "absolute" (already in the stream), "alibi", "relative_bias";
+    # ``position_flags``: (config flag, position) that holds instead when the flag is set (Falcon's alibi).
+    position: str = "rotary"
+    position_flags: tuple[tuple[str, str], ...] = ()
+    # (config key, note): what else the model does to its logits, said when the key is set ("": always).
+    qk_notes: tuple[tuple[str, str], ...] = ()
+
+    def position_kind(self, config: Mapping | None) -> str:
+        """How positions enter this checkpoint's attention logits (see ``position``)."""
+        return next((kind for flag, kind in self.position_flags if config and config.get(flag)), self.position)
 
 
-_LLAMA = dict(layers_path="layers", layout=SEPARATE)
+_QK_NORM = dict(q_norm=_ATTN + "q_norm.weight", k_norm=_ATTN + "k_norm.weight")
+_LLAMA = dict(layers_path="layers", layout=SEPARATE, **_QK_NORM)
+_SCALE = "the prompt's logits here are scaled by head_dim^-1/2"
+_GEMMA_SCALE = ("query_pre_attn_scalar", f"the model scales logits by query_pre_attn_scalar^-1/2; {_SCALE}")
 _SANDWICH = dict(residual="sandwich", attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
                  mid_input="pre_feedforward_layernorm")
 
@@ -131,59 +151,69 @@ SPECS: dict[str, ArchSpec] = {
     "qwen3_moe": ArchSpec("Qwen3-MoE", **_LLAMA),
     "mixtral": ArchSpec("Mixtral", **_LLAMA),
     "olmoe": ArchSpec("OLMoE", **_LLAMA),
-    "gemma": ArchSpec("Gemma", norm_offset=1.0, **_LLAMA),
-    "gemma2": ArchSpec("Gemma 2", norm_offset=1.0, **_SANDWICH, **_LLAMA),
-    "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, **_SANDWICH, **_LLAMA),
+    "gemma": ArchSpec("Gemma", norm_offset=1.0, qk_notes=(_GEMMA_SCALE,), **_LLAMA),
+    "gemma2": ArchSpec("Gemma 2", norm_offset=1.0, **_SANDWICH, **_LLAMA, qk_notes=(
+        ("attn_logit_softcapping", "the model soft-caps its logits (tanh, attn_logit_softcapping): left out"),
+        _GEMMA_SCALE)),
+    "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, qk_notes=(_GEMMA_SCALE,), **_SANDWICH, **_LLAMA),
     "phi3": ArchSpec("Phi-3", layers_path="layers", layout=FUSED_CONCAT),
     # Each entry below: where the weights are, then the norm feeding attention, then the residual sites.
     "gpt2": ArchSpec("GPT-2", layers_path="h", layout=CONV1D, attn_module="attn",
-                     norm="ln_1.weight",
+                     norm="ln_1.weight", position="absolute",
                      attn_out="attn", mid_input="ln_2", final_norm="ln_f"),
     "gpt_neox": ArchSpec("GPT-NeoX/Pythia", layers_path="layers", layout=INTERLEAVED, attn_module="attention",
                          residual="parallel", parallel_flag="use_parallel_residual",
                          attn_out="attention", final_norm="final_layer_norm"),
     "bert": ArchSpec("BERT", layers_path="encoder.layer", layout=BERT_SEPARATE, attn_module="attention.self",
                      norm=None, prev_norm="output.LayerNorm.weight", first_norm="embeddings.LayerNorm.weight",
-                     decoder=False, residual="post",
+                     decoder=False, residual="post", position="absolute",
                      attn_out="attention.output.dense", mlp_out="output.dense", mid_input="intermediate",
                      final_norm=None),
     # Falcon: parallel unless parallel_attn is false (Falcon-RW); the new decoder (40B/180B) norms with ln_attn.
     "falcon": ArchSpec("Falcon", layers_path="h", layout=FALCON, attn_module="self_attention",
-                       norm_alt="ln_attn.weight",
+                       norm_alt="ln_attn.weight", position_flags=(("alibi", "alibi"),),
                        residual="parallel", parallel_flag="parallel_attn", attn_out="self_attention", final_norm="ln_f"),
     "gptj": ArchSpec("GPT-J", layers_path="h", layout=GPTJ, attn_module="attn", norm="ln_1.weight",
                      residual="parallel", attn_out="attn", mid_input=None, final_norm="ln_f"),
     # Bloom's attention and MLP modules add the residual themselves: their output projections give the branches.
-    "bloom": ArchSpec("Bloom", layers_path="h", layout=BLOOM, attn_module="self_attention",
+    "bloom": ArchSpec("Bloom", layers_path="h", layout=BLOOM, attn_module="self_attention", position="alibi",
                       attn_out="self_attention.dense", mlp_out="mlp.dense_4h_to_h", final_norm="ln_f",
                       sites_require=(("apply_residual_connection_post_layernorm", False),)),
     "gpt_neo": ArchSpec("GPT-Neo", layers_path="h", layout=GPT_NEO, attn_module="attn", norm="ln_1.weight",
+                        position="absolute",
                         attn_out="attn", mid_input="ln_2", final_norm="ln_f"),
     "gpt_bigcode": ArchSpec("GPTBigCode/StarCoder", layers_path="h", layout=BIGCODE, attn_module="attn",
-                            norm="ln_1.weight", attn_out="attn", mid_input="ln_2", final_norm="ln_f"),
+                            norm="ln_1.weight", attn_out="attn", mid_input="ln_2", final_norm="ln_f",
+                            position="absolute"),
     "opt": ArchSpec("OPT", layers_path="decoder.layers", layout=OPT, norm="self_attn_layer_norm.weight",
+                    position="absolute",
                     mlp_out="fc2", mid_input="final_layer_norm", final_norm="final_layer_norm", flat_mlp=True,
                     sites_require=(("do_layer_norm_before", True),), norm_requires=(("do_layer_norm_before", True),)),
     "phi": ArchSpec("Phi-1/2", layers_path="layers", layout=PHI,
                     residual="parallel", mid_input=None, final_norm="final_layernorm"),
     "distilbert": ArchSpec("DistilBERT", layers_path="transformer.layer", layout=DISTILBERT, attn_module="attention",
                            norm=None, prev_norm="output_layer_norm.weight", first_norm="embeddings.LayerNorm.weight",
-                           decoder=False, residual="post",
+                           decoder=False, residual="post", position="absolute",
                            attn_out="attention", mlp_out="ffn", mid_input="ffn", final_norm=None),
     # T5 encoder (T5EncoderModel, or the encoder of a full T5): relative attention bias, no 1/sqrt(hd) scaling.
     "t5": ArchSpec("T5 encoder", layers_path="encoder.block", layout=T5, attn_module="layer.0.SelfAttention",
                    norm="layer.0.layer_norm.weight", decoder=False,
                    attn_out="layer.0.SelfAttention", mlp_out="layer.1.DenseReluDense", mid_input="layer.1",
-                   final_norm="final_layer_norm", model_class="T5EncoderModel", probs_at=2),
+                   final_norm="final_layer_norm", model_class="T5EncoderModel", probs_at=2,
+                   position="relative_bias", qk_notes=(("", f"T5 does not scale its logits; {_SCALE}"),)),
     # Llama-named projections with another residual structure.
     "olmo2": ArchSpec("OLMo 2", norm=None, residual="post_sublayer", attn_out="post_attention_layernorm",
                       mlp_out="post_feedforward_layernorm", mid_input="mlp", **_LLAMA),
     "glm4": ArchSpec("GLM-4", residual="sandwich", attn_out="post_self_attn_layernorm", mlp_out="post_mlp_layernorm",
                      mid_input="post_attention_layernorm", **_LLAMA),
-    "granite": ArchSpec("Granite", branch_scale="residual_multiplier", **_LLAMA),
-    "cohere": ArchSpec("Cohere", residual="parallel", mid_input=None, **_LLAMA),
-    "stablelm": ArchSpec("StableLM", residual="parallel", parallel_flag="use_parallel_residual", **_LLAMA),
-    "llama4_text": ArchSpec("Llama 4", mlp_out="feed_forward", flat_mlp=True, **_LLAMA),
+    "granite": ArchSpec("Granite", branch_scale="residual_multiplier", **_LLAMA, qk_notes=(
+        ("attention_multiplier", f"the model scales logits by attention_multiplier; {_SCALE}"),)),
+    "cohere": ArchSpec("Cohere", residual="parallel", mid_input=None, qk_norm_centered=True, **_LLAMA),
+    "stablelm": ArchSpec("StableLM", residual="parallel", parallel_flag="use_parallel_residual",
+                         q_norm=_ATTN + "q_layernorm.norms.{h}.weight", k_norm=_ATTN + "k_layernorm.norms.{h}.weight",
+                         qk_norm_centered=True, layers_path="layers", layout=SEPARATE),
+    "llama4_text": ArchSpec("Llama 4", mlp_out="feed_forward", flat_mlp=True, **_LLAMA, qk_notes=(
+        ("use_qk_norm", "the model L2-normalises q and k per token in its rotary layers (use_qk_norm): left out"),)),
 }
 SPECS.update({t: ArchSpec(name, **_LLAMA) for t, name in (  # Llama's names and structure
     ("olmo", "OLMo"), ("starcoder2", "Starcoder2"), ("smollm3", "SmolLM3"))})

@@ -115,6 +115,23 @@ def read_head(
                        norm_key=norm_key, norm_folded=fold_norm, tensor_names=[v_name, o_name])
 
 
+def read_qk_blocks(ck: Checkpoint, layer: int, head: int, load_dtype: torch.dtype = torch.float32,
+                   compute_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(W_Q^h (hd, d), W_K^g (hd, d), the tensor names): the query block of query head ``head`` and the key block of
+    the kv head g it reads, Linear layout, read block by block; rounded to ``load_dtype``, then ``compute_dtype``."""
+    check_layer_head(ck, layer, head)
+    s = ck.shape
+    hd, d, g = s.head_dim, s.hidden_size, s.kv_head(head)
+    q, q_name = _read_block(ck, layer, "q", head)  # (hd, d)
+    k, k_name = _read_block(ck, layer, "k", g)  # (hd, d)
+    if tuple(q.shape) != (hd, d) or tuple(k.shape) != (hd, d):
+        raise HeadlensError(f"unexpected head block shapes W_Q {tuple(q.shape)}, W_K {tuple(k.shape)} "
+                            f"for head_dim={hd}, hidden={d} in layer {layer}")
+    q = _finite(q, q_name).to(load_dtype).to(compute_dtype)
+    k = _finite(k, k_name).to(load_dtype).to(compute_dtype)
+    return q.contiguous(), k.contiguous(), list(dict.fromkeys([q_name, k_name]))
+
+
 @dataclass
 class LayerFactors:
     """Every head's blocks of one layer, batched (Linear layout, float64 unless asked otherwise)."""

@@ -25,17 +25,14 @@ from headlens.arch import GENERIC
 from headlens.circuits.heads import HeadFactors, check_layer_head, read_head
 from headlens.circuits.mla import (MLACheckpoint, head_latent_use, is_mla_config, latent_token_scale,
                                    mla_head_factors, open_mla)
+from headlens.circuits.qk import CIRCUITS, QKReport, analyze_qk
 from headlens.circuits.spectrum import (
     FactoredSVD,
-    condition_number,
-    cumulative_energy,
     data_aware_latent,
     factored_svd,
     gaussian_probes,
-    numerical_rank,
     plain_cache_error,
-    rank_tolerance,
-    rel_error,
+    spectrum_block,
 )
 from headlens.errors import HeadlensError
 from headlens.io.checkpoint import Checkpoint
@@ -63,6 +60,7 @@ class OVConfig:
     truncate: bool = False  # cut a prompt longer than the model's positions instead of refusing it
     probe_tokens: int = DEFAULT_PROBE_TOKENS  # Gaussian probes for cache_error when there is no prompt
     seed: int = 0  # seed of the Gaussian probes
+    circuit: str = "ov"  # "ov", "qk" (W_QK = W_Q^T W_K, headlens.circuits.qk) or "both"
 
     def __post_init__(self) -> None:
         self.check()
@@ -93,6 +91,7 @@ class OVConfig:
             setattr(self, name, params.flag(getattr(self, name), name))
         self.prompt = params.text(self.prompt, "prompt")
         self.traces = params.path(self.traces, "traces")
+        self.circuit = params.choice(self.circuit, "circuit", CIRCUITS)
         if not isinstance(self.dtype, torch.dtype):
             name = params.choice(self.dtype, "dtype", DTYPE_CHOICES)
             self.dtype = name if name == "auto" else getattr(torch, name)  # auto: the source's, in analyze_head
@@ -150,26 +149,55 @@ class OVResult:
     files: dict[str, str] = field(default_factory=dict)  # what the report wrote: plot, heatmap, json
     latent: dict | None = None  # multi-head latent attention: kv_lora_rank and the latent directions read
     device: str = "cpu"  # where the factored SVD and the cache errors ran (float64 throughout)
+    circuit: str = "ov"  # what was asked for: "ov", "qk" or "both"
+    qk: QKReport | None = None  # the QK circuit, with circuit "qk" or "both"
 
     def to_json(self) -> dict:
-        """Every field as strict JSON data (tuples as lists, an undefined number as None): what ``--json`` writes."""
+        """Every field as strict JSON data (tuples as lists, an undefined number as None): what ``--json`` writes.
+        With circuit "ov" exactly the OV circuit's fields; "both" adds ``circuit`` and the ``qk`` block; "qk" keeps
+        the head's description (model, layer, head, sizes, inputs, files) and ``qk``, not the OV numbers."""
         from headlens.results import strict
 
-        return strict(asdict(self))
+        out = strict(asdict(self))
+        if self.circuit == "ov":
+            del out["circuit"], out["qk"]
+        elif self.circuit == "qk":
+            out = {k: v for k, v in out.items() if k not in OV_ONLY_FIELDS}
+        return out
 
     def __repr__(self) -> str:
         from headlens.results import short_repr
 
         name = self.model.get("name", "?") if isinstance(self.model, dict) else "?"
+        if self.qk is not None:
+            q = self.qk
+            head_line = (f"{name} layer {self.layer} head {self.head} (kv head {self.kv_head}): W_QK rank {q.rank} "
+                         f"of head_dim {self.head_dim}, condition number {q.condition_number:.4g}")
+            qk_lines = [f"W_QK latent_dim {q.latent_dim}: rel_error {q.rel_error:.3f}"]
+            if q.prompt_logit_rel_error is not None:
+                qk_lines.append(f"prompt logits: rel_error {q.prompt_logit_rel_error:.3f}, attention KL "
+                                f"{q.prompt_attention_kl:.3g}")
+            if self.circuit == "qk":
+                return short_repr(self, head_line, qk_lines, "qk, to_json()")
         lines = [f"latent_dim {self.latent_dim}: rel_error {self.rel_error:.3f}, cache_error {self.cache_error:.3f} "
                  f"({self.cache_inputs}, {self.cache_tokens} tokens)"]
         if self.data_aware is not None:
             d = self.data_aware
             held = "n/a" if d.heldout_whitened_error is None else f"{d.heldout_whitened_error:.3f}"
             lines.append(f"data-aware latent: error {d.whitened_error:.3f} in-sample, {held} held out")
+        if self.qk is not None:
+            lines += qk_lines
         return short_repr(self, f"{name} layer {self.layer} head {self.head} (kv head {self.kv_head}): rank "
                                 f"{self.rank} of head_dim {self.head_dim}, condition number {self.condition_number:.4g}",
-                          lines, "singular_values, cumulative_energy, data_aware, attention, to_json()")
+                          lines, "singular_values, cumulative_energy, data_aware, attention, "
+                                 + ("qk, " if self.qk is not None else "") + "to_json()")
+
+
+# The OVResult fields that are the OV circuit's numbers (left out of the JSON when only the QK circuit was asked for).
+OV_ONLY_FIELDS = ("shape", "tensors", "rank", "rank_tolerance", "rank_eps_dtype", "condition_number",
+                  "condition_number_definition", "singular_values", "cumulative_energy", "frobenius_norm",
+                  "latent_dim", "rel_error", "cache_error", "cache_inputs", "cache_tokens", "seed", "data_aware",
+                  "latent")
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -252,24 +280,6 @@ def _trace_capture(cfg: OVConfig) -> Callable[[], PromptCapture]:
 # ------------------------------------------------------------------------------------------ computation
 
 
-def _eps_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision that sets the numerical-rank tolerance: the weights' precision, at least float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _rank_and_latent(S: torch.Tensor, d: int, cfg: OVConfig) -> tuple[int, float, int]:
-    """(numerical rank, its tolerance, the latent size k) for singular values ``S`` (hd,) of a d x d map."""
-    eps = torch.finfo(_eps_dtype(cfg.dtype)).eps
-    rank = int(numerical_rank(S, (d, d), eps))
-    tol = float(rank_tolerance(S, (d, d), eps))
-    latent_dim = cfg.latent_dim if cfg.latent_dim is not None else min(DEFAULT_LATENT_DIM, rank)
-    if rank == 0:
-        raise HeadlensError(f"W_OV of layer {cfg.layer} head {cfg.head} is numerically zero (rank 0)")
-    if latent_dim > rank:
-        raise HeadlensError(f"`latent_dim` {latent_dim} is above the rank of W_OV ({rank}): choose 1..{rank}")
-    return rank, tol, latent_dim
-
-
 def _captured_inputs(capture: PromptCapture, f: HeadFactors, d: int, cfg: OVConfig) -> torch.Tensor:
     """X (d, N) float64: the captured attention inputs, one column a token, divided by gamma when folding."""
     X = capture.attn_input.to(f.W_O.device, torch.float64).T  # (N, d) -> (d, N), where the factors are
@@ -349,12 +359,18 @@ def analyze_ov(
         raise HeadlensError(f"`probe_tokens` {cfg.probe_tokens} is above {most}: {most} Gaussian probes of width "
                             f"{d} in float64 already take the {PROBE_BYTES >> 30} GiB allowed")
     mla = isinstance(ck, MLACheckpoint)
+    if mla and cfg.circuit != "ov":
+        raise HeadlensError(f"`circuit` {cfg.circuit}: multi-head latent attention has no single QK bilinear form "
+                            "(its keys are a latent part scaled per token by kv_a_layernorm plus a decoupled rotary "
+                            "part that is not): only `circuit` ov applies")
     f = mla_head_factors(ck, cfg.layer, cfg.head, cfg.fold_norm) if mla else \
         read_head(ck, cfg.layer, cfg.head, fold_norm=cfg.fold_norm, load_dtype=cfg.dtype)
     dev = torch.device("cpu") if device is None or device.type == "mps" else device
     f = _factors_on(f, dev)
     svd = factored_svd(f.W_O, f.W_V)  # W_OV = U diag(S) Vh, (d, hd) (hd,) (hd, d)
-    rank, tol, latent_dim = _rank_and_latent(svd.S, d, cfg)
+    block = spectrum_block(svd.S, d, cfg.dtype, cfg.latent_dim, DEFAULT_LATENT_DIM, "W_OV",
+                           f"of layer {cfg.layer} head {cfg.head}")
+    latent_dim = block["latent_dim"]
 
     capture, X, cache_inputs, seed = _token_inputs(ck, cfg, f, capture_fn)
     X = X.to(dev)
@@ -364,21 +380,21 @@ def analyze_ov(
     if cfg.heatmap and capture is not None:
         assert capture.attn_probs is not None and capture.attn_probs.shape[1:] == (X.shape[1],) * 2
         attention = capture.attn_probs[cfg.head].to(torch.float64).tolist()  # (N, N)
+    qk = None
+    if cfg.circuit != "ov":  # the q/k projections read the same tokens X as v (divided by gamma when folding)
+        assert isinstance(ck, Checkpoint)
+        qk = analyze_qk(ck, cfg.layer, cfg.head, cfg.latent_dim, DEFAULT_LATENT_DIM, cfg.fold_norm, cfg.dtype,
+                        X if capture is not None else None, dev)
 
     s = ck.shape
     return OVResult(
         model=ck.describe(), layer=cfg.layer, head=cfg.head, kv_head=f.kv_head, num_heads=s.num_heads,
         num_value_heads=s.num_kv_heads, head_dim=s.head_dim, hidden_size=d, shape=(d, d), tensors=f.tensor_names,
-        rank=rank, rank_tolerance=tol, rank_eps_dtype=str(_eps_dtype(cfg.dtype)).replace("torch.", ""),
-        condition_number=condition_number(svd.S, rank),
-        condition_number_definition="sigma_1 / sigma_r over the numerical rank r",
-        singular_values=svd.S.tolist(), cumulative_energy=cumulative_energy(svd.S).tolist(),
-        frobenius_norm=float(torch.linalg.norm(svd.S)), latent_dim=latent_dim,
-        rel_error=float(rel_error(svd.S, latent_dim)), cache_error=cache_err, cache_inputs=cache_inputs,
+        **block, cache_error=cache_err, cache_inputs=cache_inputs,
         cache_tokens=int(X.shape[1]), seed=seed, norm_folded=cfg.fold_norm, norm_key=f.norm_key,
         dtype=str(cfg.dtype).replace("torch.", ""), data_aware=data_aware, prompt=cfg.prompt,
         tokens=capture.tokens if capture is not None else None, attention=attention,
-        latent=head_latent_use(ck, cfg.layer, cfg.head) if mla else None, device=str(dev),
+        latent=head_latent_use(ck, cfg.layer, cfg.head) if mla else None, device=str(dev), circuit=cfg.circuit, qk=qk,
     )
 
 

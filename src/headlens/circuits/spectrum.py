@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from headlens.errors import HeadlensError
+
 
 @dataclass
 class FactoredSVD:
@@ -67,6 +69,32 @@ def condition_number(S: torch.Tensor, rank: int) -> float:
     if rank <= 0:
         return float("inf")
     return float(S[0] / S[rank - 1])
+
+
+def eps_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision that sets the numerical-rank tolerance: the weights' precision, at least float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def spectrum_block(S: torch.Tensor, d: int, dtype: torch.dtype, latent_dim: int | None, default_latent: int,
+                   what: str, where: str) -> dict:
+    """The numbers a head circuit reports about its singular values S (r,) of a d x d map ``what`` (``"W_OV"``,
+    ``"W_QK"``), by the field names of :class:`~headlens.circuits.ov.OVResult`: rank, rank_tolerance,
+    rank_eps_dtype, condition_number(_definition), singular_values, cumulative_energy, frobenius_norm, latent_dim
+    (``latent_dim``, or ``min(default_latent, rank)``) and rel_error. ``where`` (``"of layer 3 head 5"``) names
+    the head in the refusals: a zero map, a latent above the rank."""
+    eps = torch.finfo(eps_dtype(dtype)).eps
+    rank = int(numerical_rank(S, (d, d), eps))
+    k = latent_dim if latent_dim is not None else min(default_latent, rank)
+    if rank == 0:
+        raise HeadlensError(f"{what} {where} is numerically zero (rank 0)")
+    if k > rank:
+        raise HeadlensError(f"`latent_dim` {k} is above the rank of {what} ({rank}): choose 1..{rank}")
+    return dict(rank=rank, rank_tolerance=float(rank_tolerance(S, (d, d), eps)),
+                rank_eps_dtype=str(eps_dtype(dtype)).replace("torch.", ""), condition_number=condition_number(S, rank),
+                condition_number_definition="sigma_1 / sigma_r over the numerical rank r",
+                singular_values=S.tolist(), cumulative_energy=cumulative_energy(S).tolist(),
+                frobenius_norm=float(torch.linalg.norm(S)), latent_dim=k, rel_error=float(rel_error(S, k)))
 
 
 def condition_numbers(S: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,12 @@ def add_parser(sub) -> None:
     ov.add_argument("--head", type=int_arg, default=0, help="query head index (default 0)")
     ov.add_argument("--latent-dim", type=int_arg, default=None, metavar="K",
                     help="latent size k for rel_error/cache_error (default min(32, rank))")
+    ov.add_argument("--circuit", choices=("ov", "qk", "both"), default="ov",
+                    help="which circuit: ov (W_O^h W_V^g, default), qk ((W_Q^h)^T W_K^g, the bilinear form of the "
+                         "logits at relative position 0), or both")
     ov.add_argument("--fold-norm", action="store_true",
-                    help="fold the pre-attention norm's gain into the input side: W_OV diag(gamma)")
+                    help="fold the pre-attention norm's gain into the input side: W_OV diag(gamma) "
+                         "(and W_Q, W_K for the QK circuit)")
     src = ov.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT",
                      help="run this text and use the layer's real attention inputs for cache_error")
@@ -52,7 +56,8 @@ def cmd_ov(args: argparse.Namespace) -> int:
     source = model_source(args)
     cfg = OVConfig(layer=args.layer, head=args.head, latent_dim=args.latent_dim, fold_norm=args.fold_norm,
                    dtype=source.dtype(args.dtype), prompt=args.prompt, traces=args.traces, heatmap=args.heatmap,
-                   truncate=args.truncate, probe_tokens=args.probe_tokens, seed=args.seed)
+                   truncate=args.truncate, probe_tokens=args.probe_tokens, seed=args.seed,
+                   circuit=args.circuit)
     ck = open_head(source, cfg)  # opened first, so that the files are named and checked before any work
     files = OVFiles.choose(ck.name, args.layer, args.head, Path(args.out_dir), plot=args.plot,
                            plot_path=args.plot_path, heatmap=args.heatmap, json=args.json)

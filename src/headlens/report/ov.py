@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from headlens.circuits.ov import OVResult
+from headlens.errors import as_flags
 from headlens.io.quantized import weights_line
 from headlens.report.figures import _pyplot, save_figure
 from headlens.words import count
@@ -43,6 +44,11 @@ class OVFiles:
         return cls(plot=plot_file if plot or plot_path is not None else None,
                    heatmap=heatmap_file if heatmap else None, json=json_file)
 
+    @property
+    def qk_plot(self) -> Path | None:
+        """The QK circuit's spectrum plot: the plot's name with ``_qk`` before the suffix."""
+        return None if self.plot is None else self.plot.with_name(self.plot.stem + "_qk" + self.plot.suffix)
+
     def directories(self) -> list[Path]:
         """The directories the files go into (plot, heatmap, json order), to check before any work."""
         return [p.parent for p in (self.plot, self.heatmap, self.json) if p is not None]
@@ -53,8 +59,9 @@ def write_ov_outputs(result: OVResult, files: OVFiles) -> list[str]:
     from headlens.io.files import write_json
 
     name = result.model["name"]
-    lines = report_lines(result)
-    if files.plot is not None:
+    ov = result.circuit != "qk"
+    lines = report_lines(result) if ov else [report_lines(result)[0]]
+    if files.plot is not None and ov:
         title = f"{name} layer {result.layer} head {result.head}: W_OV spectrum (rank {result.rank})"
         save_spectrum_plot(files.plot, result.singular_values, result.cumulative_energy, result.latent_dim, title,
                            rank=result.rank)
@@ -66,7 +73,17 @@ def write_ov_outputs(result: OVResult, files: OVFiles) -> list[str]:
         save_attention_heatmap(files.heatmap, np.asarray(result.attention), result.tokens, title)
         result.files["heatmap"] = str(files.heatmap)
         lines.append(f"saved heatmap -> {files.heatmap}")
-    lines.extend(extra_lines(result))
+    if ov:
+        lines.extend(extra_lines(result))
+    if result.qk is not None:
+        lines.extend(qk_lines(result))
+        if files.qk_plot is not None:
+            q = result.qk
+            title = f"{name} layer {result.layer} head {result.head}: W_QK spectrum (rank {q.rank})"
+            save_spectrum_plot(files.qk_plot, q.singular_values, q.cumulative_energy, q.latent_dim, title,
+                               rank=q.rank, matrix="W_{QK}")
+            result.files["qk_plot"] = str(files.qk_plot)
+            lines.append(f"saved qk plot -> {files.qk_plot}")
     if files.json is not None:
         result.files["json"] = str(files.json)
         write_json(files.json, result.to_json())
@@ -139,6 +156,33 @@ def extra_lines(r: OVResult) -> list[str]:
     return lines
 
 
+def qk_lines(r: OVResult) -> list[str]:
+    """The QK circuit's lines: the seed's spectral lines for W_QK, its definition, the prompt's logits, and what the
+    form leaves out."""
+    q = r.qk
+    assert q is not None
+    lines = [
+        f"W_QK shape: ({q.shape[0]}, {q.shape[1]}) rank: {q.rank}",
+        f"W_QK condition number: {q.condition_number:.3e}",
+        f"W_QK latent_dim={q.latent_dim} rel_error={q.rel_error:.3e}",
+        f"W_QK singular values (top 10): {_fmt_list(q.singular_values, '.3e')}",
+        f"W_QK cumulative energy (top 10): {_fmt_list(q.cumulative_energy, '.3f')}",
+        f"W_QK = (W_Q^h)^T W_K^g: query head {r.head} reads key head {q.kv_head}; logit of query x_s on key x_t = "
+        f"x_s^T W_QK x_t / sqrt(head_dim); condition number over the numerical rank r={q.rank} (tolerance "
+        f"{q.rank_tolerance:.3e} = max(d, d) * eps({q.rank_eps_dtype}) * sigma_1)",
+    ]
+    if q.prompt_logit_rel_error is not None:
+        where = "causal positions, key <= query" if q.prompt_positions == "causal" else "all positions, an encoder"
+        tokens = count(q.prompt_tokens or 0, "token")
+        lines.append(f"W_QK latent_dim={q.latent_dim} on the {r.cache_inputs}'s logits ({tokens}, "
+                     f"{where}): logit rel_error={q.prompt_logit_rel_error:.3e} "
+                     f"attention KL(full || rank-k)={q.prompt_attention_kl:.3e} nats (mean over queries)")
+    else:
+        lines.append("W_QK on real tokens: pass --prompt to measure the rank-k form's logit error and attention KL")
+    lines += [f"W_QK leaves out / folds in: {as_flags(note)}" for note in q.notes]  # `fold_norm` as its flag
+    return lines
+
+
 def _latent_attention_lines(r: OVResult) -> list[str]:
     """For a multi-head latent attention checkpoint: what W_OV is, and how much of the cached latent is read."""
     m = r.latent
@@ -159,7 +203,7 @@ def _latent_attention_lines(r: OVResult) -> list[str]:
 
 
 def save_spectrum_plot(path: Path, singular_values: Sequence[float], energy: Sequence[float], latent_dim: int,
-                       title: str, rank: int | None = None) -> Path:
+                       title: str, rank: int | None = None, matrix: str = "W_{OV}") -> Path:
     """Singular values (log scale) and cumulative energy with the latent dim marked."""
     plt = _pyplot()
     s = np.asarray(singular_values, dtype=float)
@@ -173,7 +217,7 @@ def save_spectrum_plot(path: Path, singular_values: Sequence[float], energy: Seq
         ax1.axvline(rank, color="0.5", ls=":", lw=1, label=f"numerical rank {rank}")
     ax1.set_xlabel("index i")
     ax1.set_ylabel("singular value $\\sigma_i$")
-    ax1.set_title("singular spectrum of $W_{OV}$")
+    ax1.set_title(f"singular spectrum of ${matrix}$")
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend()
     ax2.plot(idx, e, marker=".", lw=1)
