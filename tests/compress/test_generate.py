@@ -262,7 +262,7 @@ def test_result_latent_cache(tiny_lm):
     cfg = hl.CompressConfig(ks=8, latents="plain", layers="0:3")
     result = hl.run_compress(src, cfg, [PROMPT], keep_model=True)
     cache = result.latent_cache("plain k=8")
-    model, ck, tok, plans = result.kept
+    model, ck, tok, plans, _ = result.kept
     replaced = _replaced(model, list(plans[0].values()))
     ids = tok(PROMPT, return_tensors="pt").input_ids
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)

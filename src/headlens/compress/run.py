@@ -172,7 +172,8 @@ class CompressResult:
     configurations: list[Configuration]
     measurements: list[Measurement]  # one per configuration
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went
-    kept: tuple | None = field(default=None, repr=False)  # (model, ck, tokenizer, plans per configuration) when kept
+    kept: tuple | None = field(default=None, repr=False)  # (model, ck, tokenizer, plans per configuration, key plans
+    # per configuration) when kept
     cache_checks: list | None = None  # with `generate`: per configuration its LatentCache measured (CacheCheck)
     generate_prompt: str | None = None  # the prompt of those generations
     notes: list[str] = field(default_factory=list)  # what the run chose or removed (shipped texts, k = 0 groups)
@@ -209,7 +210,10 @@ class CompressResult:
         names = [c.name for c in self.configurations]
         if name not in names:
             raise HeadlensError(f"no configuration {name!r}: choose one of {', '.join(names)}")
-        model, ck, tok, plans = self.kept
+        model, ck, tok, plans, key_plans = self.kept
+        if key_plans[names.index(name)]:
+            raise HeadlensError(f"configuration {name!r} has key latents: saving keys is not supported yet; save a "
+                                "values-only configuration")
         return save_compressed_model(model, ck, list(plans[names.index(name)].values()), out_dir, tokenizer=tok,
                                      info=info)
 
@@ -226,7 +230,11 @@ class CompressResult:
         names = [c.name for c in self.configurations]
         if name not in names:
             raise HeadlensError(f"no configuration {name!r}: choose one of {', '.join(names)}")
-        model, ck, _, plans = self.kept
+        model, ck, _, plans, key_plans = self.kept
+        keys = key_plans[names.index(name)]
+        if keys:
+            return LatentCache.from_plans(model, ck, list(plans[names.index(name)].values()),
+                                          key_latents={layer: p.cache_latents() for layer, p in keys.items()})
         return LatentCache.from_plans(model, ck, list(plans[names.index(name)].values()))
 
 
@@ -444,6 +452,7 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     seconds["eval"] = time.perf_counter() - t
     by_key = dict(zip(unique, measured))
     plans_of = dict(zip(unique, plan_sets))
+    key_plans_of = dict(zip(unique, key_sets))
     checks, prompt = None, None
     if cfg.generate:
         t = time.perf_counter()
@@ -455,7 +464,8 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     return CompressResult(model={**ck.describe(), "weights_digest": digest}, name=ck.name, task=measured[0].task,
                           layers=layers, config=cfg, calibration_tokens=n_calib, ridge=ridge, configurations=confs,
                           measurements=[by_key[k] for k in keys], seconds=seconds,
-                          kept=(model, ck, tok, [plans_of[k] for k in keys]) if keep_model else None,
+                          kept=(model, ck, tok, [plans_of[k] for k in keys], [key_plans_of[k] for k in keys])
+                          if keep_model else None,
                           cache_checks=checks, generate_prompt=prompt, notes=notes)
 
 
