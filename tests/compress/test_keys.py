@@ -245,3 +245,30 @@ def test_unknown_rotation_is_refused(ckpts):
                 model(input_ids=IDS, use_cache=False)
         finally:
             h.remove()
+
+
+@pytest.mark.parametrize("model_name", ["tiny-lm", "minilm"])
+def test_loss_grows_with_the_key_target(model_name):
+    """On the trained embedded models, the keys-alone configurations lose more as the key target loosens (KL for
+    the decoder, embedding cosine for the encoder), and their key errors are measured beside the prediction."""
+    import headlens as hl
+    from headlens.io.embedded import default_texts
+
+    texts = default_texts(model_name)
+    cfg = hl.CompressConfig(layers="0:2", target_errors=[0.05, 0.3, 0.7], latents="plain", keys="data-aware",
+                            max_calib_tokens=256)
+    r = hl.run_compress(hl.ModelSource(embedded=model_name), cfg, texts.eval[:4], texts.calib[:4], disable=True)
+    alone = [(c, m) for c, m in r.pairs() if c.part == "keys"]
+    assert [c.target for c, _ in alone] == [0.05, 0.3, 0.7]
+    dims = [c.key_dims for c, _ in alone]
+    assert dims[0] > dims[1] > dims[2]
+    if model_name == "tiny-lm":
+        loss = [m.kl_mean for _, m in alone]
+        assert loss[0] < loss[1] < loss[2]
+    else:
+        loss = [-m.embedding_cosine_mean for _, m in alone]
+        assert loss[0] < loss[1] < loss[2]
+    for _, m in alone:
+        assert [e.layer for e in m.key_layers] == [0, 1]
+        for e in m.key_layers:
+            assert e.key_logit_error is not None and e.key_attention_kl is not None and e.isolated_keys_error >= 0

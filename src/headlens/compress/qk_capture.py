@@ -219,15 +219,10 @@ def _lost(out: torch.Tensor, o: torch.Tensor) -> float:
 def _values(vfac, value: torch.Tensor) -> torch.Tensor:
     """Values [B, G, T, hd] as a value-latent cache rebuilds them (``U_g E_g (v - b) + b``)."""
     v = value.detach().to(torch.float64)
-    enc = torch.stack([e.to(v.device, torch.float64) for e in vfac.encode])  # (G, k, hd) (uniform k not needed:)
-    up = torch.stack([u.to(v.device, torch.float64) for u in vfac.up]) if len(set(vfac.ks)) == 1 else None
     b = (torch.stack([x.to(v.device, torch.float64) for x in vfac.bias])[None, :, None, :]
          if vfac.bias is not None else 0.0)
-    if up is not None:
-        P = torch.matmul(up, enc)  # (G, hd, hd)
-    else:
-        P = torch.stack([u.to(v.device, torch.float64) @ e.to(v.device, torch.float64)
-                         for u, e in zip(vfac.up, vfac.encode)])
+    P = torch.stack([u.to(v.device, torch.float64) @ e.to(v.device, torch.float64)
+                     for u, e in zip(vfac.up, vfac.encode)])  # (G, hd, hd), any k per group
     return (torch.matmul(v - b, P.transpose(1, 2)) + b).to(value.dtype)
 
 
