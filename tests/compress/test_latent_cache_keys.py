@@ -8,13 +8,15 @@ from the family's own rotate function at explicit positions and inverted with to
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from tiny_models import ALL_FAMILY_VARIANTS
 
+from headlens.compress.apply import FACTORS_FILE, LATENT_PLAN_FILE, save_latent_factors
 from headlens.compress.cache import LatentCache
-from headlens.compress.key_cache import KeyLatents
+from headlens.compress.key_cache import KeyLatents, key_plan_entry
 from headlens.compress.plan import plan_layers
 from headlens.compress.rotary_keys import attention_modules, rotates_keys
 from headlens.errors import HeadlensError
@@ -205,3 +207,158 @@ def test_low_rank_key_latents_equal_keys_projected_by_hand(family, variant, ckpt
     assert seen[-1][0].shape[2] == PROMPT.shape[1] + 5
     if family != "gpt2":
         assert torch.equal(cache.layers[0].positions, torch.arange(PROMPT.shape[1] + 5, dtype=torch.int32)[None])
+
+
+# ------------------------------------------------------------------------------------------ batches, crop, beams
+
+
+def _qwen3(ckpts, family="qwen3", variant="gqa"):
+    model = _setup(ckpts, family, variant)
+    ck = ModelSource(weights=ckpts.path(family, variant, "hf_dir")).checkpoint()
+    return model, ck, _key_latents(model, ck, bias=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_left_padding_positions_beams_crop_and_manual_loop(family, ckpts):
+    """k = head_dim: batch of two with left padding (the stored positions are the model's position_ids: the
+    padded row's start at 0 after its padding), beam search, a crop and a manual loop, as DynamicCache. Gemma 3 has
+    sliding-window layers (window 4) with local and global RoPE."""
+    model, ck, keys = _qwen3(ckpts, family)
+    ids = torch.tensor([[0, 0, 0, 5, 17, 33, 2], [9, 8, 7, 6, 5, 4, 3]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    cache = LatentCache({}, model.config, key_latents=keys, model=model)
+    given = []  # the position_ids the model hands its first attention module, call by call
+    hook = next(iter(attention_modules(model).values())).register_forward_pre_hook(
+        lambda m, args, kw: given.append(kw["position_ids"].expand(2, -1)), with_kwargs=True)
+    a, la = _generate(model, cache, n=12, ids=ids, attention_mask=mask)
+    hook.remove()
+    b, lb = _generate(model, _dynamic(model), n=12, ids=ids, attention_mask=mask)
+    assert torch.equal(a, b) and float((la - lb).abs().max()) < 1e-5
+    want = torch.cat(given, dim=1).to(torch.int32)  # (the last token generated is never fed nor cached)
+    assert want[0, 3] == 0 and want[1, 3] == 3  # the padded row's positions start after its padding
+    for layer in cache.layers:
+        assert torch.equal(layer.positions, want[:, want.shape[1] - layer.keys.shape[-2]:])
+    assert any(layer.keys.shape[-2] < want.shape[1] for layer in cache.layers) == (family == "gemma3")
+    a, la = _generate(model, LatentCache({}, model.config, key_latents=keys, model=model), n=8, num_beams=3)
+    b, lb = _generate(model, _dynamic(model), n=8, num_beams=3)
+    assert torch.equal(a, b) and float((la - lb).abs().max()) < 1e-5
+    cache, ref = LatentCache({}, model.config, key_latents=keys, model=model), _dynamic(model)
+    with torch.no_grad():
+        out, out_ref = model(PROMPT[:, :3], past_key_values=cache), model(PROMPT[:, :3], past_key_values=ref)
+        cache.crop(-1)
+        ref.crop(-1)
+        assert cache.layers[0].positions.shape[1] == 2
+        nxt = PROMPT[:, 2:3]
+        for _ in range(6):
+            out, out_ref = model(nxt, past_key_values=cache), model(nxt, past_key_values=ref)
+            assert float((out.logits - out_ref.logits).abs().max()) < 1e-5
+            nxt = out.logits[:, -1:].argmax(-1)
+    assert cache.get_seq_length() == ref.get_seq_length() == 8
+    full = max(cache.layers, key=lambda layer: layer.positions.shape[1])  # Gemma 3's sliding layer keeps 3
+    assert torch.equal(full.positions, torch.arange(8, dtype=torch.int32)[None])
+
+
+def test_nbytes_counts_key_latents_and_positions(ckpts):
+    """After T cached tokens: per layer T (G k_K + G k_V) latents in float32 and T int32 positions; an independent
+    count over the tensors reachable from the cache agrees."""
+    model, ck, _ = _qwen3(ckpts)
+    G, hd, L = ck.shape.num_kv_heads, ck.shape.head_dim, ck.shape.num_layers
+    keys = _key_latents(model, ck, k=3, seed=1)
+    plans = plan_layers(ck, {layer: 5 for layer in range(L)}, "plain")
+    cache = LatentCache.from_plans(model, ck, plans, key_latents=keys)
+    _generate(model, cache, n=9)
+    T = PROMPT.shape[1] + 8
+    assert cache.nbytes() == L * T * ((G * 3 + G * 5) * 4 + 4)
+    assert _reachable_bytes(cache) == cache.nbytes()
+    assert cache.layers[0].keys.shape == (1, 1, T, G * 3) and cache.layers[0].positions.dtype == torch.int32
+    linear = _setup(ckpts, "gpt2", "mha")
+    ck2 = ModelSource(weights=ckpts.path("gpt2", "mha", "hf_dir")).checkpoint()
+    cache = LatentCache({}, linear.config, key_latents=_key_latents(linear, ck2, k=3))
+    _generate(linear, cache, n=9)
+    assert cache.nbytes() == L * T * (4 * 3 + 4 * hd) * 4  # no positions for linear keys; full values
+
+
+def _reachable_bytes(obj) -> int:
+    """Bytes of the distinct tensors reachable from ``obj`` through its attributes, containers and referents, less
+    the factors (``latents``, ``key_latents``, ``_ready``: parameters of the cache, not cached tokens)."""
+    seen, total, stack = set(), 0, [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            stack.extend(v for key, v in x.items() if key not in ("latents", "key_latents", "_ready"))
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            stack.append(vars(x))
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return total
+
+
+def test_absorbed_attention_with_key_latents(ckpts):
+    """Values read as latents (absorbed attention) while the keys come back rebuilt: the same tokens and logits
+    (1e-5) as rebuilding both, at k < head_dim for keys and values."""
+    from headlens.compress.absorbed import absorbed_attention
+
+    model, ck, _ = _qwen3(ckpts)
+    keys = _key_latents(model, ck, k=8, seed=2)
+    plans = plan_layers(ck, {layer: 4 for layer in range(ck.shape.num_layers)}, "plain")
+    a, la = _generate(model, LatentCache.from_plans(model, ck, plans, absorbed=False, key_latents=keys), n=16)
+    with absorbed_attention(model):
+        b, lb = _generate(model, LatentCache.from_plans(model, ck, plans, absorbed=True, key_latents=keys), n=16)
+    assert torch.equal(a, b) and float((la - lb).abs().max()) < 1e-5
+
+
+def test_key_factors_saved_and_read_back(ckpts, tmp_path):
+    """save_latent_factors with key_latents + key_plan_entry in the plan file: from_pretrained(DIR, model) gives the
+    same cache (same logits) as the factors in memory, rotary flag included; a layer with key latents only."""
+    model, ck, _ = _qwen3(ckpts)
+    keys = _key_latents(model, ck, k=6, seed=4, bias=True)
+    plans = plan_layers(ck, {0: 4}, "plain")
+    memory = LatentCache.from_plans(model, ck, plans, key_latents=keys)
+    model.config.save_pretrained(tmp_path)
+    from headlens.compress.cache import encoders
+
+    save_latent_factors(plans, tmp_path / FACTORS_FILE, encoders(model, ck, plans), key_latents=keys)
+    entries = [{"layer": 0, "kind": "plain", "k": plans[0].ks, **key_plan_entry(keys[0])},
+               {"layer": 1, **key_plan_entry(keys[1])}]
+    (tmp_path / LATENT_PLAN_FILE).write_text(json.dumps({"layers": entries}))
+    with pytest.raises(HeadlensError, match="build it with `model`"):
+        LatentCache.from_pretrained(tmp_path)
+    read = LatentCache.from_pretrained(tmp_path, model=model)
+    assert sorted(read.key_latents) == [0, 1] and sorted(read.latents) == [0]
+    assert all(lat.rotary for lat in read.key_latents.values())
+    assert float((_forward(model, read) - _forward(model, memory)).abs().max()) < 1e-6
+
+
+def test_bad_key_latents_are_one_line(ckpts):
+    model, ck, keys = _qwen3(ckpts)
+    with pytest.raises(HeadlensError, match=r"^layer 0 has rotary key latents: .* build it with `model`"):
+        LatentCache({}, model.config, key_latents=keys)
+    gpt2 = _setup(ckpts, "gpt2", "mha")
+    ck2 = ModelSource(weights=ckpts.path("gpt2", "mha", "hf_dir")).checkpoint()
+    with pytest.raises(HeadlensError, match="have 2 kv groups in layer 0, but the model has 4 kv heads: they belong"):
+        LatentCache({}, gpt2.config, key_latents=keys, model=gpt2)  # qwen3's factors (2 kv heads) on GPT-2
+    rotated = {i: KeyLatents(i, lat.encode, lat.up, None, True) for i, lat in _key_latents(gpt2, ck2, k=4).items()}
+    with pytest.raises(HeadlensError, match=r"^layer 0: key latents with rotary=True, but the model does not rotate"):
+        LatentCache({}, gpt2.config, key_latents=rotated, model=gpt2)
+    gen = torch.Generator().manual_seed(0)
+    narrow = {i: KeyLatents(i, *map(list, zip(*[_low_rank(8, 4, gen) for _ in range(4)])), None, False)
+              for i in range(2)}
+    with pytest.raises(HeadlensError, match="head_dim 8, but the model has 16: they belong to another model"):
+        LatentCache({}, gpt2.config, key_latents=narrow, model=gpt2)
+    cache = LatentCache({}, model.config, key_latents=keys, model=model)  # run by another model of the family:
+    with pytest.raises(HeadlensError, match="^layer 0: the LatentCache .* handed it no position_embeddings .* another"):
+        _forward(_setup(ckpts, "qwen3", "gqa"), cache)  # never hooked
+    with pytest.raises(HeadlensError, match="^layer 0: this LatentCache's rotary key latents were built for another"):
+        _forward(copy.deepcopy(model), cache)  # hooked (the hooks copied with it), but not the cache's model
+    gptj = _setup(ckpts, "gptj", "mha")
+    ckj = ModelSource(weights=ckpts.path("gptj", "mha", "hf_dir")).checkpoint()
+    with pytest.raises(HeadlensError, match="^gptj cannot store rotary key latents: GPT-J rotates inside attention"):
+        LatentCache({}, gptj.config, key_latents=_key_latents(gptj, ckj, k=4), model=gptj)
+    bad = {0: KeyLatents(0, [keys[0].encode[0] * 2] * 4, keys[0].up[:1] * 4, None, True)}
+    with pytest.raises(HeadlensError, match="does not invert its up-projection"):
+        LatentCache({}, model.config, key_latents=bad, model=model)
