@@ -239,6 +239,13 @@ def test_left_padding_positions_beams_crop_and_manual_loop(family, ckpts):
     for layer in cache.layers:
         assert torch.equal(layer.positions, want[:, want.shape[1] - layer.keys.shape[-2]:])
     assert any(layer.keys.shape[-2] < want.shape[1] for layer in cache.layers) == (family == "gemma3")
+    # beams of one prompt share positions, so beam search cannot show them reordered: reorder rows by hand
+    before = [(layer.keys.clone(), layer.positions.clone()) for layer in cache.layers]
+    cache.reorder_cache(torch.tensor([1, 0]))
+    cache.batch_repeat_interleave(2)
+    cache.batch_select_indices(torch.tensor([0, 3]))  # rows (1, 0)
+    for layer, (k, p) in zip(cache.layers, before):
+        assert torch.equal(layer.keys, k.flip(0)) and torch.equal(layer.positions, p.flip(0))
     a, la = _generate(model, LatentCache({}, model.config, key_latents=keys, model=model), n=8, num_beams=3)
     b, lb = _generate(model, _dynamic(model), n=8, num_beams=3)
     assert torch.equal(a, b) and float((la - lb).abs().max()) < 1e-5
