@@ -288,21 +288,27 @@ def factor_name(layer: int, kv_head: int, which: str) -> str:
     return f"layer{layer}.group{kv_head}.{which}"
 
 
-def save_latent_factors(plans: Sequence[LayerPlan], path: str | os.PathLike, latents: dict | None = None) -> Path:
+def save_latent_factors(plans: Sequence[LayerPlan], path: str | os.PathLike, latents: dict | None = None,
+                        key_latents: dict | None = None) -> Path:
     """Write ``latent_factors.safetensors`` at ``path`` (atomically): per layer l and kv group g,
     ``layer{l}.group{g}.down`` = P_g (k, d) and ``layer{l}.group{g}.up`` = U_g (hd, k), float32, with metadata
     ``format``, ``kind`` (plain or data-aware), ``k`` (JSON: layer -> k_g per group), ``head_dim`` and
     ``hidden_size``. With ``latents`` ({layer: :class:`~headlens.compress.cache.LayerLatents`}) also what
     ``LatentCache`` reads: ``.encode`` = E_g (k, hd) and, where the value projection has one, ``.bias`` = b_g (hd,).
-    Returns the path."""
+    With ``key_latents`` ({layer: :class:`~headlens.compress.key_cache.KeyLatents`}) also the key factors
+    (:func:`headlens.compress.key_cache.key_factor_tensors`: ``.key_encode``, ``.key_up``, ``.key_bias``; metadata
+    ``key_k`` and ``key_rotary``); ``plans`` may then be empty. The plan file's layer entries name them with
+    :func:`headlens.compress.key_cache.key_plan_entry`. Returns the path."""
     from safetensors.torch import save_file
 
     from headlens.io.files import atomic_path
 
-    if not plans:
+    from headlens.compress.key_cache import key_factor_tensors
+
+    if not plans and not key_latents:
         raise HeadlensError("no compressed layers to save")
     kinds = {p.kind for p in plans}
-    if len(kinds) != 1:
+    if len(kinds) > 1:
         raise HeadlensError(f"the layers mix latent kinds ({', '.join(sorted(kinds))}): save one kind per file")
     layers = [p.layer for p in plans]
     if len(set(layers)) != len(layers):
@@ -317,10 +323,12 @@ def save_latent_factors(plans: Sequence[LayerPlan], path: str | os.PathLike, lat
                 tensors[factor_name(p.layer, g.kv_head, "encode")] = lat.encode[g.kv_head].to(torch.float32).contiguous()
                 if lat.bias is not None:
                     tensors[factor_name(p.layer, g.kv_head, "bias")] = lat.bias[g.kv_head].to(torch.float32).contiguous()
-    first = plans[0].groups[0]
-    meta = {"format": FACTORS_FORMAT, "kind": plans[0].kind,
-            "k": json.dumps({str(p.layer): p.ks for p in plans}),
-            "head_dim": str(first.head_dim), "hidden_size": str(first.hidden_size)}
+    key_tensors, meta = key_factor_tensors(key_latents or {})
+    tensors.update(key_tensors)
+    meta.update({"format": FACTORS_FORMAT, "k": json.dumps({str(p.layer): p.ks for p in plans})})
+    if plans:
+        first = plans[0].groups[0]
+        meta.update({"kind": plans[0].kind, "head_dim": str(first.head_dim), "hidden_size": str(first.hidden_size)})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return Path(path)

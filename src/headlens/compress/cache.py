@@ -13,7 +13,8 @@ Each compressed layer of a :class:`LatentCache` is one of transformers' cache la
 ``DynamicSlidingWindowLayer`` for a sliding-window layer) whose ``values`` slot holds the latents of all kv groups,
 ``[batch, 1, tokens, sum_g k_g]``: the layer's own growing, windowing, cropping, beam reordering and batch selection
 apply to it unchanged (they work on the batch and token axes), as transformers' ``QuantizedLayer`` stores one form
-and returns another. Keys are kept as they are. Inside ``absorbed_attention(model)`` (:mod:`headlens.compress.absorbed`)
+and returns another. Keys are kept as they are, or stored as key latents in the ``keys`` slot where ``key_latents``
+gives them (:mod:`headlens.compress.key_cache`). Inside ``absorbed_attention(model)`` (:mod:`headlens.compress.absorbed`)
 ``update`` hands attention the latents themselves instead of rebuilt values.
 """
 
@@ -21,239 +22,125 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from headlens.compress.absorbed import LatentValues, absorbing
+from headlens.compress.cache_layers import (LATENT_LAYERS, DynamicSlidingWindowLayer, LatentLayer,  # noqa: F401
+                                            LayerLatents, SlidingLatentLayer, _LatentValues, _transformers_cache,
+                                            layer_plan)
+from headlens.compress.key_cache import KEY_LAYERS, KeyLatents, check_key_latents, read_key_latents, rotary_for
 from headlens.errors import HeadlensError
+
+# transformers' Cache, checked again here (an import of this module says in one line when transformers lacks it)
+Cache = _transformers_cache()[1]
 
 # How far E_g W_V^g may be from P_g (relative, in float64) before the layer is refused.
 ROW_SPACE_TOL = 1e-6
 
 
-@dataclass
-class LayerLatents:
-    """What one compressed layer's cache needs: per kv group the encoder ``E_g`` (k_g, hd), the up-projection ``U_g``
-    (hd, k_g) and the value bias ``b_g`` (hd,) or None. float32 (the factors file's precision) or float64."""
-
-    layer: int
-    encode: list[torch.Tensor]
-    up: list[torch.Tensor]
-    bias: list[torch.Tensor] | None
-
-    @property
-    def ks(self) -> list[int]:
-        return [int(e.shape[0]) for e in self.encode]
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.up[0].shape[0])
-
-    def repeats(self, value_states: torch.Tensor) -> int:
-        """How many times each kv head's values come repeated (1; Falcon's new decoder architecture hands the cache
-        every query head's copy, ``repeat_interleave`` order), checked; HeadlensError for values whose kv groups or
-        head_dim are not the factors' (a model other than the one they fit)."""
-        G = len(self.encode)
-        heads = value_states.shape[1] if value_states.dim() == 4 else -1
-        if heads <= 0 or heads % G or value_states.shape[-1] != self.head_dim:
-            raise HeadlensError(f"layer {self.layer}: the model's values have shape {tuple(value_states.shape)} "
-                                f"([batch, kv heads, tokens, head_dim]), but the latent factors are for "
-                                f"{G} kv heads of {self.head_dim}: they belong to another model")
-        r = heads // G
-        if r > 1 and not torch.equal(value_states, value_states[:, ::r].repeat_interleave(r, dim=1)):
-            raise HeadlensError(f"layer {self.layer}: the model hands the cache {heads} value heads that are not "
-                                f"{G} kv heads repeated: the latent factors are for {G} kv heads")
-        return r
-
-
-class _LatentValues:
-    """Mixin for a transformers cache layer: store the values' latents, return the values rebuilt from them."""
-
-    def __init__(self, latents: LayerLatents, **kwargs):
-        super().__init__(**kwargs)  # type: ignore[call-arg]
-        self.latents = latents
-        self._ready: dict = {}
-
-    def _factors(self, device: torch.device):
-        """(E list, U list, bias (G, hd) or None, E stacked (G, k, hd) and U^T stacked (G, k, hd) where every group
-        has the same k, else None) on ``device`` in float32."""
-        if device not in self._ready:
-            lat = self.latents
-            enc = [e.to(device, torch.float32) for e in lat.encode]
-            up = [u.to(device, torch.float32) for u in lat.up]
-            bias = torch.stack([b.to(device, torch.float32) for b in lat.bias]) if lat.bias is not None else None
-            uniform = len(set(lat.ks)) == 1
-            self._ready[device] = (enc, up, bias, torch.stack(enc) if uniform else None,
-                                   torch.stack(up).transpose(1, 2).contiguous() if uniform else None)
-        return self._ready[device]
-
-    def encode(self, value_states: torch.Tensor) -> torch.Tensor:
-        """``[batch, G, tokens, hd]`` values -> ``[batch, 1, tokens, sum_g k_g]`` latents ``c_g = E_g (v_g - b_g)``,
-        in the values' dtype."""
-        self.repeat = self.latents.repeats(value_states)
-        enc, _, bias, E, _ = self._factors(value_states.device)
-        v = value_states[:, ::self.repeat] if self.repeat > 1 else value_states
-        v = v.to(torch.float32)
-        if bias is not None:
-            v = v - bias[:, None, :]
-        B, G, T, _ = v.shape
-        if E is not None:  # every group the same k: one batched product
-            c = torch.matmul(v, E.transpose(1, 2)).transpose(1, 2).reshape(B, T, -1)  # (B, T, G k)
-        else:
-            c = torch.cat([v[:, g] @ enc[g].T for g in range(G)], dim=-1)
-        return c.unsqueeze(1).to(value_states.dtype)
-
-    def decode(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``[batch, 1, tokens, sum_g k_g]`` latents -> ``[batch, G, tokens, hd]`` values ``U_g c_g + b_g``."""
-        _, up, bias, _, Ut = self._factors(latents.device)
-        c = latents[:, 0].to(torch.float32)  # (B, T, K)
-        if Ut is not None:
-            B, T, _ = c.shape
-            v = torch.matmul(c.view(B, T, len(up), -1).transpose(1, 2), Ut)  # (B, G, T, hd)
-        else:
-            parts = torch.split(c, self.latents.ks, dim=-1)
-            v = torch.stack([p @ u.T for p, u in zip(parts, up)], dim=1)
-        if bias is not None:
-            v = v + bias[None, :, None, :]
-        if getattr(self, "repeat", 1) > 1:
-            v = v.repeat_interleave(self.repeat, dim=1)
-        return v.to(dtype)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store the new tokens' latents; return (keys, values rebuilt from every cached latent), or under absorbed
-        attention (keys, the latents as :class:`~headlens.compress.absorbed.LatentValues`)."""
-        keys, latents = super().update(key_states, self.encode(value_states), *args, **kwargs)  # type: ignore[misc]
-        if self._hand_latents():
-            return keys, LatentValues.wrap(latents, self)
-        return keys, self.decode(latents, value_states.dtype)
-
-    absorbed: bool | str = "auto"
-    owner = None  # the config of the model the cache was built for (None: not known)
-
-    def _hand_latents(self) -> bool:
-        if self.absorbed is False:
-            return False
-        inside = absorbing(self.owner)
-        if self.absorbed is True and not inside:
-            raise HeadlensError("the LatentCache was built with `absorbed`=True, but the model is not running "
-                                "absorbed attention: run it inside headlens.compress.absorbed.absorbed_attention(model)"
-                                " (or build the cache with `absorbed`='auto' or False)")
-        return inside
-
-
-def _transformers_cache():
-    """transformers' layered Cache API (5.x), or a one-line refusal naming the installed version."""
-    import transformers
-
-    try:
-        from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer,
-                                              DynamicSlidingWindowLayer, get_layer_types_and_kwargs)
-    except ImportError:
-        raise HeadlensError(f"LatentCache needs transformers' layered Cache API (transformers 5.x; this is "
-                            f"{transformers.__version__}): install the version constraints.txt pins") from None
-    return DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
-
-
-_MAPPING, Cache, DynamicLayer, DynamicSlidingWindowLayer, _layer_types = _transformers_cache()
-
-
-class LatentLayer(_LatentValues, DynamicLayer):
-    """A growing cache layer whose values are stored as latents (see the module docstring)."""
-
-
-class SlidingLatentLayer(_LatentValues, DynamicSlidingWindowLayer):
-    """A sliding-window cache layer whose values are stored as latents: the last ``sliding_window - 1`` tokens'."""
-
-
-LATENT_LAYERS = {DynamicLayer: LatentLayer, DynamicSlidingWindowLayer: SlidingLatentLayer}
-
-
-def layer_plan(config) -> list[tuple[type, dict]]:
-    """[(transformers' dynamic cache layer class, its kwargs)] per decoder layer, as ``DynamicCache(config=...)``
-    builds them (sliding-window and chunked layers from ``layer_types`` / ``sliding_window``)."""
-    decoder = config.get_text_config(decoder=True)
-    types, kwargs = _layer_types(decoder)
-    return [(_MAPPING[t], kw) for t, kw in zip(types, kwargs)]
-
-
 class LatentCache(Cache):
-    """transformers ``Cache`` whose compressed layers store value latents (the module docstring says how).
+    """transformers ``Cache`` whose compressed layers store value latents, key latents or both (the module docstring
+    and :mod:`headlens.compress.key_cache` say how).
 
     Build it with :meth:`from_pretrained` (a ``compress --save-model`` directory), :meth:`from_plans` (a model and
     compress plans in memory) or ``CompressResult.latent_cache(name)``, and pass it to a forward pass or to
     ``model.generate(ids, past_key_values=cache)``. :meth:`nbytes` is what the cache holds, measured from its
     tensors. A layer the plan leaves out, and a layer type without a latent form, keep full values (``notes``).
 
+    ``key_latents``: {layer: :class:`~headlens.compress.key_cache.KeyLatents`}, layers whose keys are stored as
+    latents too (or alone). Rotary ones need ``model``, the model the cache runs with: the cache re-rotates keys with
+    its rotary embedding and hooks its attention modules once to learn each call's positions
+    (:mod:`headlens.compress.rotary_keys`).
+
     ``absorbed``: how attention reads the latents (:mod:`headlens.compress.absorbed`). ``"auto"`` (default): as
     latents, without rebuilding a value, while the model runs inside ``absorbed_attention(model)``, and as values
     rebuilt from them (``U_g c + b_g`` for every cached token at every step) otherwise; ``True``: always as latents
     (a forward outside ``absorbed_attention`` is refused); ``False``: always rebuilt. "The model" is the one whose
     ``config`` the cache was built with (``owner``: another config, or None for any model inside a block, as
-    ``from_pretrained`` without a model builds it)."""
+    ``from_pretrained`` without a model builds it). Keys always come back rebuilt."""
 
     def __init__(self, latents: dict[int, LayerLatents], config, notes: list[str] | None = None,
-                 absorbed: bool | str = "auto", owner=...):
+                 absorbed: bool | str = "auto", owner=..., key_latents: dict[int, KeyLatents] | None = None,
+                 model=None):
         if not isinstance(absorbed, (bool, str)) or absorbed not in (True, False, "auto"):
             raise HeadlensError(f"`absorbed` must be True, False or 'auto', not {absorbed!r}")
         self.absorbed = absorbed
         owner = config if owner is ... else owner
+        key_latents = dict(key_latents or {})
         plan = layer_plan(config)
-        bad = [layer for layer in latents if not 0 <= layer < len(plan)]
+        bad = [layer for layer in (*latents, *key_latents) if not 0 <= layer < len(plan)]
         if bad:
             raise HeadlensError(f"the latent factors name layer {bad[0]}, but the model has {len(plan)} layers")
+        check_key_latents(key_latents, latents)
+        _check_model(config, key_latents, {}, "the given `key_latents`")
+        rotary = rotary_for(model, key_latents)
         layers, kept = [], []
         for i, (base, kw) in enumerate(plan):
-            cls = LATENT_LAYERS.get(base) if i in latents else None
-            if i in latents and cls is None:
+            vcls = LATENT_LAYERS.get(base) if i in latents else None
+            kcls = KEY_LAYERS.get((base, vcls is not None)) if i in key_latents else None
+            if (i in latents and vcls is None) or (i in key_latents and kcls is None):
                 kept.append(i)
-            layers.append(cls(latents[i], **kw) if cls is not None else base(**kw))
-            if cls is not None:
-                layers[-1].absorbed, layers[-1].owner = absorbed, owner
+                vcls = kcls = None
+            if kcls is not None:
+                extra = {"latents": latents[i]} if vcls is not None else {}
+                layer = kcls(key_latents[i], rotary if key_latents[i].rotary else None, **extra, **kw)
+            else:
+                layer = vcls(latents[i], **kw) if vcls is not None else base(**kw)
+            if vcls is not None:
+                layer.absorbed, layer.owner = absorbed, owner
+            layers.append(layer)
         self.notes = list(notes or [])
         if kept:
-            self.notes.append(f"layers {', '.join(map(str, kept))} keep full values: their cache layer type "
-                              f"({plan[kept[0]][0].__name__}) has no latent form")
-        sliding = [i for i, layer in enumerate(layers) if isinstance(layer, SlidingLatentLayer)]
+            self.notes.append(f"layers {', '.join(map(str, kept))} keep full keys and values: their cache layer "
+                              f"type ({plan[kept[0]][0].__name__}) has no latent form")
+        sliding = [i for i, (base, _) in enumerate(plan) if base is DynamicSlidingWindowLayer and i not in kept
+                   and (i in latents or i in key_latents)]
         if sliding:
             self.notes.append(f"layers {', '.join(map(str, sliding))} are sliding-window layers: their latents are "
-                              "kept for the window only, as their values would be")
+                              "kept for the window only, as their keys and values would be")
         self.latents = {i: lat for i, lat in latents.items() if i not in kept}
+        self.key_latents = {i: lat for i, lat in key_latents.items() if i not in kept}
         super().__init__(layers=layers)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, model=None, absorbed: bool | str = "auto") -> "LatentCache":
         """The cache for a ``compress --save-model`` directory: ``headlens_latent.json`` (the plan),
-        ``latent_factors.safetensors`` (P_g, U_g, E_g, b_g) and ``config.json`` (the layer types). It works with the
-        exported model in that directory and with the original checkpoint it was made from. ``model``: the model it
-        will run with, whose config is then checked against the factors (layers, kv heads, head_dim, hidden size).
-        ``absorbed``: see the class."""
-        latents, config, notes = read_latents(Path(directory), model)
-        return cls(latents, config, notes, absorbed, owner=model.config if model is not None else None)
+        ``latent_factors.safetensors`` (P_g, U_g, E_g, b_g; key factors where the plan gives ``key_k``) and
+        ``config.json`` (the layer types). It works with the exported model in that directory and with the original
+        checkpoint it was made from. ``model``: the model it will run with, whose config is then checked against the
+        factors (layers, kv heads, head_dim, hidden size); needed where keys are rotary latents. ``absorbed``: see
+        the class."""
+        latents, config, notes, keys = read_latents(Path(directory), model, with_keys=True)
+        return cls(latents, config, notes, absorbed, owner=model.config if model is not None else None,
+                   key_latents=keys, model=model)
 
     @classmethod
-    def from_plans(cls, model, ck, plans: Sequence, absorbed: bool | str = "auto") -> "LatentCache":
+    def from_plans(cls, model, ck, plans: Sequence, absorbed: bool | str = "auto",
+                   key_latents: dict[int, KeyLatents] | None = None) -> "LatentCache":
         """The cache for compress ``plans`` (:class:`~headlens.compress.plan.LayerPlan`) on ``model``, loaded from
-        ``ck`` with its original value weights. ``absorbed``: see the class."""
-        return cls(encoders(model, ck, plans), model.config, absorbed=absorbed)
+        ``ck`` with its original value weights, and ``key_latents`` (see the class). ``absorbed``: see the class."""
+        return cls(encoders(model, ck, plans), model.config, absorbed=absorbed, key_latents=key_latents,
+                   model=model)
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (keys and latents or values of every layer), read from the
-        tensors themselves."""
+        """Bytes of every tensor the cache holds (keys or key latents, values or value latents, and the positions
+        of rotary key latents, of every layer), read from the tensors themselves."""
         total = 0
         for layer in self.layers:
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            for name in ("keys", "values", "positions"):
+                t = getattr(layer, name, None)
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total
 
     def __repr__(self) -> str:
         ks = sum(sum(lat.ks) for lat in self.latents.values())
+        kk = sum(sum(lat.ks) for lat in self.key_latents.values())
         return (f"LatentCache({len(self.layers)} layers, {len(self.latents)} storing value latents "
-                f"(sum of k = {ks}), {self.get_seq_length()} tokens, {self.nbytes()} bytes, "
-                f"absorbed={self.absorbed!r})")
+                f"(sum of k = {ks}), {len(self.key_latents)} key latents (sum of k = {kk}), "
+                f"{self.get_seq_length()} tokens, {self.nbytes()} bytes, absorbed={self.absorbed!r})")
 
 
 # ------------------------------------------------------------------------------------------------ encoders
@@ -311,8 +198,10 @@ def _bias_block(bias: torch.Tensor, block) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- from a directory
 
 
-def read_latents(directory: Path, model=None) -> tuple[dict[int, LayerLatents], object, list[str]]:
-    """(latents per layer, the model config, notes) of a ``compress --save-model`` directory, checked."""
+def read_latents(directory: Path, model=None, with_keys: bool = False):
+    """(latents per layer, the model config, notes) of a ``compress --save-model`` directory, checked; with
+    ``with_keys`` also the key latents per layer (:class:`~headlens.compress.key_cache.KeyLatents`) last. A layer
+    entry without ``k`` has no value latents (key latents only)."""
     from headlens.compress.apply import FACTORS_FILE, LATENT_PLAN_FILE
 
     plan_path, factors_path = directory / LATENT_PLAN_FILE, directory / FACTORS_FILE
@@ -323,7 +212,9 @@ def read_latents(directory: Path, model=None) -> tuple[dict[int, LayerLatents], 
                             "`compress --save-model` wrote")
     try:
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        layers = {int(entry["layer"]): [int(k) for k in entry["k"]] for entry in plan["layers"]}
+        entries = plan["layers"]
+        layers = {int(entry["layer"]): [int(k) for k in entry["k"]] for entry in entries
+                  if "k" in entry or "key_k" not in entry}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise HeadlensError(f"{plan_path} is not a latent plan ({exc})") from None
     if not factors_path.is_file():
@@ -367,8 +258,10 @@ def read_latents(directory: Path, model=None) -> tuple[dict[int, LayerLatents], 
         if bias and len(bias) != len(ks):
             raise HeadlensError(f"{factors_path}: layer {layer} has value biases for some kv groups only")
         latents[layer] = LayerLatents(layer, enc, up, bias or None)
+    keys = read_key_latents(entries, tensors, factors_path)
     _check_model(config, latents, meta, directory)
-    return latents, config, []
+    _check_model(config, keys, meta, directory)
+    return (latents, config, [], keys) if with_keys else (latents, config, [])
 
 
 def _read_factors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -411,8 +304,9 @@ def _check_model(config, latents: dict[int, LayerLatents], meta: dict, directory
     heads = _config_int(config, ("num_attention_heads", "n_head"))
     d = _config_int(config, ("hidden_size", "n_embd", "d_model"))
     hd = _config_int(config, ("head_dim",)) or (d // heads if d and heads else None)
-    if kv is None and getattr(config.get_text_config(decoder=True), "multi_query", False):
-        kv = 1
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv = 1  # GPTBigCode, Falcon-7B: one kv head (Falcon's config still says num_kv_heads = heads)
     kv = kv or heads
     for layer, lat in latents.items():
         if n_layers is not None and layer >= n_layers:
