@@ -26,6 +26,7 @@ class Greedy:
     cache_bytes: int  # every tensor the cache holds at the end
     cached_tokens: int  # the tokens it has seen: prompt + N - 1
     bytes_per_value: int  # element size of the cached tensors
+    position_bytes: int = 0  # of cache_bytes: the positions rotary key latents keep
 
 
 def cache_bytes(cache) -> tuple[int, int]:
@@ -40,6 +41,12 @@ def cache_bytes(cache) -> tuple[int, int]:
     if hasattr(cache, "nbytes"):
         total = int(cache.nbytes())
     return total, size
+
+
+def position_bytes(cache) -> int:
+    """Bytes of the token positions a cache's rotary key-latent layers keep (0 for any other cache)."""
+    return sum(int(t.numel() * t.element_size()) for t in (getattr(layer, "positions", None) for layer in cache.layers)
+               if isinstance(t, torch.Tensor))
 
 
 def _keep(model) -> dict:
@@ -72,7 +79,8 @@ def greedy(model, ids: torch.Tensor, cache, n: int) -> Greedy:
         _sync(device)
         t2 = time.perf_counter()
     total, size = cache_bytes(cache)
-    return Greedy(torch.cat(out, dim=1)[0].tolist(), t1 - t0, t2 - t1, total, int(cache.get_seq_length()), size)
+    return Greedy(torch.cat(out, dim=1)[0].tolist(), t1 - t0, t2 - t1, total, int(cache.get_seq_length()), size,
+                  position_bytes(cache))
 
 
 def next_token_logits(model, ids: torch.Tensor, cache, n: int) -> torch.Tensor:
@@ -108,11 +116,16 @@ class CacheCheck:
     planned_bytes_per_value: float  # compress's kv_bytes
     text: str  # the continuation
     notes: list[str] = field(default_factory=list)  # the cache's own (layers kept full, sliding windows)
+    position_bytes_per_token: float = 0.0  # of kv_bytes_per_token: int32 positions of rotary key latents
 
     @property
     def numbers_per_token(self) -> float:
-        """Cached numbers per token, measured: bytes over the element size."""
-        return self.kv_bytes_per_token / self.kv_bytes_per_value if self.kv_bytes_per_value else 0.0
+        """Cached numbers per token, measured: bytes over the element size, the positions (whose bytes do not
+        follow the model's dtype) counted at the plan's bytes per number, as the plan counts them."""
+        if not self.kv_bytes_per_value:
+            return 0.0
+        return ((self.kv_bytes_per_token - self.position_bytes_per_token) / self.kv_bytes_per_value
+                + self.position_bytes_per_token / self.planned_bytes_per_value)
 
     @property
     def planned_numbers_per_token(self) -> float:
@@ -142,7 +155,8 @@ def check_cache(model, ck, tokenizer, ids: torch.Tensor, plans: Sequence, n: int
         text = tokenizer.decode(g.tokens, skip_special_tokens=True)
     return CacheCheck(tokens=n, cached_tokens=g.cached_tokens, kv_bytes_per_token=g.cache_bytes / g.cached_tokens,
                       kv_bytes_per_value=g.bytes_per_value, planned_bytes_per_token=float(planned_bytes_per_token),
-                      planned_bytes_per_value=float(bytes_per_value), text=text, notes=list(cache.notes))
+                      planned_bytes_per_value=float(bytes_per_value), text=text, notes=list(cache.notes),
+                      position_bytes_per_token=g.position_bytes / g.cached_tokens)
 
 
 def opening(tokenizer, text: str) -> torch.Tensor:

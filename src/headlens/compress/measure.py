@@ -144,7 +144,7 @@ def kv_bytes(ck, plans: Mapping[int, LayerPlan], bytes_per_value: float, key_pla
     """:class:`KVBytes` for the checkpoint ``ck`` with ``plans`` (layer -> plan) in place: per layer
     ``2 * G * hd * bytes_per_value`` before, ``(G * hd + sum_g k_g) * bytes_per_value`` after (keys full), or with
     ``key_plans`` (layer -> KeyLayerPlan) ``sum_g k^K_g`` numbers for a layer's keys; ``position_bytes`` per token
-    (the positions a rotary key latent keeps) are added to the first layer."""
+    (the position a rotary key latent layer keeps of each token) are added to every such layer."""
     if not bytes_per_value > 0:
         raise HeadlensError(f"`bytes_per_value` must be positive, got {bytes_per_value}")
     s = ck.shape
@@ -153,9 +153,8 @@ def kv_bytes(ck, plans: Mapping[int, LayerPlan], bytes_per_value: float, key_pla
     before = [2.0 * full * bytes_per_value] * s.num_layers
     key_plans = key_plans or {}
     after = [float(((sum(key_plans[l].ks) if l in key_plans else full) + (sum(plans[l].ks) if l in plans else full))
-                   * bytes_per_value) for l in range(s.num_layers)]
-    if after:
-        after[0] += float(position_bytes)
+                   * bytes_per_value) + (float(position_bytes) if l in key_plans and key_plans[l].rotary else 0.0)
+             for l in range(s.num_layers)]
     return KVBytes(bytes_per_value=float(bytes_per_value), before=before, after=after)
 
 
@@ -323,8 +322,7 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
     if len(key_plans) != len(configs):
         raise HeadlensError(f"`key_plans` has {len(key_plans)} entries for {len(configs)} configurations")
     key_plans = [dict(k) if k else {} for k in key_plans]
-    kvs = [kv_bytes(ck, plans, bytes_per_value, kp, position_bytes if any(p.rotary for p in kp.values()) else 0.0)
-           for plans, kp in zip(configs, key_plans)]
+    kvs = [kv_bytes(ck, plans, bytes_per_value, kp, position_bytes) for plans, kp in zip(configs, key_plans)]
     keys_on = any(key_plans)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     causal = head is not None and ck.spec.decoder
