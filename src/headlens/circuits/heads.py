@@ -69,10 +69,11 @@ def check_qk_norms(ck: Checkpoint, layer: int) -> None:
     known = {keys.q_norm, keys.k_norm} - {None}
     unknown = [n for n in ck.keymap.qk_norm_tensors(layer) if n not in known]
     if unknown or len(known) == 1:
-        shown = ", ".join(unknown or sorted(known))
-        raise HeadlensError(f"layer {layer} of {ck.name} ({ck.spec.family}) has query/key norms headlens cannot fold "
-                            f"into W_Q/W_K ({shown}): the QK circuit would leave them out; use `with_qk` False "
-                            "(--no-qk) for the OV side alone")
+        names = unknown or sorted(known)
+        shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+        raise HeadlensError(f"layer {layer} of {ck.name} ({ck.spec.family}) has query/key norms that headlens cannot "
+                            f"fold into W_Q/W_K ({shown}), and a QK spectrum without them would describe another "
+                            "operator: sweep without the QK side (--no-qk, with_qk=False)")
 
 
 def qk_norm_gains(ck: Checkpoint, layer: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor,
@@ -170,6 +171,8 @@ class LayerFactors:
     W_V: torch.Tensor  # (G, hd, d); input side scaled by the norm gain when ``norm_folded``
     W_O: torch.Tensor  # (H, d, hd)
     norm_folded: bool
+    qk_rank_bound: int | None = None  # hd - 1 where folded q/k LayerNorms centre each head (Cohere): the QK forms'
+    #                                   last singular value is exactly 0, below what a Gram route resolves
 
 
 def find_non_finite(ck: Checkpoint, layer: int, with_qk: bool = True) -> None:
@@ -252,10 +255,12 @@ def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool
     W_O = _convert(split.W_O, load_dtype, compute_dtype, b)  # (H, d, hd)
     W_Q = _convert(split.W_Q, load_dtype, qk_dtype, b) if with_qk and split.W_Q is not None else None  # (H, hd, d)
     W_K = _convert(split.W_K, load_dtype, qk_dtype, b) if with_qk and split.W_K is not None else None  # (G, hd, d)
+    bound = None
     if fold_qk_norm and W_Q is not None and W_K is not None:
         qk = qk_norm_gains(ck, layer, qk_dtype)
         if qk is not None:
             W_Q, W_K = _fold_qk_norm(W_Q, qk[0], qk[2]), _fold_qk_norm(W_K, qk[1], qk[2])
+            bound = s.head_dim - 1 if qk[2] else None
     if fold_norm:
         gain, _ = norm_gain(ck, layer, compute_dtype)
         if gain is None:
@@ -263,4 +268,4 @@ def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool
         W_V = W_V * gain
         W_Q = W_Q * gain.to(W_Q.dtype) if W_Q is not None else None
         W_K = W_K * gain.to(W_K.dtype) if W_K is not None else None
-    return LayerFactors(layer=layer, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, norm_folded=fold_norm)
+    return LayerFactors(layer=layer, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, norm_folded=fold_norm, qk_rank_bound=bound)

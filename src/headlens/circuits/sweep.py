@@ -276,7 +276,7 @@ def _analyze(ck: Checkpoint, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor
     device = device or torch.device("cpu")
     try:
         return analyze_layer(layer, _on(f.W_O, device), _on(f.W_V, device), cfg, _on(f.W_Q, device),
-                             _on(f.W_K, device), _on(Xf, device), _on(Xt, device))
+                             _on(f.W_K, device), _on(Xf, device), _on(Xt, device), f.qk_rank_bound)
     except NonFiniteWeights:
         from headlens.circuits.heads import find_non_finite
 

@@ -129,10 +129,12 @@ class _Keys:
 
 
 def _keys(layer: int, W_Q: torch.Tensor, W_K: torch.Tensor, group: torch.Tensor, cfg: AnalysisConfig,
-          X_fit: torch.Tensor | None, X_test: torch.Tensor | None) -> _Keys:
+          X_fit: torch.Tensor | None, X_test: torch.Tensor | None, bound: int | None = None) -> _Keys:
     """The QK spectra of a layer, as the OV ones with ``A = (W_Q^h)^T`` (d x hd) and ``B = W_K^g`` (hd x d): per head
     ``GA = W_Q^h W_Q^h^T``, per kv group the sum over its heads (the stacked key operator). W_Q (H, hd, d),
-    W_K (G, hd, d), q/k norm gains already folded in; with token inputs, the key side is whitened."""
+    W_K (G, hd, d), q/k norm gains already folded in; with token inputs, the key side is whitened. ``bound``: a rank
+    every QK form has at most by construction (centring q/k norms), past which singular values are set to 0 (the
+    Gram route leaves ~sqrt(eps) sigma_1 there)."""
     H, hd, d = W_Q.shape
     G = W_K.shape[0]
     assert W_K.shape == (G, hd, d) and group.shape == (H,), (tuple(W_Q.shape), tuple(W_K.shape))
@@ -140,10 +142,11 @@ def _keys(layer: int, W_Q: torch.Tensor, W_K: torch.Tensor, group: torch.Tensor,
     GK = _eig(W_K @ W_K.mT)  # (G, hd, hd)
     _finite(layer, GQ, GK)
     Sq, _ = gram_spectrum(GQ, GK[group])
-    heads = spectra(Sq, d, cfg.rank_eps, cfg.ks, QK_LEVELS)
+    heads = spectra(_cap(Sq, bound), d, cfg.rank_eps, cfg.ks, QK_LEVELS)
     GQ_g = torch.zeros(G, hd, hd, dtype=GQ.dtype, device=GQ.device).index_add_(0, group, GQ)  # (G, hd, hd)
     data = X_fit is not None
     Sg, Rg, *Ug = gram_spectrum(GQ_g, GK, vectors=data)
+    Sg = _cap(Sg, bound)
     stack = spectra(Sg, d * (H // G), cfg.rank_eps, cfg.ks, fields=("rank",))  # stacked: (H/G * d) x d
     latents: list = [None] * G
     white = heldout = None
@@ -153,7 +156,17 @@ def _keys(layer: int, W_Q: torch.Tensor, W_K: torch.Tensor, group: torch.Tensor,
         Mf, Mt = _eig(Yf @ Yf.mT), _eig(Yt @ Yt.mT)  # (G, hd, hd) their second moments
         latents, white, heldout = _latents(_Fits(Rg, Ug[0], torch.arange(G, device=GQ.device)), Mf, Mt, cfg.ks,
                                            heads=False)
+        white = _cap(white, bound)
     return _Keys(heads, stack, latents, _cpu(Sg), _cpu(white), _cpu(heldout))  # type: ignore[arg-type]
+
+
+def _cap(S: torch.Tensor, bound: int | None) -> torch.Tensor:
+    """Singular values S (n, r) with those past ``bound`` set to 0 (None: S)."""
+    if bound is None or bound >= S.shape[-1]:
+        return S
+    S = S.clone()
+    S[..., bound:] = 0
+    return S
 
 
 def analyze_layer(
@@ -165,6 +178,7 @@ def analyze_layer(
     W_K: torch.Tensor | None = None,  # (G, hd, d)
     X_fit: torch.Tensor | None = None,  # (d, N_fit) attention inputs
     X_test: torch.Tensor | None = None,  # (d, N_test) held-out attention inputs
+    qk_rank_bound: int | None = None,  # the QK forms' rank bound (hd - 1 under centring q/k norms), else None
 ) -> LayerResult:
     """Every number the sweep reports for one layer, batched over its heads: a :class:`LayerResult` with H
     :class:`HeadSpectrum` and G :class:`GroupSpectrum`."""
@@ -179,7 +193,8 @@ def analyze_layer(
     S, R, *U = gram_spectrum(GA, GB[group], vectors=data)
     eps = cfg.rank_eps
     ov = spectra(S, d, eps, cfg.ks)
-    keys = _keys(layer, W_Q, W_K, group, cfg, X_fit, X_test) if W_Q is not None and W_K is not None else None
+    keys = (_keys(layer, W_Q, W_K, group, cfg, X_fit, X_test, qk_rank_bound) if W_Q is not None and W_K is not None
+            else None)
     qk = keys.heads if keys is not None else [None] * H
     GA_g = torch.zeros(G, hd, hd, dtype=GA.dtype, device=GA.device).index_add_(0, group, GA)  # stacked operator per kv group
     Sg, Rg, *Ug = gram_spectrum(GA_g, GB, vectors=data)
