@@ -219,7 +219,9 @@ SPECS["xlm-roberta"] = SPECS["bert"]
 SPECS["gemma3"] = SPECS["gemma3_text"]
 SPECS["llama4"] = SPECS["llama4_text"]
 
-GENERIC = ArchSpec("generic (self_attn.{q,k,v,o}_proj)", **_LLAMA)
+# A model without a known model_type (a bare state dict): Llama's names, and q/k norms where Qwen3, OLMo 2 and OLMoE
+# keep them (gain w; Gemma 3's 1 + w is known only from its config, as for its input norm).
+GENERIC = ArchSpec("generic (self_attn.{q,k,v,o}_proj)", qk_norm=QK_NORM, **_LLAMA)
 
 
 def holds(requires: tuple[tuple[str, bool], ...], config: Mapping | None) -> bool:

@@ -73,7 +73,7 @@ def check_qk_norms(ck: Checkpoint, layer: int) -> None:
         shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
         raise HeadlensError(f"layer {layer} of {ck.name} ({ck.spec.family}) has query/key norms that headlens cannot "
                             f"fold into W_Q/W_K ({shown}), and a QK spectrum without them would describe another "
-                            "operator: sweep without the QK side (--no-qk, with_qk=False)")
+                            "operator: leave the QK side out (`with_qk`)")
 
 
 def qk_norm_gains(ck: Checkpoint, layer: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor,

@@ -112,6 +112,14 @@ def result_lines(result: SweepResult, per_layer: bool = True) -> list[str]:
     lines.append(f"uniform allocation with the same total (k={t.uniform_k:.1f} per kv group): mean/max error "
                  f"{t.mean_err_uniform:.3f}/{t.max_err_uniform:.3f} vs budgeted "
                  f"{t.mean_err_plain:.3f}/{t.max_err_plain:.3f}")
+    if t.key_latent_dims_plain is not None:
+        lines.append(f"keys (stacked W_Q^T W_K, relative position 0): {t.key_latent_dims_plain} latent dims plain"
+                     + (f", {t.key_latent_dims_data} data-aware" if t.key_latent_dims_data is not None else "")
+                     + f" of {len(result.budget.rows) * result.shape.head_dim}; KV bytes/token with key latents too "
+                     f"{t.kv_bytes_after_plain_with_keys} plain ({t.saving_plain_with_keys_pct:.1f}% saved)"
+                     + (f", {t.kv_bytes_after_data_with_keys} data-aware ({t.saving_data_with_keys_pct:.1f}% saved)"
+                        if t.kv_bytes_after_data_with_keys is not None and t.saving_data_with_keys_pct is not None
+                        else ""))
     if data:
         lines.append(f"data-aware latents: predicted mean/max error {t.mean_err_data:.3f}/{t.max_err_data:.3f}"
                      f" (fit tokens), measured on held-out tokens {t.mean_err_data_heldout:.3f}/"
