@@ -143,7 +143,7 @@ def _keys(layer: int, W_Q: torch.Tensor, W_K: torch.Tensor, group: torch.Tensor,
     _finite(layer, GQ, GK)
     Sq, _ = gram_spectrum(GQ, GK[group])
     heads = spectra(_cap(Sq, bound), d, cfg.rank_eps, cfg.ks, QK_LEVELS)
-    GQ_g = torch.zeros(G, hd, hd, dtype=GQ.dtype, device=GQ.device).index_add_(0, group, GQ)  # (G, hd, hd)
+    GQ_g = GQ.view(G, H // G, hd, hd).sum(1)  # (G, hd, hd): a group's query heads are consecutive (h // (H/G))
     data = X_fit is not None
     Sg, Rg, *Ug = gram_spectrum(GQ_g, GK, vectors=data)
     Sg = _cap(Sg, bound)
