@@ -10,7 +10,7 @@ reading every shard once before anything is timed:
     (``ck.tensors.read(name)``, converted to float32 as the sweep does), and the ratio sweep / read
     (target <= 2x);
 (b') the floor (issue 13): a fresh process that imports torch, reads every layer's q/k/v/o with safetensors,
-    converts them once (float64 for the OV factors, float32 for the QK ones, as the sweep does), lays them out
+    converts them once (float64 for the OV and QK factors, as the sweep does since issue 23), lays them out
     contiguous per head and computes the same Gram products with batched GEMM (``W_O^h^T W_O^h``, ``W_V W_V^T``,
     ``W_Q W_Q^T``, ``W_K W_K^T``) and nothing else; it prints their GFLOP and the rate reached, and the ratio
     sweep / floor (target <= 1.5x);
@@ -107,13 +107,13 @@ for layer in range(L):
     # converted once, laid out contiguous per head: what the Gram products read
     WO = o.to(torch.float64).reshape(d, H, hd).permute(1, 2, 0).contiguous()  # (H, hd, d)
     WV = v.to(torch.float64).reshape(G, hd, d).contiguous()
-    WQ = q.to(torch.float32).reshape(H, hd, d).contiguous()
-    WK = k.to(torch.float32).reshape(G, hd, d).contiguous()
+    WQ = q.to(torch.float64).reshape(H, hd, d).contiguous()
+    WK = k.to(torch.float64).reshape(G, hd, d).contiguous()
     b = time.perf_counter()
     GA = torch.bmm(WO, WO.mT)  # W_O^h^T W_O^h, float64, (H, hd, hd)
     GB = torch.bmm(WV, WV.mT)  # W_V^g W_V^g^T, float64, (G, hd, hd)
-    GQ = torch.bmm(WQ, WQ.mT).double()  # QK Grams in float32, as the sweep computes them
-    GK = torch.bmm(WK, WK.mT).double()
+    GQ = torch.bmm(WQ, WQ.mT)  # QK Grams in float64, as the sweep computes them (issue 23: its key budget)
+    GK = torch.bmm(WK, WK.mT)
     c = time.perf_counter()
     read_s += b - a
     gram_s += c - b

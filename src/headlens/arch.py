@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Mapping
 from headlens.errors import HeadlensError
 from headlens.layout import QKV, Block, Index, LayerSplit, Layout
 
-__all__ = ["QKV", "Block", "Index", "LayerSplit", "Layout", "ArchSpec", "SPECS", "GENERIC", "KeyMap", "LayerKeys",
+__all__ = ["QKV", "Block", "Index", "LayerSplit", "Layout", "ArchSpec", "QKNorm", "SPECS", "GENERIC", "KeyMap", "LayerKeys",
            "supported_types", "spec_for_type", "detect_spec", "holds"]
 
 _ATTN = "self_attn."
@@ -64,6 +64,28 @@ PHI = _separate(_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj", _ATTN + "d
 DISTILBERT = _separate("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin")
 T5 = _separate("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",
                "layer.0.SelfAttention.o")  # T5's inner dim H * d_kv need not be d_model
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """Norms applied to the queries and keys after their projections (Qwen3's ``q_norm``/``k_norm``).
+
+    Each scales every coordinate of ``W_Q x`` (``W_K x``) by a stored gain and the whole vector by one number per
+    token (its RMS, per head or over all heads); ``center`` norms also subtract each head's mean first (Cohere's
+    LayerNorm without bias), which is linear too. The gain and the centring fold into ``W_Q``/``W_K``
+    (:func:`headlens.circuits.heads.qk_norm_gains`); the per-token scale does not.
+    """
+
+    q: str  # the query norm's weight, relative to the layer: (hd,) shared by every head, or (H*hd,) / (H, hd)
+    k: str  # the key norm's weight: (hd,) or (G*hd,) / (G, hd)
+    offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    center: bool = False  # a LayerNorm that subtracts each head's mean (Cohere)
+
+
+QK_NORM = QKNorm(_ATTN + "q_norm.weight", _ATTN + "k_norm.weight")
+# Any tensor of a layer that looks like a query/key norm: one the spec does not declare is refused where the
+# QK circuit is read, rather than left out of it (StableLM's per-head LayerNorms with biases, an unknown family).
+QK_NORM_PATTERN = re.compile(r"(^|\.)(q|k|query|key)_?(norm|layernorm|ln)(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,8 @@ class ArchSpec:
     # Index of the attention probabilities in the attention module's output tuple under eager attention
     # (T5 returns (output, position_bias, probabilities)).
     probs_at: int = 1
+    # Query/key norms between the projections and the attention scores, as the sweep folds them (None: none).
+    qk_norm: QKNorm | None = None
     # The QK circuit (``headlens ov --circuit qk``). Norms applied to the projected queries and keys, relative to the
     # layer (``{h}``: the head index, where each head has a module of its own, as StableLM's); their gains fold into
     # W_Q / W_K, their per-token scale cannot. A gain may be (hd,) shared by the heads, (n*hd,) over all heads
@@ -146,16 +170,17 @@ SPECS: dict[str, ArchSpec] = {
     "llama": ArchSpec("Llama", **_LLAMA),
     "mistral": ArchSpec("Mistral", **_LLAMA),
     "qwen2": ArchSpec("Qwen2/2.5", **_LLAMA),
-    "qwen3": ArchSpec("Qwen3", **_LLAMA),
+    "qwen3": ArchSpec("Qwen3", qk_norm=QK_NORM, **_LLAMA),
     "qwen2_moe": ArchSpec("Qwen2-MoE", **_LLAMA),
-    "qwen3_moe": ArchSpec("Qwen3-MoE", **_LLAMA),
+    "qwen3_moe": ArchSpec("Qwen3-MoE", qk_norm=QK_NORM, **_LLAMA),
     "mixtral": ArchSpec("Mixtral", **_LLAMA),
-    "olmoe": ArchSpec("OLMoE", **_LLAMA),
+    "olmoe": ArchSpec("OLMoE", qk_norm=QK_NORM, **_LLAMA),  # q/k norms over all heads
     "gemma": ArchSpec("Gemma", norm_offset=1.0, qk_notes=(_GEMMA_SCALE,), **_LLAMA),
     "gemma2": ArchSpec("Gemma 2", norm_offset=1.0, **_SANDWICH, **_LLAMA, qk_notes=(
         ("attn_logit_softcapping", "the model soft-caps its logits (tanh, attn_logit_softcapping): left out"),
         _GEMMA_SCALE)),
-    "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, qk_notes=(_GEMMA_SCALE,), **_SANDWICH, **_LLAMA),
+    "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, qk_notes=(_GEMMA_SCALE,),
+                            qk_norm=QKNorm(QK_NORM.q, QK_NORM.k, offset=1.0), **_SANDWICH, **_LLAMA),
     "phi3": ArchSpec("Phi-3", layers_path="layers", layout=FUSED_CONCAT),
     # Each entry below: where the weights are, then the norm feeding attention, then the residual sites.
     "gpt2": ArchSpec("GPT-2", layers_path="h", layout=CONV1D, attn_module="attn",
@@ -203,12 +228,13 @@ SPECS: dict[str, ArchSpec] = {
                    position="relative_bias", qk_notes=(("", f"T5 does not scale its logits; {_SCALE}"),)),
     # Llama-named projections with another residual structure.
     "olmo2": ArchSpec("OLMo 2", norm=None, residual="post_sublayer", attn_out="post_attention_layernorm",
-                      mlp_out="post_feedforward_layernorm", mid_input="mlp", **_LLAMA),
+                      mlp_out="post_feedforward_layernorm", mid_input="mlp", qk_norm=QK_NORM, **_LLAMA),
     "glm4": ArchSpec("GLM-4", residual="sandwich", attn_out="post_self_attn_layernorm", mlp_out="post_mlp_layernorm",
                      mid_input="post_attention_layernorm", **_LLAMA),
     "granite": ArchSpec("Granite", branch_scale="residual_multiplier", **_LLAMA, qk_notes=(
         ("attention_multiplier", f"the model scales logits by attention_multiplier; {_SCALE}"),)),
-    "cohere": ArchSpec("Cohere", residual="parallel", mid_input=None, qk_norm_centered=True, **_LLAMA),
+    "cohere": ArchSpec("Cohere", residual="parallel", mid_input=None, qk_norm_centered=True,  # LayerNorm (H, hd)
+                       qk_norm=QKNorm(QK_NORM.q, QK_NORM.k, center=True), **_LLAMA),
     "stablelm": ArchSpec("StableLM", residual="parallel", parallel_flag="use_parallel_residual",
                          q_norm=_ATTN + "q_layernorm.norms.{h}.weight", k_norm=_ATTN + "k_layernorm.norms.{h}.weight",
                          qk_norm_centered=True, layers_path="layers", layout=SEPARATE),
@@ -223,7 +249,9 @@ SPECS["xlm-roberta"] = SPECS["bert"]
 SPECS["gemma3"] = SPECS["gemma3_text"]
 SPECS["llama4"] = SPECS["llama4_text"]
 
-GENERIC = ArchSpec("generic (self_attn.{q,k,v,o}_proj)", **_LLAMA)
+# A model without a known model_type (a bare state dict): Llama's names, and q/k norms where Qwen3, OLMo 2 and OLMoE
+# keep them (gain w; Gemma 3's 1 + w is known only from its config, as for its input norm).
+GENERIC = ArchSpec("generic (self_attn.{q,k,v,o}_proj)", qk_norm=QK_NORM, **_LLAMA)
 
 
 def holds(requires: tuple[tuple[str, bool], ...], config: Mapping | None) -> bool:
@@ -306,6 +334,8 @@ class LayerKeys:
     norm: str | None
     q: str | None = None
     k: str | None = None
+    q_norm: str | None = None  # the query/key norms' weights, where the spec declares them and the checkpoint has them
+    k_norm: str | None = None
 
     def name(self, role: str) -> str:
         """The full name of the tensor stored for ``role`` (``q``, ``k``, ``v``, ``o``, ``qkv``)."""
@@ -362,5 +392,13 @@ class KeyMap:
         def full(rel: str | None) -> str | None:
             return base + rel if rel else None
 
+        qk = s.qk_norm
+        q_norm, k_norm = (base + qk.q, base + qk.k) if qk is not None else (None, None)
         return LayerKeys(v=full(lay.v), o=base + lay.o, qkv=full(lay.qkv), norm=norm if norm in self._keys else None,
-                         q=full(lay.q), k=full(lay.k))
+                         q=full(lay.q), k=full(lay.k), q_norm=q_norm if q_norm in self._keys else None,
+                         k_norm=k_norm if k_norm in self._keys else None)
+
+    def qk_norm_tensors(self, layer: int) -> list[str]:
+        """The tensors of ``layer`` whose names look like a query or key norm (:data:`QK_NORM_PATTERN`), sorted."""
+        base = f"{self.prefix}{self.spec.layers_path}.{layer}."
+        return sorted(k for k in self._keys if k.startswith(base) and QK_NORM_PATTERN.search(k[len(base):]))

@@ -279,11 +279,18 @@ HEAD_COLUMNS = ["layer", "head", "kv_head", "ov_rank", "ov_sigma_max", "ov_frobe
                 "ov_rank_e90", "ov_rank_e95", "ov_rank_e99", "ov_energy_k2", "ov_rel_error_k2", "ov_energy_k4",
                 "ov_rel_error_k4", "qk_sigma_max", "qk_rank_e90", "qk_rank", "plain_pred_k2", "plain_heldout_k2",
                 "white_pred_k2", "white_heldout_k2", "plain_pred_k4", "plain_heldout_k4", "white_pred_k4",
-                "white_heldout_k4"]
+                "white_heldout_k4",
+                # issue 23: the rest of the QK columns, appended
+                "qk_frobenius", "qk_condition", "qk_energy_k2", "qk_rel_error_k2", "qk_energy_k4", "qk_rel_error_k4"]
 GROUP_COLUMNS = ["layer", "kv_head", "group_size", "stack_rank", "stack_rank_e50", "stack_rank_e90", "stack_rank_e95",
                  "stack_rank_e99", "stack_energy_k2", "stack_rel_error_k2", "stack_energy_k4", "stack_rel_error_k4",
                  "v_rank", "v_sigma_max", "v_rank_e90", "stack_plain_heldout_k2", "stack_white_pred_k2",
-                 "stack_white_heldout_k2", "stack_plain_heldout_k4", "stack_white_pred_k4", "stack_white_heldout_k4"]
+                 "stack_white_heldout_k2", "stack_plain_heldout_k4", "stack_white_pred_k4", "stack_white_heldout_k4",
+                 # issue 23: the stacked key operator, appended
+                 "qk_stack_rank", "qk_stack_rank_e50", "qk_stack_rank_e90", "qk_stack_rank_e95", "qk_stack_rank_e99",
+                 "qk_stack_energy_k2", "qk_stack_rel_error_k2", "qk_stack_energy_k4", "qk_stack_rel_error_k4",
+                 "qk_stack_plain_heldout_k2", "qk_stack_white_pred_k2", "qk_stack_white_heldout_k2",
+                 "qk_stack_plain_heldout_k4", "qk_stack_white_pred_k4", "qk_stack_white_heldout_k4"]
 
 
 def _first_at(E: np.ndarray, level: float) -> int:
@@ -344,15 +351,19 @@ def test_typed_results_give_todays_rows_with_dense_float64_values():
     want = {"layer": 5, "head": 3, "kv_head": 1, "ov_rank": hd, "ov_sigma_max": s[0],
             "ov_frobenius": np.linalg.norm(s), "ov_condition": s[0] / s[-1], **_spectrum_cells("ov", s, ks),
             "qk_sigma_max": sq[0], "qk_rank_e90": _first_at(np.cumsum(sq**2) / np.sum(sq**2), 0.9), "qk_rank": hd,
-            **_latent_cells("", W, Xf, Xt, ks, plain_pred=True)}
+            **_latent_cells("", W, Xf, Xt, ks, plain_pred=True), "qk_frobenius": np.linalg.norm(sq),
+            "qk_condition": sq[0] / sq[-1], **_spectrum_cells("qk", sq, ks, levels=())}
     assert sorted(want) == sorted(HEAD_COLUMNS)
     _assert_cells(heads[3], want)
     M = np.vstack([W_O[h].numpy() @ W_V[1].numpy() for h in (2, 3)])  # kv group 1's stacked operator
     sm = np.linalg.svd(M, compute_uv=False)[:hd]
     sv = np.linalg.svd(W_V[1].numpy(), compute_uv=False)
+    MK = np.vstack([W_Q[h].numpy().T @ W_K[1].numpy() for h in (2, 3)])  # kv group 1's stacked key operator
+    sk = np.linalg.svd(MK, compute_uv=False)[:hd]
     want = {"layer": 5, "kv_head": 1, "group_size": 2, "stack_rank": hd, **_spectrum_cells("stack", sm, ks),
             "v_rank": hd, "v_sigma_max": sv[0], "v_rank_e90": _first_at(np.cumsum(sv**2) / np.sum(sv**2), 0.9),
-            **_latent_cells("stack_", M, Xf, Xt, ks, plain_pred=False)}
+            **_latent_cells("stack_", M, Xf, Xt, ks, plain_pred=False), "qk_stack_rank": hd,
+            **_spectrum_cells("qk_stack", sk, ks), **_latent_cells("qk_stack_", MK, Xf, Xt, ks, plain_pred=False)}
     assert sorted(want) == sorted(GROUP_COLUMNS)
     _assert_cells(groups[1], want)
 

@@ -4,6 +4,7 @@ number as dense float64 says, strict JSON, and the budget spends no latent on th
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,7 +75,8 @@ def test_pruned_heads_get_rank_zero_and_the_others_match_dense(pruned, capsys, t
     part = _strict((tmp_path / "sweep_layers" / "layer_0000.json").read_text())
     assert part["head_rows"][1]["ov_condition"] is None and part["head_rows"][0]["ov_condition"] > 1
     _strict((tmp_path / "sweep_summary.json").read_text())
-    assert "NaN" not in (tmp_path / "sweep.html").read_text()
+    page = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", (tmp_path / "sweep.html").read_text())
+    assert "NaN" not in page  # the text, not the pictures' base64, where 'NaN' can occur by chance
 
 
 def test_pruned_heads_resume_to_the_same_tables(pruned, capsys, tmp_path):

@@ -60,6 +60,7 @@ CASES = [
     ("ov", "all-MiniLM-L6-v2_layer3_head5.png", PNG_BOUNDS, ()),
     ("ov", "all-MiniLM-L6-v2_layer3_head5_heatmap.png", PNG_BOUNDS, ()),
     ("sweep", "sweep_rank_e90.png", PNG_BOUNDS, ()),
+    ("sweep", "sweep_qk_rank_e90.png", PNG_BOUNDS, ()),
     ("sweep", "sweep_rel_error.png", PNG_BOUNDS, ()),
     ("sweep", "sweep_white_heldout.png", PNG_BOUNDS, ()),
     ("sweep", "sweep_budget.png", PNG_BOUNDS, ()),

@@ -24,7 +24,7 @@ from headlens.errors import HeadlensError
 from headlens.io.tables import read_table, write_csv, write_parquet, write_table
 from headlens.report.sweep import budget_outputs
 from headlens.report.sweep_common import (BUDGET_CSV, BUDGET_LAYERS_CSV, BUDGET_PNG, ERROR_PNG, HELDOUT_PNG,
-                                          RANK_PNG)
+                                          QK_RANK_PNG, RANK_PNG)
 from headlens.report.sweep_figures import heatmaps
 from headlens.report.sweep_html import write_html
 
@@ -252,7 +252,7 @@ def test_rewrite_replaces_the_file_atomically(tmp_path):
 def test_heatmaps_small_grid(tmp_path, data_aware):
     heads = [h for r in make_layers(n_layers=2, n_heads=4, data_aware=data_aware) for h in r.heads]
     paths = heatmaps(tmp_path, heads, KS, NASTY_NAME)
-    want = [RANK_PNG, ERROR_PNG] + ([HELDOUT_PNG] if data_aware else [])
+    want = [RANK_PNG, QK_RANK_PNG, ERROR_PNG] + ([HELDOUT_PNG] if data_aware else [])  # the heads have QK
     assert [p.name for p in paths] == want
     for p in paths:
         w, h = check_png(p)
@@ -264,7 +264,7 @@ def test_heatmaps_36x32_readable_size(tmp_path):
     # Their speed is bench/bench_sweep.py's business (a wall-clock bound here failed on a loaded machine).
     heads = [h for r in make_layers(n_layers=36, n_heads=32, n_kv=8, ks=[8, 16, 32, 64]) for h in r.heads]
     paths = heatmaps(tmp_path, heads, [8, 16, 32, 64], "Qwen3-4B")
-    assert len(paths) == 3
+    assert len(paths) == 4  # OV and QK ranks, rel_error, held-out error
     for p in paths:
         w, h = check_png(p, min_w=800, min_h=800)
         assert w <= 3000 and h <= 3000
@@ -289,7 +289,8 @@ def test_budget_outputs(tmp_path, data_aware):
     assert_rows_equal(read_table(tmp_path / BUDGET_LAYERS_CSV), budget.to_json()["per_layer"])
     header = (tmp_path / BUDGET_CSV).read_text().splitlines()[0]
     assert header == ("layer,kv_head,k_plain,err_plain,k_data,err_data,err_data_heldout,k_uniform,err_uniform_plain,"
-                      "err_uniform_data,err_uniform_data_heldout")
+                      "err_uniform_data,err_uniform_data_heldout,"  # the key budget's columns, appended (issue 23)
+                      "key_k_plain,key_err_plain,key_k_data,key_err_data,key_err_data_heldout")
     check_png(tmp_path / BUDGET_PNG)
     assert budget_outputs(tmp_path / "none", None, "m") == []
     assert leftovers(tmp_path) == []

@@ -46,7 +46,7 @@ def test_worker_draws_the_same_bytes(tmp_path, pool):
     here, away = tmp_path / "here", tmp_path / "away"
     jobs_here = heatmap_jobs(here, result.heads(), KS, result.name)
     jobs_away = heatmap_jobs(away, result.heads(), KS, result.name)
-    assert [j["kind"] for _, j in jobs_here] == ["rank", "per_k", "per_k"]
+    assert [j["kind"] for _, j in jobs_here] == ["rank", "rank", "per_k", "per_k"]  # OV and QK ranks
     drawn = [draw_heatmap(path, job) for path, job in jobs_here]
     deferred = [Deferred(pool, draw_heatmap, path, job) for path, job in jobs_away]
     assert all(d.future is not None for d in deferred)  # submitted to the worker, not drawn here

@@ -5,6 +5,13 @@ replaced by a latent of ``k_g`` numbers. Before: ``2 * G * hd`` values per token
 ``G * hd + sum_g k_g``. The uniform allocation spreads the same total of latent dims evenly over all
 (layer, kv group) pairs. With calibration data the same is done for the data-aware latents (whitened spectra),
 with the errors measured on held-out tokens next to the predicted ones.
+
+Key budget (sweeps with QK): next to each value latent, ``key_k_plain`` (``key_k_data``) is the smallest latent of
+the group's keys meeting the same target (:meth:`BudgetTarget.k_for`) on the stacked key operator
+``M^K_g = [(W_Q^h)^T W_K^g]_{h in g}`` (whitened on the key side, ``M^K_g S``, for the data-aware one): its relative
+error is the relative logit error at relative position 0 (no rotary) for isotropic query inputs. The bytes with
+key latents too, ``sum_g (key_k_g + k_g)`` per token per layer, are ``kv_bytes_after_*_with_keys``; under rotary a
+key latent is not directly a cache (DOMAIN.md, keys under rotary), so the value-only figures stay the headline.
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ class BudgetRow:
     err_uniform_plain: float = 0.0
     err_uniform_data: float | None = None
     err_uniform_data_heldout: float | None = None
+    key_k_plain: int | None = None  # smallest plain key latent meeting the target (sweeps with QK)
+    key_err_plain: float | None = None
+    key_k_data: int | None = None  # smallest data-aware key latent meeting the target (data-aware, with QK)
+    key_err_data: float | None = None  # predicted on the fit tokens
+    key_err_data_heldout: float | None = None  # measured on held-out tokens
 
 
 @dataclass
@@ -69,6 +81,8 @@ class BudgetLayer:
     kv_bytes_after_plain: int
     kv_bytes_after_data: int | None
     kv_bytes_after_uniform: int
+    kv_bytes_after_plain_with_keys: int | None = None  # key latents too: sum_g (key_k_plain + k_plain)
+    kv_bytes_after_data_with_keys: int | None = None  # sum_g (key_k_data + k_data)
 
 
 @dataclass
@@ -95,6 +109,18 @@ class BudgetTotals:
     max_err_data_heldout: float | None
     mean_err_uniform_data_heldout: float | None
     max_err_uniform_data_heldout: float | None
+    key_latent_dims_plain: int | None = None  # the key budget (sweeps with QK)
+    key_latent_dims_data: int | None = None
+    kv_bytes_after_plain_with_keys: int | None = None
+    saving_plain_with_keys_pct: float | None = None
+    kv_bytes_after_data_with_keys: int | None = None
+    saving_data_with_keys_pct: float | None = None
+    mean_err_key_plain: float | None = None
+    max_err_key_plain: float | None = None
+    mean_err_key_data: float | None = None
+    max_err_key_data: float | None = None
+    mean_err_key_data_heldout: float | None = None
+    max_err_key_data_heldout: float | None = None
 
 
 @dataclass
@@ -110,6 +136,8 @@ class LayerLatents:
     kv_bytes_after_plain: int | None = None
     kv_bytes_after_data: int | None = None
     kv_bytes_after_uniform: int | None = None
+    key_k_plain: int | None = None  # key latent dims summed over the kv groups (sweeps with QK)
+    key_k_data: int | None = None
 
 
 @dataclass
@@ -144,6 +172,8 @@ class Budget:
             d.k_plain = d.k_plain + r.k_plain
             d.k_data = None if (r.k_data is None or d.k_data is None) else d.k_data + r.k_data
             d.k_uniform = d.k_uniform + r.k_uniform  # type: ignore[operator]
+            d.key_k_plain = _add(d.key_k_plain, r.key_k_plain, d.kv_groups == 1)
+            d.key_k_data = _add(d.key_k_data, r.key_k_data, d.kv_groups == 1)
         for p in self.per_layer:
             d = by_layer.setdefault(p.layer, LayerLatents(p.layer, 0, None, None, None))
             d.kv_bytes_before, d.kv_bytes_after_plain = p.kv_bytes_before, p.kv_bytes_after_plain
@@ -151,13 +181,37 @@ class Budget:
         return [by_layer[k] for k in sorted(by_layer)]
 
 
-def _heldout(r: LayerResult, g: int, k: int) -> float | None:
-    """Held-out error of group g's data-aware latent of size k (1.0 at k = 0, 0.0 for a zero group)."""
-    if r.group_white_heldout is None:
+def _add(total: int | None, k: int | None, first: bool) -> int | None:
+    """A layer's sum of per-group sizes, None once a group has none."""
+    if k is None or (total is None and not first):
+        return None
+    return k if first else total + k  # type: ignore[operator]
+
+
+def _heldout(r: LayerResult, g: int, k: int, keys: bool = False) -> float | None:
+    """Held-out error of group g's data-aware value (``keys``: key) latent of size k (1.0 at k = 0, 0.0 for a
+    zero group)."""
+    plain, held = (r.key_plain, r.key_white_heldout) if keys else (r.group_plain, r.group_white_heldout)
+    if held is None or plain is None:
         return None
     if k <= 0:  # no latent: the whole output is lost, which is nothing for a zero (pruned) group
-        return 0.0 if float(r.group_plain[g, 0]) == 0 else 1.0
-    return float(r.group_white_heldout[g, min(k, r.group_white_heldout.shape[1]) - 1])
+        return 0.0 if float(plain[g, 0]) == 0 else 1.0
+    return float(held[g, min(k, held.shape[1]) - 1])
+
+
+def _key_sizes(row: BudgetRow, r: LayerResult, target: BudgetTarget, data: bool) -> None:
+    """The key budget of ``row``'s kv group, where the layer has its stacked key operators' spectra."""
+    g = row.kv_head
+    if r.key_plain is None:
+        return
+    Sk = r.key_plain[g]
+    row.key_k_plain = target.k_for(Sk)
+    row.key_err_plain = float(tail_ratio(Sk, row.key_k_plain))
+    if data and r.key_white is not None:
+        Sw = r.key_white[g]
+        row.key_k_data = target.k_for(Sw)
+        row.key_err_data = float(tail_ratio(Sw, row.key_k_data))
+        row.key_err_data_heldout = _heldout(r, g, row.key_k_data, keys=True)
 
 
 def uniform_split(total: int, n: int, cap: int) -> list[int]:
@@ -179,6 +233,7 @@ def _rows(results: Sequence[LayerResult], target: BudgetTarget, head_dim: int, d
                 Sw = r.group_white[g]  # type: ignore[index]
                 kd = target.k_for(Sw)
                 row.k_data, row.err_data, row.err_data_heldout = kd, float(tail_ratio(Sw, kd)), _heldout(r, g, kd)
+            _key_sizes(row, r, target, data)
             rows.append((row, r))
     uni = uniform_split(sum(row.k_plain for row, _ in rows), len(rows), head_dim)
     for (row, res), ku in zip(rows, uni):
@@ -200,8 +255,18 @@ def _per_layer(results: Sequence[LayerResult], rows: list[BudgetRow], num_kv_hea
             layer=r.layer, kv_bytes_before=before_layer,
             kv_bytes_after_plain=keys_bytes + sum(x.k_plain for x in mine) * bytes_per_value,
             kv_bytes_after_data=(keys_bytes + sum(x.k_data for x in mine) * bytes_per_value) if data else None,  # type: ignore[misc]
-            kv_bytes_after_uniform=keys_bytes + sum(x.k_uniform for x in mine) * bytes_per_value))
+            kv_bytes_after_uniform=keys_bytes + sum(x.k_uniform for x in mine) * bytes_per_value,
+            kv_bytes_after_plain_with_keys=_with_keys(mine, "key_k_plain", "k_plain", bytes_per_value),
+            kv_bytes_after_data_with_keys=_with_keys(mine, "key_k_data", "k_data", bytes_per_value)))
     return out
+
+
+def _with_keys(rows: list[BudgetRow], key: str, value: str, bytes_per_value: int) -> int | None:
+    """Bytes per token of one layer with key and value latents: ``sum_g (key_k_g + k_g)``, None without keys."""
+    sizes = [(getattr(x, key), getattr(x, value)) for x in rows]
+    if not sizes or any(a is None or b is None for a, b in sizes):
+        return None
+    return sum(a + b for a, b in sizes) * bytes_per_value
 
 
 def _stats(rows: list[BudgetRow], key: str) -> tuple[float | None, float | None]:
@@ -217,15 +282,24 @@ def _totals(rows: list[BudgetRow], per_layer: list[BudgetLayer], data: bool) -> 
     errs = {}
     for name, key in (("plain", "err_plain"), ("uniform", "err_uniform_plain"), ("data", "err_data"),
                       ("uniform_data", "err_uniform_data"), ("data_heldout", "err_data_heldout"),
-                      ("uniform_data_heldout", "err_uniform_data_heldout")):
+                      ("uniform_data_heldout", "err_uniform_data_heldout"), ("key_plain", "key_err_plain"),
+                      ("key_data", "key_err_data"), ("key_data_heldout", "key_err_data_heldout")):
         errs[f"mean_err_{name}"], errs[f"max_err_{name}"] = _stats(rows, key)
+    keys: dict[str, Any] = {}
+    for kind in ("plain", "data"):
+        ks = [getattr(r, f"key_k_{kind}") for r in rows]
+        keys[f"key_latent_dims_{kind}"] = sum(ks) if rows and None not in ks else None  # type: ignore[arg-type]
+        after = [getattr(p, f"kv_bytes_after_{kind}_with_keys") for p in per_layer]
+        after_k = sum(after) if per_layer and None not in after else None  # type: ignore[arg-type]
+        keys[f"kv_bytes_after_{kind}_with_keys"] = after_k
+        keys[f"saving_{kind}_with_keys_pct"] = 100.0 * (1 - after_k / before) if after_k is not None and before else None
     return BudgetTotals(
         kv_bytes_before=before, kv_bytes_after_plain=after_p,
         saving_plain_pct=100.0 * (1 - after_p / before) if before else 0.0,
         kv_bytes_after_data=after_d,
         saving_data_pct=(100.0 * (1 - after_d / before)) if data and before else None,  # type: ignore[operator]
         latent_dims_plain=total, latent_dims_data=sum(x.k_data for x in rows) if data else None,  # type: ignore[misc]
-        uniform_k=total / len(rows) if rows else 0.0, **errs)
+        uniform_k=total / len(rows) if rows else 0.0, **errs, **keys)
 
 
 def budget(results: Sequence[LayerResult], target: BudgetTarget, num_kv_heads: int, head_dim: int,

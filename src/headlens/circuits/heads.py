@@ -1,4 +1,5 @@
-"""Read one head's value and output blocks (the two factors of its OV circuit), or a whole layer's heads.
+"""Read one head's value and output blocks (the two factors of its OV circuit), or a whole layer's heads (with
+their query and key blocks, the factors of the QK circuit, optionally with the q/k norms' gains folded in).
 
 Where each block lies is the spec's :class:`~headlens.arch.Layout`'s business; this module reads, checks shapes
 and finiteness, and converts. For one head only its rows/columns are read (safetensors slices), never the model.
@@ -59,6 +60,51 @@ def norm_gain(ck: Checkpoint, layer: int, dtype: torch.dtype = torch.float64) ->
     if g.shape != (ck.shape.hidden_size,):
         raise HeadlensError(f"norm weight {key} has shape {tuple(g.shape)}, expected ({ck.shape.hidden_size},)")
     return g + ck.spec.norm_offset, key
+
+
+def check_qk_norms(ck: Checkpoint, layer: int) -> None:
+    """Raise a HeadlensError (one line) where ``layer`` holds query/key norm tensors the spec does not place: their
+    gains act between W_Q and W_K, and a QK spectrum without them would describe another operator."""
+    keys = ck.layer_keys(layer)
+    known = {keys.q_norm, keys.k_norm} - {None}
+    unknown = [n for n in ck.keymap.qk_norm_tensors(layer) if n not in known]
+    if unknown or len(known) == 1:
+        names = unknown or sorted(known)
+        shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+        raise HeadlensError(f"layer {layer} of {ck.name} ({ck.spec.family}) has query/key norms that headlens cannot "
+                            f"fold into W_Q/W_K ({shown}), and a QK spectrum without them would describe another "
+                            "operator: leave the QK side out (`with_qk`)")
+
+
+def qk_norm_gains(ck: Checkpoint, layer: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                            bool] | None:
+    """``(gamma_q (H, hd), gamma_k (G, hd), center)``: the query/key norms' effective gains per head (Gemma's
+    ``1 + w``) and whether the norm subtracts each head's mean; None where the layer has no q/k norms. Refused
+    (:func:`check_qk_norms`) where it has some the spec does not place."""
+    check_qk_norms(ck, layer)
+    keys, qk = ck.layer_keys(layer), ck.spec.qk_norm
+    if keys.q_norm is None or keys.k_norm is None or qk is None:
+        return None
+    s = ck.shape
+    gains = []
+    for name, heads in ((keys.q_norm, s.num_heads), (keys.k_norm, s.num_kv_heads)):
+        g = _finite(ck.tensors.read(name), name).to(dtype)
+        if g.numel() == s.head_dim:  # one norm over each head's hd coordinates (Qwen3, Gemma 3)
+            g = g.reshape(1, s.head_dim).expand(heads, s.head_dim)
+        elif g.numel() == heads * s.head_dim:  # one gain per coordinate of every head (OLMo 2, OLMoE, Cohere)
+            g = g.reshape(heads, s.head_dim)
+        else:
+            raise HeadlensError(f"q/k norm weight {name} has shape {tuple(g.shape)}, expected ({s.head_dim},) or "
+                                f"({heads * s.head_dim},) for {heads} heads of head_dim {s.head_dim}")
+        gains.append(g + qk.offset)
+    return gains[0], gains[1], qk.center
+
+
+def _fold_qk_norm(W: torch.Tensor, gain: torch.Tensor, center: bool) -> torch.Tensor:
+    """``diag(gamma) C W`` per head: W (n, hd, d), gain (n, hd); C subtracts each head's mean when ``center``."""
+    if center:
+        W = W - W.mean(dim=1, keepdim=True)
+    return W * gain.to(W.dtype)[:, :, None]
 
 
 def check_stored_shapes(ck: Checkpoint, layer: int, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -142,6 +188,8 @@ class LayerFactors:
     W_V: torch.Tensor  # (G, hd, d); input side scaled by the norm gain when ``norm_folded``
     W_O: torch.Tensor  # (H, d, hd)
     norm_folded: bool
+    qk_rank_bound: int | None = None  # hd - 1 where folded q/k LayerNorms centre each head (Cohere): the QK forms'
+    #                                   last singular value is exactly 0, below what a Gram route resolves
 
 
 def find_non_finite(ck: Checkpoint, layer: int, with_qk: bool = True) -> None:
@@ -198,7 +246,7 @@ def _convert(t: torch.Tensor, load_dtype: torch.dtype, compute_dtype: torch.dtyp
 def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool = False,
                load_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float64,
                raw: dict[str, torch.Tensor] | None = None, qk_dtype: torch.dtype | None = None,
-               check_finite: bool = True, buffers: Buffers | None = None) -> LayerFactors:
+               check_finite: bool = True, buffers: Buffers | None = None, fold_qk_norm: bool = False) -> LayerFactors:
     """All heads' W_Q (H, hd, d), W_K (G, hd, d), W_V (G, hd, d), W_O (H, d, hd) of ``layer``, split by the
     spec's layout.
 
@@ -206,6 +254,8 @@ def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool
     is the precision of W_Q and W_K. ``check_finite=False`` leaves the NaN/inf check to the caller (the
     sweep checks its Gram matrices instead, which contain a non-finite value whenever a weight is one).
     ``buffers`` (:class:`Buffers`) receives the converted factors, overwriting the previous call's.
+    ``fold_qk_norm`` folds the query/key norms' gains (and Cohere's centring) into W_Q and W_K
+    (:func:`qk_norm_gains`: ``W_Q^h <- diag(gamma_q^h) W_Q^h``); their per-token scale is left out.
     """
     check_layer_head(ck, layer)
     s, layout, keys = ck.shape, ck.spec.layout, ck.layer_keys(layer)
@@ -222,6 +272,12 @@ def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool
     W_O = _convert(split.W_O, load_dtype, compute_dtype, b)  # (H, d, hd)
     W_Q = _convert(split.W_Q, load_dtype, qk_dtype, b) if with_qk and split.W_Q is not None else None  # (H, hd, d)
     W_K = _convert(split.W_K, load_dtype, qk_dtype, b) if with_qk and split.W_K is not None else None  # (G, hd, d)
+    bound = None
+    if fold_qk_norm and W_Q is not None and W_K is not None:
+        qk = qk_norm_gains(ck, layer, qk_dtype)
+        if qk is not None:
+            W_Q, W_K = _fold_qk_norm(W_Q, qk[0], qk[2]), _fold_qk_norm(W_K, qk[1], qk[2])
+            bound = s.head_dim - 1 if qk[2] else None
     if fold_norm:
         gain, _ = norm_gain(ck, layer, compute_dtype)
         if gain is None:
@@ -229,4 +285,4 @@ def read_layer(ck: Checkpoint, layer: int, with_qk: bool = True, fold_norm: bool
         W_V = W_V * gain
         W_Q = W_Q * gain.to(W_Q.dtype) if W_Q is not None else None
         W_K = W_K * gain.to(W_K.dtype) if W_K is not None else None
-    return LayerFactors(layer=layer, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, norm_folded=fold_norm)
+    return LayerFactors(layer=layer, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, norm_folded=fold_norm, qk_rank_bound=bound)

@@ -1,5 +1,10 @@
 """Every head of a model at once: OV/QK spectra, kv-group operators, data-aware latents and an MLA budget.
 
+The definitions are :mod:`headlens.circuits.sweep_layer`'s: per query head the OV circuit ``W_O^h W_V^g`` and the QK
+form ``W_QK^h = (W_Q^h)^T W_K^g`` (at relative position 0: no rotary; q/k norm gains folded in, their per-token
+RMS scale left out); per kv group the stacked value operator ``[W_O^h W_V^g]_h`` and the stacked key operator
+``M^K_g = [(W_Q^h)^T W_K^g]_h``, whose spectra the value and key budgets are cut from.
+
 :func:`run_sweep` is the one entry point: it opens the checkpoint of a :class:`~headlens.io.source.ModelSource`,
 captures the calibration tokens' attention inputs (data-aware mode), streams the layers through
 :func:`~headlens.circuits.sweep_layer.analyze_layer` (weights read one layer ahead in a thread, never the
@@ -200,11 +205,20 @@ class SweepResult:
         """The ``sweep_summary.json`` content: model, config, layers, budget (without its rows), per-layer
         means and notes."""
         per_layer = [{"layer": a.layer, "ov_rank_e90_mean": a.rank_e90.mean,
-                      **{f"ov_rel_error_k{k}_mean": a.rel_error[k].mean for k in self.config.ks}}
+                      **{f"ov_rel_error_k{k}_mean": a.rel_error[k].mean for k in self.config.ks},
+                      **({"qk_rank_e90_mean": a.qk_rank_e90.mean} if a.qk_rel_error else {}),
+                      **{f"qk_rel_error_k{k}_mean": a.qk_rel_error[k].mean for k in a.qk_rel_error}}
                      for a in self.aggregates()]
-        notes = ["QK spectra describe W_Q^h^T W_K^g without RoPE and q/k norms, which act between them: approximate.",
-                 "Budget: keys are kept in full; each kv group's values become a latent of k_g numbers per token.",
-                 f"Numerical rank: singular values above max(m, n) * {self.config.rank_eps:.3g} * sigma_1."]
+        qk = self.config.with_qk
+        notes = (["QK spectra describe W_QK^h = (W_Q^h)^T W_K^g at relative position 0: rotary, which acts between "
+                  "W_Q and W_K, is left out; q/k norm gains (Qwen3, OLMo 2, Gemma 3, ...) are folded into W_Q/W_K, "
+                  "their per-token RMS scale is left out."] if qk else []) + [
+            "Budget: keys are kept in full; each kv group's values become a latent of k_g numbers per token."] + ([
+                "Key budget (key_k_plain, key_k_data): the smallest latent of each kv group's keys meeting the same "
+                "target on the stacked key operator [(W_Q^h)^T W_K^g]_h, whose error is the relative logit error at "
+                "relative position 0 for isotropic query inputs; under rotary it is not directly a cache size."]
+                if qk else []) + [
+            f"Numerical rank: singular values above max(m, n) * {self.config.rank_eps:.3g} * sigma_1."]
         if self.data_aware:
             notes.append(f"Data-aware: {self.calibration_tokens} calibration tokens at each layer's attention "
                          "input; even positions fit the latents, odd positions are held out.")
@@ -262,7 +276,7 @@ def _analyze(ck: Checkpoint, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor
     device = device or torch.device("cpu")
     try:
         return analyze_layer(layer, _on(f.W_O, device), _on(f.W_V, device), cfg, _on(f.W_Q, device),
-                             _on(f.W_K, device), _on(Xf, device), _on(Xt, device))
+                             _on(f.W_K, device), _on(Xf, device), _on(Xt, device), f.qk_rank_bound)
     except NonFiniteWeights:
         from headlens.circuits.heads import find_non_finite
 
@@ -296,10 +310,15 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     if is_mla_config(source.peek_config()):
         raise HeadlensError("a multi-head latent attention checkpoint has no per-kv-group values to budget: use "
                             "headlens.circuits.mla.run_mla_sweep (what `headlens sweep` runs on it)")
-    ck = source.checkpoint(full=data, roles=("q", "k", "v", "o", "qkv", "norm"))
+    ck = source.checkpoint(full=data, roles=("q", "k", "v", "o", "qkv", "norm", "q_norm", "k_norm"))
     s = ck.shape
     analysis = cfg.analysis(s.head_dim)
     layers = parse_layers(None if cfg.layers is None else _text(cfg.layers), s.num_layers)
+    if analysis.with_qk:  # q/k norms the spec does not place: refused before any layer is computed
+        from headlens.circuits.heads import check_qk_norms
+
+        for layer in layers:
+            check_qk_norms(ck, layer)
     target = cfg.target()
     model = SweepParts.fingerprint(ck) if cfg.out_dir is not None else ck.describe()  # parts carry a content hash
     run = run_id(model, {**asdict(analysis), "dtype": cfg.dtype}, cfg.calibration, cfg.max_calib_tokens)

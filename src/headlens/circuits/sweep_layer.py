@@ -6,13 +6,22 @@ All spectra come from ``hd x hd`` Gram matrices of the thin factors, batched ove
 the ``R`` coordinates: ``||A z|| = ||R z||`` for any z, so ``W X = Q (R B X)`` with orthonormal Q and every
 error is a ratio of traces of ``hd x hd`` matrices.
 
-- Per query head h (kv head g = h // (H/G)): OV spectrum of ``W_O^h W_V^g``; QK spectrum of
-  ``W_Q^h^T W_K^g`` (approximate as a description of attention scores: RoPE and q/k norms act between).
+- Per query head h (kv head g = h // (H/G)): OV spectrum of ``W_O^h W_V^g``; QK spectrum of the QK form
+  ``W_QK^h = (W_Q^h)^T W_K^g`` (d x d, rank <= hd; ``A = (W_Q^h)^T``, ``B = W_K^g``), with the same columns as
+  OV's where they apply: numerical rank, sigma_max, Frobenius norm, condition number, rank at 90% energy
+  (``qk_rank_e90``: smallest k with ``sum_{i<=k} s_i^2 / sum s_i^2 >= 0.9``), ``E_k`` and ``rel_error(k)``.
 - Per kv group g: the stacked OV operator ``[W_O^h W_V^g]_{h in g}`` (what one shared latent serves): its
-  ``GA`` is the sum of the heads' ``GA``; and the spectrum of ``W_V^g`` itself.
+  ``GA`` is the sum of the heads' ``GA``; the spectrum of ``W_V^g`` itself; and the stacked key operator
+  ``M^K_g = [(W_Q^h)^T W_K^g]_{h in g}`` ((H/G) d x d) = ``A^K_g W_K^g`` with ``A^K_g`` the stacked ``(W_Q^h)^T``.
+  Its ``rel_error(k)`` is the relative logit error a rank-k latent of group g's keys causes at relative position
+  0 (no rotary) for queries' inputs spread isotropically: the spectrum a key budget is cut from.
+- The QK form is the one at relative position 0: rotary acts between W_Q and W_K and is left out. The q/k
+  norms' gains (Qwen3, OLMo 2, Gemma 3, ...) are folded into W_Q / W_K by the reader
+  (:func:`headlens.circuits.heads.qk_norm_gains`); their per-token RMS scale is left out.
 - Data-aware (token inputs X of the layer's attention, split into fit / held-out tokens): the whitened
   spectrum ``sigma(W X_fit)`` (= ``sigma(W S)`` with ``S S^T = X_fit X_fit^T``), the error it predicts, and the
-  errors measured on held-out tokens for the data-aware latent and for the plain one (``P = V_k^T``).
+  errors measured on held-out tokens for the data-aware latent and for the plain one (``P = V_k^T``); for the
+  stacked key operator the same, whitened on the key side (``M^K_g S``), per kv group.
 """
 
 from __future__ import annotations
@@ -77,21 +86,6 @@ def _eig(G: torch.Tensor) -> torch.Tensor:
     return G.to(torch.float64)
 
 
-def _qk_spectra(W_Q: torch.Tensor, W_K: torch.Tensor, group: torch.Tensor, layer: int, d: int,
-                eps: float) -> list[Spectrum]:
-    """sigma_max, rank at 90% (and the numerical rank for float64 weights) of each head's W_Q^h^T W_K^g.
-    W_Q (H, hd, d), W_K (G, hd, d)."""
-    assert W_Q.shape[0] == group.shape[0] and W_K.shape[1:] == W_Q.shape[1:], (tuple(W_Q.shape), tuple(W_K.shape))
-    # The QK circuit is approximate anyway (RoPE and q/k norms act between W_Q and W_K): its Gram products
-    # may run in the precision W_Q/W_K were given in (float32 in a sweep); the eigenproblems run in float64.
-    GQ = _eig(W_Q @ W_Q.mT)  # (H, hd, hd)
-    GK = _eig(W_K @ W_K.mT)  # (G, hd, hd)
-    _finite(layer, GQ, GK)
-    Sq, _ = gram_spectrum(GQ, GK[group])
-    fields = ("rank", "sigma_max") if W_Q.dtype == torch.float64 else ("sigma_max",)  # a rank needs float64
-    return spectra(Sq, d, eps, None, QK_LEVELS, fields)
-
-
 @dataclass
 class _Fits:
     """The spectra of one batch of operators (heads or kv groups) in the coordinates of its Gram factor."""
@@ -122,6 +116,59 @@ def _latents(fits: _Fits, Mf: torch.Tensor, Mt: torch.Tensor, ks: list[int], hea
     return errors, white, heldout_all
 
 
+@dataclass
+class _Keys:
+    """The QK side of one layer: per query head and per kv group (stacked key operator)."""
+
+    heads: list[Spectrum]  # (W_Q^h)^T W_K^g per query head
+    stack: list[Spectrum]  # M^K_g = [(W_Q^h)^T W_K^g]_{h in g} per kv group
+    latents: list  # per kv group: LatentErrors of its key latents (data-aware mode), else None
+    plain: torch.Tensor  # (G, r) singular values of M^K_g
+    white: torch.Tensor | None  # (G, r) singular values of M^K_g S, S S^T = X_fit X_fit^T (data-aware mode)
+    white_heldout: torch.Tensor | None  # (G, r) held-out error of the data-aware key latent, k = 1..r
+
+
+def _keys(layer: int, W_Q: torch.Tensor, W_K: torch.Tensor, group: torch.Tensor, cfg: AnalysisConfig,
+          X_fit: torch.Tensor | None, X_test: torch.Tensor | None, bound: int | None = None) -> _Keys:
+    """The QK spectra of a layer, as the OV ones with ``A = (W_Q^h)^T`` (d x hd) and ``B = W_K^g`` (hd x d): per head
+    ``GA = W_Q^h W_Q^h^T``, per kv group the sum over its heads (the stacked key operator). W_Q (H, hd, d),
+    W_K (G, hd, d), q/k norm gains already folded in; with token inputs, the key side is whitened. ``bound``: a rank
+    every QK form has at most by construction (centring q/k norms), past which singular values are set to 0 (the
+    Gram route leaves ~sqrt(eps) sigma_1 there)."""
+    H, hd, d = W_Q.shape
+    G = W_K.shape[0]
+    assert W_K.shape == (G, hd, d) and group.shape == (H,), (tuple(W_Q.shape), tuple(W_K.shape))
+    GQ = _eig(W_Q @ W_Q.mT)  # (H, hd, hd)
+    GK = _eig(W_K @ W_K.mT)  # (G, hd, hd)
+    _finite(layer, GQ, GK)
+    Sq, _ = gram_spectrum(GQ, GK[group])
+    heads = spectra(_cap(Sq, bound), d, cfg.rank_eps, cfg.ks, QK_LEVELS)
+    GQ_g = GQ.view(G, H // G, hd, hd).sum(1)  # (G, hd, hd): a group's query heads are consecutive (h // (H/G))
+    data = X_fit is not None
+    Sg, Rg, *Ug = gram_spectrum(GQ_g, GK, vectors=data)
+    Sg = _cap(Sg, bound)
+    stack = spectra(Sg, d * (H // G), cfg.rank_eps, cfg.ks, fields=("rank",))  # stacked: (H/G * d) x d
+    latents: list = [None] * G
+    white = heldout = None
+    if data:
+        assert X_test is not None
+        Yf, Yt = W_K @ X_fit, W_K @ X_test  # (G, hd, N): the keys of the fit and held-out tokens
+        Mf, Mt = _eig(Yf @ Yf.mT), _eig(Yt @ Yt.mT)  # (G, hd, hd) their second moments
+        latents, white, heldout = _latents(_Fits(Rg, Ug[0], torch.arange(G, device=GQ.device)), Mf, Mt, cfg.ks,
+                                           heads=False)
+        white = _cap(white, bound)
+    return _Keys(heads, stack, latents, _cpu(Sg), _cpu(white), _cpu(heldout))  # type: ignore[arg-type]
+
+
+def _cap(S: torch.Tensor, bound: int | None) -> torch.Tensor:
+    """Singular values S (n, r) with those past ``bound`` set to 0 (None: S)."""
+    if bound is None or bound >= S.shape[-1]:
+        return S
+    S = S.clone()
+    S[..., bound:] = 0
+    return S
+
+
 def analyze_layer(
     layer: int,
     W_O: torch.Tensor,  # (H, d, hd)
@@ -131,6 +178,7 @@ def analyze_layer(
     W_K: torch.Tensor | None = None,  # (G, hd, d)
     X_fit: torch.Tensor | None = None,  # (d, N_fit) attention inputs
     X_test: torch.Tensor | None = None,  # (d, N_test) held-out attention inputs
+    qk_rank_bound: int | None = None,  # the QK forms' rank bound (hd - 1 under centring q/k norms), else None
 ) -> LayerResult:
     """Every number the sweep reports for one layer, batched over its heads: a :class:`LayerResult` with H
     :class:`HeadSpectrum` and G :class:`GroupSpectrum`."""
@@ -145,7 +193,9 @@ def analyze_layer(
     S, R, *U = gram_spectrum(GA, GB[group], vectors=data)
     eps = cfg.rank_eps
     ov = spectra(S, d, eps, cfg.ks)
-    qk = _qk_spectra(W_Q, W_K, group, layer, d, eps) if W_Q is not None and W_K is not None else [None] * H
+    keys = (_keys(layer, W_Q, W_K, group, cfg, X_fit, X_test, qk_rank_bound) if W_Q is not None and W_K is not None
+            else None)
+    qk = keys.heads if keys is not None else [None] * H
     GA_g = torch.zeros(G, hd, hd, dtype=GA.dtype, device=GA.device).index_add_(0, group, GA)  # stacked operator per kv group
     Sg, Rg, *Ug = gram_spectrum(GA_g, GB, vectors=data)
     Sv = batched(torch.linalg.eigvalsh, GB).flip(-1).clamp_min(0).sqrt()  # (G, hd) singular values of W_V^g
@@ -164,9 +214,14 @@ def analyze_layer(
                                                        heads=False)
     group = group.cpu()
     heads = [HeadSpectrum(layer, h, int(group[h]), ov[h], qk[h], head_lat[h]) for h in range(H)]
-    groups = [GroupSpectrum(layer, g, H // G, stack[g], v[g], group_lat[g]) for g in range(G)]
+    groups = [GroupSpectrum(layer, g, H // G, stack[g], v[g], group_lat[g],
+                            keys.stack[g] if keys is not None else None, keys.latents[g] if keys is not None else None)
+              for g in range(G)]
     return LayerResult(layer=layer, heads=heads, groups=groups, group_plain=_cpu(Sg), group_white=_cpu(white_g),
-                       group_white_heldout=_cpu(white_g_heldout))  # the spectra the budget keeps: on the CPU
+                       group_white_heldout=_cpu(white_g_heldout),  # the spectra the budget keeps: on the CPU
+                       key_plain=keys.plain if keys is not None else None,
+                       key_white=keys.white if keys is not None else None,
+                       key_white_heldout=keys.white_heldout if keys is not None else None)
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -188,7 +243,6 @@ def iter_layers(ck: Checkpoint, layers: list[int], cfg: AnalysisConfig, load_dty
 
     if not layers:
         return
-    qk_dtype = torch.float64 if load_dtype == torch.float64 else torch.float32
     buffers = Buffers()  # layer i's factors are dead (``del f``) before layer i + 1 is converted into them
     with ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(load, layers[0])
@@ -196,8 +250,8 @@ def iter_layers(ck: Checkpoint, layers: list[int], cfg: AnalysisConfig, load_dty
             raw = nxt.result()
             nxt = pool.submit(load, layers[i + 1]) if i + 1 < len(layers) else None
             f = read_layer(ck, layer, with_qk=cfg.with_qk, fold_norm=cfg.fold_norm, load_dtype=load_dtype,
-                           raw=raw, qk_dtype=qk_dtype, check_finite=False,  # analyze_layer checks its Grams
-                           buffers=buffers)
+                           raw=raw, check_finite=False,  # analyze_layer checks its Grams
+                           buffers=buffers, fold_qk_norm=True)
             del raw
             yield layer, f
             del f

@@ -2,9 +2,9 @@
 
 - ``run.json``: what produced the latest parts (the run's fingerprint, see :func:`run_id`), for people.
 - ``layer_XXXX.json``: ``{"fingerprint", "head_rows", "group_rows", "group_plain", "group_white",
-  "group_white_heldout"}``: the fingerprint of the run that computed it (model with a content hash, analysis
-  config and dtype, calibration data), the layer's table rows (:mod:`headlens.circuits.sweep_results`) and its
-  kv-group spectra as nested lists. ``--resume`` reuses a part only when its fingerprint equals the current
+  "group_white_heldout", "key_plain", "key_white", "key_white_heldout"}``: the fingerprint of the run that computed
+  it (model with a content hash, analysis config and dtype, calibration data, the parts' format), the layer's table
+  rows (:mod:`headlens.circuits.sweep_results`) and its kv-group value and key spectra as nested lists. ``--resume`` reuses a part only when its fingerprint equals the current
   run's; any other part (another model, ``--k``, ``--fold-norm``, calibration, or weights changed on disk) is
   recomputed and overwritten. Parts are written at once (not staged with the command's output set), so an
   interrupted sweep keeps them.
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 PARTS = "sweep_layers"  # the directory under out_dir
 RUN = "run.json"
+# What a part holds and how it was computed; parts of another format are computed again. 2: the QK columns with
+# q/k norm gains folded, the stacked key operators and their spectra (key_plain, ...).
+FORMAT = 2
 
 
 def texts_hash(texts: list[str]) -> str:
@@ -38,10 +41,11 @@ def texts_hash(texts: list[str]) -> str:
 
 
 def run_id(model: dict, config: dict, texts: list[str] | None, max_tokens: int) -> dict[str, Any]:
-    """What ``run.json`` holds: ``{"model", "config", "data"}`` (``data`` None without calibration texts)."""
+    """What ``run.json`` holds: ``{"model", "config", "data", "format"}`` (``data`` None without calibration
+    texts; ``format`` the parts' :data:`FORMAT`)."""
     return {"model": model, "config": config,
             "data": None if texts is None else {"texts": len(texts), "max_tokens": max_tokens,
-                                                "hash": texts_hash(texts)}}
+                                                "hash": texts_hash(texts)}, "format": FORMAT}
 
 
 def _file_stats(ck: "Checkpoint") -> list[list]:
@@ -165,7 +169,9 @@ class SweepParts:
                            groups=[group_from_row(_table_row(r), ks) for r in part["group_rows"]],
                            group_plain=plain,
                            group_white=_tensor(part["group_white"]),
-                           group_white_heldout=_tensor(part.get("group_white_heldout")))
+                           group_white_heldout=_tensor(part.get("group_white_heldout")),
+                           key_plain=_tensor(part.get("key_plain")), key_white=_tensor(part.get("key_white")),
+                           key_white_heldout=_tensor(part.get("key_white_heldout")))
 
     def start(self, run: dict[str, Any]) -> None:
         """Create the directory and (re)write ``run.json``; later parts carry ``run`` as their fingerprint."""
@@ -181,5 +187,6 @@ class SweepParts:
                 "head_rows": [_json_row(head_row(h)) for h in result.heads],
                 "group_rows": [_json_row(group_row(g)) for g in result.groups],
                 "group_plain": result.group_plain.tolist(), "group_white": _list(result.group_white),
-                "group_white_heldout": _list(result.group_white_heldout)}
+                "group_white_heldout": _list(result.group_white_heldout), "key_plain": _list(result.key_plain),
+                "key_white": _list(result.key_white), "key_white_heldout": _list(result.key_white_heldout)}
         return write_json(self.layer_path(result.layer), part, immediate=True)

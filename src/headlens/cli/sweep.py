@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--k", default=None, metavar="K,K,...",
                    help="latent sizes to report (default 8,16,32,64, those not above head_dim)")
     p.add_argument("--fold-norm", action="store_true", help="fold the pre-attention norm gain into the inputs")
-    p.add_argument("--no-qk", action="store_true", help="skip the QK-circuit spectra (faster)")
+    p.add_argument("--no-qk", action="store_true",
+                   help="skip the QK side: QK spectra, stacked key operators and the key budget (faster)")
     t = p.add_mutually_exclusive_group()
     t.add_argument("--target-error", type=float, default=None, metavar="E",
                    help="budget: smallest latent per kv group with relative error <= E (default 0.1)")

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 def budget_outputs(out_dir: Path, budget: Budget | None, model_name: str, weights: str | None = None) -> list[Path]:
     """The latent-budget tables and chart; returns the written paths (``[]`` when ``budget`` is None):
     ``sweep_budget.csv`` (one row per (layer, kv head); with ``weights``, the model's
-    :func:`~headlens.circuits.sweep_parts.weights_digest`, in a last column ``model_weights`` that
-    ``compress --budget`` checks), ``sweep_budget_layers.csv`` (KV bytes per token before/after, per layer) and
+    :func:`~headlens.circuits.sweep_parts.weights_digest`, in a column ``model_weights`` that ``compress --budget``
+    checks, followed by the key budget's ``key_*`` columns), ``sweep_budget_layers.csv`` (KV bytes per token before/after, per layer) and
     ``sweep_budget.png``."""
     from headlens.report.sweep_figures import budget_chart
 
@@ -39,10 +39,19 @@ def budget_outputs(out_dir: Path, budget: Budget | None, model_name: str, weight
         return []
     out_dir = Path(out_dir)
     data = budget.to_json()
-    rows = [{**r, "model_weights": weights} for r in data["rows"]] if weights else data["rows"]
+    rows = [_budget_row(r, weights) for r in data["rows"]]
     paths = [write_csv(out_dir / BUDGET_CSV, rows), write_csv(out_dir / BUDGET_LAYERS_CSV, data["per_layer"])]
     chart = budget_chart(out_dir / BUDGET_PNG, budget, model_name)
     return paths + ([chart] if chart is not None else [])
+
+
+def _budget_row(row: dict, weights: str | None) -> dict:
+    """A ``sweep_budget.csv`` row: the value budget's columns, ``model_weights``, then the key budget's (``key_*``,
+    appended after the columns older readers know)."""
+    out = {k: v for k, v in row.items() if not k.startswith("key_")}
+    if weights:
+        out["model_weights"] = weights
+    return {**out, **{k: v for k, v in row.items() if k.startswith("key_")}}
 
 
 def write_report(result: SweepResult, out_dir: Path, json_path: Path | None = None,
@@ -103,6 +112,14 @@ def result_lines(result: SweepResult, per_layer: bool = True) -> list[str]:
     lines.append(f"uniform allocation with the same total (k={t.uniform_k:.1f} per kv group): mean/max error "
                  f"{t.mean_err_uniform:.3f}/{t.max_err_uniform:.3f} vs budgeted "
                  f"{t.mean_err_plain:.3f}/{t.max_err_plain:.3f}")
+    if t.key_latent_dims_plain is not None:
+        lines.append(f"keys (stacked W_Q^T W_K, relative position 0): {t.key_latent_dims_plain} latent dims plain"
+                     + (f", {t.key_latent_dims_data} data-aware" if t.key_latent_dims_data is not None else "")
+                     + f" of {len(result.budget.rows) * result.shape.head_dim}; KV bytes/token with key latents too "
+                     f"{t.kv_bytes_after_plain_with_keys} plain ({t.saving_plain_with_keys_pct:.1f}% saved)"
+                     + (f", {t.kv_bytes_after_data_with_keys} data-aware ({t.saving_data_with_keys_pct:.1f}% saved)"
+                        if t.kv_bytes_after_data_with_keys is not None and t.saving_data_with_keys_pct is not None
+                        else ""))
     if data:
         lines.append(f"data-aware latents: predicted mean/max error {t.mean_err_data:.3f}/{t.max_err_data:.3f}"
                      f" (fit tokens), measured on held-out tokens {t.mean_err_data_heldout:.3f}/"

@@ -11,6 +11,7 @@ import numpy as np
 HEADS_STEM = "sweep_heads"  # .csv and .parquet: one row per (layer, query head)
 GROUPS_STEM = "sweep_groups"  # .csv and .parquet: one row per (layer, kv head)
 RANK_PNG = "sweep_rank_e90.png"
+QK_RANK_PNG = "sweep_qk_rank_e90.png"
 ERROR_PNG = "sweep_rel_error.png"
 HELDOUT_PNG = "sweep_white_heldout.png"
 BUDGET_PNG = "sweep_budget.png"

@@ -1,6 +1,7 @@
 """The sweep's pictures: layer x head heatmaps and the latent-budget chart (PNG, written atomically).
 
-- :func:`heatmaps` -> ``sweep_rank_e90.png``, ``sweep_rel_error.png``, ``sweep_white_heldout.png`` (data-aware)
+- :func:`heatmaps` -> ``sweep_rank_e90.png``, ``sweep_qk_rank_e90.png`` (with QK), ``sweep_rel_error.png``,
+  ``sweep_white_heldout.png`` (data-aware)
 - :func:`budget_chart` -> ``sweep_budget.png``
 
 Each heatmap is a plain-data job (:func:`heatmap_jobs`: numpy grids, ids, titles) and a drawing function
@@ -19,8 +20,8 @@ import numpy as np
 
 from headlens.errors import HeadlensError
 from headlens.report.figures import _pyplot, save_figure
-from headlens.report.sweep_common import (ERROR_PNG, HELDOUT_PNG, RANK_PNG, fmt_bytes, fmt_pct, number,
-                                          uniform_label)
+from headlens.report.sweep_common import (ERROR_PNG, HELDOUT_PNG, QK_RANK_PNG, RANK_PNG, fmt_bytes, fmt_pct,
+                                          number, uniform_label)
 
 if TYPE_CHECKING:
     from headlens.circuits.budget import Budget, BudgetTotals
@@ -154,10 +155,13 @@ def _cmap(name: str):
     return matplotlib.colormaps[name].with_extremes(bad="0.85")  # missing heads: light grey
 
 
-def _rank_job(heads: Sequence["HeadSpectrum"], model_name: str) -> dict[str, Any]:
-    grid, layers, ids = _grid(heads, lambda h: h.ov.rank_at.get(90))
+def _rank_job(heads: Sequence["HeadSpectrum"], model_name: str, qk: bool = False) -> dict[str, Any]:
+    """The rank at 90% energy of each head's OV circuit (``qk``: its QK form, at relative position 0)."""
+    grid, layers, ids = _grid(heads, (lambda h: h.qk.rank_at.get(90) if h.qk is not None else None) if qk
+                              else (lambda h: h.ov.rank_at.get(90)))
+    what = "$W_{QK} = W_Q^T W_K$ (relative position 0)" if qk else "$W_{OV}$"
     return {"kind": "rank", "grids": [grid], "layers": layers, "ids": ids, "edges": _group_edges(heads, ids),
-            "title": f"{_mpl_text(model_name)}: rank of $W_{{OV}}$ at 90% energy"}
+            "title": f"{_mpl_text(model_name)}: rank of {what} at 90% energy"}
 
 
 def _draw_rank(path: Path, job: dict[str, Any]) -> Path:
@@ -223,10 +227,12 @@ def heatmap_jobs(out_dir: Path, heads: Sequence["HeadSpectrum"], ks: Sequence[in
         raise HeadlensError("`ks` must name at least one latent size")
     out_dir = Path(out_dir)
     name = str(model_name)
-    jobs = [(out_dir / RANK_PNG, _rank_job(heads, name)),
-            (out_dir / ERROR_PNG, _per_k_job(heads, ks, lambda h, k: h.ov.rel_error.get(k),
-                                             f"{_mpl_text(name)}: relative error of rank-k $W_{{OV}}$, "
-                                             r"$\sqrt{1-E_k}$ (ov_rel_error_k)", "relative error"))]
+    jobs = [(out_dir / RANK_PNG, _rank_job(heads, name))]
+    if any(h.qk is not None for h in heads):
+        jobs.append((out_dir / QK_RANK_PNG, _rank_job(heads, name, qk=True)))
+    jobs += [(out_dir / ERROR_PNG, _per_k_job(heads, ks, lambda h, k: h.ov.rel_error.get(k),
+                                              f"{_mpl_text(name)}: relative error of rank-k $W_{{OV}}$, "
+                                              r"$\sqrt{1-E_k}$ (ov_rel_error_k)", "relative error"))]
     if any(not math.isnan(number(_heldout(h, k))) for h in heads for k in ks):
         jobs.append((out_dir / HELDOUT_PNG, _per_k_job(heads, ks, _heldout,
                                                        f"{_mpl_text(name)}: data-aware latent, error on held-out "
@@ -239,6 +245,7 @@ def heatmaps(out_dir: Path, heads: Sequence["HeadSpectrum"], ks: Sequence[int], 
 
     - ``sweep_rank_e90.png``: OV rank at 90% energy, one (L, H) panel, colour scale from the smallest to the
       largest rank seen;
+    - ``sweep_qk_rank_e90.png``: the same for the QK forms, when the heads have them;
     - ``sweep_rel_error.png``: OV rel_error = sqrt(1 - E_k), one (L, H) panel per k, shared 0..1 scale;
     - ``sweep_white_heldout.png``: the data-aware latent's error on held-out tokens, when the heads have one.
 
@@ -299,8 +306,8 @@ def _totals_line(t: "BudgetTotals") -> str:
 
 def budget_chart(path: Path, budget: "Budget", model_name: str) -> Path | None:
     """``sweep_budget.png``: top panel, latent size per layer (sum of k over the layer's kv groups) for the
-    plain, data-aware (when present) and uniform allocations side by side; bottom panel, KV cache bytes per
-    token per layer before vs after each allocation. Returns ``path``, or None when there is no layer."""
+    plain, data-aware (when present) and uniform allocations side by side, and the plain key latent (with QK);
+    bottom panel, KV cache bytes per token per layer before vs after each allocation (and with key latents too). Returns ``path``, or None when there is no layer."""
     agg = budget.layer_latents()
     if not agg:
         return None
@@ -312,12 +319,17 @@ def budget_chart(path: Path, budget: "Budget", model_name: str) -> Path | None:
     if any(d.k_data is not None for d in agg):
         latent.append(("data-aware latent", [d.k_data for d in agg], "C2"))
     latent.append((f"uniform, {uniform_label(budget.totals.uniform_k)}", [d.k_uniform for d in agg], "C1"))
+    if any(d.key_k_plain is not None for d in agg):
+        latent.append(("key latent, plain (rel. position 0)", [d.key_k_plain for d in agg], "C4"))
     _bars(ax1, layers, latent, "latent dims per token\n(sum over kv groups)", "latent size per layer")
     kv = [("before (full K+V)", [d.kv_bytes_before for d in agg], "0.55"),
           ("after, plain", [d.kv_bytes_after_plain for d in agg], "C0")]
     if any(d.kv_bytes_after_data is not None for d in agg):
         kv.append(("after, data-aware", [d.kv_bytes_after_data for d in agg], "C2"))
     kv.append(("after, uniform", [d.kv_bytes_after_uniform for d in agg], "C1"))
+    with_keys = {p.layer: p.kv_bytes_after_plain_with_keys for p in budget.per_layer}
+    if any(v is not None for v in with_keys.values()):
+        kv.append(("after, key and value latents (plain)", [with_keys.get(d.layer) for d in agg], "C4"))
     _bars(ax2, layers, kv, "KV cache bytes per token", "KV cache bytes per token, before vs after")
     title = f"{_mpl_text(model_name)}: MLA latent budget, target {_mpl_text(budget.target.label())}"
     chars = max(int(width * 72 / (12 * 0.55)), 30)

@@ -16,12 +16,14 @@ from headlens.io.files import atomic_path
 from headlens.io.tables import columns
 from headlens.report.page import CSS, image_tag, model_name
 from headlens.report.page import escape as _e
-from headlens.report.sweep_common import (BUDGET_PNG, ERROR_PNG, HELDOUT_PNG, RANK_PNG, fmt, fmt_bytes, fmt_err,
-                                          fmt_pct, uniform_label)
+from headlens.report.sweep_common import (BUDGET_PNG, ERROR_PNG, HELDOUT_PNG, QK_RANK_PNG, RANK_PNG, fmt, fmt_bytes,
+                                          fmt_err, fmt_pct, uniform_label)
 
 
 _CAPTIONS = {
     RANK_PNG: "Rank of W_OV at 90% energy for every layer and query head.",
+    QK_RANK_PNG: "Rank of the QK form W_Q^T W_K at 90% energy for every layer and query head (relative position 0: "
+                 "no rotary; q/k norm gains folded in).",
     ERROR_PNG: "Relative error sqrt(1 - E_k) of the rank-k W_OV for each latent size k.",
     HELDOUT_PNG: "Data-aware (whitened) latent: error measured on held-out tokens for each k.",
     BUDGET_PNG: "Latent size per layer and KV cache bytes per token under each allocation.",
@@ -94,6 +96,14 @@ def _strategies(budget: Budget) -> list[tuple[str, Any, Any, Any, Any, Any]]:
                                                                                float(t.kv_bytes_before))
     out.append((f"uniform, {uniform_label(t.uniform_k)} per kv group", sum(r.k_uniform for r in budget.rows)
                 if budget.rows else None, after_u, saving_u, t.mean_err_uniform, t.max_err_uniform))
+    if t.key_latent_dims_plain is not None:  # dims and errors are the keys'; bytes with both latents
+        out.append(("key latent, plain (SVD of the stacked W_Q^T W_K); bytes with plain value latents too",
+                    t.key_latent_dims_plain, t.kv_bytes_after_plain_with_keys, t.saving_plain_with_keys_pct,
+                    t.mean_err_key_plain, t.max_err_key_plain))
+    if t.key_latent_dims_data is not None:
+        out.append(("key latent, data-aware (whitened on the key side); bytes with data-aware value latents too",
+                    t.key_latent_dims_data, t.kv_bytes_after_data_with_keys, t.saving_data_with_keys_pct,
+                    t.mean_err_key_data, t.max_err_key_data))
     return out
 
 
@@ -110,6 +120,14 @@ def _budget_notes(budget: Budget) -> list[str]:
                    f"{_e(fmt_err(t.max_err_data_heldout))}; uniform k mean "
                    f"{_e(fmt_err(t.mean_err_uniform_data_heldout))}, max "
                    f"{_e(fmt_err(t.max_err_uniform_data_heldout))}.</p>")
+    if t.key_latent_dims_plain is not None:
+        out.append("<p class=\"note\">Key latents: the error is the relative logit error of the stacked key operator "
+                   "[(W_Q^h)^T W_K^g]_h at relative position 0 (no rotary) for isotropic query inputs; under rotary a key "
+                   "latent is not directly a cache, so the value-only rows are the budget; the key rows show what "
+                   "the keys would add.</p>")
+    if t.mean_err_key_data_heldout is not None:
+        out.append(f"<p class=\"note\">data-aware key latents measured on held-out tokens: mean "
+                   f"{_e(fmt_err(t.mean_err_key_data_heldout))}, max {_e(fmt_err(t.max_err_key_data_heldout))}.</p>")
     return out
 
 
@@ -157,7 +175,7 @@ def _trio(s: Stat, f, bound_f=None) -> str:
     return f"{f(s.mean)} ({bound_f(s.min)}\u2013{bound_f(s.max)})"
 
 
-def _layer_columns(ks: list[int], held: list[int], with_budget: bool) -> list[str]:
+def _layer_columns(ks: list[int], held: list[int], with_budget: bool, qk: bool) -> list[str]:
     cols = ["layer", "heads", "rank e90 mean (min\u2013max)"]
     cols += [f"rel error k={k} mean (min\u2013max)" for k in ks]
     cols += [f"data-aware held-out error k={k} mean" for k in held]
@@ -165,11 +183,14 @@ def _layer_columns(ks: list[int], held: list[int], with_budget: bool) -> list[st
     if with_budget:
         cols += ["latent k plain (sum)", "latent k data-aware (sum)", "KV bytes/token before",
                  "after plain", "after data-aware", "after uniform"]
+    if qk:
+        cols += ["QK rank e90 mean (min\u2013max)", "stacked key rank e90 per kv group"]
+        cols += ["key latent k plain (sum)"] if with_budget else []
     return cols
 
 
 def _layer_cells(a: LayerAggregate, ks: list[int], held: list[int], stacked: list[str],
-                 b: LayerLatents | None, with_budget: bool) -> list[str]:
+                 b: LayerLatents | None, with_budget: bool, keys: list[str] | None = None) -> list[str]:
     cells = [str(a.layer), str(a.heads), _trio(a.rank_e90, lambda v: f"{v:.1f}", lambda v: f"{v:g}")]
     cells += [_trio(a.rel_error[k], fmt_err) for k in ks]
     cells += [fmt_err(a.white_heldout.get(k)) for k in held]
@@ -181,6 +202,9 @@ def _layer_cells(a: LayerAggregate, ks: list[int], held: list[int], stacked: lis
         cells += [fmt(get("k_plain")), fmt(get("k_data")), fmt_bytes(get("kv_bytes_before")),
                   fmt_bytes(get("kv_bytes_after_plain")), fmt_bytes(get("kv_bytes_after_data")),
                   fmt_bytes(get("kv_bytes_after_uniform"))]
+    if keys is not None:
+        cells += [_trio(a.qk_rank_e90, lambda v: f"{v:.1f}", lambda v: f"{v:g}"), ", ".join(keys) or "\u2013"]
+        cells += [fmt(b.key_k_plain if b is not None else None)] if with_budget else []
     return cells
 
 
@@ -191,13 +215,18 @@ def _layer_section(layers: Sequence[LayerResult], budget: Budget | None) -> str:
                for r in layers}
     by_layer = {d.layer: d for d in budget.layer_latents()} if budget is not None else {}
     held = [k for k in ks if any(k in a.white_heldout for a in agg)]
-    head = "".join(f"<th>{_e(c)}</th>" for c in _layer_columns(ks, held, bool(by_layer)))
+    qk = any(g.qk_stack is not None for r in layers for g in r.groups)
+    keys = {r.layer: [fmt(g.qk_stack.rank_at.get(90)) for g in sorted(r.groups, key=lambda g: g.kv_head)
+                      if g.qk_stack is not None] for r in layers}
+    head = "".join(f"<th>{_e(c)}</th>" for c in _layer_columns(ks, held, bool(by_layer), qk))
     body = []
     for a in agg:
-        cells = _layer_cells(a, ks, held, stacked.get(a.layer, []), by_layer.get(a.layer), bool(by_layer))
+        cells = _layer_cells(a, ks, held, stacked.get(a.layer, []), by_layer.get(a.layer), bool(by_layer),
+                             keys.get(a.layer, []) if qk else None)
         body.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     return ("<h2>Per layer</h2><p class=\"note\">Over the layer's query heads: mean (min\u2013max). Stacked rank: "
-            "rank at 90% energy of the stack of W_OV over each kv group's query heads, in kv-head order.</p>"
+            "rank at 90% energy of the stack of W_OV over each kv group's query heads, in kv-head order; stacked "
+            "key rank: the same for the stack of (W_Q^h)^T W_K^g.</p>"
             f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}"
             "</tbody></table></div>")
 
