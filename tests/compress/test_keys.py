@@ -272,3 +272,41 @@ def test_loss_grows_with_the_key_target(model_name):
         assert [e.layer for e in m.key_layers] == [0, 1]
         for e in m.key_layers:
             assert e.key_logit_error is not None and e.key_attention_kl is not None and e.isolated_keys_error >= 0
+
+
+def test_saved_keys_generate_as_the_result_in_memory(tmp_path):
+    """compress with keys, saved (key factors, key_k/key_rotary in the plan), read back with load_compressed and
+    LatentCache.from_pretrained(DIR, model): the same greedy tokens and bytes as the in-memory result's cache; the
+    generate command's pair carries the keys (its cache holds fewer bytes than values-only)."""
+    import json
+
+    import headlens as hl
+    from headlens.compress.generate import GenerateConfig
+    from headlens.compress.pair import from_directory
+    from headlens.io.embedded import default_texts
+
+    texts = default_texts("tiny-lm")
+    cfg = hl.CompressConfig(ks=[16], latents="data-aware", keys="data-aware", max_calib_tokens=256)
+    r = hl.run_compress(hl.ModelSource(embedded="tiny-lm"), cfg, texts.eval[:2], texts.calib[:4], disable=True,
+                        keep_model=True)
+    name = next(c.name for c in r.configurations if c.part == "both")
+    out = tmp_path / "saved"
+    r.save_model(name, out)
+    entry = json.loads((out / "headlens_latent.json").read_text())["layers"][0]
+    assert entry["key_k"] == [16, 16] and entry["key_rotary"] is True and entry["k"] == [16, 16]
+    model, tok = hl.load_compressed(out)
+    ids = tok(texts.eval[0], return_tensors="pt")["input_ids"][:, :10]
+    with torch.no_grad():
+        c1, c2 = hl.LatentCache.from_pretrained(out, model=model), r.latent_cache(name)
+        a = model.generate(ids, past_key_values=c1, max_new_tokens=8, do_sample=False)
+        b = r.kept[0].generate(ids, past_key_values=c2, max_new_tokens=8, do_sample=False)
+    assert a.tolist() == b.tolist()
+    from headlens.compress.decode import position_bytes
+
+    def numbers(cache, model):  # the saved model runs in its stored dtype (bfloat16 here), the result's in float32
+        return (cache.nbytes() - position_bytes(cache)) / next(model.parameters()).element_size()
+
+    assert numbers(c1, model) == numbers(c2, r.kept[0]) and position_bytes(c1) == position_bytes(c2) > 0
+    pair = from_directory(None, GenerateConfig(compressed=str(out)))
+    cache = pair.latent_cache()
+    assert set(cache.key_latents) == set(range(6))

@@ -147,7 +147,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     data = summary(result)
     lines = result_lines(data)
     if save is not None:
-        conf = next(c for c in result.configurations if c.allocation == "budget" or c.budget == "k")
+        part = "both" if cfg.keys != "none" else "values"  # with key latents, the keys-and-values configuration
+        conf = next(c for c in result.configurations
+                    if (c.allocation == "budget" or c.budget == "k") and c.part == part)
         record = next(r for r in data["configurations"] if r["name"] == conf.name)
         digest = hashlib.sha256("\n".join(eval_texts).encode()).hexdigest()[:16]
         info = {"configuration": conf.name, "measured": {k: v for k, v in record.items() if k != "layers"},

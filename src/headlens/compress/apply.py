@@ -413,12 +413,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def save_compressed_model(model: nn.Module, ck, plans: Sequence[LayerPlan], out_dir: str | os.PathLike,
-                          tokenizer=None, info: dict | None = None) -> Path:
+                          tokenizer=None, info: dict | None = None, key_plans: dict | None = None) -> Path:
     """Write the compressed model as an ordinary HuggingFace directory at ``out_dir``: the same architecture with
     every planned layer's value weights replaced by ``W_V^g Q_g`` (``save_pretrained``, safetensors), the tokenizer
     when given, ``headlens_latent.json`` (the plan: per layer the latent kind, k_g per kv group and the predicted
     errors, ``storage_dtype`` and ``compute_dtype``, plus ``info``) and ``latent_factors.safetensors`` (P_g and
-    W_V^g B_g, the matrices an MLA-style cache stores and multiplies).
+    W_V^g B_g, the matrices an MLA-style cache stores and multiplies). With ``key_plans`` (layer ->
+    :class:`~headlens.compress.keys.KeyLayerPlan`) the key latents too: ``key_encode``/``key_up``/``key_bias`` in
+    the factors file and ``key_k``/``key_rotary``/``key_predicted_error`` in the layer entries; the key weights stay
+    as they are (a rotary key latent cannot be put into the weights: ``LatentCache`` applies it).
 
     Every tensor is saved in the type the checkpoint stores it in (a bfloat16 checkpoint stays bfloat16, whatever
     the model computed in), and config.json's ``dtype`` is the checkpoint's, so a plain ``from_pretrained`` runs it
@@ -450,19 +453,29 @@ def save_compressed_model(model: nn.Module, ck, plans: Sequence[LayerPlan], out_
             original = (ck.config or {}).get("dtype") or (ck.config or {}).get("torch_dtype")
             config["dtype"] = original if isinstance(original, str) else _dtype_name(main)
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_latent_factors(plans, tmp / FACTORS_FILE, latents)
+            key_latents = {layer: p.cache_latents() for layer, p in (key_plans or {}).items()}
+            save_latent_factors(plans, tmp / FACTORS_FILE, latents, key_latents=key_latents or None)
             value_dtype = storage.get(values[0].name, main) if values else main
+            entries = {p.layer: {"layer": p.layer, "kind": p.kind, "k": list(p.ks),
+                                 "predicted_error": float(p.predicted_error),
+                                 "groups": [{"kv_head": g.kv_head, "k": int(g.k),
+                                             "predicted_error": float(g.predicted_error)} for g in p.groups]}
+                       for p in plans}
+            for layer, kp in sorted((key_plans or {}).items()):
+                from headlens.compress.key_cache import key_plan_entry
+
+                entries.setdefault(layer, {"layer": layer}).update(
+                    {**key_plan_entry(key_latents[layer]), "key_kind": kp.kind,
+                     "key_predicted_error": float(kp.predicted_error)})
             record = {
                 "format": "headlens-latent-plan/1",
                 "source": {"name": ck.name, "source": ck.source},
-                "construction": "v = W_V^g Q_g x (+ value bias), Q_g = B_g P_g of rank k_g; keys at full size",
+                "construction": "v = W_V^g Q_g x (+ value bias), Q_g = B_g P_g of rank k_g; " + (
+                    "keys cached as c = E_g (k - b) (pre-rotary where key_rotary), rebuilt U_g c + b by LatentCache"
+                    if key_plans else "keys at full size"),
                 "storage_dtype": _dtype_name(value_dtype),  # what the value weights (and the checkpoint) are saved in
                 "compute_dtype": _dtype_name(compute),  # what the run computed and measured in
-                "layers": [{"layer": p.layer, "kind": p.kind, "k": list(p.ks),
-                            "predicted_error": float(p.predicted_error),
-                            "groups": [{"kv_head": g.kv_head, "k": int(g.k),
-                                        "predicted_error": float(g.predicted_error)} for g in p.groups]}
-                           for p in plans],
+                "layers": [entries[layer] for layer in sorted(entries)],
                 **({"info": info} if info else {}),
             }
             (tmp / LATENT_PLAN_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -128,7 +128,8 @@ def from_directory(source, cfg: GenerateConfig) -> Pair:
     if model.get_output_embeddings() is None:
         raise HeadlensError(f"`compressed` {directory} loads without a language-model head: generate needs a causal "
                             "LM")
-    latents, cache_config, cache_notes = read_latents(directory, model)  # checked against the exported model
+    latents, cache_config, cache_notes, key_latents = read_latents(directory, model, with_keys=True)  # checked
+    # against the exported model
     notes = list(cache_notes)
     src = record.get("source") if isinstance(record.get("source"), dict) else {}
     name = str(src.get("name") or directory.name)
@@ -157,7 +158,8 @@ def from_directory(source, cfg: GenerateConfig) -> Pair:
 
         embedded = shipped_model(source)
     return Pair(original=original, compressed=model, tokenizer=tok,
-                latent_cache=lambda: LatentCache(latents, cache_config, list(cache_notes)),
+                latent_cache=lambda: LatentCache(latents, cache_config, list(cache_notes), key_latents=key_latents or None,
+                                                 model=model),
                 model={"name": name, "source": str(src.get("source") or ""), "compressed": str(directory)},
                 latents={"what": str(info.get("configuration") or "/".join(kinds)), "kind": "/".join(kinds),
                          "source": str(directory), "ks": ks, "latent_dims": sum(sum(v) for v in ks.values())},

@@ -211,11 +211,9 @@ class CompressResult:
         if name not in names:
             raise HeadlensError(f"no configuration {name!r}: choose one of {', '.join(names)}")
         model, ck, tok, plans, key_plans = self.kept
-        if key_plans[names.index(name)]:
-            raise HeadlensError(f"configuration {name!r} has key latents: saving keys is not supported yet; save a "
-                                "values-only configuration")
-        return save_compressed_model(model, ck, list(plans[names.index(name)].values()), out_dir, tokenizer=tok,
-                                     info=info)
+        i = names.index(name)
+        return save_compressed_model(model, ck, list(plans[i].values()), out_dir, tokenizer=tok, info=info,
+                                     key_plans=key_plans[i] or None)
 
     def latent_cache(self, name: str):
         """A fresh :class:`~headlens.compress.cache.LatentCache` of configuration ``name`` for the kept model
