@@ -310,3 +310,64 @@ def test_saved_keys_generate_as_the_result_in_memory(tmp_path):
     pair = from_directory(None, GenerateConfig(compressed=str(out)))
     cache = pair.latent_cache()
     assert set(cache.key_latents) == set(range(6))
+
+
+def _design_rotations(info, hd: int, family: str):
+    """The exact design of rotations (each frequency its own multiple of 2 pi n / M) as matrices R_n (hd, hd)."""
+    rot = 2 * len(info.pairs)
+    M = 8 * rot + 8
+    mult = torch.arange(1, rot // 2 + 1, dtype=torch.float64)
+    eye = torch.eye(hd, dtype=torch.float64).reshape(1, 1, hd, hd)
+    out = []
+    for n in range(M):
+        ang = _layout(family, 2 * math.pi * n * mult / M, rot)
+        cos, sin = torch.cos(ang).reshape(1, 1, -1).expand(1, hd, -1), torch.sin(ang).reshape(1, 1, -1).expand(1, hd, -1)
+        R, _ = info.apply(eye, eye, cos, sin)
+        out.append(R.reshape(hd, hd).T)  # R e_i as column i
+    return out
+
+
+def test_predictions_are_the_logit_error_averaged_over_rotations(ckpts):
+    """Random queries and keys of 2 kv groups with Qwen3's rotary: the per-group and the per-frequency cross-head
+    latents' predicted errors equal the relative logit error sum_{q, k} (q^T R (k - k'))^2 averaged over an exact
+    design of rotations R; the cross-head projector commutes with every rotation; it keeps everything at G hd
+    numbers and nothing at 0."""
+    from headlens.compress.keys import KeyMoments
+
+    ck, model = _setup(ckpts, "qwen3", variants_of("qwen3")[0])
+    info = _capture(model, ck).info[0]
+    hd, G = ck.shape.head_dim, 2
+    gen = torch.Generator().manual_seed(3)
+    Q = torch.randn(G, hd, 40, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 2, hd, dtype=torch.float64)[:, None]
+    K = torch.randn(G * hd, 30, generator=gen, dtype=torch.float64)
+    K = (torch.eye(G * hd, dtype=torch.float64) + 0.3 * torch.randn(G * hd, G * hd, generator=gen,
+                                                                     dtype=torch.float64)) @ K  # correlated heads
+    Kg = K.reshape(G, hd, -1)
+    Cq = rotation_average(torch.einsum("gin,gjn->gij", Q, Q), info.pairs)
+    m = KeyMoments(layer=0, Cq=Cq, Ck=torch.einsum("gin,gjn->gij", Kg, Kg), rotary=True, bias=None,
+                   Ck_cross=K @ K.T, pairs=info.pairs)
+    full = plan_keys(m, "data-aware")
+    Rs = _design_rotations(info, hd, "qwen3")
+
+    def averaged(P_group):  # P_group(g) -> keys of group g rebuilt (hd, N)
+        lost = total = 0.0
+        for R in Rs:
+            for g in range(G):
+                L = Q[g].T @ R @ Kg[g]
+                lost += float(((L - Q[g].T @ R @ P_group(g)) ** 2).sum())
+                total += float((L ** 2).sum())
+        return math.sqrt(lost / total)
+
+    for k in (5, 12):
+        plan = cut_keys(full, [k, k])
+        projs = plan.projectors()
+        assert plan.predicted_error == pytest.approx(averaged(lambda g: projs[g] @ Kg[g]), rel=1e-8)
+        freq = plan.frequency_latent()
+        rebuilt = (freq.projector @ K).reshape(G, hd, -1)
+        assert freq.predicted_error == pytest.approx(averaged(lambda g: rebuilt[g]), rel=1e-8)
+        assert sum(freq.ranks) == k  # 2 numbers a direction: G k numbers in all
+        for R in Rs[:5]:
+            big = torch.block_diag(*[R] * G)
+            assert torch.allclose(freq.projector @ big, big @ freq.projector, atol=1e-9)
+    assert full.frequency.at(G * hd).predicted_error == pytest.approx(0.0, abs=1e-7)
+    assert full.frequency.at(0).predicted_error == pytest.approx(1.0)

@@ -35,6 +35,7 @@ plain moments then augment the input with a constant 1 (``[W | b]``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -77,10 +78,15 @@ class KeyLayerPlan:
     rotary: bool
     bias: list[torch.Tensor] | None
     groups: list[KeyGroupLatent]
+    frequency: "FrequencyFit | None" = None  # TransMLA's per-frequency projection across kv heads (G > 1, rotary)
 
     @property
     def ks(self) -> list[int]:
         return [g.k for g in self.groups]
+
+    def frequency_latent(self) -> "FrequencyLatent | None":
+        """The per-frequency cross-head latent with the same numbers per token as these per-group latents."""
+        return self.frequency.at(sum(self.ks)) if self.frequency is not None else None
 
     @property
     def predicted_error(self) -> float:
@@ -111,6 +117,8 @@ class KeyMoments:
     rotary: bool
     bias: list[torch.Tensor] | None  # per group the key bias subtracted before encoding (linear keys), else None
     tokens: int = 0  # how many key tokens Ck sums (0: weights)
+    Ck_cross: torch.Tensor | None = None  # (G hd, G hd): every kv head's keys together (for the frequency latent)
+    pairs: list = dataclasses.field(default_factory=list)  # the rotary dimension pairs (rotary layers)
 
 
 def gram_factor(C: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, float]:
@@ -164,7 +172,10 @@ def plan_keys(m: KeyMoments, kind: str, ks: int | Sequence[int] | None = None) -
     if len(sizes) != G:
         raise HeadlensError(f"`key_k` gives {len(sizes)} key latent sizes for layer {m.layer}, which has {G} kv groups")
     groups = [fit_group(m.layer, g, kind, m.Cq[g], m.Ck[g], sizes[g]) for g in range(G)]
-    return KeyLayerPlan(layer=m.layer, kind=kind, rotary=m.rotary, bias=m.bias, groups=groups)
+    freq = None
+    if m.rotary and G > 1 and m.Ck_cross is not None and 2 * len(m.pairs) == hd and m.bias is None:
+        freq = fit_frequencies(m.Cq, m.Ck_cross, m.pairs)
+    return KeyLayerPlan(layer=m.layer, kind=kind, rotary=m.rotary, bias=m.bias, groups=groups, frequency=freq)
 
 
 def cut_keys(plan: KeyLayerPlan, ks: Sequence[int]) -> KeyLayerPlan:
@@ -181,7 +192,8 @@ def cut_keys(plan: KeyLayerPlan, ks: Sequence[int]) -> KeyLayerPlan:
                                      encode=g.encode[:k].contiguous(), up=g.up[:, :k].contiguous(),
                                      spectrum=g.spectrum, tail=float(torch.linalg.norm(g.spectrum[k:])),
                                      scale=g.scale, ridge=g.ridge))
-    return KeyLayerPlan(layer=plan.layer, kind=plan.kind, rotary=plan.rotary, bias=plan.bias, groups=groups)
+    return KeyLayerPlan(layer=plan.layer, kind=plan.kind, rotary=plan.rotary, bias=plan.bias, groups=groups,
+                        frequency=plan.frequency)
 
 
 # ------------------------------------------------------------------------------------------------ rotary
@@ -308,3 +320,78 @@ def plain_moments(model, ck, layer: int, rotary: bool, pairs: Sequence[tuple[int
     if rotary:
         Cq = rotation_average(Cq, pairs)
     return KeyMoments(layer=layer, Cq=Cq, Ck=Ck, rotary=rotary, bias=bk if bias_subtracted else None)
+
+
+# ------------------------------------------------------------------------------------ per-frequency, across heads
+
+
+@dataclass
+class FrequencyLatent:
+    """TransMLA's (RoRoPE's) key latent at a given size: per frequency pair f a map ``P_f`` (G x G) across the kv
+    heads, applied alike to the pair's two components, so it commutes with the rotation (exact on rotated keys).
+    ``projector`` (G hd, G hd) is the whole map on the layer's pre-rotary keys side by side; ``ranks`` r_f."""
+
+    projector: torch.Tensor
+    ranks: list[int]
+    tail: float
+    scale: float
+
+    @property
+    def predicted_error(self) -> float:
+        return self.tail / self.scale if self.scale > 0 else 0.0
+
+
+@dataclass
+class FrequencyFit:
+    """Per frequency pair (in ``pairs`` order): the whitening factor S_f (G, G), the right singular vectors Vh_f and
+    singular values of ``A_f S_f`` (module docstring of :func:`fit_frequencies`)."""
+
+    G: int
+    hd: int
+    pairs: list
+    S: list
+    Vh: list
+    sv: list
+
+    def at(self, numbers: int) -> FrequencyLatent:
+        """The latent holding ``numbers`` numbers per token (2 per kept direction: both components of a pair): the
+        directions with the largest singular values across every frequency."""
+        order = sorted(((float(v) ** 2, f, i) for f, sv in enumerate(self.sv) for i, v in enumerate(sv)),
+                       reverse=True)
+        keep = order[: max(0, numbers) // 2]
+        ranks = [0] * len(self.pairs)
+        for _, f, _i in keep:
+            ranks[f] += 1
+        total = sum(e for e, _, _ in order)
+        kept = sum(e for e, _, _ in keep)
+        P = torch.zeros(self.G * self.hd, self.G * self.hd, dtype=torch.float64)
+        for f, (a, b) in enumerate(self.pairs):
+            S, V = self.S[f], self.Vh[f][: ranks[f]].T  # (G, G), (G, r)
+            Pf = S @ V @ torch.linalg.solve_triangular(S.T, V, upper=True).T  # S V V^T S^{-1}
+            for d in (a, b):
+                idx = torch.arange(self.G) * self.hd + d
+                P[idx[:, None], idx[None, :]] = Pf
+        return FrequencyLatent(projector=P, ranks=ranks, tail=math.sqrt(max(total - kept, 0.0)),
+                               scale=math.sqrt(total))
+
+
+def fit_frequencies(Cq: torch.Tensor, Ck_cross: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> FrequencyFit:
+    """The per-frequency cross-head fit. For frequency pair (a, b), ``x_a = [k_{g,a}]_g`` and ``x_b`` (G numbers
+    each) turn together under the rotation, so a real map ``W_f`` across heads applied to both commutes with it.
+    Averaged over relative rotations the queries weigh group g's error at that frequency by ``c_{g,f} =
+    C~_q^g[a, a]`` (= ``[b, b]``) and see no cross terms, so the logit error is ``sum_f ||A_f (I - P_f) X_f||^2`` with
+    ``A_f = diag(sqrt(c_{., f}))`` and ``X_f X_f^T = K_f = C[a, a] + C[b, b]`` (G x G blocks of the keys' joint second
+    moment): the per-group fit with heads in place of dimensions. Its spectra add up to the same total as the
+    per-group latents' (the same rotation-averaged logit energy), so the two predictions compare at equal numbers."""
+    G, hd = Cq.shape[0], Cq.shape[-1]
+    S_list, Vh_list, sv_list = [], [], []
+    for a, b in pairs:
+        ia, ib = torch.arange(G) * hd + a, torch.arange(G) * hd + b
+        K = Ck_cross[ia[:, None], ia[None, :]] + Ck_cross[ib[:, None], ib[None, :]]
+        c = Cq[:, a, a].clamp_min(0)
+        S, _ = gram_factor(K)
+        _, sv, Vh = torch.linalg.svd(c.sqrt()[:, None] * S)
+        S_list.append(S)
+        Vh_list.append(Vh)
+        sv_list.append(sv)
+    return FrequencyFit(G=G, hd=hd, pairs=list(pairs), S=S_list, Vh=Vh_list, sv=sv_list)

@@ -110,6 +110,10 @@ class KeyLayerErrors:
     isolated_values_error: float | None
     isolated_both_error: float | None
     attention_accumulated_error: float | None  # everything the configuration compresses, errors propagating
+    # TransMLA's per-frequency projection across kv heads at the same numbers per token (rotary layers, G > 1):
+    key_frequency_predicted_error: float | None = None
+    key_frequency_logit_error: float | None = None
+    key_frequency_attention_kl: float | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -392,6 +396,17 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
     return out
 
 
+def _frequency(plan, sums) -> dict:
+    """The per-frequency cross-head latent's predicted and measured numbers, where the layer has one."""
+    freq = plan.frequency_latent() if plan is not None else None
+    if freq is None:
+        return {}
+    f = sums.frequency
+    return {"key_frequency_predicted_error": freq.predicted_error,
+            "key_frequency_logit_error": _ratio(f.logit_lost, f.logit_total) if f.rows else None,
+            "key_frequency_attention_kl": f.kl / f.rows if f.rows else None}
+
+
 def _key_result(key_plans: Mapping, sums: Mapping, info: Mapping) -> list[KeyLayerErrors]:
     out = []
     for layer in sorted(sums):
@@ -408,7 +423,7 @@ def _key_result(key_plans: Mapping, sums: Mapping, info: Mapping) -> list[KeyLay
             key_logit_error=_ratio(s.logit_lost, s.logit_total) if plan else None,
             key_attention_kl=s.kl / s.rows if plan and s.rows else None,
             isolated_keys_error=part("keys"), isolated_values_error=part("values"), isolated_both_error=part("both"),
-            attention_accumulated_error=part("acc")))
+            attention_accumulated_error=part("acc"), **_frequency(plan, s)))
     return out
 
 

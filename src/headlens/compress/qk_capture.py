@@ -50,6 +50,15 @@ class LayerSums:
     kl: float = 0.0
     rows: int = 0
     out: dict = field(default_factory=dict)  # "keys"/"values"/"both"/"acc" -> [lost, total]
+    frequency: "LayerSums | None" = None  # the per-frequency cross-head latent's logit sums (rotary, G > 1)
+
+    def __post_init__(self):
+        if self.frequency is None and type(self) is LayerSums:
+            self.frequency = _FrequencySums()
+
+
+class _FrequencySums(LayerSums):
+    """The frequency latent's own logit sums (no nested frequency sums)."""
 
 
 def _add(d: dict, key: str, lost: float, total: float) -> None:
@@ -174,16 +183,17 @@ class KeyState:
             k = k - torch.stack(bias)[:, None, :]
         Cq = torch.einsum("gnti,gntj->gij", q.reshape(G, H // G, *q.shape[1:]), q.reshape(G, H // G, *q.shape[1:]))
         Ck = torch.einsum("gti,gtj->gij", k, k)
-        acc = self.moments.setdefault(layer, [0, 0, 0])
-        acc[0], acc[1], acc[2] = acc[0] + Cq, acc[1] + Ck, acc[2] + k.shape[1]
+        flat = k.transpose(0, 1).reshape(k.shape[1], -1)  # (T, G hd): every kv head's key side by side
+        acc = self.moments.setdefault(layer, [0, 0, 0, 0])
+        acc[0], acc[1], acc[2], acc[3] = acc[0] + Cq, acc[1] + Ck, acc[2] + k.shape[1], acc[3] + flat.T @ flat
 
     def key_moments(self) -> dict[int, KeyMoments]:
         out = {}
-        for layer, (Cq, Ck, n) in sorted(self.moments.items()):
+        for layer, (Cq, Ck, n, cross) in sorted(self.moments.items()):
             info = self.info[layer]
             Cq = rotation_average(Cq, info.pairs) if info.rotary else Cq
             out[layer] = KeyMoments(layer=layer, Cq=Cq, Ck=Ck, rotary=info.rotary, bias=self.bias.get(layer),
-                                    tokens=int(n))
+                                    tokens=int(n), Ck_cross=cross, pairs=list(info.pairs))
         return out
 
     # -------------------------------------------------------------------------------------------- compress
@@ -196,6 +206,13 @@ class KeyState:
         k2 = torch.matmul(k - b, P.transpose(1, 2)) + b
         return self.rotate(module, info, k2, inverse=False)
 
+    def compress_across(self, module, info: LayerInfo, key: torch.Tensor, freq) -> torch.Tensor:
+        """Keys [B, G, T, hd] through the per-frequency cross-head latent (its projector on the pre-rotary keys)."""
+        k = self.rotate(module, info, key.detach().to(torch.float64), inverse=True)
+        B, G, T, hd = k.shape
+        flat = k.transpose(1, 2).reshape(B, T, G * hd) @ freq.projector.to(k.device).T
+        return self.rotate(module, info, flat.reshape(B, T, G, hd).transpose(1, 2), inverse=False).to(key.dtype)
+
     def _isolated(self, c, module, layer, info, query, key, value, mask, kwargs, run, out) -> None:
         plan, vfac = self.configs[c][layer]
         sums = self._sums(c, layer)
@@ -205,6 +222,10 @@ class KeyState:
         v2 = _values(vfac, value) if vfac is not None else None
         if k2 is not None:
             _logit_errors(sums, module, query, key, k2, mask, kwargs)
+            freq = plan.frequency_latent()
+            if freq is not None:
+                _logit_errors(sums.frequency, module, query, key, self.compress_across(module, info, key, freq), mask,
+                              kwargs)
             _add(sums.out, "keys", _lost(run(module, query, k2, value, mask, **kwargs)[0], o), total)
         if v2 is not None:
             _add(sums.out, "values", _lost(run(module, query, key, v2, mask, **kwargs)[0], o), total)

@@ -340,6 +340,26 @@ def key_configurations(cfg: CompressConfig, confs: list[Configuration], key_full
     return out
 
 
+def frequency_notes(confs: list[Configuration], measured: list) -> list[str]:
+    """Per configuration with key latents, which of the two key latents lost less at equal bytes (measured isolated
+    logit error, layer by layer): the per-group latent the cache stores, or TransMLA's per-frequency projection
+    across kv heads, which the cache does not store yet."""
+    out = []
+    for c, m in zip(confs, measured):
+        pairs = [(e.layer, e.key_logit_error, e.key_frequency_logit_error) for e in m.key_layers
+                 if e.key_logit_error is not None and e.key_frequency_logit_error is not None]
+        if not pairs or c.part == "both":
+            continue
+        wins = [layer for layer, g, f in pairs if f < g]
+        out.append(f"{c.name}: at equal bytes the per-frequency cross-head key latent (TransMLA) lost "
+                   + (f"less in layers {', '.join(map(str, wins))}; the cache still stores the per-group latent "
+                      "there (no cache layer for the cross-head form yet)" if wins else
+                      f"more than the per-group latent in all {len(pairs)} layers (logit error "
+                      f"{min(f / g for _, g, f in pairs if g > 0):.1f}x to {max(f / g for _, g, f in pairs if g > 0):.1f}x)"
+                      if all(g > 0 for _, g, _f in pairs) else "more than the per-group latent in every layer"))
+    return out
+
+
 def zero_notes(confs: list[Configuration]) -> list[str]:
     """One note per configuration that gives some kv groups a latent of 0: their values are removed."""
     out = []
@@ -458,6 +478,7 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
                                           disable)
         checks = [checks_of[k] for k in keys]
         seconds["generate"] = time.perf_counter() - t
+    notes += frequency_notes(confs, [by_key[k] for k in keys])
     seconds["total"] = time.perf_counter() - t0
     return CompressResult(model={**ck.describe(), "weights_digest": digest}, name=ck.name, task=measured[0].task,
                           layers=layers, config=cfg, calibration_tokens=n_calib, ridge=ridge, configurations=confs,
