@@ -181,7 +181,12 @@ def _own(config) -> str:
 
 def _fallback(module):
     """The attention function the model ran before :func:`absorbed_attention`: sdpa, or the family's own eager."""
-    if _own(module.config) == "sdpa":
+    return implementation(module, _own(module.config))
+
+
+def implementation(module, impl: str):
+    """The attention function ``impl`` ("sdpa", or eager: the family's own) for the attention ``module``."""
+    if impl == "sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward

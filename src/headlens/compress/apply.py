@@ -46,12 +46,21 @@ def value_tensor(model: nn.Module, ck, layer: int) -> ValueTensor:
 
     Raises HeadlensError (one line) when the model has no such layer or parameter, or when its shape is not the
     one the checkpoint's shape implies (a model from another checkpoint)."""
+    where, role, module, param, blocks = _projection(model, ck, layer, "v", "value")
+    return ValueTensor(name=where, checkpoint_name=ck.layer_keys(layer).name(role), module=module,
+                       param=param, blocks=blocks)
+
+
+def _projection(model: nn.Module, ck, layer: int, role: str, what: str) -> tuple:
+    """(full name, stored role, module, parameter, per-head blocks) of ``role``'s projection ("q", "k" or "v") of
+    ``layer`` in ``model``, checked against the shapes ``ck`` implies (one-line HeadlensError naming ``what``)."""
     from headlens.residual.modules import find_layer
 
     s, layout = ck.shape, ck.spec.layout
-    blocks = [layout.head_block("v", g, s.num_heads, s.num_kv_heads, s.head_dim) for g in range(s.num_kv_heads)]
-    role = blocks[0].tensor  # "v" or "qkv"
-    rel = getattr(layout, role)
+    n = s.num_heads if role == "q" else s.num_kv_heads
+    blocks = [layout.head_block(role, h, s.num_heads, s.num_kv_heads, s.head_dim) for h in range(n)]
+    stored = blocks[0].tensor  # the role itself, or "qkv"
+    rel = getattr(layout, stored)
     path, layer_mod = find_layer(model, ck.spec, layer)
     mod_rel, attr = rel.rsplit(".", 1)
     where = f"{path}.{rel}"
@@ -61,14 +70,13 @@ def value_tensor(model: nn.Module, ck, layer: int) -> ValueTensor:
         module = None
     param = getattr(module, attr, None) if module is not None else None
     if not isinstance(param, torch.Tensor):
-        raise HeadlensError(f"`model` has no tensor {where} holding layer {layer}'s value weights "
-                            f"({ck.layer_keys(layer).name(role)} in {ck.name})")
-    want = layout.shapes(s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size)[role]
+        raise HeadlensError(f"`model` has no tensor {where} holding layer {layer}'s {what} weights "
+                            f"({ck.layer_keys(layer).name(stored)} in {ck.name})")
+    want = layout.shapes(s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size)[stored]
     if tuple(param.shape) != want:
         raise HeadlensError(f"`model` tensor {where} has shape {tuple(param.shape)}, but {ck.name} implies {want}: "
                             "the model was not loaded from this checkpoint")
-    return ValueTensor(name=where, checkpoint_name=ck.layer_keys(layer).name(role), module=module,  # type: ignore[arg-type]
-                       param=param, blocks=blocks)  # type: ignore[arg-type]
+    return where, stored, module, param, blocks
 
 
 @dataclass
@@ -106,28 +114,10 @@ class HeadProjection:
 
 
 def head_projection(model: nn.Module, ck, layer: int, role: str) -> HeadProjection:
-    """The :class:`HeadProjection` of ``role`` ("q" or "k") of ``layer``, found as :func:`value_tensor` finds the
-    values (the same checks)."""
-    from headlens.residual.modules import find_layer
-
-    s, layout = ck.shape, ck.spec.layout
-    n = s.num_heads if role == "q" else s.num_kv_heads
-    blocks = [layout.head_block(role, h, s.num_heads, s.num_kv_heads, s.head_dim) for h in range(n)]
-    rel = getattr(layout, blocks[0].tensor)
-    path, layer_mod = find_layer(model, ck.spec, layer)
-    mod_rel, attr = rel.rsplit(".", 1)
-    try:
-        module = layer_mod.get_submodule(mod_rel)
-    except AttributeError:
-        module = None
-    param = getattr(module, attr, None) if module is not None else None
-    if not isinstance(param, torch.Tensor):
-        raise HeadlensError(f"`model` has no tensor {path}.{rel} holding layer {layer}'s {role} weights")
-    want = layout.shapes(s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size)[blocks[0].tensor]
-    if tuple(param.shape) != want:
-        raise HeadlensError(f"`model` tensor {path}.{rel} has shape {tuple(param.shape)}, but {ck.name} implies "
-                            f"{want}: the model was not loaded from this checkpoint")
-    return HeadProjection(module=module, param=param, blocks=blocks)  # type: ignore[arg-type]
+    """The :class:`HeadProjection` of ``role`` ("q" or "k") of ``layer``, found and checked as :func:`value_tensor`
+    finds the values."""
+    _, _, module, param, blocks = _projection(model, ck, layer, role, {"q": "query", "k": "key"}[role])
+    return HeadProjection(module=module, param=param, blocks=blocks)
 
 
 def _read(param: torch.Tensor, block) -> torch.Tensor:

@@ -323,15 +323,9 @@ def _attention_forward(module, query, key, value, attention_mask, **kwargs):
 
 
 def _fallback(module, state):
-    impl = state.previous.get(id(module.config), "eager") if state is not None else "eager"
-    if impl == "sdpa":
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from headlens.compress.absorbed import implementation
 
-        return sdpa_attention_forward
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if eager is None:
-        raise HeadlensError(f"{type(module).__name__} has no eager attention function to fall back on")
-    return eager
+    return implementation(module, state.previous.get(id(module.config), "eager") if state is not None else "eager")
 
 
 def _mask(*args, **kwargs):
