@@ -150,7 +150,7 @@ def scatter(path: Path, summary: dict) -> Path:
                 top = max(top, float(x), float(y))
         for (latent, allocation, hollow), (xs, ys) in groups.items():
             kinds[(latent, allocation)] = None
-            if hollow:  # values + keys: the value errors with the keys compressed too
+            if hollow:  # a values + keys configuration: hollow, so the values-alone point under it shows
                 any_hollow = True
                 ax.scatter(xs, ys, s=34, facecolors="none", edgecolors=_colour(latent), marker=_marker(allocation),
                            alpha=0.8, linewidths=1.1, zorder=3)
