@@ -144,3 +144,40 @@ def test_comparison_sentence_without_value():
     assert comparison_sentence(c) == "at 50.0% saved: x KL 0.1000 vs y \u2013 -> not comparable (a value is missing)"
     c = copy.deepcopy(c) | {"metric": "embedding_cosine_mean", "b_value": 0.1, "better": "equal"}
     assert comparison_sentence(c).endswith("cosine 0.1000 vs y 0.1000 -> equal")
+
+
+def _values_only_key_layers(record: dict) -> list[dict]:
+    """What a --keys run records for a configuration that compresses values alone: its attention errors, no keys."""
+    return [{"layer": e["layer"], "key_kind": None, "key_ks": None, "rotary": True, "key_predicted_error": None,
+             "key_logit_error": None, "key_attention_kl": None, "isolated_keys_error": None,
+             "isolated_values_error": e["isolated_error"], "isolated_both_error": None,
+             "attention_accumulated_error": e["accumulated_error"]} for e in record["layers"]]
+
+
+@pytest.mark.parametrize("key_layers", ["none", "values only"])
+def test_without_key_latents_nothing_changes(tmp_path: Path, key_layers: str):
+    """The key fields of a run without key latents (part "values", no key layers), or of a --keys run's
+    values-alone configurations, leave the pictures and the page byte for byte as without them; a configuration
+    with keys does change them (so the comparison can fail)."""
+    before = _summary()
+    after = copy.deepcopy(before)
+    for r in after["configurations"]:
+        r.update(part="values", key_latent=None, key_dims=0, key_ks=None,
+                 key_layers=[] if key_layers == "none" else _values_only_key_layers(r))
+    after["keys"] = "none" if key_layers == "none" else "data-aware"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    text_a, images_a = _page(tmp_path / "a", before)
+    text_b, images_b = _page(tmp_path / "b", after)
+    assert [p.read_bytes() for p in images_a] == [p.read_bytes() for p in images_b]
+    assert text_a == text_b
+
+    keyed = after["configurations"][0]
+    keyed["part"], keyed["key_latent"], keyed["key_dims"] = "both", "data-aware", 96
+    keyed["key_layers"] = [e | {"key_kind": "data-aware", "key_ks": [16, 16], "key_predicted_error": 0.3,
+                                "key_logit_error": 0.2, "key_attention_kl": 0.01, "isolated_keys_error": 0.1,
+                                "isolated_both_error": 0.2} for e in _values_only_key_layers(keyed)]
+    (tmp_path / "c").mkdir()
+    text_c, images_c = _page(tmp_path / "c", after)
+    assert all(a.read_bytes() != c.read_bytes() for a, c in zip(images_a, images_c))
+    assert text_c != text_a and "Keys per layer" in text_c

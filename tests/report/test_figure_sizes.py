@@ -53,6 +53,10 @@ COMMANDS: dict[str, list[list[str]]] = {
     "toy-cluster": [["toy", "cluster", "--depth", "3", "--out-dir", "{out}"]],
     "compress": [["compress", "--model", "tiny-lm", "--layers", "0,1", "--target-error", "0.2",
                   "--calib", "{tmp}/calib.txt", "--eval", "{tmp}/eval.txt", "--out-dir", "{out}"]],
+    # key latents: the scatter gains a fourth panel, the trade-off a line per part
+    "compress-keys": [["compress", "--model", "tiny-lm", "--layers", "0,1", "--k", "16", "--latent", "data-aware",
+                       "--keys", "data-aware", "--calib", "{tmp}/calib.txt", "--eval", "{tmp}/eval.txt",
+                       "--out-dir", "{out}"]],
 }
 
 # (command, file name relative to its output directory, bounds, marks)
@@ -78,6 +82,8 @@ CASES = [
     ("toy-cluster", "sphere_metrics.png", PNG_BOUNDS, ()),
     ("compress", "compress_scatter.png", PNG_BOUNDS, ()),
     ("compress", "compress_tradeoff.png", PNG_BOUNDS, ()),
+    ("compress-keys", "compress_scatter.png", PNG_BOUNDS, ()),
+    ("compress-keys", "compress_tradeoff.png", PNG_BOUNDS, ()),
 ]
 
 

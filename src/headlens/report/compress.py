@@ -3,9 +3,10 @@
 
 Files in ``out_dir``: ``compress_summary.json`` (per configuration the issue's fields and its layers),
 ``compress_layers.csv`` (one row per configuration and layer: the four errors side by side),
-``compress_tradeoff.csv`` (one row per configuration), ``compress_scatter.png`` (predicted against measured per
-layer, with the diagonal), ``compress_tradeoff.png`` (KV saving against KL, or against embedding cosine for
-encoders) and ``compress.html`` (all of it on one self-contained page).
+``compress_tradeoff.csv`` (one row per configuration), with key latents ``compress_keys.csv`` (one row per
+configuration and layer: the key errors), ``compress_scatter.png`` (predicted against measured per layer, with the
+diagonal; with key latents a keys panel), ``compress_tradeoff.png`` (KV saving against KL, or against embedding
+cosine for encoders; with key latents a line per part) and ``compress.html`` (all of it on one self-contained page).
 """
 
 from __future__ import annotations
