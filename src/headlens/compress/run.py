@@ -137,7 +137,7 @@ class Configuration:
     name: str  # e.g. "data-aware error<=0.1", "uniform (same bytes as plain error<=0.1)"
     budget: str  # target-error, target-energy, k, file
     target: Any  # the target value, the uniform k, or the budget file's name
-    latent: str  # plain or data-aware
+    latent: str | None  # plain or data-aware (None: keys alone, no value latent)
     allocation: str  # "budget" (the target's sizes) or "uniform"
     ks: Ks
     matches: str | None = None  # for a uniform allocation: the name of the budget it has the bytes of
@@ -327,8 +327,8 @@ def key_configurations(cfg: CompressConfig, confs: list[Configuration], key_full
             alone = f"keys {cfg.keys} {label}"
             if alone not in names:
                 names.add(alone)
-                out.append(Configuration(alone, c.budget, c.target, c.latent, c.allocation, {}, key_ks=kk,
-                                         key_latent=cfg.keys, part="keys"))
+                out.append(Configuration(alone, c.budget, c.target, None, c.allocation, {}, key_ks=kk,
+                                         key_latent=cfg.keys, part="keys"))  # no value latent
             out.append(dataclasses.replace(c, name=f"{c.name} + keys {cfg.keys}", key_ks=kk, key_latent=cfg.keys,
                                            part="both"))
         else:

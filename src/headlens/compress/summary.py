@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 NOTES = [
     "Construction: per layer and kv group g the cache stores c = P_g x (k_g numbers per token) instead of the "
     "group's values, rebuilt as v = W_V^g B_g c (+ value bias): the model with W_V^g replaced by W_V^g Q_g, "
-    "Q_g = B_g P_g of rank k_g. Keys stay at full size (a key latent under RoPE needs a partial-RoPE split, as "
-    "MHA2MLA and TransMLA do; not done here), so the saving is at most 50%.",
+    "Q_g = B_g P_g of rank k_g. Keys stay at full size unless `keys` is plain or data-aware (KEYS_NOTE), so a "
+    "values-only saving is at most 50%.",
     "plain: Q_g = V_k V_k^T from the stacked operator M_g = [W_O^h W_V^g] over the group's query heads; "
     "data-aware: Q_g = S V_k V_k^T S^-1 with S S^T = X X^T on the calibration tokens, V_k from M_g S.",
     "predicted_error: the spectrum's prediction (the sweep's); value_path_error: ||M_g (v - v')|| over the "
@@ -35,6 +35,16 @@ NOTES = [
     "float64 log-softmax. A perplexity beyond float64 (a mean loss above 709.8 nats) is null in JSON with "
     "ppl_before_overflow / ppl_after_overflow true, and printed as inf.",
 ]
+
+KEYS_NOTE = (
+    "Keys: per layer and kv group the cache stores c = E_g (k - b) (pre-rotary keys, un-rotated with the family's "
+    "own rotary, in rotary layers) and rebuilds k' = U_g c + b, turned back by each token's position; E_g, U_g from "
+    "the query-weighted key moments (plain: the weights; data-aware: the calibration tokens' own queries and keys), "
+    "the queries averaged over relative rotations. key_predicted_error: the spectrum's relative logit error (the "
+    "expectation over relative rotations in rotary layers); key_logit_error and key_attention_kl: measured, only "
+    "that layer's keys compressed; isolated_keys/values/both_error and attention_accumulated_error: the attention "
+    "output (before the output projection), relative. part: values, keys or both; comparisons pit like against "
+    "like. key_frequency_*: TransMLA's per-frequency cross-head latent at the same numbers per token (not cached).")
 
 ENCODER_NOTE = (
     "An encoder keeps no KV cache: every token's keys and values are computed in one pass and dropped, so the KV "
@@ -153,10 +163,12 @@ def comparisons(records: list[dict], task: str) -> list[dict]:
             out.append({"metric": metric, "saving": b["saving"], "a": b["name"], "a_value": _measure_of(b, task),
                         "b": r["name"], "b_value": _measure_of(r, task),
                         "better": winner("budget", _measure_of(b, task), "uniform", _measure_of(r, task))})
-    plain = [(r["saving"], _measure_of(r, task)) for r in records
-             if r["latent"] == "plain" and r["allocation"] == "budget" and _measure_of(r, task) is not None]
     for r in records:
-        if r["latent"] == "data-aware" and r["allocation"] == "budget" and plain:
+        part = r.get("part", "values")
+        plain = [(q["saving"], _measure_of(q, task)) for q in records
+                 if q["latent"] == "plain" and q["allocation"] == "budget" and q.get("part", "values") == part
+                 and _measure_of(q, task) is not None]
+        if r["latent"] == "data-aware" and r["allocation"] == "budget" and part != "keys" and plain:
             p = _interpolate(plain, r["saving"])  # type: ignore[arg-type]
             out.append({"metric": metric, "saving": r["saving"], "a": r["name"], "a_value": _measure_of(r, task),
                         "b": "plain budgets (interpolated at this saving)", "b_value": p,
@@ -177,7 +189,7 @@ def summary(result: CompressResult) -> dict[str, Any]:
             "configurations": records, "comparisons": comparisons(records, result.task),
             "generate": ({"tokens": cfg.generate, "prompt": result.generate_prompt} if result.cache_checks else None),
             "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
-            "notes": [*result.notes, *_check_notes(result), *NOTES,
+            "notes": [*result.notes, *_check_notes(result), *NOTES, *([KEYS_NOTE] if cfg.keys != "none" else []),
                       *([ENCODER_NOTE] if result.task != "causal-lm" else []),
                       *([GENERATE_NOTE] if result.cache_checks else [])]}
 
