@@ -283,14 +283,15 @@ def configurations(cfg: CompressConfig, full: dict[str, dict[int, LayerPlan]], c
 
 
 def key_configurations(cfg: CompressConfig, confs: list[Configuration], key_full: dict, ck,
-                       budget_key_ks: Ks | None = None) -> list[Configuration]:
+                       budget_key_ks: Ks | None = None, notes: list[str] | None = None) -> list[Configuration]:
     """With key latents (``cfg.keys``): per budget configuration of ``confs`` the keys alone (``keys <kind>
     <label>``, once per budget value) and keys with values (``<name> + keys``), and per uniform one the same bytes
     spread uniformly over keys and values. Key sizes: ``cfg.key_ks`` (one for every budget value, or one each), else
     the same budget as the values (``k`` the same size; a target cut from the key spectra; a budget file's key
-    columns)."""
+    columns). A size of 0 for some key latent gives no keys configuration (a note in ``notes`` says so)."""
     from headlens.circuits.budget import BudgetTarget
 
+    notes = notes if notes is not None else []
     s = ck.shape
     layers = sorted(key_full)
     kind = cfg.budget_kind()
@@ -323,6 +324,12 @@ def key_configurations(cfg: CompressConfig, confs: list[Configuration], key_full
     for c in confs:
         label = _label(kind, c.target)
         kk = sizes(c.target)
+        if any(k == 0 for v in kk.values() for k in v):
+            note = (f"{label}: a key latent of 0 numbers stores no key (every logit the same): no keys "
+                    "configuration at this size")
+            if note not in notes:
+                notes.append(note)
+            continue
         if c.allocation == "budget" or c.budget == "k":
             alone = f"keys {cfg.keys} {label}"
             if alone not in names:
@@ -448,7 +455,7 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     X.clear()
     confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
     if key_full:
-        confs = confs + key_configurations(cfg, confs, key_full, ck, _budget_keys(cfg, ck, digest))
+        confs = confs + key_configurations(cfg, confs, key_full, ck, _budget_keys(cfg, ck, digest), notes)
     seconds["fit"] = time.perf_counter() - t
     ridge = {layer: max(g.ridge for g in p.groups) for layer, p in full.get("data-aware", {}).items()}
     removed = zero_notes(confs)
