@@ -371,3 +371,32 @@ def test_predictions_are_the_logit_error_averaged_over_rotations(ckpts):
             assert torch.allclose(freq.projector @ big, big @ freq.projector, atol=1e-9)
     assert full.frequency.at(G * hd).predicted_error == pytest.approx(0.0, abs=1e-7)
     assert full.frequency.at(0).predicted_error == pytest.approx(1.0)
+
+
+def test_a_sweep_budget_sizes_the_keys(tmp_path):
+    """`headlens sweep` writes key_k_plain next to k_plain; compress with that budget and plain keys gives every kv
+    group the sweep's key size (and the values theirs); an old budget without key columns asks for key_ks."""
+    import headlens as hl
+    from headlens.cli import main
+    from headlens.io.embedded import default_texts
+    from headlens.io.tables import read_table, write_csv
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", "tiny-lm", "--target-error", "0.3", "--out-dir", str(out)]) == 0
+    budget = out / "sweep_budget.csv"
+    rows = read_table(budget)
+    want = {}
+    for r in rows:
+        want.setdefault(r["layer"], {})[r["kv_head"]] = r["key_k_plain"]
+    texts = default_texts("tiny-lm")
+    cfg = hl.CompressConfig(budget=budget, latents="plain", keys="plain")
+    res = hl.run_compress(hl.ModelSource(embedded="tiny-lm"), cfg, texts.eval[:2], disable=True)
+    both = next(c for c in res.configurations if c.part == "both" and c.allocation == "budget")
+    assert both.key_ks == {layer: [per[g] for g in sorted(per)] for layer, per in sorted(want.items())}
+    assert len({k for v in both.key_ks.values() for k in v}) > 1  # the budget differs between groups
+    old = tmp_path / "old_budget.csv"
+    write_csv(old, [{k: v for k, v in r.items() if not k.startswith("key_")} for r in rows])
+    with pytest.raises(HeadlensError, match="has no key sizes"):
+        hl.run_compress(hl.ModelSource(embedded="tiny-lm"), hl.CompressConfig(budget=old, latents="plain",
+                                                                             keys="plain"), texts.eval[:2],
+                        disable=True)
