@@ -155,6 +155,12 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compress", ["--save-model", "{dir}/m", "--out-dir", "{dir}/m", "--k", "8", "--latent", "plain"],
      "give it a directory of its own"),
     ("compress", ["--latent", "fancy"], "invalid choice"),
+    ("compress", ["--k", "8", "--key-k", "8"], "--key-k sizes key latents: choose --keys plain or data-aware too"),
+    ("compress", ["--k", "8", "--keys", "plain", "--key-k", "65"], "--key-k 65 is above head_dim 64"),
+    ("compress", ["--k", "8,16,24", "--keys", "plain", "--key-k", "8,8"], "--key-k gives 2 sizes for 3 budget values"),
+    ("compress", ["--keys", "fancy"], "invalid choice"),
+    ("compress", ["--weights", "{bloom}", "--eval", "{evalfile}", "--k", "8", "--latent", "plain", "--keys", "plain"],
+     "computes attention itself"),
     ("compress", ["--kv-bytes", "0"], "--kv-bytes 0"),
     ("compress", ["--layers", "6"], "out of range"),
     ("compress", ["--weights", "{bare}", "--num-heads", "4", "--eval", "{evalfile}", "--latent", "plain"],
@@ -257,7 +263,8 @@ def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad-inputs")
     paths = {"qwen3": ckpts.path("qwen3", "gqa", "hf_dir"), "bare": ckpts.path("qwen3", "gqa", "safetensors"),
              "pt": ckpts.path("llama", "gqa", "pt"), "neox": ckpts.path("gpt_neox", "mha", "hf_dir"),
-             "moe": ckpts.path("qwen3_moe", "gqa", "hf_dir"), "bert": ckpts.path("bert", "mha", "hf_dir")}
+             "moe": ckpts.path("qwen3_moe", "gqa", "hf_dir"), "bert": ckpts.path("bert", "mha", "hf_dir"),
+             "bloom": ckpts.path("bloom", "mha", "hf_dir")}
     model = build_model("qwen3", "gqa")
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight[:, 16:32] = 0
