@@ -159,8 +159,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compress", ["--k", "8", "--keys", "plain", "--key-k", "65"], "--key-k 65 is above head_dim 64"),
     ("compress", ["--k", "8,16,24", "--keys", "plain", "--key-k", "8,8"], "--key-k gives 2 sizes for 3 budget values"),
     ("compress", ["--keys", "fancy"], "invalid choice"),
-    ("compress", ["--weights", "{bloom}", "--eval", "{evalfile}", "--k", "8", "--latent", "plain", "--keys", "plain"],
-     "computes attention itself"),
+    ("compress", ["--weights", "{gptj}", "--eval", "{evalfile}", "--k", "8", "--latent", "plain", "--keys", "plain"],
+     "turns its keys inside attention"),
     ("compress", ["--kv-bytes", "0"], "--kv-bytes 0"),
     ("compress", ["--layers", "6"], "out of range"),
     ("compress", ["--weights", "{bare}", "--num-heads", "4", "--eval", "{evalfile}", "--latent", "plain"],
@@ -264,7 +264,7 @@ def inputs(tmp_path_factory, ckpts) -> dict[str, str]:
     paths = {"qwen3": ckpts.path("qwen3", "gqa", "hf_dir"), "bare": ckpts.path("qwen3", "gqa", "safetensors"),
              "pt": ckpts.path("llama", "gqa", "pt"), "neox": ckpts.path("gpt_neox", "mha", "hf_dir"),
              "moe": ckpts.path("qwen3_moe", "gqa", "hf_dir"), "bert": ckpts.path("bert", "mha", "hf_dir"),
-             "bloom": ckpts.path("bloom", "mha", "hf_dir")}
+             "gptj": ckpts.path("gptj", "mha", "hf_dir")}
     model = build_model("qwen3", "gqa")
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight[:, 16:32] = 0

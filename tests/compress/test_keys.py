@@ -40,6 +40,8 @@ def _setup(ckpts, family, variant="gqa", perturb=False):
 def _capture(model, ck, ids=IDS):
     layers = list(range(ck.shape.num_layers))
     with torch.no_grad(), key_attention(model, ck, layers) as st:
+        if st.via_cache:
+            st.probe(model)
         st.start("capture")
         model(input_ids=ids, use_cache=False)
     return st
@@ -76,7 +78,7 @@ def _gpt2_qk(model, ck, ids):
     d, H, hd = s.hidden_size, s.num_heads, s.head_dim
     out = {}
     attn = model.transformer.h[0].attn
-    h = attn.c_attn.register_forward_hook(lambda m, a, o: out.setdefault("qkv", o.detach()))
+    h = attn.c_attn.register_forward_hook(lambda m, a, o: out.__setitem__("qkv", o.detach()))
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
@@ -210,10 +212,60 @@ def test_plain_folds_the_key_norm_gains(ckpts):
     assert torch.allclose(m.Ck[0], Wg @ Wg.T, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", sorted(OWN_ATTENTION))
-def test_families_computing_attention_themselves_are_refused(family, ckpts):
+@pytest.mark.parametrize("family", sorted(OWN_ATTENTION - {"gptj"}))
+def test_families_computing_attention_themselves_go_through_the_cache(family, ckpts):
+    """BLOOM, GPT-Neo and Falcon compute attention themselves: their keys are read from the q/k projections and
+    replaced in the cache they update (ProbeCache). k = head_dim gives the model's own logits; a 1-number latent
+    changes them."""
     ck, model = _setup(ckpts, family, variants_of(family)[0])
-    with pytest.raises(HeadlensError, match="computes attention itself"):
+    layers = list(range(ck.shape.num_layers))
+    with torch.no_grad():
+        ref = model(input_ids=IDS, use_cache=False).logits
+        with key_attention(model, ck, layers) as st:
+            assert st.via_cache
+            st.probe(model)
+            st.start("capture")
+            model(input_ids=IDS, use_cache=False)
+            plans = {layer: plan_keys(m, "data-aware") for layer, m in st.key_moments().items()}
+            outs = []
+            for ks in (None, 1):
+                cut = {layer: (cut_keys(p, [ks] * len(p.groups)) if ks else p) for layer, p in plans.items()}
+                st.configs = [{layer: (p, None) for layer, p in cut.items()}]
+                st.start("acc", 0)
+                outs.append(model(input_ids=IDS, **st.forward_kwargs(model)).logits)
+    assert torch.allclose(outs[0], ref, atol=1e-8, rtol=0), float((outs[0] - ref).abs().max())
+    assert float((outs[1] - ref).abs().max()) > 1e-9
+
+
+def test_cache_route_prediction_is_exact_on_the_calibration_tokens(ckpts):
+    """GPT-Neo (no rotary, attention computed by the family): the predicted logit error equals the one computed by
+    hand from q_proj / k_proj outputs over every query-key pair of the calibration tokens."""
+    ck, model = _setup(ckpts, "gpt_neo", variants_of("gpt_neo")[0])
+    s = ck.shape
+    out = {}
+    attn = model.transformer.h[0].attn.attention
+    hooks = [attn.q_proj.register_forward_hook(lambda m, a, o: out.__setitem__("q", o.detach())),  # the last call:
+             attn.k_proj.register_forward_hook(lambda m, a, o: out.__setitem__("k", o.detach()))]  # the capture's
+    try:
+        st = _capture(model, ck)
+    finally:
+        for h in hooks:
+            h.remove()
+    plan = cut_keys(plan_keys(st.key_moments()[0], "data-aware"), [3] * s.num_kv_heads)
+    q = out["q"][0].reshape(-1, s.num_heads, s.head_dim).transpose(0, 1)
+    k = out["k"][0].reshape(-1, s.num_kv_heads, s.head_dim).transpose(0, 1)
+    lost = total = 0.0
+    for g, lat in enumerate(plan.groups):
+        L, L2 = q[g] @ k[g].T, q[g] @ (k[g] @ (lat.up @ lat.encode).T).T
+        lost += float(((L - L2) ** 2).sum())
+        total += float((L ** 2).sum())
+    assert plan.predicted_error == pytest.approx(math.sqrt(lost / total), rel=1e-9)
+
+
+def test_gptj_is_refused(ckpts):
+    """GPT-J turns keys with sin/cos gathered inside attention from its own buffer: no key latents."""
+    ck, model = _setup(ckpts, "gptj", variants_of("gptj")[0])
+    with pytest.raises(HeadlensError, match="turns its keys inside attention"):
         with key_attention(model, ck, [0]):
             pass
 

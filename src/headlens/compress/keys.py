@@ -280,10 +280,13 @@ def _gains(attn, which: str, heads: int, hd: int, where: str) -> torch.Tensor | 
 
 def attention_module(model, layer: int):
     """The attention module of decoder/encoder layer ``layer`` (the module whose ``layer_idx`` it is)."""
+    def index(m):  # ``layer_idx``; GPT-Neo's is ``layer_id``
+        idx = getattr(m, "layer_idx", None)
+        return idx if isinstance(idx, int) else getattr(m, "layer_id", None)
+
     for m in model.modules():
-        if getattr(m, "layer_idx", None) == layer and "Attention" in type(m).__name__ and \
-                not any(getattr(c, "layer_idx", None) == layer and "Attention" in type(c).__name__
-                        for c in m.children()):
+        if index(m) == layer and "Attention" in type(m).__name__ and \
+                not any(index(c) == layer and "Attention" in type(c).__name__ for c in m.children()):
             return m
     raise HeadlensError(f"layer {layer}: no attention module with that layer index in the model")
 

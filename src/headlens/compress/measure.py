@@ -364,7 +364,7 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
         layers = sorted({layer for c in configs for layer in c} | {layer for kp in key_plans for layer in kp})
         key_ctx = key_attention(model, ck, layers)
     try:
-        with Recorder(model, ck, per_config) as rec, torch.no_grad(), key_ctx as keys:
+        with key_ctx as keys, torch.no_grad(), _probed(keys, model), Recorder(model, ck, per_config) as rec:
             if keys is not None:
                 keys.configs = [{layer: (kp.get(layer), vf.get(layer)) for layer in set(kp) | set(vf)}
                                 for kp, vf in zip(key_plans, value_factors)]
@@ -381,7 +381,10 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
                         if keys is not None:
                             keys.start("acc", c)
                         with (applied(prepared[c]) if keep else compressed(model, ck, plans)):
-                            after = _final(_forward(model, ids, use_cache), causal, head_in)
+                            if keys is not None and keys.via_cache and key_plans[c]:  # keys replaced in the cache
+                                after = _final(model(input_ids=ids, **keys.forward_kwargs(model)), causal, head_in)
+                            else:
+                                after = _final(_forward(model, ids, use_cache), causal, head_in)
                         rec.mode = "orig"
                         tally_model(per_config[c][1], orig, after, unchanged=not plans and not key_plans[c])
                         bar.update(1)
@@ -394,6 +397,15 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
         for c, m in enumerate(out):
             m.key_layers = _key_result(key_plans[c], keys.sums[c] if c < len(keys.sums) else {}, keys.info)
     return out
+
+
+@contextlib.contextmanager
+def _probed(keys, model):
+    """Find each layer's rotary structure with a probe pass before the Recorder hooks the model (its re-runs would
+    call the probe's cache twice)."""
+    if keys is not None:
+        keys.probe(model)
+    yield
 
 
 def _frequency(plan, sums) -> dict:

@@ -86,6 +86,9 @@ class KeyState:
         self.seen: set = set()
         self.pe: dict[int, tuple] = {}  # id(attention module) -> position_embeddings of its current call
         self.k_out: dict[int, torch.Tensor] = {}  # layer -> the key projection's output of the current call
+        self.q_out: dict[int, torch.Tensor] = {}  # the cache route: the query projection's output of the current call
+        self.by_layer: dict[int, object] = {}  # the cache route: layer -> attention module
+        self.via_cache = False
 
     # -------------------------------------------------------------------------------------------- a pass
 
@@ -99,6 +102,8 @@ class KeyState:
             return run(module, query, key, value, attention_mask, **kwargs)
         self.seen.add((self.mode, layer))  # later calls of a layer in a measured pass are re-runs (the value recorder's)
         info = self.check_layer(module, layer, key)
+        if self.mode == "probe":
+            return run(module, query, key, value, attention_mask, **kwargs)
         if self.mode == "capture":
             self._capture(module, layer, info, query, key)
             return run(module, query, key, value, attention_mask, **kwargs)
@@ -177,6 +182,10 @@ class KeyState:
     def _capture(self, module, layer: int, info: LayerInfo, query, key) -> None:
         q = self.rotate(module, info, query.detach().to(torch.float64), inverse=True)[0]  # (H, T, hd)
         k = self.rotate(module, info, key.detach().to(torch.float64), inverse=True)[0]  # (G, T, hd)
+        self._accumulate(layer, q, k)
+
+    def _accumulate(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Add pre-rotary queries (H, T, hd) and keys (G, T, hd) of one text to the layer's moments."""
         H, G = q.shape[0], k.shape[0]
         bias = self.bias.get(layer)
         if bias is not None:
@@ -186,6 +195,78 @@ class KeyState:
         flat = k.transpose(0, 1).reshape(k.shape[1], -1)  # (T, G hd): every kv head's key side by side
         acc = self.moments.setdefault(layer, [0, 0, 0, 0])
         acc[0], acc[1], acc[2], acc[3] = acc[0] + Cq, acc[1] + Ck, acc[2] + k.shape[1], acc[3] + flat.T @ flat
+
+    # ------------------------------------------------------------------ families computing attention themselves
+
+    def projected(self, module, layer: int, q_lin: torch.Tensor, k_lin: torch.Tensor) -> None:
+        """The cache route (:attr:`via_cache`): the q/k projections' outputs [B, T, heads*hd] of one call, which are
+        the pre-rotary queries and keys there (no q/k norms, checked): the moments, or in the original pass the
+        isolated logit error of every configuration's keys (content logits ``q^T k``, turned by the positions in
+        rotary layers; no attention KL or output errors on this route: the family computes attention itself)."""
+        if self.mode not in ("capture", "orig") or layer not in self.layers or (self.mode, "p", layer) in self.seen:
+            return
+        if self.mode == "orig":
+            self.seen.add((self.mode, "p", layer))
+        hd = self.ck.shape.head_dim
+        q = q_lin.detach().to(torch.float64)[0].reshape(q_lin.shape[1], -1, hd).transpose(0, 1)  # (H, T, hd)
+        k = k_lin.detach().to(torch.float64)[0].reshape(k_lin.shape[1], -1, hd).transpose(0, 1)  # (G, T, hd)
+        if self.mode == "capture":
+            self._accumulate(layer, q, k)
+            return
+        info = self.info.get(layer)
+        if info is None:
+            raise HeadlensError(f"layer {layer}: its rotary structure was not found before the eval passes")
+        for c, per in enumerate(self.configs):
+            plan = per.get(layer, (None, None))[0]
+            if plan is None:
+                continue
+            P = torch.stack(plan.projectors())
+            b = torch.stack(plan.bias)[:, None, :] if plan.bias is not None else 0.0
+            k2 = torch.matmul(k - b, P.transpose(1, 2)) + b
+            Q, K, K2 = (self.rotate(module, info, t[None], inverse=False)[0] for t in (q, k, k2))
+            rep = Q.shape[0] // K.shape[0]
+            K, K2 = K.repeat_interleave(rep, 0), K2.repeat_interleave(rep, 0)
+            L, L2 = Q @ K.transpose(1, 2), Q @ K2.transpose(1, 2)
+            T = L.shape[-1]
+            allowed = torch.ones(T, T, dtype=torch.bool).tril()
+            sums = self._sums(c, layer)
+            sums.logit_lost += float((((L2 - L) * allowed) ** 2).sum())
+            sums.logit_total += float(((L * allowed) ** 2).sum())
+
+    def cache_key(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+        """What :class:`ProbeCache` hands attention for ``layer``'s new keys: checked (first call), and in an ``acc``
+        pass replaced by the configuration's latents' keys."""
+        module = self.by_layer.get(layer)
+        if module is None or layer not in self.layers:
+            return key
+        info = self.check_layer(module, layer, key)
+        if self.mode == "acc":
+            plan = self.configs[self.current].get(layer, (None, None))[0]
+            if plan is not None:
+                return self.compress(module, info, key, plan).to(key.dtype)
+        return key
+
+    def probe(self, model) -> None:
+        """One short forward pass (8 token ids, no text; nothing kept): each layer's first call finds and checks its
+        rotary structure (:meth:`check_layer`), before any pass that needs it."""
+        import inspect
+
+        from headlens.io.placement import input_device
+
+        mode, self.mode = self.mode, "probe"
+        vocab = int(getattr(model.config.get_text_config(decoder=True), "vocab_size", 8) or 8)
+        ids = (torch.arange(8) % max(vocab, 1)).reshape(1, 8).to(input_device(model))
+        kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, **{**kwargs, **self.forward_kwargs(model)})
+        finally:
+            self.mode = mode
+            self.seen = set()
+
+    def forward_kwargs(self, model) -> dict:
+        """Extra arguments of a forward pass: on the cache route a fresh :class:`ProbeCache`, else none."""
+        return {"past_key_values": ProbeCache(self, model.config), "use_cache": True} if self.via_cache else {}
 
     def key_moments(self) -> dict[int, KeyMoments]:
         out = {}
@@ -231,6 +312,35 @@ class KeyState:
             _add(sums.out, "values", _lost(run(module, query, key, v2, mask, **kwargs)[0], o), total)
         if k2 is not None and v2 is not None:
             _add(sums.out, "both", _lost(run(module, query, k2, v2, mask, **kwargs)[0], o), total)
+
+
+def _probe_cache_class():
+    from transformers import DynamicCache
+
+    class ProbeCache(DynamicCache):
+        """A DynamicCache for one pass on the cache route: every layer's new keys go through
+        :meth:`KeyState.cache_key` (checked; replaced by the latents' keys in a compressed pass) before they are
+        stored and handed to attention."""
+
+        def __init__(self, state: "KeyState", config):
+            super().__init__(config=config)
+            self.state = state
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(self.state.cache_key(layer_idx, key_states), value_states, layer_idx, *args,
+                                  **kwargs)
+
+    return ProbeCache
+
+
+def ProbeCache(state: "KeyState", config):  # noqa: N802 (a class, built on first use: transformers loads lazily)
+    global _PROBE
+    if _PROBE is None:
+        _PROBE = _probe_cache_class()
+    return _PROBE(state, config)
+
+
+_PROBE = None
 
 
 def _lost(out: torch.Tensor, o: torch.Tensor) -> float:
@@ -359,23 +469,23 @@ def key_attention(model, ck, layers: list[int]):
     from headlens.compress.absorbed import _configs
     from headlens.compress.apply import head_projection
 
-    if not supports_keys(model):
-        raise HeadlensError(f"key latents: {ck.spec.family} ({type(model).__name__}) computes attention itself, not "
-                            "through transformers' attention interface, where headlens reads queries and keys; "
-                            "compress its values only (`keys` none)")
+    via_cache = not supports_keys(model)
     configs = _configs(model)
     saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
     others = sorted({str(cfg._attn_implementation) for cfg, _ in saved if cfg._attn_implementation is not None}
                     - set(FALLBACKS))
-    if others:
+    if others and not via_cache:
         raise HeadlensError(f"`model` runs {others[0]} attention; key latents stand in for "
                             f"{' or '.join(FALLBACKS)} (load the model with attn_implementation='sdpa')")
     state = KeyState(model, ck, layers)
     state.previous = {id(cfg): cfg._attn_implementation or "eager" for cfg, _ in saved}  # type: ignore[attr-defined]
+    state.via_cache = via_cache
     handles = []
     try:
+        if via_cache:
+            _check_cache_route(model, ck, layers, state)
         for mod in model.modules():
-            if isinstance(getattr(mod, "layer_idx", None), int) and "Attention" in type(mod).__name__:
+            if isinstance(_layer_index(mod), int) and "Attention" in type(mod).__name__:
                 def keep(m, args, kwargs):
                     pe = kwargs.get("position_embeddings")
                     if pe is None and len(args) > 1 and isinstance(args[1], tuple):
@@ -388,14 +498,23 @@ def key_attention(model, ck, layers: list[int]):
         for layer in layers:
             proj = head_projection(model, ck, layer, "k")
             state.bias[layer] = proj.key_bias() if not _rotary_family(model) else None
+            if via_cache:
+                qproj = head_projection(model, ck, layer, "q")
+
+                def keep_q(_m, _args, output, layer=layer, qproj=qproj):
+                    state.q_out[layer] = qproj.select(output)
+                handles.append(qproj.module.register_forward_hook(keep_q))
 
             def keep_k(_m, _args, output, layer=layer, proj=proj):
                 state.k_out[layer] = proj.select(output)
+                if via_cache and layer in state.q_out:
+                    state.projected(state.by_layer[layer], layer, state.q_out.pop(layer), state.k_out[layer])
             handles.append(proj.module.register_forward_hook(keep_k))
-        _register()
-        for cfg, _ in saved:
-            _states[id(cfg)] = state
-        model.set_attn_implementation(KEYS)
+        if not via_cache:
+            _register()
+            for cfg, _ in saved:
+                _states[id(cfg)] = state
+            model.set_attn_implementation(KEYS)
         yield state
     finally:
         for h in handles:
@@ -403,6 +522,29 @@ def key_attention(model, ck, layers: list[int]):
         for cfg, impl in saved:
             cfg._attn_implementation_internal = impl
             _states.pop(id(cfg), None)
+
+
+def _layer_index(module) -> int | None:
+    """An attention module's layer index (``layer_idx``; GPT-Neo calls it ``layer_id``)."""
+    idx = getattr(module, "layer_idx", None)
+    return idx if isinstance(idx, int) else getattr(module, "layer_id", None)
+
+
+def _check_cache_route(model, ck, layers: list[int], state: "KeyState") -> None:
+    """The cache route reads queries from the q projection's output: refuse a family with q/k norms there, or whose
+    rotary is not the transformers one (GPT-J turns keys with sin/cos gathered inside attention)."""
+    from headlens.compress.keys import attention_module
+
+    for layer in layers:
+        attn = attention_module(model, layer)
+        state.by_layer[layer] = attn
+        if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm", "qk_norm", "q_layernorm")):
+            raise HeadlensError(f"key latents: {ck.spec.family} normalises queries or keys inside attention, which it "
+                                "computes itself: headlens cannot read its queries; compress its values only (`keys` "
+                                "none)")
+        if getattr(attn, "embed_positions", None) is not None:  # GPT-J: sin/cos gathered inside attention
+            raise HeadlensError(f"key latents: {ck.spec.family} turns its keys inside attention with positions "
+                                "headlens is not handed: compress its values only (`keys` none)")
 
 
 def _rotary_family(model) -> bool:

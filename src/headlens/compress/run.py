@@ -438,9 +438,8 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
         key_ctx = key_attention(model, ck, layers)
     with key_ctx as key_state:
         if key_state is not None:
+            key_state.probe(model)  # the layers' rotary structure, checked
             key_state.start("capture")
-            _probe(model, tok)  # the layers' rotary structure (and, data-aware, nothing else: moments come below)
-            key_state.moments.clear()
         if cfg.needs_calibration():
             t = time.perf_counter()
             check_text_lengths(tok, calib_texts, limit, cfg.truncate, "calibration text", cfg.max_calib_tokens)  # type: ignore[arg-type]
@@ -520,20 +519,6 @@ def _check_caches(model, ck, tok, text: str, unique: list, plan_sets: list, key_
 
 
 POSITION_BYTES = 4  # per cached token: the int32 position a rotary key latent is turned back by
-
-
-def _probe(model, tok) -> None:
-    """One short forward pass (8 token ids, no text): each layer's first attention call finds its rotary
-    structure (:meth:`~headlens.compress.qk_capture.KeyState.check_layer`)."""
-    from headlens.io.placement import input_device
-
-    vocab = int(getattr(model.config.get_text_config(decoder=True), "vocab_size", 8) or 8)
-    ids = (torch.arange(8) % max(vocab, 1)).reshape(1, 8).to(input_device(model))
-    import inspect
-
-    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    with torch.no_grad():
-        model(input_ids=ids, **kwargs)
 
 
 def _key_plans(model, ck, layers: list[int], kind: str, state) -> dict:
