@@ -15,7 +15,7 @@ import torch
 from tiny_models import FAMILIES, variants_of
 
 from headlens.compress.keys import (cut_keys, plain_moments, plan_keys, rotation_average)
-from headlens.compress.qk_capture import key_attention
+from headlens.compress.key_attention import key_attention
 from headlens.errors import HeadlensError
 from headlens.io.source import ModelSource
 

@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from headlens.compress.apply import applied, compressed, prepare_plans, value_tensor
+from headlens.compress.key_measure import KeyLayerErrors, key_result, probed
 from headlens.compress.plan import LayerPlan
 from headlens.compress.model_loss import HeadInput, Original, embedding_numbers, tally_model
 from headlens.compress.model_loss import final_outputs as _final
@@ -91,32 +92,6 @@ class LayerErrors:
         return {"layer": self.layer, "kind": self.kind, "ks": list(self.ks), "predicted_error": self.predicted_error,
                 "value_path_error": self.value_path_error, "isolated_error": self.isolated_error,
                 "accumulated_error": self.accumulated_error}
-
-
-@dataclass
-class KeyLayerErrors:
-    """One layer's key numbers and its attention-output errors (keys alone, values alone, both), on the eval tokens,
-    measured at the attention function's output (every head's ``softmax(q k^T) v`` before the output projection),
-    relative to that output. None where the configuration does not compress that part of the layer."""
-
-    layer: int
-    key_kind: str | None
-    key_ks: list[int] | None
-    rotary: bool | None
-    key_predicted_error: float | None  # the key plan's spectrum (averaged over relative rotations where rotary)
-    key_logit_error: float | None  # measured, only this layer's keys compressed: ||L' - L|| / ||L|| over unmasked pairs
-    key_attention_kl: float | None  # mean over query rows and heads of KL(softmax(L) || softmax(L'))
-    isolated_keys_error: float | None
-    isolated_values_error: float | None
-    isolated_both_error: float | None
-    attention_accumulated_error: float | None  # everything the configuration compresses, errors propagating
-    # TransMLA's per-frequency projection across kv heads at the same numbers per token (rotary layers, G > 1):
-    key_frequency_predicted_error: float | None = None
-    key_frequency_logit_error: float | None = None
-    key_frequency_attention_kl: float | None = None
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -295,7 +270,7 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
 
     ``key_plans``: per configuration its key latents (layer -> :class:`~headlens.compress.keys.KeyLayerPlan`, or
     None / empty for values only). Where any configuration has some, every pass runs through
-    :func:`~headlens.compress.qk_capture.key_attention`: the original pass adds per layer the isolated key logit
+    :func:`~headlens.compress.key_attention.key_attention`: the original pass adds per layer the isolated key logit
     error, attention KL and attention-output errors (keys alone, values alone, both), and each configuration's
     compressed pass has its keys replaced by the latents' (:class:`KeyLayerErrors`, ``Measurement.key_layers``);
     ``position_bytes`` per token count the positions such a cache keeps."""
@@ -358,13 +333,13 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
     key_ctx = contextlib.nullcontext(None)
     if keys_on:
         from headlens.compress.cache import encoders
-        from headlens.compress.qk_capture import key_attention
+        from headlens.compress.key_attention import key_attention
 
         value_factors = [encoders(model, ck, plans) for plans in ordered]
         layers = sorted({layer for c in configs for layer in c} | {layer for kp in key_plans for layer in kp})
         key_ctx = key_attention(model, ck, layers)
     try:
-        with key_ctx as keys, torch.no_grad(), _probed(keys, model), Recorder(model, ck, per_config) as rec:
+        with key_ctx as keys, torch.no_grad(), probed(keys, model), Recorder(model, ck, per_config) as rec:
             if keys is not None:
                 keys.configs = [{layer: (kp.get(layer), vf.get(layer)) for layer in set(kp) | set(vf)}
                                 for kp, vf in zip(key_plans, value_factors)]
@@ -395,47 +370,7 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
     out = [_result(sites, tally, kv, causal, len(texts)) for (sites, tally), kv in zip(per_config, kvs)]
     if keys_on:
         for c, m in enumerate(out):
-            m.key_layers = _key_result(key_plans[c], keys.sums[c] if c < len(keys.sums) else {}, keys.info)
-    return out
-
-
-@contextlib.contextmanager
-def _probed(keys, model):
-    """Find each layer's rotary structure with a probe pass before the Recorder hooks the model (its re-runs would
-    call the probe's cache twice)."""
-    if keys is not None:
-        keys.probe(model)
-    yield
-
-
-def _frequency(plan, sums) -> dict:
-    """The per-frequency cross-head latent's predicted and measured numbers, where the layer has one."""
-    freq = plan.frequency_latent() if plan is not None else None
-    if freq is None:
-        return {}
-    f = sums.frequency
-    return {"key_frequency_predicted_error": freq.predicted_error,
-            "key_frequency_logit_error": _ratio(f.logit_lost, f.logit_total) if f.rows else None,
-            "key_frequency_attention_kl": f.kl / f.rows if f.rows else None}
-
-
-def _key_result(key_plans: Mapping, sums: Mapping, info: Mapping) -> list[KeyLayerErrors]:
-    out = []
-    for layer in sorted(sums):
-        s, plan = sums[layer], key_plans.get(layer)
-
-        def part(name: str) -> float | None:
-            a = s.out.get(name)
-            return _ratio(a[0], a[1]) if a is not None else None
-
-        out.append(KeyLayerErrors(
-            layer=layer, key_kind=plan.kind if plan else None, key_ks=plan.ks if plan else None,
-            rotary=info[layer].rotary if layer in info else None,
-            key_predicted_error=plan.predicted_error if plan else None,
-            key_logit_error=_ratio(s.logit_lost, s.logit_total) if plan else None,
-            key_attention_kl=s.kl / s.rows if plan and s.rows else None,
-            isolated_keys_error=part("keys"), isolated_values_error=part("values"), isolated_both_error=part("both"),
-            attention_accumulated_error=part("acc"), **_frequency(plan, s)))
+            m.key_layers = key_result(key_plans[c], keys.sums[c] if c < len(keys.sums) else {}, keys.info)
     return out
 
 

@@ -2,10 +2,9 @@
 inside a forward pass; the logit and attention errors a key latent causes.
 
 transformers routes attention through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` with the queries
-and keys as attention uses them (after ``q_norm``/``k_norm`` and rotary). :func:`key_attention` sets the model's
-implementation to :data:`KEYS` (``"headlens_keys"``) for a ``with`` block (masks: those of the implementation the
-model had) and hands each call to a :class:`KeyState`, then to the model's own implementation (eager or sdpa).
-A forward pre-hook on every attention module keeps the ``position_embeddings`` (cos, sin) it was handed, so a call
+and keys as attention uses them (after ``q_norm``/``k_norm`` and rotary);
+:func:`~headlens.compress.key_attention.key_attention` hands each call to a :class:`KeyState` (this module), then to
+the model's own implementation. With the ``position_embeddings`` (cos, sin) the attention module was handed, a call
 can un-rotate with the family's own ``apply_rotary_pos_emb`` (inverse: ``(cos, -sin) / (cos^2 + sin^2)``, exact also
 under an attention scaling). The first call of each layer checks what it assumes (:meth:`KeyState.check_layer`):
 the keys attention receives, un-rotated, are the family's key projection (through ``k_norm`` where there is one);
@@ -16,7 +15,6 @@ Passes are unbatched and uncached (batch 1, keys = this pass's tokens), as the c
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass, field
 
@@ -25,11 +23,7 @@ import torch
 from headlens.compress.keys import KeyLayerPlan, KeyMoments, rotary_pairs, rotation_average
 from headlens.errors import HeadlensError
 
-KEYS = "headlens_keys"
-FALLBACKS = ("eager", "sdpa")
 CHECK_TOL = 1e-3  # relative: un-rotated keys against the key projection (float32 models; bfloat16 gets 2e-2)
-
-_states: dict[int, "KeyState"] = {}  # id(config) -> the state of the model running inside key_attention
 
 
 @dataclass
@@ -419,134 +413,3 @@ def _normed(module, k_lin: torch.Tensor, G: int, hd: int) -> list[torch.Tensor]:
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     return a.shape == b.shape and float(torch.linalg.norm(a - b)) <= tol * max(float(torch.linalg.norm(b)), 1e-30)
-
-
-# ------------------------------------------------------------------------------------------ switching a model over
-
-
-def _attention_forward(module, query, key, value, attention_mask, **kwargs):
-    state = _states.get(id(module.config))
-    run = _fallback(module, state)
-    if state is None:
-        return run(module, query, key, value, attention_mask, **kwargs)
-    return state.call(module, query, key, value, attention_mask, kwargs, run)
-
-
-def _fallback(module, state):
-    from headlens.compress.absorbed import implementation
-
-    return implementation(module, state.previous.get(id(module.config), "eager") if state is not None else "eager")
-
-
-def _mask(*args, **kwargs):
-    from transformers.masking_utils import eager_mask, sdpa_mask
-
-    cfg = kwargs.get("config")
-    state = _states.get(id(cfg))
-    impl = state.previous.get(id(cfg), "eager") if state is not None else "eager"
-    return (sdpa_mask if impl == "sdpa" else eager_mask)(*args, **kwargs)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    if AttentionInterface._global_mapping.get(KEYS) is not _attention_forward:
-        AttentionInterface.register(KEYS, _attention_forward)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(KEYS, _mask)
-
-
-def supports_keys(model) -> bool:
-    """Whether the family routes attention through transformers' attention interface (where headlens reads keys)."""
-    test = getattr(type(model), "_can_set_attn_implementation", None)
-    return bool(test()) if test is not None else True
-
-
-@contextlib.contextmanager
-def key_attention(model, ck, layers: list[int]):
-    """Run ``model``'s attention through :data:`KEYS` inside the block; yields the :class:`KeyState` (mode ``off``
-    until set). The model's implementation, hooks and configs are restored on leaving, also on error."""
-    from headlens.compress.absorbed import _configs
-    from headlens.compress.apply import head_projection
-
-    via_cache = not supports_keys(model)
-    configs = _configs(model)
-    saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
-    others = sorted({str(cfg._attn_implementation) for cfg, _ in saved if cfg._attn_implementation is not None}
-                    - set(FALLBACKS))
-    if others and not via_cache:
-        raise HeadlensError(f"`model` runs {others[0]} attention; key latents stand in for "
-                            f"{' or '.join(FALLBACKS)} (load the model with attn_implementation='sdpa')")
-    state = KeyState(model, ck, layers)
-    state.previous = {id(cfg): cfg._attn_implementation or "eager" for cfg, _ in saved}  # type: ignore[attr-defined]
-    state.via_cache = via_cache
-    handles = []
-    try:
-        if via_cache:
-            _check_cache_route(model, ck, layers, state)
-        for mod in model.modules():
-            if isinstance(_layer_index(mod), int) and "Attention" in type(mod).__name__:
-                def keep(m, args, kwargs):
-                    pe = kwargs.get("position_embeddings")
-                    if pe is None and len(args) > 1 and isinstance(args[1], tuple):
-                        pe = args[1]
-                    if pe is not None:
-                        state.pe[id(m)] = pe
-                    else:
-                        state.pe.pop(id(m), None)
-                handles.append(mod.register_forward_pre_hook(keep, with_kwargs=True))
-        for layer in layers:
-            proj = head_projection(model, ck, layer, "k")
-            state.bias[layer] = proj.key_bias() if not _rotary_family(model) else None
-            if via_cache:
-                qproj = head_projection(model, ck, layer, "q")
-
-                def keep_q(_m, _args, output, layer=layer, qproj=qproj):
-                    state.q_out[layer] = qproj.select(output)
-                handles.append(qproj.module.register_forward_hook(keep_q))
-
-            def keep_k(_m, _args, output, layer=layer, proj=proj):
-                state.k_out[layer] = proj.select(output)
-                if via_cache and layer in state.q_out:
-                    state.projected(state.by_layer[layer], layer, state.q_out.pop(layer), state.k_out[layer])
-            handles.append(proj.module.register_forward_hook(keep_k))
-        if not via_cache:
-            _register()
-            for cfg, _ in saved:
-                _states[id(cfg)] = state
-            model.set_attn_implementation(KEYS)
-        yield state
-    finally:
-        for h in handles:
-            h.remove()
-        for cfg, impl in saved:
-            cfg._attn_implementation_internal = impl
-            _states.pop(id(cfg), None)
-
-
-def _layer_index(module) -> int | None:
-    """An attention module's layer index (``layer_idx``; GPT-Neo calls it ``layer_id``)."""
-    idx = getattr(module, "layer_idx", None)
-    return idx if isinstance(idx, int) else getattr(module, "layer_id", None)
-
-
-def _check_cache_route(model, ck, layers: list[int], state: "KeyState") -> None:
-    """The cache route reads queries from the q projection's output: refuse a family with q/k norms there, or whose
-    rotary is not the transformers one (GPT-J turns keys with sin/cos gathered inside attention)."""
-    from headlens.compress.keys import attention_module
-
-    for layer in layers:
-        attn = attention_module(model, layer)
-        state.by_layer[layer] = attn
-        if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm", "qk_norm", "q_layernorm")):
-            raise HeadlensError(f"key latents: {ck.spec.family} normalises queries or keys inside attention, which it "
-                                "computes itself: headlens cannot read its queries; compress its values only (`keys` "
-                                "none)")
-        if getattr(attn, "embed_positions", None) is not None:  # GPT-J: sin/cos gathered inside attention
-            raise HeadlensError(f"key latents: {ck.spec.family} turns its keys inside attention with positions "
-                                "headlens is not handed: compress its values only (`keys` none)")
-
-
-def _rotary_family(model) -> bool:
-    """A model with a rotary embedding module: its key biases sit before the rotation and stay in the keys."""
-    return any("Rotary" in type(m).__name__ for m in model.modules())

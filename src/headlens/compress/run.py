@@ -433,7 +433,7 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     n_calib = 0
     key_ctx = contextlib.nullcontext(None)
     if cfg.keys != "none":
-        from headlens.compress.qk_capture import key_attention
+        from headlens.compress.key_attention import key_attention
 
         key_ctx = key_attention(model, ck, layers)
     with key_ctx as key_state:
