@@ -16,6 +16,7 @@ from tiny_models import FAMILIES, variants_of
 
 from headlens.compress.keys import (cut_keys, plain_moments, plan_keys, rotation_average)
 from headlens.compress.key_attention import key_attention
+from headlens.compress.qk_capture import turn
 from headlens.errors import HeadlensError
 from headlens.io.source import ModelSource
 
@@ -23,7 +24,7 @@ ENCODERS = {"bert", "distilbert", "t5"}
 OWN_ATTENTION = {"gptj", "falcon", "falcon_mq", "falcon_rw", "bloom", "gpt_neo"}
 COMPLEX_ROTARY = {"llama4"}  # rotary as complex products (freqs_cis), not apply_rotary_pos_emb: refused  # attention computed outside transformers' interface
 INTERFACE_DECODERS = [(f, "gqa" if "gqa" in variants_of(f) else variants_of(f)[0]) for f in FAMILIES
-                      if f not in ENCODERS | OWN_ATTENTION | COMPLEX_ROTARY]
+                      if f not in ENCODERS | OWN_ATTENTION]
 IDS = torch.tensor([[5, 17, 33, 2, 41, 8, 99, 120, 64, 7, 250, 31, 3, 77, 12, 9]])
 
 
@@ -146,11 +147,11 @@ def test_plain_spectrum_is_the_stacked_qk_operator(family, variant, ckpts):
             assert torch.allclose(lat.spectrum, dense, rtol=1e-9, atol=1e-9 * float(dense[0]))
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gpt_neox", "cohere"])
+@pytest.mark.parametrize("family", ["qwen3", "gpt_neox", "cohere", "llama4"])
 def test_rotation_average_is_exact_over_rotations(family, ckpts):
     """``rotation_average(C)`` equals ``mean_theta R^T C R`` over an exact design of angles (each frequency pair
     its own multiple of 2 pi n / M, so that every cross term averages to exactly 0), the rotations R built with the
-    family's own apply_rotary_pos_emb (rotate-half, partial, interleaved)."""
+    family's own function (rotate-half, partial, interleaved; Llama 4's complex freqs_cis)."""
     ck, model = _setup(ckpts, family, variants_of(family)[0])
     st = _capture(model, ck)
     info = st.info[0]
@@ -166,12 +167,15 @@ def test_rotation_average_is_exact_over_rotations(family, ckpts):
     acc = torch.zeros(hd, hd, dtype=torch.float64)
     for n in range(M):
         theta = 2 * math.pi * n * mult / M  # one angle per frequency
-        ang = _layout(family, theta, rot)
-        cos, sin = torch.cos(ang).reshape(1, 1, -1).expand(1, hd, -1), torch.sin(ang).reshape(1, 1, -1).expand(1, hd, -1)
-        R, _ = info.apply(eye, eye, cos, sin)  # row i: R applied to e_i, i.e. R^T's rows
-        Rt = R.reshape(hd, hd)  # Rt[i] = R e_i  ->  Rt = R^T
+        if info.complex:  # one complex frequency per pair
+            pe = torch.polar(torch.ones_like(theta), theta).to(torch.complex128).reshape(1, 1, -1).expand(1, hd, -1)
+        else:
+            ang = _layout(family, theta, rot)
+            pe = (torch.cos(ang).reshape(1, 1, -1).expand(1, hd, -1), torch.sin(ang).reshape(1, 1, -1).expand(1, hd, -1))
+        Rt = turn(info, eye, pe).reshape(hd, hd)  # row i: R e_i, so Rt = R^T
         acc += Rt @ C @ Rt.T
-    assert torch.allclose(rotation_average(C, info.pairs), acc / M, atol=1e-10 * float(C.abs().max()))
+    tol = 1e-6 if info.complex else 1e-10  # apply_rotary_emb computes in complex64
+    assert torch.allclose(rotation_average(C, info.pairs), acc / M, atol=tol * float(C.abs().max()))
 
 
 def _layout(family: str, theta: torch.Tensor, rot: int) -> torch.Tensor:
@@ -270,12 +274,20 @@ def test_gptj_is_refused(ckpts):
             pass
 
 
-def test_complex_rotary_is_refused(ckpts):
-    """Llama 4 turns queries and keys as complex numbers (freqs_cis), not with apply_rotary_pos_emb: the first call's
-    check finds the keys are not the projection turned by that function, and refuses."""
+def test_llama4_complex_rotary_is_found(ckpts):
+    """Llama 4 turns queries and keys as complex numbers (apply_rotary_emb with freqs_cis, pairs of neighbouring
+    dimensions), then L2-normalises them: the first call finds that form; its NoPE layers are found unrotated."""
     ck, model = _setup(ckpts, "llama4", variants_of("llama4")[0])
-    with pytest.raises(HeadlensError, match="cannot un-rotate"):
-        _capture(model, ck)
+    st = _capture(model, ck)
+    hd = ck.shape.head_dim
+    rotary = {layer: i.rotary for layer, i in st.info.items()}
+    assert any(rotary.values())
+    for layer, info in st.info.items():
+        if info.rotary:
+            assert info.complex and info.pairs == [(2 * i, 2 * i + 1) for i in range(hd // 2)]
+    nope = [layer for layer in range(ck.shape.num_layers)
+            if not getattr(model.model.layers[layer].self_attn, "use_rope", True)]
+    assert all(not rotary[layer] for layer in nope)
 
 
 def test_unknown_rotation_is_refused(ckpts):

@@ -199,31 +199,20 @@ def cut_keys(plan: KeyLayerPlan, ks: Sequence[int]) -> KeyLayerPlan:
 # ------------------------------------------------------------------------------------------------ rotary
 
 
-def rotary_pairs(apply_rotary, rot_shape: tuple[int, ...], hd: int) -> list[tuple[int, int]]:
-    """The (a, b) dimension pairs a family's ``apply_rotary_pos_emb`` turns together, found by turning each basis
-    vector by 90 degrees (cos 0, sin 1) with the family's own function: a rotated dimension goes to its partner, a
-    dimension the family leaves alone (partial rotary) to itself. HeadlensError where the result is not a pairing."""
-    rot = int(rot_shape[-1])
-    eye = torch.eye(hd, dtype=torch.float64).reshape(1, 1, hd, hd)  # batch 1, "head" 1, hd tokens, hd
-    cos = torch.zeros((1, hd, rot), dtype=torch.float64)
-    sin = torch.ones_like(cos)
-    if rot < hd:  # partial rotary: the leading rot dimensions turn, the rest pass (as the families split them)
-        out, _ = apply_rotary(eye[..., :rot], eye[..., :rot], cos, sin)
-        out = torch.cat([out, eye[..., rot:]], dim=-1)
-    else:
-        out, _ = apply_rotary(eye, eye, cos, sin)
-    turned = out.reshape(hd, hd)
+def pairs_of(turned: torch.Tensor) -> list[tuple[int, int]]:
+    """The (a, b) dimension pairs a rotary turns together, from ``turned`` (hd, hd): row i is basis vector e_i turned
+    by 90 degrees with the family's own function. A rotated dimension goes to its partner, a dimension the family
+    leaves alone (partial rotary) to itself. HeadlensError where the result is not a pairing."""
+    hd = turned.shape[0]
     pairs, seen = [], set()
     for a in range(hd):
         row = turned[a].abs()
         b = int(row.argmax())
-        if float(row[b]) != 1.0 or float(row.sum()) != 1.0:
+        if abs(float(row[b]) - 1.0) > 1e-6 or abs(float(row.sum()) - 1.0) > 1e-6:
             raise HeadlensError("the family's rotary does not turn dimensions in pairs: key latents cannot average "
                                 "the queries over its rotations")
-        if b == a:
-            continue  # not rotated
-        if a in seen:
-            continue
+        if b == a or a in seen:
+            continue  # not rotated, or the pair is listed already
         if int(turned[b].abs().argmax()) != a:
             raise HeadlensError("the family's rotary does not turn dimensions in pairs")
         pairs.append((a, b))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from headlens.compress.keys import KeyLayerPlan, KeyMoments, rotary_pairs, rotation_average
+from headlens.compress.keys import KeyLayerPlan, KeyMoments, pairs_of, rotation_average
 from headlens.errors import HeadlensError
 
 CHECK_TOL = 1e-3  # relative: un-rotated keys against the key projection (float32 models; bfloat16 gets 2e-2)
@@ -33,6 +33,7 @@ class LayerInfo:
     rotary: bool
     apply: object = None
     pairs: list = field(default_factory=list)
+    complex: bool = False  # Llama 4: apply_rotary_emb(xq, xk, freqs_cis) on [B, T, heads, hd], complex frequencies
 
 
 @dataclass
@@ -127,19 +128,7 @@ class KeyState:
 
     def rotate(self, module, info: LayerInfo, x: torch.Tensor, inverse: bool) -> torch.Tensor:
         """``x`` [B, heads, T, hd] turned by the positions of the module's current call (or back, ``inverse``)."""
-        if not info.rotary:
-            return x
-        cos, sin = self.pe[id(module)]
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if inverse:
-            s2 = cos * cos + sin * sin
-            cos, sin = cos / s2, -sin / s2
-        rot = cos.shape[-1]
-        if rot < x.shape[-1]:  # partial rotary: the leading rot dimensions turn (the families split before turning)
-            out, _ = info.apply(x[..., :rot], x[..., :rot], cos, sin)
-            return torch.cat([out, x[..., rot:]], dim=-1)
-        out, _ = info.apply(x, x, cos, sin)
-        return out
+        return turn(info, x, self.pe[id(module)], inverse) if info.rotary else x
 
     def check_layer(self, module, layer: int, key: torch.Tensor) -> LayerInfo:
         """The first call of ``layer``: is the family's rotary what attention received? (module docstring)"""
@@ -156,12 +145,9 @@ class KeyState:
         pe = self.pe.get(id(module))
         info = None
         if pe is not None:
-            apply = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
-            if apply is not None:
-                cand = LayerInfo(True, apply, rotary_pairs(apply, tuple(pe[0].shape), hd))
-                turned = self.rotate(module, cand, got, inverse=True)
-                if any(_close(turned, e, tol) for e in expect):
-                    info = cand
+            cand = _rotary(module, pe, hd)
+            if cand is not None and any(_close(self.rotate(module, cand, got, inverse=True), e, tol) for e in expect):
+                info = cand
         if info is None and any(_close(got, e, tol) for e in expect):
             info = LayerInfo(False)
         if info is None:
@@ -335,6 +321,46 @@ def ProbeCache(state: "KeyState", config):  # noqa: N802 (a class, built on firs
 
 
 _PROBE = None
+
+
+def turn(info: LayerInfo, x: torch.Tensor, pe, inverse: bool = False) -> torch.Tensor:
+    """``x`` [B, heads, T, hd] turned by the position embeddings ``pe`` with the family's function (or back,
+    ``inverse``): ``(cos, sin)`` through ``apply_rotary_pos_emb`` (inverse ``(cos, -sin) / (cos^2 + sin^2)``; only the
+    leading ``rot`` dimensions where cos/sin cover fewer than hd, as the partial-rotary families split them), or
+    Llama 4's complex ``freqs_cis`` through ``apply_rotary_emb`` (inverse ``conj(f) / |f|^2``)."""
+    if info.complex:
+        f = pe.conj() / (pe.abs() ** 2) if inverse else pe
+        k = x.transpose(1, 2)  # apply_rotary_emb takes [B, T, heads, hd]
+        return info.apply(k, k, f)[1].to(x.dtype).transpose(1, 2)
+    cos, sin = pe[0].to(x.dtype), pe[1].to(x.dtype)
+    if inverse:
+        s2 = cos * cos + sin * sin
+        cos, sin = cos / s2, -sin / s2
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        out, _ = info.apply(x[..., :rot], x[..., :rot], cos, sin)
+        return torch.cat([out, x[..., rot:]], dim=-1)
+    out, _ = info.apply(x, x, cos, sin)
+    return out
+
+
+def _rotary(module, pe, hd: int) -> LayerInfo | None:
+    """The family's rotary as a candidate :class:`LayerInfo` (its function, and the dimension pairs it turns found by
+    turning each basis vector by 90 degrees with it), or None where the modeling module has no rotary function."""
+    modeling = sys.modules.get(type(module).__module__)
+    fn = getattr(modeling, "apply_rotary_pos_emb", None)
+    if fn is not None and isinstance(pe, (tuple, list)) and len(pe) == 2:
+        info = LayerInfo(True, fn)
+        rot = int(pe[0].shape[-1])
+        quarter = (torch.zeros(1, hd, rot, dtype=torch.float64), torch.ones(1, hd, rot, dtype=torch.float64))
+    elif getattr(modeling, "apply_rotary_emb", None) is not None and isinstance(pe, torch.Tensor) and pe.is_complex():
+        info = LayerInfo(True, modeling.apply_rotary_emb, complex=True)
+        quarter = torch.full((1, hd, hd // 2), 1j, dtype=torch.complex64)
+    else:
+        return None
+    eye = torch.eye(hd, dtype=torch.float64).reshape(1, 1, hd, hd)  # hd "tokens", one basis vector each
+    info.pairs = pairs_of(turn(info, eye, quarter).reshape(hd, hd))
+    return info
 
 
 def _lost(out: torch.Tensor, o: torch.Tensor) -> float:
