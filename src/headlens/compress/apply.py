@@ -110,8 +110,6 @@ class HeadProjection:
             return None
         return [bias.detach()[self._features(b)].to("cpu", torch.float64) for b in self.blocks]
 
-    key_bias = biases
-
 
 def head_projection(model: nn.Module, ck, layer: int, role: str) -> HeadProjection:
     """The :class:`HeadProjection` of ``role`` ("q" or "k") of ``layer``, found and checked as :func:`value_tensor`

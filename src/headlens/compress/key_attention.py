@@ -100,7 +100,7 @@ def key_attention(model, ck, layers: list[int]):
                 handles.append(mod.register_forward_pre_hook(keep, with_kwargs=True))
         for layer in layers:
             proj = head_projection(model, ck, layer, "k")
-            state.bias[layer] = proj.key_bias() if not _rotary_family(model) else None
+            state.key_bias[layer] = proj.biases()
             if via_cache:
                 qproj = head_projection(model, ck, layer, "q")
 
@@ -148,8 +148,3 @@ def _check_cache_route(model, ck, layers: list[int], state: "KeyState") -> None:
         if getattr(attn, "embed_positions", None) is not None:  # GPT-J: sin/cos gathered inside attention
             raise HeadlensError(f"key latents: {ck.spec.family} turns its keys inside attention with positions "
                                 "headlens is not handed: compress its values only (`keys` none)")
-
-
-def _rotary_family(model) -> bool:
-    """A model with a rotary embedding module: its key biases sit before the rotation and stay in the keys."""
-    return any("Rotary" in type(m).__name__ for m in model.modules())

@@ -42,10 +42,10 @@ from typing import Sequence
 
 import torch
 
+from headlens.compress.plan import RIDGE, gram_factor
 from headlens.errors import HeadlensError
 
 KEY_KINDS = ("none", "plain", "data-aware")
-RIDGE = 1e-10
 
 
 @dataclass
@@ -119,25 +119,6 @@ class KeyMoments:
     tokens: int = 0  # how many key tokens Ck sums (0: weights)
     Ck_cross: torch.Tensor | None = None  # (G hd, G hd): every kv head's keys together (for the frequency latent)
     pairs: list = dataclasses.field(default_factory=list)  # the rotary dimension pairs (rotary layers)
-
-
-def gram_factor(C: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, float]:
-    """(S, lambda): lower-triangular ``S`` with ``S S^T = C + lambda I`` (float64), lambda 0.0 where ``C`` is
-    numerically positive definite, else ``ridge * tr(C) / n`` (times 10 until the Cholesky factor exists)."""
-    C = 0.5 * (C + C.T).to(torch.float64)
-    n = C.shape[0]
-    vals = torch.linalg.eigvalsh(C)
-    lam = 0.0
-    base = ridge * max(float(torch.trace(C)) / n, torch.finfo(torch.float64).tiny)
-    if not float(vals[0]) > n * torch.finfo(torch.float64).eps * max(float(vals[-1]), 0.0):
-        lam = base
-    eye = torch.eye(n, dtype=torch.float64)
-    for _ in range(30):
-        L, info = torch.linalg.cholesky_ex(C + lam * eye)
-        if int(info) == 0:
-            return L, lam
-        lam = lam * 10 if lam > 0 else base
-    raise HeadlensError("the key moments have no Cholesky factor even with a ridge (NaN/inf keys?)")
 
 
 def psd_root(C: torch.Tensor) -> torch.Tensor:

@@ -170,21 +170,27 @@ def whitening_factor(X: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tenso
     """(S, lambda): the lower-triangular ``S`` (d, d) with ``S S^T = X X^T + lambda I``, float64.
 
     ``lambda`` is 0.0 when ``X X^T`` is numerically positive definite (smallest eigenvalue above
-    ``d * eps * largest``), else ``ridge * tr(X X^T) / d`` (multiplied by 10 until the Cholesky succeeds)."""
+    ``d * eps * largest``), else ``ridge * tr(X X^T) / d`` (multiplied by 10 until the Cholesky succeeds):
+    :func:`gram_factor` of ``X X^T``."""
     X = X.to(torch.float64)
-    d = X.shape[0]
-    C = X @ X.T
+    return gram_factor(X @ X.T, ridge)
+
+
+def gram_factor(C: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, float]:
+    """(S, lambda): lower-triangular ``S`` with ``S S^T = C + lambda I`` (float64) for a Gram matrix ``C``, lambda
+    as :func:`whitening_factor` says."""
+    C = C.to(torch.float64)
     C = 0.5 * (C + C.T)
+    d = C.shape[0]
     vals = torch.linalg.eigvalsh(C)
-    lam = 0.0
-    if not float(vals[0]) > d * torch.finfo(torch.float64).eps * float(vals[-1]):
-        lam = ridge * max(float(torch.trace(C)) / d, torch.finfo(torch.float64).tiny)
+    base = ridge * max(float(torch.trace(C)) / d, torch.finfo(torch.float64).tiny)
+    lam = 0.0 if float(vals[0]) > d * torch.finfo(torch.float64).eps * float(vals[-1]) else base
     eye = torch.eye(d, dtype=torch.float64)
     for _ in range(20):
         L, info = torch.linalg.cholesky_ex(C + lam * eye)
         if int(info) == 0:
             return L, lam
-        lam = lam * 10 if lam > 0 else ridge * max(float(torch.trace(C)) / d, torch.finfo(torch.float64).tiny)
+        lam = lam * 10 if lam > 0 else base
     raise HeadlensError("`calibration` tokens: X X^T has no Cholesky factor even with a ridge (NaN/inf inputs?)")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from headlens.compress.keys import KeyLayerPlan, KeyMoments, pairs_of, rotation_average
+from headlens.compress.rotary_keys import turn as turn_with
 from headlens.errors import HeadlensError
 
 CHECK_TOL = 1e-3  # relative: un-rotated keys against the key projection (float32 models; bfloat16 gets 2e-2)
@@ -73,7 +74,8 @@ class KeyState:
         self.info: dict[int, LayerInfo] = {}
         self.mode = "off"
         self.moments: dict[int, list] = {}  # layer -> [Cq (G,hd,hd), Ck (G,hd,hd), tokens]
-        self.bias: dict[int, list | None] = {}
+        self.bias: dict[int, list | None] = {}  # per layer, once its rotary is known: the bias subtracted, or None
+        self.key_bias: dict[int, list | None] = {}  # per layer the key projection's bias per kv group (or None)
         self.configs: list[dict] = []  # per configuration {layer: (KeyLayerPlan | None, value factors | None)}
         self.sums: list[dict[int, LayerSums]] = []
         self.current = 0
@@ -155,6 +157,8 @@ class KeyState:
                                 "projection turned by the family's apply_rotary_pos_emb: headlens cannot un-rotate "
                                 "them, so it fits no key latent here")
         self.info[layer] = info
+        # a linear key's bias is taken out before encoding (c = E (k - b)); before a rotation it is part of the key
+        self.bias[layer] = self.key_bias.get(layer) if not info.rotary else None
         return info
 
     # -------------------------------------------------------------------------------------------- capture
@@ -324,24 +328,9 @@ _PROBE = None
 
 
 def turn(info: LayerInfo, x: torch.Tensor, pe, inverse: bool = False) -> torch.Tensor:
-    """``x`` [B, heads, T, hd] turned by the position embeddings ``pe`` with the family's function (or back,
-    ``inverse``): ``(cos, sin)`` through ``apply_rotary_pos_emb`` (inverse ``(cos, -sin) / (cos^2 + sin^2)``; only the
-    leading ``rot`` dimensions where cos/sin cover fewer than hd, as the partial-rotary families split them), or
-    Llama 4's complex ``freqs_cis`` through ``apply_rotary_emb`` (inverse ``conj(f) / |f|^2``)."""
-    if info.complex:
-        f = pe.conj() / (pe.abs() ** 2) if inverse else pe
-        k = x.transpose(1, 2)  # apply_rotary_emb takes [B, T, heads, hd]
-        return info.apply(k, k, f)[1].to(x.dtype).transpose(1, 2)
-    cos, sin = pe[0].to(x.dtype), pe[1].to(x.dtype)
-    if inverse:
-        s2 = cos * cos + sin * sin
-        cos, sin = cos / s2, -sin / s2
-    rot = cos.shape[-1]
-    if rot < x.shape[-1]:
-        out, _ = info.apply(x[..., :rot], x[..., :rot], cos, sin)
-        return torch.cat([out, x[..., rot:]], dim=-1)
-    out, _ = info.apply(x, x, cos, sin)
-    return out
+    """``x`` [B, heads, T, hd] turned by ``pe`` with the layer's rotary (or back): the cache's own
+    :func:`~headlens.compress.rotary_keys.turn`."""
+    return turn_with(info.apply, info.complex, x, pe, inverse)
 
 
 def _rotary(module, pe, hd: int) -> LayerInfo | None:

@@ -127,23 +127,12 @@ class RotaryKeys:
 
     def rotate(self, keys: torch.Tensor, pe) -> torch.Tensor:
         """``keys`` [batch, heads, tokens, hd] (float32) rotated by ``pe`` (:meth:`embeddings`' form) with the family's
-        function; only the first ``rot`` dims where cos/sin cover fewer than hd (partial rotary)."""
-        if self.complex:  # apply_rotary_emb takes [batch, tokens, heads, hd]
-            k = keys.transpose(1, 2)
-            return self.fn(k, k, pe)[1].transpose(1, 2)
-        cos, sin = pe[0].to(keys.dtype), pe[1].to(keys.dtype)
-        rot = cos.shape[-1]
-        part = keys[..., :rot]
-        out = self.fn(part, part, cos, sin)[1].to(keys.dtype)
-        return torch.cat([out, keys[..., rot:]], dim=-1) if rot < keys.shape[-1] else out
+        function (:func:`turn`)."""
+        return turn(self.fn, self.complex, keys, pe)
 
     def unrotate(self, keys: torch.Tensor, pe) -> torch.Tensor:
-        """The inverse of :meth:`rotate` at ``pe``: rotation by ``(cos / s2, -sin / s2)``, or by ``conj(f) / |f|^2``."""
-        if self.complex:
-            return self.rotate(keys, pe.conj() / (pe.abs() ** 2))
-        cos, sin = pe[0].to(keys.dtype), pe[1].to(keys.dtype)
-        s2 = cos * cos + sin * sin
-        return self.rotate(keys, (cos / s2, -sin / s2))
+        """The inverse of :meth:`rotate` at ``pe`` (:func:`turn`)."""
+        return turn(self.fn, self.complex, keys, pe, inverse=True)
 
     def positions(self, layer: int, handed, past: int, batch: int, tokens: int, device: torch.device):
         """(positions int32 [batch, tokens], the handed position embeddings in float32) of a layer's new tokens from
@@ -172,6 +161,26 @@ class RotaryKeys:
                                     f"position embeddings this attention layer was handed ({self.family} rotates "
                                     "this layer another way): its keys cannot be stored as rotary latents")
         return ids, theirs
+
+
+def turn(fn, complex_: bool, x: torch.Tensor, pe, inverse: bool = False) -> torch.Tensor:
+    """``x`` [batch, heads, tokens, hd] turned by the position embeddings ``pe`` with the family's function ``fn`` (or
+    back, ``inverse``): ``(cos, sin)`` through ``apply_rotary_pos_emb`` (inverse ``(cos, -sin) / (cos^2 + sin^2)``,
+    exact under an attention scaling; only the leading ``rot`` dimensions where cos/sin cover fewer than hd, as the
+    partial-rotary families split them), or Llama 4's complex ``freqs_cis`` through ``apply_rotary_emb``
+    (``complex_``; inverse ``conj(f) / |f|^2``)."""
+    if complex_:
+        f = pe.conj() / (pe.abs() ** 2) if inverse else pe
+        k = x.transpose(1, 2)  # apply_rotary_emb takes [batch, tokens, heads, hd]
+        return fn(k, k, f)[1].to(x.dtype).transpose(1, 2)
+    cos, sin = pe[0].to(x.dtype), pe[1].to(x.dtype)
+    if inverse:
+        s2 = cos * cos + sin * sin
+        cos, sin = cos / s2, -sin / s2
+    rot = cos.shape[-1]
+    part = x[..., :rot]
+    out = fn(part, part, cos, sin)[1].to(x.dtype)
+    return torch.cat([out, x[..., rot:]], dim=-1) if rot < x.shape[-1] else out
 
 
 def pe_dtype(pe) -> torch.dtype:
