@@ -82,7 +82,6 @@ class QKNorm:
     center: bool = False  # a LayerNorm that subtracts each head's mean (Cohere)
 
 
-QK_NORM = QKNorm(_ATTN + "q_norm.weight", _ATTN + "k_norm.weight")
 # Any tensor of a layer that looks like a query/key norm: one the spec does not declare is refused where the
 # QK circuit is read, rather than left out of it (StableLM's per-head LayerNorms with biases, an unknown family).
 QK_NORM_PATTERN = re.compile(r"(^|\.)(q|k|query|key)_?(norm|layernorm|ln)(\.|$)")
@@ -138,8 +137,6 @@ class ArchSpec:
     # Index of the attention probabilities in the attention module's output tuple under eager attention
     # (T5 returns (output, position_bias, probabilities)).
     probs_at: int = 1
-    # Query/key norms between the projections and the attention scores, as the sweep folds them (None: none).
-    qk_norm: QKNorm | None = None
     # The QK circuit (``headlens ov --circuit qk``). Norms applied to the projected queries and keys, relative to the
     # layer (``{h}``: the head index, where each head has a module of its own, as StableLM's); their gains fold into
     # W_Q / W_K, their per-token scale cannot. A gain may be (hd,) shared by the heads, (n*hd,) over all heads
@@ -153,6 +150,15 @@ class ArchSpec:
     position_flags: tuple[tuple[str, str], ...] = ()
     # (config key, note): what else the model does to its logits, said when the key is set ("": always).
     qk_notes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def qk_norm(self) -> QKNorm | None:
+        """The query/key norms as the sweep folds them (one weight tensor each, the family's norm offset, centring),
+        from ``q_norm``/``k_norm``; None where the family declares none, or one module per head (``{h}``: StableLM's
+        per-head LayerNorms carry biases, which cannot fold into W_Q/W_K for a whole layer)."""
+        if not self.q_norm or not self.k_norm or "{h}" in self.q_norm + self.k_norm:
+            return None
+        return QKNorm(self.q_norm, self.k_norm, offset=self.norm_offset, center=self.qk_norm_centered)
 
     def position_kind(self, config: Mapping | None) -> str:
         """How positions enter this checkpoint's attention logits (see ``position``)."""
@@ -170,17 +176,16 @@ SPECS: dict[str, ArchSpec] = {
     "llama": ArchSpec("Llama", **_LLAMA),
     "mistral": ArchSpec("Mistral", **_LLAMA),
     "qwen2": ArchSpec("Qwen2/2.5", **_LLAMA),
-    "qwen3": ArchSpec("Qwen3", qk_norm=QK_NORM, **_LLAMA),
+    "qwen3": ArchSpec("Qwen3", **_LLAMA),
     "qwen2_moe": ArchSpec("Qwen2-MoE", **_LLAMA),
-    "qwen3_moe": ArchSpec("Qwen3-MoE", qk_norm=QK_NORM, **_LLAMA),
+    "qwen3_moe": ArchSpec("Qwen3-MoE", **_LLAMA),
     "mixtral": ArchSpec("Mixtral", **_LLAMA),
-    "olmoe": ArchSpec("OLMoE", qk_norm=QK_NORM, **_LLAMA),  # q/k norms over all heads
+    "olmoe": ArchSpec("OLMoE", **_LLAMA),  # q/k norms over all heads
     "gemma": ArchSpec("Gemma", norm_offset=1.0, qk_notes=(_GEMMA_SCALE,), **_LLAMA),
     "gemma2": ArchSpec("Gemma 2", norm_offset=1.0, **_SANDWICH, **_LLAMA, qk_notes=(
         ("attn_logit_softcapping", "the model soft-caps its logits (tanh, attn_logit_softcapping): left out"),
         _GEMMA_SCALE)),
-    "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, qk_notes=(_GEMMA_SCALE,),
-                            qk_norm=QKNorm(QK_NORM.q, QK_NORM.k, offset=1.0), **_SANDWICH, **_LLAMA),
+    "gemma3_text": ArchSpec("Gemma 3", norm_offset=1.0, qk_notes=(_GEMMA_SCALE,), **_SANDWICH, **_LLAMA),
     "phi3": ArchSpec("Phi-3", layers_path="layers", layout=FUSED_CONCAT),
     # Each entry below: where the weights are, then the norm feeding attention, then the residual sites.
     "gpt2": ArchSpec("GPT-2", layers_path="h", layout=CONV1D, attn_module="attn",
@@ -228,13 +233,13 @@ SPECS: dict[str, ArchSpec] = {
                    position="relative_bias", qk_notes=(("", f"T5 does not scale its logits; {_SCALE}"),)),
     # Llama-named projections with another residual structure.
     "olmo2": ArchSpec("OLMo 2", norm=None, residual="post_sublayer", attn_out="post_attention_layernorm",
-                      mlp_out="post_feedforward_layernorm", mid_input="mlp", qk_norm=QK_NORM, **_LLAMA),
+                      mlp_out="post_feedforward_layernorm", mid_input="mlp", **_LLAMA),
     "glm4": ArchSpec("GLM-4", residual="sandwich", attn_out="post_self_attn_layernorm", mlp_out="post_mlp_layernorm",
                      mid_input="post_attention_layernorm", **_LLAMA),
     "granite": ArchSpec("Granite", branch_scale="residual_multiplier", **_LLAMA, qk_notes=(
         ("attention_multiplier", f"the model scales logits by attention_multiplier; {_SCALE}"),)),
     "cohere": ArchSpec("Cohere", residual="parallel", mid_input=None, qk_norm_centered=True,  # LayerNorm (H, hd)
-                       qk_norm=QKNorm(QK_NORM.q, QK_NORM.k, center=True), **_LLAMA),
+                       **_LLAMA),
     "stablelm": ArchSpec("StableLM", residual="parallel", parallel_flag="use_parallel_residual",
                          q_norm=_ATTN + "q_layernorm.norms.{h}.weight", k_norm=_ATTN + "k_layernorm.norms.{h}.weight",
                          qk_norm_centered=True, layers_path="layers", layout=SEPARATE),
@@ -251,7 +256,7 @@ SPECS["llama4"] = SPECS["llama4_text"]
 
 # A model without a known model_type (a bare state dict): Llama's names, and q/k norms where Qwen3, OLMo 2 and OLMoE
 # keep them (gain w; Gemma 3's 1 + w is known only from its config, as for its input norm).
-GENERIC = ArchSpec("generic (self_attn.{q,k,v,o}_proj)", qk_norm=QK_NORM, **_LLAMA)
+GENERIC = ArchSpec("generic (self_attn.{q,k,v,o}_proj)", **_LLAMA)
 
 
 def holds(requires: tuple[tuple[str, bool], ...], config: Mapping | None) -> bool:
