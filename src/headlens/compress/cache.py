@@ -165,7 +165,7 @@ def encoder(P: torch.Tensor, W_V: torch.Tensor, where: str) -> torch.Tensor:
 def encoders(model, ck, plans: Sequence) -> dict[int, LayerLatents]:
     """{layer: LayerLatents} for compress ``plans`` on ``model`` (its original value weights), each encoder checked
     (:func:`encoder`); the value bias read from the model."""
-    from headlens.compress.apply import value_tensor
+    from headlens.compress.projections import value_tensor
 
     out = {}
     for plan in plans:

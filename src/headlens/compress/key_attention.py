@@ -70,7 +70,7 @@ def key_attention(model, ck, layers: list[int]):
     """Run ``model``'s attention through :data:`KEYS` inside the block; yields the :class:`KeyState` (mode ``off``
     until set). The model's implementation, hooks and configs are restored on leaving, also on error."""
     from headlens.compress.absorbed import _configs
-    from headlens.compress.apply import head_projection
+    from headlens.compress.projections import head_projection
 
     via_cache = not supports_keys(model)
     configs = _configs(model)

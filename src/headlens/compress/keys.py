@@ -265,7 +265,7 @@ def plain_moments(model, ck, layer: int, rotary: bool, pairs: Sequence[tuple[int
                   bias_subtracted: bool) -> KeyMoments:
     """The weight-only moments of ``layer`` (module docstring): queries and keys of isotropic inputs, the q/k norm
     gains folded in, a bias kept in the key as a constant input (``[W | b]``) unless the cache subtracts it."""
-    from headlens.compress.apply import head_projection
+    from headlens.compress.projections import head_projection
 
     s = ck.shape
     H, G, hd = s.num_heads, s.num_kv_heads, s.head_dim
