@@ -101,7 +101,7 @@ def _texts(args, source, cfg):
 
 def _n_saved(cfg) -> int:
     """How many configurations --save-model would have to choose between (budgets, not their uniform twins)."""
-    from headlens.compress.run import DEFAULT_TARGET_ERRORS
+    from headlens.compress.configs import DEFAULT_TARGET_ERRORS
 
     values = cfg.ks or cfg.target_energies or cfg.target_errors or ([cfg.budget] if cfg.budget else
                                                                      DEFAULT_TARGET_ERRORS)

@@ -6,9 +6,10 @@ cuts them to each configuration's sizes and measures all configurations together
 (:func:`headlens.compress.measure.measure_many`: one original pass per text, then per configuration the isolated
 re-runs and one compressed pass).
 
-Configurations (:class:`Configuration`): per budget value (``target_errors``, ``target_energies``, one ``budget``
-file, or uniform sizes ``ks``) and latent kind, the budgeted allocation and, always, the uniform allocation with the
-same total KV bytes (for ``ks`` the configuration is itself uniform).
+Configurations (:mod:`headlens.compress.configs`): per budget value (``target_errors``, ``target_energies``, one
+``budget`` file, or uniform sizes ``ks``) and latent kind, the budgeted allocation and, always, the uniform allocation
+with the same total KV bytes (for ``ks`` the configuration is itself uniform); with ``keys``, the keys alone and keys
+with values too, fitted by :func:`_key_plans` in the same calibration pass.
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from headlens import params
-from headlens.compress.allocate import (Ks, cut_all, full_plans, read_budget, same_ks, target_ks, uniform_ks)
+from headlens.compress.allocate import cut_all, full_plans, read_budget
+from headlens.compress.configs import (Configuration, budget_keys, configurations,
+                                       frequency_notes, key_configurations, zero_notes)
 from headlens.compress.keys import cut_keys
 from headlens.compress.measure import Measurement, measure_many
-from headlens.compress.plan import LATENT_KINDS, LayerPlan
+from headlens.compress.plan import LATENT_KINDS
 from headlens.errors import HeadlensError
 from headlens.selection import DTYPE_CHOICES
 
-DEFAULT_TARGET_ERRORS = (0.1, 0.2, 0.4)
 MIN_EVAL_TOKENS = 4  # an eval text needs a few tokens: 3 next-token predictions at the least
 
 
@@ -44,7 +46,7 @@ def _in_unit(values: Sequence[float] | None, name: str) -> None:
 @dataclass
 class CompressConfig:
     """What to compress and how. Exactly one budget source: ``target_errors`` (default
-    :data:`DEFAULT_TARGET_ERRORS` when none is given), ``target_energies``, ``ks`` or ``budget``. One value stands
+    :data:`~headlens.compress.configs.DEFAULT_TARGET_ERRORS` when none is given), ``target_energies``, ``ks`` or ``budget``. One value stands
     for a list of one (``ks=16``, ``latents="plain"``); a wrong type is one HeadlensError naming the field."""
 
     layers: str | Sequence[int] | None = None  # layer selection ("0:4", "1,3", a list); None: every layer
@@ -131,32 +133,6 @@ class CompressConfig:
 
 
 @dataclass
-class Configuration:
-    """One measured configuration: a latent kind and an allocation of latent sizes."""
-
-    name: str  # e.g. "data-aware error<=0.1", "uniform (same bytes as plain error<=0.1)"
-    budget: str  # target-error, target-energy, k, file
-    target: Any  # the target value, the uniform k, or the budget file's name
-    latent: str | None  # plain or data-aware (None: keys alone, no value latent)
-    allocation: str  # "budget" (the target's sizes) or "uniform"
-    ks: Ks
-    matches: str | None = None  # for a uniform allocation: the name of the budget it has the bytes of
-    key_ks: Ks | None = None  # key latent sizes (None: keys kept whole)
-    key_latent: str | None = None  # plain or data-aware key latents
-    part: str = "values"  # what is compressed: values, keys or both
-
-    @property
-    def latent_dims(self) -> int:
-        """Value latent numbers per token over every compressed layer."""
-        return sum(sum(v) for v in self.ks.values())
-
-    @property
-    def key_dims(self) -> int:
-        """Key latent numbers per token over every layer with key latents."""
-        return sum(sum(v) for v in (self.key_ks or {}).values())
-
-
-@dataclass
 class CompressResult:
     """What :func:`run_compress` measured: per configuration (``configurations[i]``) its :class:`Measurement`
     (``measurements[i]``: per-layer errors, KL, top-1, perplexity or embedding cosine, KV bytes). ``to_json()``
@@ -236,150 +212,6 @@ class CompressResult:
         return LatentCache.from_plans(model, ck, list(plans[names.index(name)].values()))
 
 
-def _label(budget: str, value: Any) -> str:
-    return {"target-error": f"error<={value:g}" if isinstance(value, float) else "",
-            "target-energy": f"energy>={value:g}" if isinstance(value, float) else "",
-            "k": f"k={value}", "file": f"budget {value}"}[budget]
-
-
-def configurations(cfg: CompressConfig, full: dict[str, dict[int, LayerPlan]], ck, budget_ks: dict[str, Ks] | None,
-                   budget_name: str | None = None) -> list[Configuration]:
-    """Every configuration ``cfg`` asks for, from the full-size plans of each kind (``full[kind]``); budget files
-    come in as ``budget_ks`` (kind -> sizes)."""
-    from headlens.circuits.budget import BudgetTarget
-
-    s = ck.shape
-    layers = sorted(next(iter(full.values())))
-    kind = cfg.budget_kind()
-    out: list[Configuration] = []
-    for latent in cfg.latents:
-        if kind == "k":
-            for k in cfg.ks:  # type: ignore[union-attr]
-                if k > s.head_dim:
-                    raise HeadlensError(f"`ks` {k} is above head_dim {s.head_dim}: a kv group's latent holds "
-                                        f"0..{s.head_dim} numbers")
-                out.append(Configuration(f"{latent} {_label('k', k)}", "k", k, latent, "uniform",
-                                         same_ks(layers, s.num_kv_heads, k)))
-            continue
-        if kind == "file":
-            values: list[Any] = [budget_name]
-        else:
-            values = list(cfg.target_energies if kind == "target-energy" else cfg.target_errors
-                          or DEFAULT_TARGET_ERRORS)
-        for v in values:
-            if kind == "file":
-                ks = budget_ks[latent]  # type: ignore[index]
-                missing = [layer for layer in layers if layer not in ks]
-                if missing or set(ks) - set(layers):
-                    raise HeadlensError(f"`budget` covers layers {sorted(ks)}, but this run compresses {layers}: "
-                                        f"pass `layers` {','.join(map(str, sorted(ks)))} to match the sweep")
-            else:
-                ks = target_ks(full[latent], BudgetTarget("energy" if kind == "target-energy" else "error", float(v)))
-            name = f"{latent} {_label(kind, v)}"
-            out.append(Configuration(name, kind, v, latent, "budget", ks))
-            out.append(Configuration(f"uniform {latent} (bytes of {_label(kind, v)})", kind, v, latent, "uniform",
-                                     uniform_ks(ks, s.head_dim), matches=name))
-    return out
-
-
-def key_configurations(cfg: CompressConfig, confs: list[Configuration], key_full: dict, ck,
-                       budget_key_ks: Ks | None = None, notes: list[str] | None = None) -> list[Configuration]:
-    """With key latents (``cfg.keys``): per budget configuration of ``confs`` the keys alone (``keys <kind>
-    <label>``, once per budget value) and keys with values (``<name> + keys``), and per uniform one the same bytes
-    spread uniformly over keys and values. Key sizes: ``cfg.key_ks`` (one for every budget value, or one each), else
-    the same budget as the values (``k`` the same size; a target cut from the key spectra; a budget file's key
-    columns). A size of 0 for some key latent gives no keys configuration (a note in ``notes`` says so)."""
-    from headlens.circuits.budget import BudgetTarget
-
-    notes = notes if notes is not None else []
-    s = ck.shape
-    layers = sorted(key_full)
-    kind = cfg.budget_kind()
-    values = ([cfg.budget] if kind == "file" else list(cfg.ks or cfg.target_energies or cfg.target_errors
-                                                        or DEFAULT_TARGET_ERRORS))  # type: ignore[arg-type]
-    given = list(cfg.key_ks or [])  # type: ignore[arg-type]
-    if given and len(given) not in (1, len(values)):
-        raise HeadlensError(f"`key_ks` gives {len(given)} sizes for {len(values)} budget values: give one, or one "
-                            "per budget value")
-    for k in given:
-        if k > s.head_dim:
-            raise HeadlensError(f"`key_ks` {k} is above head_dim {s.head_dim}")
-
-    def sizes(target) -> Ks:
-        if given:
-            return same_ks(layers, s.num_kv_heads, given[0] if len(given) == 1 else given[values.index(target)])
-        if kind == "k":
-            return same_ks(layers, s.num_kv_heads, int(target))
-        if kind == "file":
-            if budget_key_ks is None:
-                raise HeadlensError("`budget` has no key sizes (key_k_plain / key_k_data columns): pass `key_ks`, or "
-                                    "sweep again with a headlens that writes them")
-            return budget_key_ks
-        t = BudgetTarget("energy" if kind == "target-energy" else "error", float(target))
-        return {layer: [t.k_for(g.spectrum) for g in key_full[layer].groups] for layer in layers}
-
-    out: list[Configuration] = []
-    names: set[str] = set()
-    by_name = {c.name: c for c in confs}
-    for c in confs:
-        label = _label(kind, c.target)
-        kk = sizes(c.target)
-        if any(k == 0 for v in kk.values() for k in v):
-            note = (f"{label}: a key latent of 0 numbers stores no key (every logit the same): no keys "
-                    "configuration at this size")
-            if note not in notes:
-                notes.append(note)
-            continue
-        if c.allocation == "budget" or c.budget == "k":
-            alone = f"keys {cfg.keys} {label}"
-            if alone not in names:
-                names.add(alone)
-                out.append(Configuration(alone, c.budget, c.target, None, c.allocation, {}, key_ks=kk,
-                                         key_latent=cfg.keys, part="keys"))  # no value latent
-            out.append(dataclasses.replace(c, name=f"{c.name} + keys {cfg.keys}", key_ks=kk, key_latent=cfg.keys,
-                                           part="both"))
-        else:
-            budget = by_name.get(c.matches or "")
-            kb = sizes(budget.target) if budget is not None else kk
-            out.append(dataclasses.replace(c, name=f"{c.name} + uniform keys", key_ks=uniform_ks(kb, s.head_dim),
-                                           key_latent=cfg.keys, part="both",
-                                           matches=f"{c.matches} + keys {cfg.keys}" if c.matches else None))
-    return out
-
-
-def frequency_notes(confs: list[Configuration], measured: list) -> list[str]:
-    """Per configuration with key latents, which of the two key latents lost less at equal bytes (measured isolated
-    logit error, layer by layer): the per-group latent the cache stores, or TransMLA's per-frequency projection
-    across kv heads, which the cache does not store yet."""
-    out = []
-    for c, m in zip(confs, measured):
-        pairs = [(e.layer, e.key_logit_error, e.key_frequency_logit_error) for e in m.key_layers
-                 if e.key_logit_error is not None and e.key_frequency_logit_error is not None]
-        if not pairs or c.part == "both":
-            continue
-        wins = [layer for layer, g, f in pairs if f < g]
-        out.append(f"{c.name}: at equal bytes the per-frequency cross-head key latent (TransMLA) lost "
-                   + (f"less in layers {', '.join(map(str, wins))}; the cache still stores the per-group latent "
-                      "there (no cache layer for the cross-head form yet)" if wins else
-                      f"more than the per-group latent in all {len(pairs)} layers (logit error "
-                      f"{min(f / g for _, g, f in pairs if g > 0):.1f}x to {max(f / g for _, g, f in pairs if g > 0):.1f}x)"
-                      if all(g > 0 for _, g, _f in pairs) else "more than the per-group latent in every layer"))
-    return out
-
-
-def zero_notes(confs: list[Configuration]) -> list[str]:
-    """One note per configuration that gives some kv groups a latent of 0: their values are removed."""
-    out = []
-    for c in confs:
-        sizes = [k for v in c.ks.values() for k in v]
-        zeros = sum(k == 0 for k in sizes)
-        if zeros:
-            which = "every kv group" if zeros == len(sizes) else f"{zeros} of {len(sizes)} kv groups"
-            out.append(f"{c.name}: k = 0 for {which}: their values are removed (the attention of those groups "
-                       "writes only the value bias)")
-    return out
-
-
 def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence[str] | str | None = None,
                  calib_texts: Sequence[str] | str | None = None, *, on_start: Callable[[dict], None] | None = None,
                  disable: bool | None = None, keep_model: bool = False) -> CompressResult:
@@ -454,7 +286,7 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     X.clear()
     confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
     if key_full:
-        confs = confs + key_configurations(cfg, confs, key_full, ck, _budget_keys(cfg, ck, digest), notes)
+        confs = confs + key_configurations(cfg, confs, key_full, ck, budget_keys(cfg, ck, digest), notes)
     seconds["fit"] = time.perf_counter() - t
     ridge = {layer: max(g.ridge for g in p.groups) for layer, p in full.get("data-aware", {}).items()}
     removed = zero_notes(confs)
@@ -538,22 +370,6 @@ def _key_plans(model, ck, layers: list[int], kind: str, state) -> dict:
     if missing:
         raise HeadlensError(f"layer {missing[0]}'s attention was not called in the calibration passes: no key latent")
     return out
-
-
-def _budget_keys(cfg: CompressConfig, ck, digest: str) -> Ks | None:
-    """The key sizes of a budget file (its key_k_plain / key_k_data column for ``cfg.keys``), None without one."""
-    if not cfg.budget or cfg.keys == "none":
-        return None
-    from headlens.io.tables import read_table
-
-    col = {"plain": "key_k_plain", "data-aware": "key_k_data"}[cfg.keys]
-    rows = read_table(cfg.budget)
-    if not rows or col not in rows[0] or any(r.get(col) is None for r in rows):
-        return None
-    out: dict[int, dict[int, int]] = {}
-    for r in rows:
-        out.setdefault(int(r["layer"]), {})[int(r["kv_head"])] = int(r[col])
-    return {layer: [per[g] for g in sorted(per)] for layer, per in sorted(out.items())}
 
 
 def _check_short(tok, texts: list[str]) -> None:

@@ -1,0 +1,205 @@
+"""The configurations ``headlens compress`` measures: per budget value and latent kind the budgeted allocation and
+its uniform twin of equal bytes (:func:`configurations`), with key latents the keys alone and keys with values
+(:func:`key_configurations`), and the notes a run makes about them (``k = 0`` groups, which key latent form lost less).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from headlens.compress.allocate import Ks, same_ks, target_ks, uniform_ks
+from headlens.compress.plan import LayerPlan
+from headlens.errors import HeadlensError
+
+if TYPE_CHECKING:
+    from headlens.compress.run import CompressConfig
+
+DEFAULT_TARGET_ERRORS = (0.1, 0.2, 0.4)
+
+
+@dataclass
+class Configuration:
+    """One measured configuration: a latent kind and an allocation of latent sizes."""
+
+    name: str  # e.g. "data-aware error<=0.1", "uniform (same bytes as plain error<=0.1)"
+    budget: str  # target-error, target-energy, k, file
+    target: Any  # the target value, the uniform k, or the budget file's name
+    latent: str | None  # plain or data-aware (None: keys alone, no value latent)
+    allocation: str  # "budget" (the target's sizes) or "uniform"
+    ks: Ks
+    matches: str | None = None  # for a uniform allocation: the name of the budget it has the bytes of
+    key_ks: Ks | None = None  # key latent sizes (None: keys kept whole)
+    key_latent: str | None = None  # plain or data-aware key latents
+    part: str = "values"  # what is compressed: values, keys or both
+
+    @property
+    def latent_dims(self) -> int:
+        """Value latent numbers per token over every compressed layer."""
+        return sum(sum(v) for v in self.ks.values())
+
+    @property
+    def key_dims(self) -> int:
+        """Key latent numbers per token over every layer with key latents."""
+        return sum(sum(v) for v in (self.key_ks or {}).values())
+
+
+def _label(budget: str, value: Any) -> str:
+    return {"target-error": f"error<={value:g}" if isinstance(value, float) else "",
+            "target-energy": f"energy>={value:g}" if isinstance(value, float) else "",
+            "k": f"k={value}", "file": f"budget {value}"}[budget]
+
+
+def configurations(cfg: "CompressConfig", full: dict[str, dict[int, LayerPlan]], ck, budget_ks: dict[str, Ks] | None,
+                   budget_name: str | None = None) -> list[Configuration]:
+    """Every configuration ``cfg`` asks for, from the full-size plans of each kind (``full[kind]``); budget files
+    come in as ``budget_ks`` (kind -> sizes)."""
+    from headlens.circuits.budget import BudgetTarget
+
+    s = ck.shape
+    layers = sorted(next(iter(full.values())))
+    kind = cfg.budget_kind()
+    out: list[Configuration] = []
+    for latent in cfg.latents:
+        if kind == "k":
+            for k in cfg.ks:  # type: ignore[union-attr]
+                if k > s.head_dim:
+                    raise HeadlensError(f"`ks` {k} is above head_dim {s.head_dim}: a kv group's latent holds "
+                                        f"0..{s.head_dim} numbers")
+                out.append(Configuration(f"{latent} {_label('k', k)}", "k", k, latent, "uniform",
+                                         same_ks(layers, s.num_kv_heads, k)))
+            continue
+        if kind == "file":
+            values: list[Any] = [budget_name]
+        else:
+            values = list(cfg.target_energies if kind == "target-energy" else cfg.target_errors
+                          or DEFAULT_TARGET_ERRORS)
+        for v in values:
+            if kind == "file":
+                ks = budget_ks[latent]  # type: ignore[index]
+                missing = [layer for layer in layers if layer not in ks]
+                if missing or set(ks) - set(layers):
+                    raise HeadlensError(f"`budget` covers layers {sorted(ks)}, but this run compresses {layers}: "
+                                        f"pass `layers` {','.join(map(str, sorted(ks)))} to match the sweep")
+            else:
+                ks = target_ks(full[latent], BudgetTarget("energy" if kind == "target-energy" else "error", float(v)))
+            name = f"{latent} {_label(kind, v)}"
+            out.append(Configuration(name, kind, v, latent, "budget", ks))
+            out.append(Configuration(f"uniform {latent} (bytes of {_label(kind, v)})", kind, v, latent, "uniform",
+                                     uniform_ks(ks, s.head_dim), matches=name))
+    return out
+
+
+def key_configurations(cfg: "CompressConfig", confs: list[Configuration], key_full: dict, ck,
+                       budget_key_ks: Ks | None = None, notes: list[str] | None = None) -> list[Configuration]:
+    """With key latents (``cfg.keys``): per budget configuration of ``confs`` the keys alone (``keys <kind>
+    <label>``, once per budget value) and keys with values (``<name> + keys``), and per uniform one the same bytes
+    spread uniformly over keys and values. Key sizes: ``cfg.key_ks`` (one for every budget value, or one each), else
+    the same budget as the values (``k`` the same size; a target cut from the key spectra; a budget file's key
+    columns). A size of 0 for some key latent gives no keys configuration (a note in ``notes`` says so)."""
+    from headlens.circuits.budget import BudgetTarget
+
+    notes = notes if notes is not None else []
+    s = ck.shape
+    layers = sorted(key_full)
+    kind = cfg.budget_kind()
+    values = ([cfg.budget] if kind == "file" else list(cfg.ks or cfg.target_energies or cfg.target_errors
+                                                        or DEFAULT_TARGET_ERRORS))  # type: ignore[arg-type]
+    given = list(cfg.key_ks or [])  # type: ignore[arg-type]
+    if given and len(given) not in (1, len(values)):
+        raise HeadlensError(f"`key_ks` gives {len(given)} sizes for {len(values)} budget values: give one, or one "
+                            "per budget value")
+    for k in given:
+        if k > s.head_dim:
+            raise HeadlensError(f"`key_ks` {k} is above head_dim {s.head_dim}")
+
+    def sizes(target) -> Ks:
+        if given:
+            return same_ks(layers, s.num_kv_heads, given[0] if len(given) == 1 else given[values.index(target)])
+        if kind == "k":
+            return same_ks(layers, s.num_kv_heads, int(target))
+        if kind == "file":
+            if budget_key_ks is None:
+                raise HeadlensError("`budget` has no key sizes (key_k_plain / key_k_data columns): pass `key_ks`, or "
+                                    "sweep again with a headlens that writes them")
+            return budget_key_ks
+        t = BudgetTarget("energy" if kind == "target-energy" else "error", float(target))
+        return {layer: [t.k_for(g.spectrum) for g in key_full[layer].groups] for layer in layers}
+
+    out: list[Configuration] = []
+    names: set[str] = set()
+    by_name = {c.name: c for c in confs}
+    for c in confs:
+        label = _label(kind, c.target)
+        kk = sizes(c.target)
+        if any(k == 0 for v in kk.values() for k in v):
+            note = (f"{label}: a key latent of 0 numbers stores no key (every logit the same): no keys "
+                    "configuration at this size")
+            if note not in notes:
+                notes.append(note)
+            continue
+        if c.allocation == "budget" or c.budget == "k":
+            alone = f"keys {cfg.keys} {label}"
+            if alone not in names:
+                names.add(alone)
+                out.append(Configuration(alone, c.budget, c.target, None, c.allocation, {}, key_ks=kk,
+                                         key_latent=cfg.keys, part="keys"))  # no value latent
+            out.append(dataclasses.replace(c, name=f"{c.name} + keys {cfg.keys}", key_ks=kk, key_latent=cfg.keys,
+                                           part="both"))
+        else:
+            budget = by_name.get(c.matches or "")
+            kb = sizes(budget.target) if budget is not None else kk
+            out.append(dataclasses.replace(c, name=f"{c.name} + uniform keys", key_ks=uniform_ks(kb, s.head_dim),
+                                           key_latent=cfg.keys, part="both",
+                                           matches=f"{c.matches} + keys {cfg.keys}" if c.matches else None))
+    return out
+
+
+def frequency_notes(confs: list[Configuration], measured: list) -> list[str]:
+    """Per configuration with key latents, which of the two key latents lost less at equal bytes (measured isolated
+    logit error, layer by layer): the per-group latent the cache stores, or TransMLA's per-frequency projection
+    across kv heads, which the cache does not store yet."""
+    out = []
+    for c, m in zip(confs, measured):
+        pairs = [(e.layer, e.key_logit_error, e.key_frequency_logit_error) for e in m.key_layers
+                 if e.key_logit_error is not None and e.key_frequency_logit_error is not None]
+        if not pairs or c.part == "both":
+            continue
+        wins = [layer for layer, g, f in pairs if f < g]
+        out.append(f"{c.name}: at equal bytes the per-frequency cross-head key latent (TransMLA) lost "
+                   + (f"less in layers {', '.join(map(str, wins))}; the cache still stores the per-group latent "
+                      "there (no cache layer for the cross-head form yet)" if wins else
+                      f"more than the per-group latent in all {len(pairs)} layers (logit error "
+                      f"{min(f / g for _, g, f in pairs if g > 0):.1f}x to {max(f / g for _, g, f in pairs if g > 0):.1f}x)"
+                      if all(g > 0 for _, g, _f in pairs) else "more than the per-group latent in every layer"))
+    return out
+
+
+def zero_notes(confs: list[Configuration]) -> list[str]:
+    """One note per configuration that gives some kv groups a latent of 0: their values are removed."""
+    out = []
+    for c in confs:
+        sizes = [k for v in c.ks.values() for k in v]
+        zeros = sum(k == 0 for k in sizes)
+        if zeros:
+            which = "every kv group" if zeros == len(sizes) else f"{zeros} of {len(sizes)} kv groups"
+            out.append(f"{c.name}: k = 0 for {which}: their values are removed (the attention of those groups "
+                       "writes only the value bias)")
+    return out
+
+
+def budget_keys(cfg: "CompressConfig", ck, digest: str) -> Ks | None:
+    """The key sizes of a budget file (its key_k_plain / key_k_data column for ``cfg.keys``), None without one."""
+    if not cfg.budget or cfg.keys == "none":
+        return None
+    from headlens.io.tables import read_table
+
+    col = {"plain": "key_k_plain", "data-aware": "key_k_data"}[cfg.keys]
+    rows = read_table(cfg.budget)
+    if not rows or col not in rows[0] or any(r.get(col) is None for r in rows):
+        return None
+    out: dict[int, dict[int, int]] = {}
+    for r in rows:
+        out.setdefault(int(r["layer"]), {})[int(r["kv_head"])] = int(r[col])
+    return {layer: [per[g] for g in sorted(per)] for layer, per in sorted(out.items())}
