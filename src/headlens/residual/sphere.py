@@ -30,6 +30,7 @@ import torch
 from headlens.errors import HeadlensError
 from headlens.selection import LABEL_CHOICES
 from headlens.residual.clustering import LayerMetrics, clustering_metrics, summarize
+from headlens.residual.sphere_geometry import align_to, global_basis, movement, normalise, pca
 
 SPHERE_SITES = ("resid_pre", "resid_mid", "resid_post")
 GIF_MAX_SECONDS = 655.35  # a GIF frame lasts at most 65535 hundredths of a second
@@ -231,55 +232,6 @@ def find_outliers(hidden: dict[int, torch.Tensor], tokens: list[str], factor: fl
 # ----------------------------------------------------------------------------------------- projection
 
 
-def _pca(Xc: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k principal directions (d, k) and the explained-variance fractions (k,) of centred Xc (N, d)."""
-    _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
-    total = (S**2).sum()
-    frac = (S[:k] ** 2) / total if total > 0 else torch.zeros(k, dtype=Xc.dtype)
-    V = Vh[:k].T  # (d, k)
-    if V.shape[1] < k:  # fewer tokens than components: pad with zero directions
-        V = torch.cat([V, torch.zeros(V.shape[0], k - V.shape[1], dtype=V.dtype)], 1)
-        frac = torch.cat([frac, torch.zeros(k - frac.shape[0], dtype=frac.dtype)])
-    return V, frac
-
-
-def _global_basis(centred: Callable[[], Iterator[torch.Tensor]], n: int, d: int, k: int = 3) -> torch.Tensor:
-    """One (d, k) basis for every layer's centred tokens (``centred()`` yields each layer's (N, d), n rows in all)."""
-    if n > d:  # accumulate the d x d covariance instead of stacking every layer's tokens
-        C = sum(x.T @ x for x in centred())
-        _, vecs = torch.linalg.eigh(C)
-        return vecs[:, -k:].flip(1)
-    V, _ = _pca(torch.cat(list(centred())), k)  # n <= d: the stack is no larger than the covariance
-    return V
-
-
-def _normalise(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows of Y (N, 3) put on the unit sphere, their norms (N,) before)."""
-    n = Y.norm(dim=1)
-    return Y / torch.where(n > 0, n, torch.ones_like(n))[:, None], n
-
-
-def procrustes_rotation(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """Rotation R (3x3, det +1) minimising ||P R - Q||_F."""
-    U, _, Vt = np.linalg.svd(P.T @ Q)
-    D = np.eye(P.shape[1])
-    D[-1, -1] = np.sign(np.linalg.det(U @ Vt)) or 1.0
-    return U @ D @ Vt
-
-
-def align_to(P: np.ndarray, prev: np.ndarray) -> np.ndarray:
-    """(3x3) orthogonal map for P: sign fix per component, then Procrustes rotation (det +1)."""
-    signs = np.sign(np.sum(P * prev, axis=0))
-    signs[signs == 0] = 1.0
-    S = np.diag(signs)
-    return S @ procrustes_rotation(P @ S, prev)
-
-
-def movement(frames: list[np.ndarray]) -> float:
-    """Summed squared displacement of the tokens between consecutive frames (same tokens in each)."""
-    return float(sum(np.sum((b - a) ** 2) for a, b in zip(frames, frames[1:])))
-
-
 def _kept_positions(n: int, outliers: list[Outlier], cfg: SphereConfig) -> tuple[np.ndarray, list[int]]:
     """(positions kept (K,), positions dropped) after ``drop_first`` / ``drop_outliers``."""
     drop = set()
@@ -332,13 +284,13 @@ def _centred_layers(hidden: dict[int, torch.Tensor], layers: list[int], idx: tor
 def _project_layer(Xc: torch.Tensor, gbasis: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(unit 3-D points (N, 3), 3-D norms (N,), explained variance (3,)) of one layer, before alignment."""
     if gbasis is None:
-        V, frac = _pca(Xc)
+        V, frac = pca(Xc)
     else:
         V = gbasis
         total = (Xc**2).sum()
         frac = ((Xc @ V) ** 2).sum(0) / total if total > 0 else torch.zeros(3, dtype=Xc.dtype)
     Y = Xc @ V  # (N, 3)
-    P, nrm = _normalise(Y)
+    P, nrm = normalise(Y)
     return P.numpy(), nrm.numpy(), frac.numpy()
 
 
@@ -360,7 +312,7 @@ def project(hidden: dict[int, torch.Tensor], tokens: list[str], cfg: SphereConfi
     idx = torch.from_numpy(kept)
     gbasis = None
     if cfg.basis == "global":
-        gbasis = _global_basis(lambda: _centred_layers(hidden, layers, idx), len(kept) * len(layers),
+        gbasis = global_basis(lambda: _centred_layers(hidden, layers, idx), len(kept) * len(layers),
                                hidden[layers[0]].shape[1])
     raw, norms3, evs, full_norms, metrics = [], [], [], [], []
     for l in layers:  # each layer converted to float64 on its own, and let go before the next

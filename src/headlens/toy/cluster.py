@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from headlens.errors import HeadlensError
-from headlens.residual.sphere import SphereConfig, SphereResult, align_to, project
+from headlens.residual.sphere import SphereConfig, SphereResult, project
+from headlens.residual.sphere_geometry import align_to
 
 MAX_FRAMES = 30
 # Upper limits: the demo keeps (N, N) attention and every layer's (N, d) stream in float64.
