@@ -1,20 +1,18 @@
 """The configurations ``headlens compress`` measures: per budget value and latent kind the budgeted allocation and
 its uniform twin of equal bytes (:func:`configurations`), with key latents the keys alone and keys with values
 (:func:`key_configurations`), and the notes a run makes about them (``k = 0`` groups, which key latent form lost less).
+``cfg`` is the run's :class:`~headlens.compress.run.CompressConfig` (read here, never built).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from headlens.compress.allocate import Ks, same_ks, target_ks, uniform_ks
 from headlens.compress.plan import LayerPlan
 from headlens.errors import HeadlensError
-
-if TYPE_CHECKING:
-    from headlens.compress.run import CompressConfig
 
 DEFAULT_TARGET_ERRORS = (0.1, 0.2, 0.4)
 
@@ -51,7 +49,7 @@ def _label(budget: str, value: Any) -> str:
             "k": f"k={value}", "file": f"budget {value}"}[budget]
 
 
-def configurations(cfg: "CompressConfig", full: dict[str, dict[int, LayerPlan]], ck, budget_ks: dict[str, Ks] | None,
+def configurations(cfg, full: dict[str, dict[int, LayerPlan]], ck, budget_ks: dict[str, Ks] | None,
                    budget_name: str | None = None) -> list[Configuration]:
     """Every configuration ``cfg`` asks for, from the full-size plans of each kind (``full[kind]``); budget files
     come in as ``budget_ks`` (kind -> sizes)."""
@@ -91,7 +89,7 @@ def configurations(cfg: "CompressConfig", full: dict[str, dict[int, LayerPlan]],
     return out
 
 
-def key_configurations(cfg: "CompressConfig", confs: list[Configuration], key_full: dict, ck,
+def key_configurations(cfg, confs: list[Configuration], key_full: dict, ck,
                        budget_key_ks: Ks | None = None, notes: list[str] | None = None) -> list[Configuration]:
     """With key latents (``cfg.keys``): per budget configuration of ``confs`` the keys alone (``keys <kind>
     <label>``, once per budget value) and keys with values (``<name> + keys``), and per uniform one the same bytes
@@ -189,7 +187,7 @@ def zero_notes(confs: list[Configuration]) -> list[str]:
     return out
 
 
-def budget_keys(cfg: "CompressConfig", ck, digest: str) -> Ks | None:
+def budget_keys(cfg, ck, digest: str) -> Ks | None:
     """The key sizes of a budget file (its key_k_plain / key_k_data column for ``cfg.keys``), None without one."""
     if not cfg.budget or cfg.keys == "none":
         return None
