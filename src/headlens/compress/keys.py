@@ -79,14 +79,21 @@ class KeyLayerPlan:
     bias: list[torch.Tensor] | None
     groups: list[KeyGroupLatent]
     frequency: "FrequencyFit | None" = None  # TransMLA's per-frequency projection across kv heads (G > 1, rotary)
+    _projectors: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    _frequency_latent: "FrequencyLatent | None" = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def ks(self) -> list[int]:
         return [g.k for g in self.groups]
 
     def frequency_latent(self) -> "FrequencyLatent | None":
-        """The per-frequency cross-head latent with the same numbers per token as these per-group latents."""
-        return self.frequency.at(sum(self.ks)) if self.frequency is not None else None
+        """The per-frequency cross-head latent with the same numbers per token as these per-group latents (made once:
+        the measurement asks at every call of the layer)."""
+        if self.frequency is None:
+            return None
+        if self._frequency_latent is None:
+            self._frequency_latent = self.frequency.at(sum(self.ks))
+        return self._frequency_latent
 
     @property
     def predicted_error(self) -> float:
@@ -94,9 +101,11 @@ class KeyLayerPlan:
         den = sum(g.scale ** 2 for g in self.groups)
         return math.sqrt(sum(g.tail ** 2 for g in self.groups) / den) if den > 0 else 0.0
 
-    def projectors(self) -> list[torch.Tensor]:
-        """Per group ``U_g E_g`` (hd, hd) float64: what the rebuilt key keeps of ``k - b``."""
-        return [g.up @ g.encode for g in self.groups]
+    def projectors(self) -> torch.Tensor:
+        """Per group ``U_g E_g``, stacked (G, hd, hd) float64: what the rebuilt key keeps of ``k - b`` (made once)."""
+        if self._projectors is None:
+            self._projectors = torch.stack([g.up @ g.encode for g in self.groups])
+        return self._projectors
 
     def cache_latents(self):
         """The :class:`~headlens.compress.cache.KeyLatents` a LatentCache layer stores these keys with."""

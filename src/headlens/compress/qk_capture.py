@@ -204,7 +204,7 @@ class KeyState:
             plan = per.get(layer, (None, None))[0]
             if plan is None:
                 continue
-            P = torch.stack(plan.projectors())
+            P = plan.projectors()
             b = torch.stack(plan.bias)[:, None, :] if plan.bias is not None else 0.0
             k2 = torch.matmul(k - b, P.transpose(1, 2)) + b
             Q, K, K2 = (self.rotate(module, info, t[None], inverse=False)[0] for t in (q, k, k2))
@@ -266,7 +266,7 @@ class KeyState:
     def compress(self, module, info: LayerInfo, key: torch.Tensor, plan: KeyLayerPlan) -> torch.Tensor:
         """Keys [B, G, T, hd] as the cache rebuilds them from the plan's latents, float64."""
         k = self.rotate(module, info, key.detach().to(torch.float64), inverse=True)
-        P = torch.stack(plan.projectors()).to(k.device)  # (G, hd, hd)
+        P = plan.projectors().to(k.device)  # (G, hd, hd)
         b = torch.stack(plan.bias).to(k.device, torch.float64)[None, :, None, :] if plan.bias is not None else 0.0
         k2 = torch.matmul(k - b, P.transpose(1, 2)) + b
         return self.rotate(module, info, k2, inverse=False)
@@ -361,8 +361,10 @@ def _values(vfac, value: torch.Tensor) -> torch.Tensor:
     v = value.detach().to(torch.float64)
     b = (torch.stack([x.to(v.device, torch.float64) for x in vfac.bias])[None, :, None, :]
          if vfac.bias is not None else 0.0)
-    P = torch.stack([u.to(v.device, torch.float64) @ e.to(v.device, torch.float64)
-                     for u, e in zip(vfac.up, vfac.encode)])  # (G, hd, hd), any k per group
+    P = getattr(vfac, "_projectors", None)  # (G, hd, hd), any k per group; made once per layer's factors
+    if P is None or P.device != v.device:
+        P = vfac._projectors = torch.stack([u.to(v.device, torch.float64) @ e.to(v.device, torch.float64)
+                                            for u, e in zip(vfac.up, vfac.encode)])
     return (torch.matmul(v - b, P.transpose(1, 2)) + b).to(value.dtype)
 
 
