@@ -159,8 +159,6 @@ CASES: list[tuple[str, list[str], str]] = [
     ("compress", ["--k", "8", "--keys", "plain", "--key-k", "65"], "--key-k 65 is above head_dim 64"),
     ("compress", ["--k", "8,16,24", "--keys", "plain", "--key-k", "8,8"], "--key-k gives 2 sizes for 3 budget values"),
     ("compress", ["--keys", "fancy"], "invalid choice"),
-    ("compress", ["--weights", "{gptj}", "--eval", "{evalfile}", "--k", "8", "--latent", "plain", "--keys", "plain"],
-     "turns its keys inside attention"),
     ("compress", ["--kv-bytes", "0"], "--kv-bytes 0"),
     ("compress", ["--layers", "6"], "out of range"),
     ("compress", ["--weights", "{bare}", "--num-heads", "4", "--eval", "{evalfile}", "--latent", "plain"],

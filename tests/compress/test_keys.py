@@ -216,7 +216,7 @@ def test_plain_folds_the_key_norm_gains(ckpts):
     assert torch.allclose(m.Ck[0], Wg @ Wg.T, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", sorted(OWN_ATTENTION - {"gptj"}))
+@pytest.mark.parametrize("family", sorted(OWN_ATTENTION))
 def test_families_computing_attention_themselves_go_through_the_cache(family, ckpts):
     """BLOOM, GPT-Neo and Falcon compute attention themselves: their keys are read from the q/k projections and
     replaced in the cache they update (ProbeCache). k = head_dim gives the model's own logits; a 1-number latent
@@ -266,12 +266,95 @@ def test_cache_route_prediction_is_exact_on_the_calibration_tokens(ckpts):
     assert plan.predicted_error == pytest.approx(math.sqrt(lost / total), rel=1e-9)
 
 
-def test_gptj_is_refused(ckpts):
-    """GPT-J turns keys with sin/cos gathered inside attention from its own buffer: no key latents."""
+def _hand_keys_cache(model, layer, P):
+    """A DynamicCache whose update replaces ``layer``'s new keys [B, G, T, hd] by ``P_g k`` (P (G, hd, hd)), by hand."""
+    from transformers import DynamicCache
+
+    class Hand(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if layer_idx == layer:
+                key_states = torch.einsum("gij,bgtj->bgti", P, key_states.double()).to(key_states.dtype)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return Hand(config=model.config)
+
+
+@pytest.mark.parametrize("family", ["bloom", "gpt_neo"])
+def test_cache_route_attention_kl_and_output_errors_are_the_familys_own(family, ckpts):
+    """BLOOM (ALiBi added inside its own softmax) and GPT-Neo (no 1/sqrt(hd) scaling): on the cache route the
+    isolated attention KL and keys-alone output error equal those of HuggingFace's own forward pass with
+    output_attentions=True, where a DynamicCache replaces only that layer's keys by keys projected by hand; the
+    attention output is read at the output projection's input, by a hook in the test."""
+    ck, model = _setup(ckpts, family, variants_of(family)[0])
+    layers = list(range(ck.shape.num_layers))
+    st = _capture(model, ck)
+    plans = {layer: cut_keys(plan_keys(m, "data-aware"), [2] * ck.shape.num_kv_heads)
+             for layer, m in st.key_moments().items()}
+    with torch.no_grad(), key_attention(model, ck, layers) as st:
+        st.probe(model)
+        st.configs = [{layer: (p, None) for layer, p in plans.items()}]
+        st.start("orig")
+        model(input_ids=IDS, **st.forward_kwargs(model))
+    sums = st.sums[0]
+    from headlens.compress.cache_route import OUT_PROJECTIONS
+    from headlens.compress.keys import attention_module
+
+    for layer, plan in plans.items():
+        attn = attention_module(model, layer)
+        out = next(getattr(attn, n) for n in OUT_PROJECTIONS if hasattr(attn, n))
+        ctx = []
+        hook = out.register_forward_pre_hook(lambda m, a: ctx.append(a[0].double()))
+        try:
+            with torch.no_grad():
+                ref = model(input_ids=IDS, use_cache=True, output_attentions=True,
+                            past_key_values=_hand_keys_cache(model, -1, None))
+                got = model(input_ids=IDS, use_cache=True, output_attentions=True,
+                            past_key_values=_hand_keys_cache(model, layer, plan.projectors()))
+        finally:
+            hook.remove()
+        p, p2 = ref.attentions[layer].double(), got.attentions[layer].double()
+        kl = float(torch.where(p > 0, p * (p.log() - p2.log()), 0.0).sum()) / (p.shape[0] * p.shape[1] * p.shape[2])
+        o, o2 = ctx  # this layer's output projection, once per pass
+        s = sums[layer]
+        assert s.rows and s.kl / s.rows == pytest.approx(kl, rel=1e-6, abs=1e-12)
+        assert kl > 1e-6
+        lost, total = s.out["keys"]
+        assert math.sqrt(lost / total) == pytest.approx(float(torch.linalg.norm(o2 - o) / torch.linalg.norm(o)),
+                                                        rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gptj", "bloom"])
+def test_compress_measures_keys_on_the_cache_route(family, ckpts, tmp_path):
+    """`headlens compress --keys plain` on GPT-J (rotary gathered inside attention) and BLOOM (ALiBi): every layer's
+    key numbers are measured (logit error, attention KL, the isolated and accumulated output errors), and the bytes
+    measured after --generate agree with the plan's (keys, values and GPT-J's positions)."""
+    import json
+
+    from headlens.cli import main
+
+    text = tmp_path / "eval.txt"
+    text.write_text("one two three four five six seven eight nine ten\nthe cat sat on the mat and looked around\n")
+    out = tmp_path / "out"
+    assert main(["compress", "--weights", str(ckpts.path(family, "mha", "hf_dir")), "--eval", str(text), "--k", "4",
+                 "--latent", "plain", "--keys", "plain", "--generate", "3", "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "compress_summary.json").read_text())
+    conf = next(c for c in summary["configurations"] if "+ keys" in c["name"])  # values and keys compressed
+    for e in conf["key_layers"]:
+        assert e["rotary"] == (family == "gptj")
+        for name in ("key_logit_error", "key_attention_kl", "isolated_keys_error", "isolated_values_error",
+                     "isolated_both_error", "attention_accumulated_error"):
+            assert e[name] is not None and e[name] > 0, (e["layer"], name)
+    assert all(c["kv_measured_matches_plan"] for c in summary["configurations"])
+
+
+def test_gptj_rotary_is_found(ckpts):
+    """GPT-J turns keys inside attention with sin/cos gathered from its own table at position_ids: the first call finds
+    that form, pairs of neighbouring dimensions over the config's rotary_dim (the rest passed)."""
     ck, model = _setup(ckpts, "gptj", variants_of("gptj")[0])
-    with pytest.raises(HeadlensError, match="turns its keys inside attention"):
-        with key_attention(model, ck, [0]):
-            pass
+    st = _capture(model, ck)
+    rot = model.config.rotary_dim or ck.shape.head_dim
+    assert st.via_cache and all(info.rotary for info in st.info.values())
+    assert all(info.pairs == [(2 * i, 2 * i + 1) for i in range(rot // 2)] for info in st.info.values())
 
 
 def test_llama4_complex_rotary_is_found(ckpts):

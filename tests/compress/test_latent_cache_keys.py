@@ -29,7 +29,7 @@ PROMPT = torch.tensor([[5, 17, 33, 2, 41, 8, 99, 120, 64, 7, 250, 31]])
 ROTARY = {"qwen3", "qwen2", "llama", "mistral", "gemma2", "gemma3", "phi3", "gpt_neox", "qwen3_moe", "mixtral", "olmoe",
           "olmo", "olmo2", "granite", "glm4", "cohere", "stablelm", "stablelm_parallel", "gptj", "falcon", "falcon_mq",
           "phi", "starcoder2", "smollm3", "llama4"}
-REFUSED = {"gptj"}  # rotary inside attention from its own buffer
+REFUSED: set[str] = set()  # every decoder family stores key latents
 
 
 def _setup(ckpts, family, variant, dtype=torch.float32):
@@ -138,15 +138,23 @@ def _rotary_module(model):
 
 def _rotation(model, position: int, hd: int) -> torch.Tensor:
     """R(p) (hd, hd) float64: the family's own rotate function applied to the basis vectors at position ``p``
-    (cos/sin from the rotary module), the first cos.shape[-1] dims rotated and the rest passed."""
+    (cos/sin from the rotary module), the first cos.shape[-1] dims rotated and the rest passed. GPT-J has no rotary
+    module: its sin/cos are written here in closed form (angle p / 10000^(2i / rotary_dim)) and handed to its
+    ``apply_rotary_pos_emb(tensor, sin, cos)`` on [batch, tokens, heads, rot]."""
     import sys
 
     attn = next(iter(attention_modules(model).values()))
     fn = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    cos, sin = _rotary_module(model)(torch.zeros(1, dtype=torch.float64), torch.tensor([[position]]))
-    rot = cos.shape[-1]
-    basis = torch.eye(rot, dtype=torch.float64)[None, None]  # (1, 1, rot tokens, rot): token i = e_i
-    cols = fn(basis, basis, cos.expand(1, rot, rot), sin.expand(1, rot, rot))[1][0, 0]  # row i = R e_i
+    if getattr(model.config, "model_type", "") == "gptj":
+        rot = model.config.rotary_dim or hd
+        angle = position / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+        basis = torch.eye(rot, dtype=torch.float64)[None, :, None]  # (1, rot tokens, 1 head, rot)
+        cols = fn(basis, angle.sin().expand(1, rot, rot // 2), angle.cos().expand(1, rot, rot // 2))[0, :, 0]
+    else:
+        cos, sin = _rotary_module(model)(torch.zeros(1, dtype=torch.float64), torch.tensor([[position]]))
+        rot = cos.shape[-1]
+        basis = torch.eye(rot, dtype=torch.float64)[None, None]  # (1, 1, rot tokens, rot): token i = e_i
+        cols = fn(basis, basis, cos.expand(1, rot, rot), sin.expand(1, rot, rot))[1][0, 0]  # row i = R e_i
     R = torch.eye(hd, dtype=torch.float64)
     R[:rot, :rot] = cols.T
     return R
@@ -177,7 +185,8 @@ class _HandCache:
         return Hand(config=model.config)
 
 
-HAND = [("qwen3", "gqa"), ("gpt_neox", "mha"), ("phi", "gqa"), ("cohere", "gqa"), ("glm4", "gqa"), ("gpt2", "mha")]
+HAND = [("qwen3", "gqa"), ("gpt_neox", "mha"), ("phi", "gqa"), ("cohere", "gqa"), ("glm4", "gqa"), ("gpt2", "mha"),
+        ("gptj", "mha")]
 
 
 @pytest.mark.parametrize("family,variant", HAND, ids=[f for f, _ in HAND])
@@ -185,7 +194,8 @@ def test_low_rank_key_latents_equal_keys_projected_by_hand(family, variant, ckpt
     """float64, k = head_dim / 4, random E (k, hd) and U with E U = I, key biases: the keys the cache returns at
     every position, and the logits of a prefill and 5 decoding steps, equal a DynamicCache fed keys projected by
     hand, R(p) (U E (R(p)^-1 k - b) + b), with R(p) the family's rotation as a matrix, to 1e-6. Qwen3 normalises its
-    keys (k_norm), GPT-NeoX and Phi rotate part of each head, Cohere and GLM-4 interleave, GPT-2 is linear."""
+    keys (k_norm), GPT-NeoX and Phi rotate part of each head, Cohere and GLM-4 interleave, GPT-2 is linear, GPT-J
+    turns part of each head with sin/cos gathered inside attention."""
     model = _setup(ckpts, family, variant, torch.float64)
     ck = ModelSource(weights=ckpts.path(family, variant, "hf_dir")).checkpoint()
     keys = _key_latents(model, ck, k=ck.shape.head_dim // 4, seed=3, bias=True)
@@ -218,12 +228,12 @@ def _qwen3(ckpts, family="qwen3", variant="gqa"):
     return model, ck, _key_latents(model, ck, bias=True)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "gptj"])
 def test_left_padding_positions_beams_crop_and_manual_loop(family, ckpts):
     """k = head_dim: batch of two with left padding (the stored positions are the model's position_ids: the
     padded row's start at 0 after its padding), beam search, a crop and a manual loop, as DynamicCache. Gemma 3 has
-    sliding-window layers (window 4) with local and global RoPE."""
-    model, ck, keys = _qwen3(ckpts, family)
+    sliding-window layers (window 4) with local and global RoPE; GPT-J gathers sin/cos at position_ids itself."""
+    model, ck, keys = _qwen3(ckpts, family, "mha" if family == "gptj" else "gqa")
     ids = torch.tensor([[0, 0, 0, 5, 17, 33, 2], [9, 8, 7, 6, 5, 4, 3]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
     cache = LatentCache({}, model.config, key_latents=keys, model=model)
@@ -362,10 +372,6 @@ def test_bad_key_latents_are_one_line(ckpts):
         _forward(_setup(ckpts, "qwen3", "gqa"), cache)  # never hooked
     with pytest.raises(HeadlensError, match="^layer 0: this LatentCache's rotary key latents were built for another"):
         _forward(copy.deepcopy(model), cache)  # hooked (the hooks copied with it), but not the cache's model
-    gptj = _setup(ckpts, "gptj", "mha")
-    ckj = ModelSource(weights=ckpts.path("gptj", "mha", "hf_dir")).checkpoint()
-    with pytest.raises(HeadlensError, match="^gptj cannot store rotary key latents: GPT-J rotates inside attention"):
-        LatentCache({}, gptj.config, key_latents=_key_latents(gptj, ckj, k=4), model=gptj)
     bad = {0: KeyLatents(0, [keys[0].encode[0] * 2] * 4, keys[0].up[:1] * 4, None, True)}
     with pytest.raises(HeadlensError, match="does not invert its up-projection"):
         LatentCache({}, model.config, key_latents=bad, model=model)

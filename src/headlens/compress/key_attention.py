@@ -8,7 +8,9 @@ pre-hook on every attention module keeps the ``position_embeddings`` it was hand
 projection keeps its output (what the first call's check compares the keys with). BLOOM, GPT-Neo and Falcon do not
 route attention through the interface: there the q/k projections' outputs are the pre-rotary queries and keys (no
 q/k norm sits between, checked), and a pass whose keys are to be replaced runs with a
-:func:`~headlens.compress.qk_capture.ProbeCache` (:meth:`KeyState.forward_kwargs`). GPT-J is refused.
+:func:`~headlens.compress.qk_capture.ProbeCache` (:meth:`KeyState.forward_kwargs`). GPT-J turns its keys inside
+attention with sin/cos gathered from its own table at the ``position_ids`` it is handed: the pre-hook reads the same
+table at the same ids (:func:`~headlens.compress.rotary_keys.buffer_embeddings`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def key_attention(model, ck, layers: list[int]):
     until set). The model's implementation, hooks and configs are restored on leaving, also on error."""
     from headlens.compress.absorbed import _configs
     from headlens.compress.projections import head_projection
+    from headlens.compress.rotary_keys import _buffer_rotary, buffer_embeddings
 
     via_cache = not supports_keys(model)
     configs = _configs(model)
@@ -86,13 +89,20 @@ def key_attention(model, ck, layers: list[int]):
     handles = []
     try:
         if via_cache:
+            from headlens.compress.cache_route import RouteMeasure
+
             _check_cache_route(model, ck, layers, state)
+            route = RouteMeasure(state)
+            for layer in layers:
+                handles += route.install(layer, state.by_layer[layer])
         for mod in model.modules():
             if isinstance(_layer_index(mod), int) and "Attention" in type(mod).__name__:
                 def keep(m, args, kwargs):
                     pe = kwargs.get("position_embeddings")
                     if pe is None and len(args) > 1 and isinstance(args[1], tuple):
                         pe = args[1]
+                    if pe is None and kwargs.get("position_ids") is not None and _buffer_rotary(m):  # GPT-J
+                        pe = buffer_embeddings(m, kwargs["position_ids"])
                     if pe is not None:
                         state.pe[id(m)] = pe
                     else:
@@ -134,8 +144,7 @@ def _layer_index(module) -> int | None:
 
 
 def _check_cache_route(model, ck, layers: list[int], state: "KeyState") -> None:
-    """The cache route reads queries from the q projection's output: refuse a family with q/k norms there, or whose
-    rotary is not the transformers one (GPT-J turns keys with sin/cos gathered inside attention)."""
+    """The cache route reads queries from the q projection's output: refuse a family with q/k norms there."""
     from headlens.compress.keys import attention_module
 
     for layer in layers:
@@ -145,6 +154,3 @@ def _check_cache_route(model, ck, layers: list[int], state: "KeyState") -> None:
             raise HeadlensError(f"key latents: {ck.spec.family} normalises queries or keys inside attention, which it "
                                 "computes itself: headlens cannot read its queries; compress its values only (`keys` "
                                 "none)")
-        if getattr(attn, "embed_positions", None) is not None:  # GPT-J: sin/cos gathered inside attention
-            raise HeadlensError(f"key latents: {ck.spec.family} turns its keys inside attention with positions "
-                                "headlens is not handed: compress its values only (`keys` none)")

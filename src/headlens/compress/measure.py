@@ -341,6 +341,7 @@ def measure_many(model: nn.Module, ck, tokenizer, configs: Sequence[Mapping[int,
     try:
         with key_ctx as keys, torch.no_grad(), probed(keys, model), Recorder(model, ck, per_config) as rec:
             if keys is not None:
+                keys.quiet = rec.quiet
                 keys.configs = [{layer: (kp.get(layer), vf.get(layer)) for layer in set(kp) | set(vf)}
                                 for kp, vf in zip(key_plans, value_factors)]
             bar = tqdm(total=len(ids_list) * len(configs), desc=desc, unit="pass", file=sys.stderr, disable=disable)

@@ -15,12 +15,14 @@ Passes are unbatched and uncached (batch 1, keys = this pass's tokens), as the c
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from headlens.compress.keys import KeyLayerPlan, KeyMoments, pairs_of, rotation_average
+from headlens.compress.rotary_keys import family_rotate
 from headlens.compress.rotary_keys import turn as turn_with
 from headlens.errors import HeadlensError
 
@@ -86,6 +88,7 @@ class KeyState:
         self.q_out: dict[int, torch.Tensor] = {}  # the cache route: the query projection's output of the current call
         self.by_layer: dict[int, object] = {}  # the cache route: layer -> attention module
         self.via_cache = False
+        self.quiet = contextlib.nullcontext  # what a re-call of an attention module runs inside (the Recorder's)
 
     # -------------------------------------------------------------------------------------------- a pass
 
@@ -186,7 +189,8 @@ class KeyState:
         """The cache route (:attr:`via_cache`): the q/k projections' outputs [B, T, heads*hd] of one call, which are
         the pre-rotary queries and keys there (no q/k norms, checked): the moments, or in the original pass the
         isolated logit error of every configuration's keys (content logits ``q^T k``, turned by the positions in
-        rotary layers; no attention KL or output errors on this route: the family computes attention itself)."""
+        rotary layers; the attention KL and output errors come from the family's own attention, re-called by
+        :class:`~headlens.compress.cache_route.RouteMeasure`)."""
         if self.mode not in ("capture", "orig") or layer not in self.layers or (self.mode, "p", layer) in self.seen:
             return
         if self.mode == "orig":
@@ -336,14 +340,13 @@ def turn(info: LayerInfo, x: torch.Tensor, pe, inverse: bool = False) -> torch.T
 def _rotary(module, pe, hd: int) -> LayerInfo | None:
     """The family's rotary as a candidate :class:`LayerInfo` (its function, and the dimension pairs it turns found by
     turning each basis vector by 90 degrees with it), or None where the modeling module has no rotary function."""
-    modeling = sys.modules.get(type(module).__module__)
-    fn = getattr(modeling, "apply_rotary_pos_emb", None)
-    if fn is not None and isinstance(pe, (tuple, list)) and len(pe) == 2:
+    fn, complex_ = family_rotate(sys.modules.get(type(module).__module__))
+    if fn is not None and not complex_ and isinstance(pe, (tuple, list)) and len(pe) == 2:
         info = LayerInfo(True, fn)
         rot = int(pe[0].shape[-1])
         quarter = (torch.zeros(1, hd, rot, dtype=torch.float64), torch.ones(1, hd, rot, dtype=torch.float64))
-    elif getattr(modeling, "apply_rotary_emb", None) is not None and isinstance(pe, torch.Tensor) and pe.is_complex():
-        info = LayerInfo(True, modeling.apply_rotary_emb, complex=True)
+    elif fn is not None and complex_ and isinstance(pe, torch.Tensor) and pe.is_complex():
+        info = LayerInfo(True, fn, complex=True)
         quarter = torch.full((1, hd, hd // 2), 1j, dtype=torch.complex64)
     else:
         return None

@@ -8,6 +8,7 @@ a :class:`Tally`, re-running a layer's block with only that layer compressed ins
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -195,6 +196,16 @@ class Recorder:
         self.handles.clear()
         self.kept.clear()
         return False
+
+    @contextlib.contextmanager
+    def quiet(self):
+        """Every hook inert inside the block (mode ``off``): a call that is no pass of the measurement (the key
+        side's re-calls of an attention module on the cache route) records nothing and triggers no re-run."""
+        mode, self.mode = self.mode, "off"
+        try:
+            yield
+        finally:
+            self.mode = mode
 
     def start_text(self) -> None:
         self.kept.clear()

@@ -17,6 +17,12 @@ Each update checks that the rotary module reproduces, at the positions it stores
 was handed for the new tokens (so the positions are the model's, and the rotary module is the one the layer uses).
 Partial rotary (GPT-NeoX, Phi, StableLM, GLM-4: the first ``cos.shape[-1]`` dims) and interleaved rotary (Cohere,
 GLM-4) come from the family's function; Llama 4's complex ``freqs_cis`` from its ``apply_rotary_emb``.
+
+GPT-J has no rotary module: each attention module gathers ``sin | cos`` at its ``position_ids`` from its own
+``embed_positions`` buffer and turns the first ``rotary_dim`` dims of ``[batch, tokens, heads, hd]`` with its
+``apply_rotary_pos_emb(tensor, sin, cos)`` (pairs of neighbouring dims). There the cache reads cos/sin from that buffer
+(:func:`buffer_embeddings`) at the ``position_ids`` the module was handed, and turns with the family's function
+through :func:`family_rotate`'s adapter to the ``(q, k, cos, sin)`` form.
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ from headlens.errors import HeadlensError
 
 # Families whose keys the cache cannot un-rotate and re-rotate, and why (refused when rotary key latents are asked).
 NO_ROTARY_KEYS = {
-    "gptj": "GPT-J rotates inside attention with sin/cos gathered from its own buffer, not from position_embeddings",
     "deepseek_v2": "multi-head latent attention caches a shared latent and a decoupled rotary key, not keys",
     "deepseek_v3": "multi-head latent attention caches a shared latent and a decoupled rotary key, not keys",
 }
@@ -68,7 +73,43 @@ def rotates_keys(model, attn) -> bool:
         return False
     if getattr(model.config, "model_type", None) in NO_ROTARY_KEYS:
         return True
-    return bool(_rotary_modules(model))
+    return bool(_rotary_modules(model)) or _buffer_rotary(attn)
+
+
+def _buffer_rotary(attn) -> bool:
+    """GPT-J's form: the attention module holds its own sin|cos table and turns its keys itself."""
+    return isinstance(getattr(attn, "embed_positions", None), torch.Tensor) and \
+        family_rotate(sys.modules[type(attn).__module__])[0] is not None
+
+
+def family_rotate(modeling):
+    """(the family's rotate function in the ``fn(q, k, cos, sin) -> (q', k')`` form on ``[batch, heads, tokens,
+    rot]``, whether it takes Llama 4's complex ``freqs_cis`` instead), or (None, False). GPT-J's
+    ``apply_rotary_pos_emb(tensor, sin, cos)`` (``[batch, tokens, heads, rot]``, sin/cos ``[batch, tokens, rot / 2]``)
+    is adapted: cos/sin come in the ``[batch, tokens, rot]`` form of :func:`buffer_embeddings` (each value twice, as
+    the function repeats them) and every other one is handed on."""
+    fn = getattr(modeling, "apply_rotary_pos_emb", None)
+    if fn is not None and list(inspect.signature(fn).parameters)[:3] == ["tensor", "sin", "cos"]:
+        def apply(q, k, cos, sin, _fn=fn):
+            def one(x):
+                return _fn(x.transpose(1, 2), sin[..., ::2], cos[..., ::2]).transpose(1, 2)
+            return one(q), one(k)
+        return apply, False
+    if fn is not None:
+        return fn, False
+    fn = getattr(modeling, "apply_rotary_emb", None)
+    return (fn, True) if fn is not None else (None, False)
+
+
+def buffer_embeddings(attn, positions: torch.Tensor):
+    """(cos, sin) [batch, tokens, rot] at ``positions`` [batch, tokens] from a GPT-J attention module's own
+    ``embed_positions`` table (``sin | cos`` per position, rot / 2 each), each value repeated for the two dims of its
+    pair; float64 where the table is, else float32."""
+    table = attn.embed_positions
+    sincos = table[positions.to(table.device, torch.long)]
+    dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+    sin, cos = (t.to(dtype).repeat_interleave(2, dim=-1) for t in sincos.chunk(2, dim=-1))
+    return cos, sin
 
 
 def _rotary_modules(model) -> list[torch.nn.Module]:
@@ -85,26 +126,24 @@ class RotaryKeys:
             raise HeadlensError(f"{self.family} cannot store rotary key latents: {NO_ROTARY_KEYS[self.family]}")
         rotary = _rotary_modules(model)
         attn = attention_modules(model)
-        if len(rotary) != 1 or not attn:
+        first = next(iter(attn.values()), None)
+        self.buffer = not rotary and first is not None and _buffer_rotary(first)  # GPT-J: a sin|cos table per module
+        if not self.buffer and (len(rotary) != 1 or not attn):
             raise HeadlensError(f"{self.family} cannot store rotary key latents: it has "
                                 f"{len(rotary)} rotary embedding modules (`rotary_emb`) and {len(attn)} attention "
                                 "modules with a layer_idx, where the cache needs one and some")
-        rope = str(getattr(rotary[0], "rope_type", ""))
+        rope = str(getattr(rotary[0], "rope_type", "")) if rotary else ""
         if any(kind in rope for kind in LENGTH_DEPENDENT_ROPE):
             raise HeadlensError(f"{self.family} cannot store rotary key latents: its RoPE ({rope}) rotates a "
                                 "position by the call's length, so cached keys cannot be re-rotated as they were")
-        modeling = sys.modules[type(next(iter(attn.values()))).__module__]
-        self.fn = getattr(modeling, "apply_rotary_pos_emb", None)
-        self.complex = self.fn is None and hasattr(modeling, "apply_rotary_emb")  # Llama 4: freqs_cis
-        if self.complex:
-            self.fn = modeling.apply_rotary_emb
+        self.fn, self.complex = family_rotate(sys.modules[type(first).__module__])
         if self.fn is None:
             raise HeadlensError(f"{self.family} cannot store rotary key latents: its modeling module has no "
                                 "apply_rotary_pos_emb or apply_rotary_emb function")
-        params = inspect.signature(rotary[0].forward).parameters
         text = model.config.get_text_config(decoder=True)
+        params = inspect.signature(rotary[0].forward).parameters if rotary else {}
         self.layer_types = list(text.layer_types) if "layer_type" in params else None
-        self._rotary = weakref.ref(rotary[0])
+        self._rotary = weakref.ref(rotary[0]) if rotary else (lambda: None)
         self._attn = {i: weakref.ref(m) for i, m in attn.items()}
 
     def owns(self, layer: int, module) -> bool:
@@ -114,6 +153,11 @@ class RotaryKeys:
     def embeddings(self, layer: int, positions: torch.Tensor, device: torch.device):
         """The rotary module's position embeddings at ``positions`` [batch, tokens] in float32: (cos, sin) each
         [batch, tokens, rot], or Llama 4's complex ``freqs_cis`` [batch, tokens, hd / 2]."""
+        if self.buffer:
+            attn = self._attn[layer]()
+            if attn is None:
+                raise HeadlensError("the model this LatentCache's rotary key latents were built for no longer exists")
+            return buffer_embeddings(attn, positions)
         rotary = self._rotary()
         if rotary is None:
             raise HeadlensError("the model this LatentCache's rotary key latents were built for no longer exists")
@@ -139,7 +183,7 @@ class RotaryKeys:
         what the hook handed it (position_embeddings, position_ids), ``past`` tokens before them: position_ids
         where given, else ``past + arange(tokens)`` (what the model uses without position_ids); checked against the
         handed cos/sin by recomputing them. HeadlensError, one line, where they disagree."""
-        if handed is None or handed[0] is None:
+        if handed is None or (handed[0] is None and not (self.buffer and handed[1] is not None)):
             raise HeadlensError(f"layer {layer}: the LatentCache stores rotary key latents but the attention module "
                                 "handed it no position_embeddings (the cache was built with another model than the "
                                 "one running, or the family passes them another way)")
@@ -151,6 +195,8 @@ class RotaryKeys:
                                 f"per token of {tokens} new tokens")
         ids = ids.expand(batch, tokens).to(device, torch.int32)
         mine = self.embeddings(layer, ids, device)
+        if self.buffer:  # GPT-J: the module gathers from the very table read here, at these position_ids
+            return ids, mine
         theirs = pe.to(device, torch.complex64) if self.complex else (pe[0].float(), pe[1].float())
         pairs = [(mine, theirs)] if self.complex else list(zip(mine, theirs))
         for a, b in pairs:
