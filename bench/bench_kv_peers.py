@@ -501,12 +501,14 @@ def run_worker(py: str, which: str, spec: dict) -> dict:
     return {"error": f"the {which} worker failed (exit {r.returncode}): {last_error(r.stderr)}"}
 
 
-def failed_rows(which: str, why: str, ratios: list[float]) -> list[dict]:
+def failed_rows(which: str, why: str, ratios: list[float], status: dict | None = None) -> list[dict]:
+    """One row per peer that did not run, saying why."""
     if which == "quant":
-        return [{"method": f"{b} int{n} (transformers QuantizedCache)", "family": "quantized", "ratio": n / 16,
-                 "error": why} for b, n in QUANT]
-    return [{"method": f"kvpress {p}", "family": "eviction", "ratio": r, "error": why}
-            for r in ratios for p in PRESSES]
+        return [{"method": f"{b} int{'/int'.join(str(n) for bb, n in QUANT if bb == b)} (transformers "
+                 "QuantizedCache)", "family": "quantized", "ratio": 0.25,
+                 "error": (status or {}).get("optimum.quanto" if b == "quanto" else "hqq") or why}
+                for b in ("quanto", "hqq")]
+    return [{"method": f"kvpress ({', '.join(PRESSES)})", "family": "eviction", "ratio": max(ratios), "error": why}]
 
 
 def table(model: str, res: dict) -> list[str]:
@@ -559,7 +561,8 @@ def figure(results: dict, path: Path) -> None:
         ax.set_ylabel("next-token KL vs uncompressed (nats)")
         ax.set_title(f"{model}: {res['contexts']} x 64 scored tokens")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if series:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -613,7 +616,7 @@ def main(argv=None) -> int:
                 res["installs"].update(status)
                 missing = [m for m, why in status.items() if why]
                 if py is None or len(missing) == len(status):
-                    res["rows"] += failed_rows(which, "; ".join(f"{m}: {w}" for m, w in status.items()), ratios)
+                    res["rows"] += failed_rows(which, "no venv", ratios, status)
                     continue
             if which == "kvpress":
                 res["installs"].update(status)
