@@ -28,6 +28,11 @@ and for the pair's own 2x2 block ``E[R^T M R] = tr(M)/2 I`` for a symmetric M); 
 the error expected over relative positions, which the measured logit error on real positions tests (low frequencies
 barely turn over a short context, so the two differ).
 
+**Across heads.** Where a rotary layer has G > 1 kv heads, TransMLA's per-frequency latent across heads is fitted
+from the same moments (:mod:`headlens.compress.cross_keys`); :func:`kept_form` keeps, per layer, the form with the
+lower predicted error at the same numbers per token (:attr:`KeyLayerPlan.form`), and everything downstream (the
+compressed passes, the cache, the saved factors, the bytes) uses that form.
+
 **Biases.** A linear key with a bias (GPT-2, OPT, BLOOM: no rotary) is stored as ``c = E (k - b)``, as values are.
 Rotary keys with a bias (Qwen2, Phi) are stored as they are (``b`` = 0): the bias is part of the pre-rotary key; the
 plain moments then augment the input with a constant 1 (``[W | b]``).
