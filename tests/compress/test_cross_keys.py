@@ -355,3 +355,46 @@ def test_per_group_key_latents_still_store_positions():
     assert KeyLatents(0, [E], [E], None, True).unrotates
     assert not CrossKeyLatents(0, [torch.eye(8, dtype=torch.float64)], [torch.eye(8, dtype=torch.float64)], None,
                                True, kv_heads=2).unrotates
+
+
+def test_cross_head_layers_slide_crop_and_beam(ckpts):
+    """Gemma 3 (G = 2; sliding-window layers of window 4 beside global ones, local and global RoPE), every direction
+    kept: a left-padded batch of two, beam search, and a crop then a manual loop give DynamicCache's tokens and
+    logits (1e-5); a sliding layer keeps only its window of latents; reordering rows moves the latents with them."""
+    model, ck = _setup(ckpts, "gemma3", "gqa", torch.float32)
+    keys = _cross(model, ck, ck.shape.head_dim)
+    assert all(isinstance(lat, CrossKeyLatents) for lat in keys.values())
+
+    def fresh():
+        return LatentCache({}, model.config, key_latents=keys, model=model)
+
+    ids = torch.tensor([[0, 0, 0, 5, 17, 33, 2], [9, 8, 7, 6, 5, 4, 3]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    cache = fresh()
+    with torch.no_grad():
+        a = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+        b = model.generate(ids, attention_mask=mask, past_key_values=_dynamic(model), **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert float((torch.stack(a.logits) - torch.stack(b.logits)).abs().max()) < 1e-5
+    lengths = {layer.keys.shape[-2] for layer in cache.layers}
+    assert len(lengths) == 2 and all(layer.positions is None for layer in cache.layers)  # a window, and the rest
+    before = [layer.keys.clone() for layer in cache.layers]
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert all(torch.equal(layer.keys, k.flip(0)) for layer, k in zip(cache.layers, before))
+    with torch.no_grad():
+        a = model.generate(PROMPT, past_key_values=fresh(), num_beams=3, **kw)
+        b = model.generate(PROMPT, past_key_values=_dynamic(model), num_beams=3, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    cache, ref = fresh(), _dynamic(model)
+    with torch.no_grad():
+        model(PROMPT[:, :3], past_key_values=cache), model(PROMPT[:, :3], past_key_values=ref)
+        cache.crop(-1)  # (within the window: transformers refuses a crop past it without past recording)
+        ref.crop(-1)
+        nxt = PROMPT[:, 2:3]
+        for _ in range(6):
+            out, out_ref = model(nxt, past_key_values=cache), model(nxt, past_key_values=ref)
+            assert float((out.logits - out_ref.logits).abs().max()) < 1e-5
+            nxt = out.logits[:, -1:].argmax(-1)
+    assert cache.get_seq_length() == ref.get_seq_length() == 8
