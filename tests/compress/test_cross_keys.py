@@ -398,3 +398,21 @@ def test_cross_head_layers_slide_crop_and_beam(ckpts):
             assert float((out.logits - out_ref.logits).abs().max()) < 1e-5
             nxt = out.logits[:, -1:].argmax(-1)
     assert cache.get_seq_length() == ref.get_seq_length() == 8
+
+
+def test_plain_key_latents_have_the_cross_head_form_too(ckpts):
+    """Plain (weight-only) moments carry the kv heads' joint key moment: a rotary layer with G > 1 gets a frequency
+    latent, exact at full size; where both kv heads have the same key weights, it is kept at half size."""
+    from headlens.compress.keys import plain_moments
+
+    model, ck = _setup(ckpts, "qwen3", "gqa")
+    with torch.no_grad():
+        k = model.model.layers[1].self_attn.k_proj.weight
+        k[16:] = k[:16]
+    st_pairs = [(i, i + 8) for i in range(8)]  # Qwen3's rotate-half pairs (head_dim 16)
+    for layer in (0, 1):
+        full = plan_keys(plain_moments(model, ck, layer, True, st_pairs, bias_subtracted=False), "plain")
+        assert full.frequency is not None and full.frequency.at(32).predicted_error < 1e-6
+        half = cut_keys(full, [8, 8])
+        assert half.form == ("across" if layer == 1 else half.form)
+    assert cut_keys(full, [8, 8]).frequency_latent().predicted_error < 1e-4  # layer 1: shared heads, nothing lost

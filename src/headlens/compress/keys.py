@@ -349,4 +349,6 @@ def plain_moments(model, ck, layer: int, rotary: bool, pairs: Sequence[tuple[int
     Ck = torch.stack([W @ W.T for W in Wk_])
     if rotary:
         Cq = rotation_average(Cq, pairs)
-    return KeyMoments(layer=layer, Cq=Cq, Ck=Ck, rotary=rotary, bias=bk if bias_subtracted else None)
+    stacked = torch.cat(Wk_)  # (G hd, width): every kv head's keys of the same isotropic input, for the cross-head fit
+    return KeyMoments(layer=layer, Cq=Cq, Ck=Ck, rotary=rotary, bias=bk if bias_subtracted else None,
+                      Ck_cross=stacked @ stacked.T, pairs=list(pairs))
