@@ -469,19 +469,21 @@ def _design_rotations(info, hd: int, family: str):
     for n in range(M):
         ang = _layout(family, 2 * math.pi * n * mult / M, rot)
         cos, sin = torch.cos(ang).reshape(1, 1, -1).expand(1, hd, -1), torch.sin(ang).reshape(1, 1, -1).expand(1, hd, -1)
-        R, _ = info.apply(eye, eye, cos, sin)
-        out.append(R.reshape(hd, hd).T)  # R e_i as column i
+        out.append(turn(info, eye, (cos, sin)).reshape(hd, hd).T)  # R e_i as column i (partial rotary: as Phi's)
     return out
 
 
-def test_predictions_are_the_logit_error_averaged_over_rotations(ckpts):
-    """Random queries and keys of 2 kv groups with Qwen3's rotary: the per-group and the per-frequency cross-head
+@pytest.mark.parametrize("family", ["qwen3", "gpt_neox", "phi", "cohere"])
+def test_predictions_are_the_logit_error_averaged_over_rotations(family, ckpts):
+    """Random queries and keys of 2 kv groups with the family's rotary (Qwen3: every dimension; GPT-NeoX 4 of 16 and
+    Phi 8 of 16: partial, the rest unrotated; Cohere: interleaved): the per-group and the per-frequency cross-head
     latents' predicted errors equal the relative logit error sum_{q, k} (q^T R (k - k'))^2 averaged over an exact
-    design of rotations R; the cross-head projector commutes with every rotation; it keeps everything at G hd
-    numbers and nothing at 0."""
+    design of rotations R (the unrotated dimensions' query moment keeps its off-diagonal entries, which the
+    cross-head fit must weigh); the cross-head projector commutes with every rotation and keeps the unrotated
+    dimensions too; it keeps everything at G hd numbers and nothing at 0."""
     from headlens.compress.keys import KeyMoments
 
-    ck, model = _setup(ckpts, "qwen3", variants_of("qwen3")[0])
+    ck, model = _setup(ckpts, family, variants_of(family)[0])
     info = _capture(model, ck).info[0]
     hd, G = ck.shape.head_dim, 2
     gen = torch.Generator().manual_seed(3)
@@ -494,7 +496,9 @@ def test_predictions_are_the_logit_error_averaged_over_rotations(ckpts):
     m = KeyMoments(layer=0, Cq=Cq, Ck=torch.einsum("gin,gjn->gij", Kg, Kg), rotary=True, bias=None,
                    Ck_cross=K @ K.T, pairs=info.pairs)
     full = plan_keys(m, "data-aware")
-    Rs = _design_rotations(info, hd, "qwen3")
+    Rs = _design_rotations(info, hd, family)
+    partial = 2 * len(info.pairs) < hd
+    assert partial == (family in ("gpt_neox", "phi"))
 
     def averaged(P_group):  # P_group(g) -> keys of group g rebuilt (hd, N)
         lost = total = 0.0
@@ -512,7 +516,11 @@ def test_predictions_are_the_logit_error_averaged_over_rotations(ckpts):
         freq = plan.frequency_latent()
         rebuilt = (freq.projector @ K).reshape(G, hd, -1)
         assert freq.predicted_error == pytest.approx(averaged(lambda g: rebuilt[g]), rel=1e-8)
-        assert sum(freq.ranks) == k  # 2 numbers a direction: G k numbers in all
+        if partial:  # a pair's direction costs 2 numbers, an unrotated one 1: every number used
+            assert freq.numbers == G * k and freq.ranks[-1] > 0
+        else:
+            assert sum(freq.ranks) == k and freq.numbers == G * k  # 2 numbers a direction: G k numbers in all
+        assert torch.allclose(freq.encode @ freq.up, torch.eye(freq.numbers, dtype=torch.float64), atol=1e-9)
         for R in Rs[:5]:
             big = torch.block_diag(*[R] * G)
             assert torch.allclose(freq.projector @ big, big @ freq.projector, atol=1e-9)

@@ -361,12 +361,13 @@ def save_compressed_model(model: nn.Module, ck, plans: Sequence[LayerPlan], out_
 
                 entries.setdefault(layer, {"layer": layer}).update(
                     {**key_plan_entry(key_latents[layer]), "key_kind": kp.kind,
-                     "key_predicted_error": float(kp.predicted_error)})
+                     "key_predicted_error": float(kp.kept_predicted_error)})
             record = {
                 "format": "headlens-latent-plan/1",
                 "source": {"name": ck.name, "source": ck.source},
                 "construction": "v = W_V^g Q_g x (+ value bias), Q_g = B_g P_g of rank k_g; " + (
-                    "keys cached as c = E_g (k - b) (pre-rotary where key_rotary), rebuilt U_g c + b by LatentCache"
+                    "keys cached as c = E_g (k - b) (pre-rotary where key_rotary), rebuilt U_g c + b by LatentCache; "
+                    "where key_form is across, c = E x of every kv head's rotated keys x side by side, rebuilt U c"
                     if key_plans else "keys at full size"),
                 "storage_dtype": _dtype_name(value_dtype),  # what the value weights (and the checkpoint) are saved in
                 "compute_dtype": _dtype_name(compute),  # what the run computed and measured in

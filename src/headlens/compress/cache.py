@@ -85,7 +85,7 @@ class LatentCache(Cache):
                 vcls = kcls = None
             if kcls is not None:
                 extra = {"latents": latents[i]} if vcls is not None else {}
-                layer = kcls(key_latents[i], rotary if key_latents[i].rotary else None, **extra, **kw)
+                layer = kcls(key_latents[i], rotary if key_latents[i].unrotates else None, **extra, **kw)
             else:
                 layer = vcls(latents[i], **kw) if vcls is not None else base(**kw)
             if vcls is not None:
@@ -312,8 +312,8 @@ def _check_model(config, latents: dict[int, LayerLatents], meta: dict, directory
         if n_layers is not None and layer >= n_layers:
             raise HeadlensError(f"the latent factors of {directory} name layer {layer}, but the model has "
                                 f"{n_layers} layers: they belong to another model")
-        if kv is not None and len(lat.encode) != kv:
-            raise HeadlensError(f"the latent factors of {directory} have {len(lat.encode)} kv groups in layer "
+        if kv is not None and lat.num_groups != kv:
+            raise HeadlensError(f"the latent factors of {directory} have {lat.num_groups} kv groups in layer "
                                 f"{layer}, but the model has {kv} kv heads: they belong to another model")
         if hd is not None and lat.head_dim != hd:
             raise HeadlensError(f"the latent factors of {directory} have head_dim {lat.head_dim}, but the model has "

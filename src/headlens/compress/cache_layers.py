@@ -32,11 +32,16 @@ class LayerLatents:
     def head_dim(self) -> int:
         return int(self.up[0].shape[0])
 
+    @property
+    def num_groups(self) -> int:
+        """The kv groups the factors are for."""
+        return len(self.encode)
+
     def repeats(self, value_states: torch.Tensor) -> int:
         """How many times each kv head's values come repeated (1; Falcon's new decoder architecture hands the cache
         every query head's copy, ``repeat_interleave`` order), checked; HeadlensError for values whose kv groups or
         head_dim are not the factors' (a model other than the one they fit)."""
-        G, what = len(self.encode), self.what
+        G, what = self.num_groups, self.what
         heads = value_states.shape[1] if value_states.dim() == 4 else -1
         if heads <= 0 or heads % G or value_states.shape[-1] != self.head_dim:
             raise HeadlensError(f"layer {self.layer}: the model's {what}s have shape {tuple(value_states.shape)} "

@@ -1,6 +1,7 @@
 """The configurations ``headlens compress`` measures: per budget value and latent kind the budgeted allocation and
 its uniform twin of equal bytes (:func:`configurations`), with key latents the keys alone and keys with values
-(:func:`key_configurations`), and the notes a run makes about them (``k = 0`` groups, which key latent form lost less).
+(:func:`key_configurations`), and the notes a run makes about them (``k = 0`` groups, which key latent form each
+layer keeps).
 ``cfg`` is the run's :class:`~headlens.compress.run.CompressConfig` (read here, never built).
 """
 
@@ -155,23 +156,29 @@ def key_configurations(cfg, confs: list[Configuration], key_full: dict, ck,
 
 
 def frequency_notes(confs: list[Configuration], measured: list) -> list[str]:
-    """Per configuration with key latents, which of the two key latents lost less at equal bytes (measured isolated
-    logit error, layer by layer): the per-group latent the cache stores, or TransMLA's per-frequency projection
-    across kv heads, which the cache does not store yet."""
+    """Per configuration with key latents (keys alone), which key latent form each layer keeps, chosen by the
+    predicted error at equal numbers per token (the per-group latent, or TransMLA's per-frequency projection across
+    kv heads), and how the measured isolated logit errors compare, layer by layer."""
     out = []
     for c, m in zip(confs, measured):
-        pairs = [(e.layer, e.key_logit_error, e.key_frequency_logit_error) for e in m.key_layers
-                 if e.key_logit_error is not None and e.key_frequency_logit_error is not None]
-        if not pairs or c.part == "both":
+        rows = [e for e in m.key_layers if e.key_logit_error is not None and e.key_frequency_logit_error is not None]
+        if not rows or c.part == "both":
             continue
-        wins = [layer for layer, g, f in pairs if f < g]
-        out.append(f"{c.name}: at equal bytes the per-frequency cross-head key latent (TransMLA) lost "
-                   + (f"less in layers {', '.join(map(str, wins))}; the cache still stores the per-group latent "
-                      "there (no cache layer for the cross-head form yet)" if wins else
-                      f"more than the per-group latent in all {len(pairs)} layers (logit error "
-                      f"{min(f / g for _, g, f in pairs if g > 0):.1f}x to {max(f / g for _, g, f in pairs if g > 0):.1f}x)"
-                      if all(g > 0 for _, g, _f in pairs) else "more than the per-group latent in every layer"))
+        across = [e.layer for e in rows if e.key_form == "across"]
+        wins = [e.layer for e in rows if e.key_frequency_logit_error < e.key_logit_error]
+        kept = (f"the cache keeps the cross-head key latent (TransMLA, predicted to lose less at equal numbers per "
+                f"token) in layers {_layers(across)} and the per-group latent in the other {len(rows) - len(across)}"
+                if across else f"the cache keeps the per-group key latent in all {len(rows)} layers with a "
+                "cross-head alternative (TransMLA's predicted error was not lower in any)")
+        agree = sum((e.layer in wins) == (e.key_form == "across") for e in rows)
+        seen = (f"measured, the cross-head latent lost less in layers {_layers(wins)}" if wins else
+                "measured, the cross-head latent lost more in every layer")
+        out.append(f"{c.name}: {kept}; {seen} (the choice matches the measurement in {agree} of {len(rows)})")
     return out
+
+
+def _layers(layers: list[int]) -> str:
+    return ", ".join(map(str, layers))
 
 
 def zero_notes(confs: list[Configuration]) -> list[str]:

@@ -33,6 +33,12 @@ class KeyLatents(LayerLatents):
     rotary: bool
 
     what = "key"
+    form = "per_group"  # one latent per kv group; "across": CrossKeyLatents (headlens.compress.cross_keys)
+
+    @property
+    def unrotates(self) -> bool:
+        """Whether the cache un-rotates the keys before encoding (and so keeps their positions)."""
+        return bool(self.rotary) and self.form == "per_group"
 
 
 class _Codec(_LatentValues):
@@ -45,7 +51,12 @@ class _LatentKeys:
 
     def __init__(self, key_latents: KeyLatents, rotary=None, **kwargs):
         super().__init__(**kwargs)  # type: ignore[call-arg]
-        self.codec = _Codec(key_latents)
+        if key_latents.form == "across":
+            from headlens.compress.cross_keys import CrossCodec
+
+            self.codec = CrossCodec(key_latents)  # type: ignore[arg-type]
+        else:
+            self.codec = _Codec(key_latents)
         self.rotary = rotary  # RotaryKeys of the model, where the keys are rotary
         self.positions: torch.Tensor | None = None  # int32 [batch, tokens]: the stored keys' positions
         self.pending = None  # (position_embeddings, position_ids) handed by the attention module's hook
@@ -147,11 +158,15 @@ def check_key_latents(key_latents: dict[int, KeyLatents], value_latents: dict[in
             raise HeadlensError(f"`key_latents`[{layer}] holds the factors of layer {lat.layer}")
         if not lat.encode or len(lat.up) != len(lat.encode) or (lat.bias is not None and len(lat.bias) != len(lat.encode)):
             raise HeadlensError(f"layer {layer}: key latents need one encoder, up-projection (and bias) per kv group")
-        if sum(lat.ks) == 0:
+        if lat.form == "across":
+            from headlens.compress.cross_keys import check_cross
+
+            check_cross(lat, layer)  # type: ignore[arg-type]
+        elif sum(lat.ks) == 0:
             raise HeadlensError(f"layer {layer}: key latents of k = 0 in every kv group store no key: leave the "
                                 "layer's keys out instead")
         hd = lat.head_dim
-        for g, (E, U) in enumerate(zip(lat.encode, lat.up)):
+        for g, (E, U) in enumerate(zip(lat.encode, lat.up) if lat.form == "per_group" else ()):
             k = int(E.shape[0])
             if E.dim() != 2 or U.dim() != 2 or tuple(E.shape) != (k, hd) or tuple(U.shape) != (hd, k):
                 raise HeadlensError(f"layer {layer}, kv group {g}: key encoder {tuple(E.shape)} and up-projection "
@@ -163,8 +178,8 @@ def check_key_latents(key_latents: dict[int, KeyLatents], value_latents: dict[in
             if lat.bias is not None and tuple(lat.bias[g].shape) != (hd,):
                 raise HeadlensError(f"layer {layer}, kv group {g}: key bias of shape {tuple(lat.bias[g].shape)}")
         vals = value_latents.get(layer)
-        if vals is not None and (len(vals.encode) != len(lat.encode) or vals.head_dim != hd):
-            raise HeadlensError(f"layer {layer}: key factors for {len(lat.encode)} kv groups of {hd}, value factors "
+        if vals is not None and (vals.num_groups != lat.num_groups or vals.head_dim != hd):
+            raise HeadlensError(f"layer {layer}: key factors for {lat.num_groups} kv groups of {hd}, value factors "
                                 f"for {len(vals.encode)} of {vals.head_dim}")
 
 
@@ -173,7 +188,7 @@ def rotary_for(model, key_latents: dict[int, KeyLatents]):
     none is), each layer's ``rotary`` flag checked against what the model does; the position hook installed."""
     from headlens.compress import rotary_keys
 
-    rotary = [layer for layer, lat in key_latents.items() if lat.rotary]
+    rotary = [layer for layer, lat in key_latents.items() if lat.unrotates]  # cross-head latents: no turning
     if model is None:
         if rotary:
             raise HeadlensError(f"layer {rotary[0]} has rotary key latents: the cache un-rotates and re-rotates keys "
@@ -206,6 +221,11 @@ def key_factor_tensors(key_latents: dict[int, KeyLatents]) -> tuple[dict[str, to
     and ``key_rotary`` (JSON: layer -> k per group, layer -> bool), none where there are no key latents."""
     tensors = {}
     for layer, lat in key_latents.items():
+        if lat.form == "across":
+            from headlens.compress.cross_keys import cross_tensors
+
+            tensors.update(cross_tensors(lat))  # type: ignore[arg-type]
+            continue
         for g, (E, U) in enumerate(zip(lat.encode, lat.up)):
             tensors[key_name(layer, g, "encode")] = E.to(torch.float32).contiguous()
             tensors[key_name(layer, g, "up")] = U.to(torch.float32).contiguous()
@@ -214,14 +234,19 @@ def key_factor_tensors(key_latents: dict[int, KeyLatents]) -> tuple[dict[str, to
     if not key_latents:
         return tensors, {}
     meta = {"key_k": json.dumps({str(layer): lat.ks for layer, lat in key_latents.items()}),
-            "key_rotary": json.dumps({str(layer): bool(lat.rotary) for layer, lat in key_latents.items()})}
+            "key_rotary": json.dumps({str(layer): bool(lat.rotary) for layer, lat in key_latents.items()}),
+            "key_form": json.dumps({str(layer): lat.form for layer, lat in key_latents.items()})}
     return tensors, meta
 
 
 def key_plan_entry(lat: KeyLatents) -> dict:
-    """What a layer's entry in ``headlens_latent.json`` says of its key latents: ``key_k`` (k per kv group) and
-    ``key_rotary``. A layer with key latents only has an entry without ``k``."""
-    return {"key_k": list(lat.ks), "key_rotary": bool(lat.rotary)}
+    """What a layer's entry in ``headlens_latent.json`` says of its key latents: ``key_k`` (k per kv group, or [K]
+    for a cross-head latent), ``key_rotary`` and ``key_form`` (``per_group`` or ``across``, with ``key_kv_heads``).
+    A layer with key latents only has an entry without ``k``."""
+    entry = {"key_k": list(lat.ks), "key_rotary": bool(lat.rotary), "key_form": lat.form}
+    if lat.form == "across":
+        entry["key_kv_heads"] = lat.num_groups
+    return entry
 
 
 def read_key_latents(entries: list[dict], tensors: dict[str, torch.Tensor], where) -> dict[int, KeyLatents]:
@@ -237,6 +262,14 @@ def read_key_latents(entries: list[dict], tensors: dict[str, torch.Tensor], wher
             raise HeadlensError(f"{where}: a layer entry's key_k is not a list of ints ({exc})") from None
         if not isinstance(rotary, bool):
             raise HeadlensError(f"{where}: layer {layer} has key_k but no key_rotary (true or false)")
+        form = entry.get("key_form", "per_group")
+        if form == "across":
+            from headlens.compress.cross_keys import read_cross
+
+            out[layer] = read_cross(entry, layer, rotary, tensors, where)
+            continue
+        if form != "per_group":
+            raise HeadlensError(f"{where}: layer {layer} has key_form {form!r}: per_group or across")
         enc, up, bias = [], [], []
         for g, k in enumerate(ks):
             try:

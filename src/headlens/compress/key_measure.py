@@ -27,7 +27,7 @@ class KeyLayerErrors:
     key_predicted_error: float | None  # the key plan's spectrum (averaged over relative rotations where rotary)
     key_logit_error: float | None  # measured, only this layer's keys compressed: ||L' - L|| / ||L|| over unmasked pairs
     key_attention_kl: float | None  # mean over query rows and heads of KL(softmax(L) || softmax(L'))
-    isolated_keys_error: float | None
+    isolated_keys_error: float | None  # the kept form's keys (key_form)
     isolated_values_error: float | None
     isolated_both_error: float | None
     attention_accumulated_error: float | None  # everything the configuration compresses, errors propagating
@@ -35,6 +35,9 @@ class KeyLayerErrors:
     key_frequency_predicted_error: float | None = None
     key_frequency_logit_error: float | None = None
     key_frequency_attention_kl: float | None = None
+    # the form the cache keeps for this layer (per_group or across: the lower prediction), which the isolated and
+    # accumulated output errors, the end-to-end numbers and the LatentCache use; None without key latents
+    key_form: str | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,5 +79,5 @@ def key_result(key_plans: Mapping, sums: Mapping, info: Mapping) -> list[KeyLaye
             key_logit_error=_ratio(s.logit_lost, s.logit_total) if plan else None,
             key_attention_kl=s.kl / s.rows if plan and s.rows else None,
             isolated_keys_error=part("keys"), isolated_values_error=part("values"), isolated_both_error=part("both"),
-            attention_accumulated_error=part("acc"), **_frequency(plan, s)))
+            attention_accumulated_error=part("acc"), key_form=plan.form if plan else None, **_frequency(plan, s)))
     return out

@@ -28,6 +28,11 @@ and for the pair's own 2x2 block ``E[R^T M R] = tr(M)/2 I`` for a symmetric M); 
 the error expected over relative positions, which the measured logit error on real positions tests (low frequencies
 barely turn over a short context, so the two differ).
 
+**Across heads.** Where a rotary layer has G > 1 kv heads, TransMLA's per-frequency latent across heads is fitted
+from the same moments (:mod:`headlens.compress.cross_keys`); :func:`kept_form` keeps, per layer, the form with the
+lower predicted error at the same numbers per token (:attr:`KeyLayerPlan.form`), and everything downstream (the
+compressed passes, the cache, the saved factors, the bytes) uses that form.
+
 **Biases.** A linear key with a bias (GPT-2, OPT, BLOOM: no rotary) is stored as ``c = E (k - b)``, as values are.
 Rotary keys with a bias (Qwen2, Phi) are stored as they are (``b`` = 0): the bias is part of the pre-rotary key; the
 plain moments then augment the input with a constant 1 (``[W | b]``).
@@ -38,12 +43,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from headlens.compress.plan import RIDGE, gram_factor
 from headlens.errors import HeadlensError
+
+if TYPE_CHECKING:
+    from headlens.compress.cross_keys import FrequencyFit, FrequencyLatent
 
 KEY_KINDS = ("none", "plain", "data-aware")
 
@@ -79,6 +87,7 @@ class KeyLayerPlan:
     bias: list[torch.Tensor] | None
     groups: list[KeyGroupLatent]
     frequency: "FrequencyFit | None" = None  # TransMLA's per-frequency projection across kv heads (G > 1, rotary)
+    form: str = "per_group"  # the form the cache keeps: per_group, or across (the frequency latent; see kept_form)
     _projectors: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
     _frequency_latent: "FrequencyLatent | None" = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -101,6 +110,24 @@ class KeyLayerPlan:
         den = sum(g.scale ** 2 for g in self.groups)
         return math.sqrt(sum(g.tail ** 2 for g in self.groups) / den) if den > 0 else 0.0
 
+    @property
+    def kept_predicted_error(self) -> float:
+        """The predicted error of the form kept (:attr:`form`)."""
+        freq = self.frequency_latent() if self.form == "across" else None
+        return freq.predicted_error if freq is not None else self.predicted_error
+
+    @property
+    def numbers(self) -> int:
+        """Numbers per token the kept form stores (the per-group ``sum k_g``, or the cross-head latent's K)."""
+        freq = self.frequency_latent() if self.form == "across" else None
+        return freq.numbers if freq is not None else sum(self.ks)
+
+    @property
+    def stores_positions(self) -> bool:
+        """Whether the cache keeps each token's position for this layer: per-group latents of rotary keys (the
+        cross-head latent commutes with the rotation and is stored from the rotated keys)."""
+        return self.rotary and self.form == "per_group"
+
     def projectors(self) -> torch.Tensor:
         """Per group ``U_g E_g``, stacked (G, hd, hd) float64: what the rebuilt key keeps of ``k - b`` (made once)."""
         if self._projectors is None:
@@ -108,9 +135,14 @@ class KeyLayerPlan:
         return self._projectors
 
     def cache_latents(self):
-        """The :class:`~headlens.compress.cache.KeyLatents` a LatentCache layer stores these keys with."""
+        """The :class:`~headlens.compress.cache.KeyLatents` a LatentCache layer stores these keys with: the kept
+        form's (:class:`~headlens.compress.cross_keys.CrossKeyLatents` for ``across``)."""
         from headlens.compress.cache import KeyLatents
 
+        if self.form == "across":
+            from headlens.compress.cross_keys import cross_latents
+
+            return cross_latents(self)
         return KeyLatents(layer=self.layer, encode=[g.encode for g in self.groups], up=[g.up for g in self.groups],
                           bias=self.bias, rotary=self.rotary)
 
@@ -163,9 +195,12 @@ def plan_keys(m: KeyMoments, kind: str, ks: int | Sequence[int] | None = None) -
         raise HeadlensError(f"`key_k` gives {len(sizes)} key latent sizes for layer {m.layer}, which has {G} kv groups")
     groups = [fit_group(m.layer, g, kind, m.Cq[g], m.Ck[g], sizes[g]) for g in range(G)]
     freq = None
-    if m.rotary and G > 1 and m.Ck_cross is not None and 2 * len(m.pairs) == hd and m.bias is None:
+    if m.rotary and G > 1 and m.Ck_cross is not None and m.bias is None:
+        from headlens.compress.cross_keys import fit_frequencies
+
         freq = fit_frequencies(m.Cq, m.Ck_cross, m.pairs)
-    return KeyLayerPlan(layer=m.layer, kind=kind, rotary=m.rotary, bias=m.bias, groups=groups, frequency=freq)
+    return kept_form(KeyLayerPlan(layer=m.layer, kind=kind, rotary=m.rotary, bias=m.bias, groups=groups,
+                                  frequency=freq))
 
 
 def cut_keys(plan: KeyLayerPlan, ks: Sequence[int]) -> KeyLayerPlan:
@@ -182,8 +217,21 @@ def cut_keys(plan: KeyLayerPlan, ks: Sequence[int]) -> KeyLayerPlan:
                                      encode=g.encode[:k].contiguous(), up=g.up[:, :k].contiguous(),
                                      spectrum=g.spectrum, tail=float(torch.linalg.norm(g.spectrum[k:])),
                                      scale=g.scale, ridge=g.ridge))
-    return KeyLayerPlan(layer=plan.layer, kind=plan.kind, rotary=plan.rotary, bias=plan.bias, groups=groups,
-                        frequency=plan.frequency)
+    return kept_form(KeyLayerPlan(layer=plan.layer, kind=plan.kind, rotary=plan.rotary, bias=plan.bias,
+                                  groups=groups, frequency=plan.frequency))
+
+
+TIE = 1e-9  # predicted errors closer than this are a tie, which keeps the per-group latent
+
+
+def kept_form(plan: KeyLayerPlan) -> KeyLayerPlan:
+    """``plan`` with :attr:`KeyLayerPlan.form` set by the predictions (calibration moments or weights, never the
+    eval texts): ``across`` where the layer has a cross-head frequency latent whose predicted error, at no more
+    numbers per token than the per-group latents, is lower by more than :data:`TIE`; else ``per_group``. Both
+    predictions are the rotation-averaged logit error relative to the same total energy, so they compare directly."""
+    freq = plan.frequency_latent()
+    plan.form = "across" if freq is not None and freq.predicted_error < plan.predicted_error - TIE else "per_group"
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------ rotary
@@ -301,79 +349,6 @@ def plain_moments(model, ck, layer: int, rotary: bool, pairs: Sequence[tuple[int
     Ck = torch.stack([W @ W.T for W in Wk_])
     if rotary:
         Cq = rotation_average(Cq, pairs)
-    return KeyMoments(layer=layer, Cq=Cq, Ck=Ck, rotary=rotary, bias=bk if bias_subtracted else None)
-
-
-# ------------------------------------------------------------------------------------ per-frequency, across heads
-
-
-@dataclass
-class FrequencyLatent:
-    """TransMLA's (RoRoPE's) key latent at a given size: per frequency pair f a map ``P_f`` (G x G) across the kv
-    heads, applied alike to the pair's two components, so it commutes with the rotation (exact on rotated keys).
-    ``projector`` (G hd, G hd) is the whole map on the layer's pre-rotary keys side by side; ``ranks`` r_f."""
-
-    projector: torch.Tensor
-    ranks: list[int]
-    tail: float
-    scale: float
-
-    @property
-    def predicted_error(self) -> float:
-        return self.tail / self.scale if self.scale > 0 else 0.0
-
-
-@dataclass
-class FrequencyFit:
-    """Per frequency pair (in ``pairs`` order): the whitening factor S_f (G, G), the right singular vectors Vh_f and
-    singular values of ``A_f S_f`` (module docstring of :func:`fit_frequencies`)."""
-
-    G: int
-    hd: int
-    pairs: list
-    S: list
-    Vh: list
-    sv: list
-
-    def at(self, numbers: int) -> FrequencyLatent:
-        """The latent holding ``numbers`` numbers per token (2 per kept direction: both components of a pair): the
-        directions with the largest singular values across every frequency."""
-        order = sorted(((float(v) ** 2, f, i) for f, sv in enumerate(self.sv) for i, v in enumerate(sv)),
-                       reverse=True)
-        keep = order[: max(0, numbers) // 2]
-        ranks = [0] * len(self.pairs)
-        for _, f, _i in keep:
-            ranks[f] += 1
-        total = sum(e for e, _, _ in order)
-        kept = sum(e for e, _, _ in keep)
-        P = torch.zeros(self.G * self.hd, self.G * self.hd, dtype=torch.float64)
-        for f, (a, b) in enumerate(self.pairs):
-            S, V = self.S[f], self.Vh[f][: ranks[f]].T  # (G, G), (G, r)
-            Pf = S @ V @ torch.linalg.solve_triangular(S.T, V, upper=True).T  # S V V^T S^{-1}
-            for d in (a, b):
-                idx = torch.arange(self.G) * self.hd + d
-                P[idx[:, None], idx[None, :]] = Pf
-        return FrequencyLatent(projector=P, ranks=ranks, tail=math.sqrt(max(total - kept, 0.0)),
-                               scale=math.sqrt(total))
-
-
-def fit_frequencies(Cq: torch.Tensor, Ck_cross: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> FrequencyFit:
-    """The per-frequency cross-head fit. For frequency pair (a, b), ``x_a = [k_{g,a}]_g`` and ``x_b`` (G numbers
-    each) turn together under the rotation, so a real map ``W_f`` across heads applied to both commutes with it.
-    Averaged over relative rotations the queries weigh group g's error at that frequency by ``c_{g,f} =
-    C~_q^g[a, a]`` (= ``[b, b]``) and see no cross terms, so the logit error is ``sum_f ||A_f (I - P_f) X_f||^2`` with
-    ``A_f = diag(sqrt(c_{., f}))`` and ``X_f X_f^T = K_f = C[a, a] + C[b, b]`` (G x G blocks of the keys' joint second
-    moment): the per-group fit with heads in place of dimensions. Its spectra add up to the same total as the
-    per-group latents' (the same rotation-averaged logit energy), so the two predictions compare at equal numbers."""
-    G, hd = Cq.shape[0], Cq.shape[-1]
-    S_list, Vh_list, sv_list = [], [], []
-    for a, b in pairs:
-        ia, ib = torch.arange(G) * hd + a, torch.arange(G) * hd + b
-        K = Ck_cross[ia[:, None], ia[None, :]] + Ck_cross[ib[:, None], ib[None, :]]
-        c = Cq[:, a, a].clamp_min(0)
-        S, _ = gram_factor(K)
-        _, sv, Vh = torch.linalg.svd(c.sqrt()[:, None] * S)
-        S_list.append(S)
-        Vh_list.append(Vh)
-        sv_list.append(sv)
-    return FrequencyFit(G=G, hd=hd, pairs=list(pairs), S=S_list, Vh=Vh_list, sv=sv_list)
+    stacked = torch.cat(Wk_)  # (G hd, width): every kv head's keys of the same isotropic input, for the cross-head fit
+    return KeyMoments(layer=layer, Cq=Cq, Ck=Ck, rotary=rotary, bias=bk if bias_subtracted else None,
+                      Ck_cross=stacked @ stacked.T, pairs=list(pairs))

@@ -122,8 +122,9 @@ def kv_bytes(ck, plans: Mapping[int, LayerPlan], bytes_per_value: float, key_pla
              position_bytes: float = 0.0) -> KVBytes:
     """:class:`KVBytes` for the checkpoint ``ck`` with ``plans`` (layer -> plan) in place: per layer
     ``2 * G * hd * bytes_per_value`` before, ``(G * hd + sum_g k_g) * bytes_per_value`` after (keys full), or with
-    ``key_plans`` (layer -> KeyLayerPlan) ``sum_g k^K_g`` numbers for a layer's keys; ``position_bytes`` per token
-    (the position a rotary key latent layer keeps of each token) are added to every such layer."""
+    ``key_plans`` (layer -> KeyLayerPlan) the kept form's numbers for a layer's keys (``sum_g k^K_g``, or K of a
+    cross-head latent); ``position_bytes`` per token (the position a per-group rotary key latent layer keeps of each
+    token) are added to every such layer."""
     if not bytes_per_value > 0:
         raise HeadlensError(f"`bytes_per_value` must be positive, got {bytes_per_value}")
     s = ck.shape
@@ -131,8 +132,9 @@ def kv_bytes(ck, plans: Mapping[int, LayerPlan], bytes_per_value: float, key_pla
     full = s.num_kv_heads * s.head_dim
     before = [2.0 * full * bytes_per_value] * s.num_layers
     key_plans = key_plans or {}
-    after = [float(((sum(key_plans[l].ks) if l in key_plans else full) + (sum(plans[l].ks) if l in plans else full))
-                   * bytes_per_value) + (float(position_bytes) if l in key_plans and key_plans[l].rotary else 0.0)
+    after = [float(((key_plans[l].numbers if l in key_plans else full) + (sum(plans[l].ks) if l in plans else full))
+                   * bytes_per_value) + (float(position_bytes) if l in key_plans and key_plans[l].stores_positions
+                                         else 0.0)
              for l in range(s.num_layers)]
     return KVBytes(bytes_per_value=float(bytes_per_value), before=before, after=after)
 

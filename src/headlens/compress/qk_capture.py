@@ -16,6 +16,7 @@ Passes are unbatched and uncached (batch 1, keys = this pass's tokens), as the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 
@@ -268,7 +269,11 @@ class KeyState:
     # -------------------------------------------------------------------------------------------- compress
 
     def compress(self, module, info: LayerInfo, key: torch.Tensor, plan: KeyLayerPlan) -> torch.Tensor:
-        """Keys [B, G, T, hd] as the cache rebuilds them from the plan's latents, float64."""
+        """Keys [B, G, T, hd] as the cache rebuilds them from the plan's latents (the form it keeps), float64."""
+        if plan.form == "across":
+            from headlens.compress.cross_keys import across_keys
+
+            return across_keys(key, plan.frequency_latent())
         k = self.rotate(module, info, key.detach().to(torch.float64), inverse=True)
         P = plan.projectors().to(k.device)  # (G, hd, hd)
         b = torch.stack(plan.bias).to(k.device, torch.float64)[None, :, None, :] if plan.bias is not None else 0.0
@@ -287,11 +292,13 @@ class KeyState:
         sums = self._sums(c, layer)
         o = out.detach().to(torch.float64)
         total = float((o ** 2).sum())
-        k2 = self.compress(module, info, key, plan).to(key.dtype) if plan is not None else None
+        k2 = self.compress(module, info, key, plan).to(key.dtype) if plan is not None else None  # the kept form
         v2 = _values(vfac, value) if vfac is not None else None
-        if k2 is not None:
-            _logit_errors(sums, module, query, key, k2, mask, kwargs)
+        if k2 is not None:  # each form's logit errors; the output errors below are the kept form's
             freq = plan.frequency_latent()
+            per_group = k2 if plan.form == "per_group" else self.compress(
+                module, info, key, dataclasses.replace(plan, form="per_group")).to(key.dtype)
+            _logit_errors(sums, module, query, key, per_group, mask, kwargs)
             if freq is not None:
                 _logit_errors(sums.frequency, module, query, key, self.compress_across(module, info, key, freq), mask,
                               kwargs)

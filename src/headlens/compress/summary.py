@@ -44,7 +44,11 @@ KEYS_NOTE = (
     "expectation over relative rotations in rotary layers); key_logit_error and key_attention_kl: measured, only "
     "that layer's keys compressed; isolated_keys/values/both_error and attention_accumulated_error: the attention "
     "output (before the output projection), relative. part: values, keys or both; comparisons pit like against "
-    "like. key_frequency_*: TransMLA's per-frequency cross-head latent at the same numbers per token (not cached).")
+    "like. key_frequency_*: TransMLA's per-frequency cross-head latent at the same numbers per token (rotary layers, "
+    "G > 1). key_form: the form the cache keeps for the layer, per_group or across (c = E x of every kv head's rotated "
+    "keys side by side, no positions), whichever has the lower predicted error (calibration, never the eval texts); "
+    "the isolated and accumulated output errors, the end-to-end numbers, --generate and --save-model use it, while "
+    "key_predicted_error/key_logit_error/key_attention_kl stay the per-group latent's.")
 
 ENCODER_NOTE = (
     "An encoder keeps no KV cache: every token's keys and values are computed in one pass and dropped, so the KV "

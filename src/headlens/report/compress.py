@@ -47,10 +47,11 @@ def _keys(records: list[dict]) -> bool:
 
 
 def key_rows(records: list[dict]) -> list[dict]:
-    """One row per configuration and layer: keys beside values (predicted and measured key errors, attention KL,
-    the attention output's isolated errors for keys alone, values alone and both, and its accumulated error)."""
+    """One row per configuration and layer: keys beside values (the key form kept, predicted and measured key errors,
+    attention KL, the attention output's isolated errors for keys alone, values alone and both, and its accumulated error)."""
     return [{"configuration": r["name"], "part": r["part"], "layer": e["layer"],
              "key_k": sum(e["key_ks"]) if e["key_ks"] else None,
+             "key_form": e.get("key_form"),
              **{k: e[k] for k in ("rotary", "key_predicted_error", "key_logit_error", "key_attention_kl",
                                   "isolated_keys_error", "isolated_values_error", "isolated_both_error",
                                   "attention_accumulated_error")}}
