@@ -14,7 +14,7 @@ COMMAND_FLAG_NAMES = {"toy": {"n_heads": "--heads", "n_kv_heads": "--kv-heads", 
                               "layers": "--depth"},
                       "compress": {"target_errors": "--target-error", "target_energies": "--target-energy",
                                    "latents": "--latent", "eval_texts": "--eval", "calib_texts": "--calib",
-                                   "key_ks": "--key-k"},
+                                   "key_ks": "--key-k", "savings": "--saving"},
                       "sweep": {"calibration": "--calib", "with_qk": "--no-qk"},
                       "router": {"texts": "--prompt"},
                       "generate": {"prompts": "--prompt", "calib_texts": "--calib", "latent": "--latent"}}

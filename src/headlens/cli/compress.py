@@ -60,6 +60,17 @@ def add_parser(sub) -> None:
     b.add_argument("--k", metavar="K[,K...]", dest="ks", help="budget: the same latent size K for every kv group")
     b.add_argument("--budget", metavar="CSV",
                    help="budget: the sweep_budget.csv `headlens sweep` wrote for this model (k_plain, k_data)")
+    b.add_argument("--saving", metavar="S[,S...]",
+                   help="budget: the fraction of the whole KV cache saved (keys and values together, positions "
+                        "counted), e.g. 0.5,0.6,0.7; one configuration per value, spent by --allocate")
+    b.add_argument("--kv-budget", metavar="B", type=float,
+                   help="budget: KV bytes per token of the whole cache, spent by --allocate")
+    p.add_argument("--allocate", choices=("uniform", "error", "energy", "fisher", "greedy"),
+                   help="how a --saving / --kv-budget is spent over every (layer, kv group, keys or values) latent: "
+                        "uniform (default), error (the largest predicted error first; energy picks the same), "
+                        "fisher (sizes by Fisher score, Palu's rule), greedy (the largest predicted end-to-end loss "
+                        "reduction per byte: spectrum x each layer's measured sensitivity); the uniform allocation "
+                        "of the same bytes is always measured beside it")
     p.add_argument("--latent", choices=LATENT_CHOICES, default="both",
                    help="which latents: plain (from the weights), data-aware (whitened by the calibration tokens) "
                         "or both (default)")
@@ -103,8 +114,8 @@ def _n_saved(cfg) -> int:
     """How many configurations --save-model would have to choose between (budgets, not their uniform twins)."""
     from headlens.compress.configs import DEFAULT_TARGET_ERRORS
 
-    values = cfg.ks or cfg.target_energies or cfg.target_errors or ([cfg.budget] if cfg.budget else
-                                                                     DEFAULT_TARGET_ERRORS)
+    values = cfg.ks or cfg.target_energies or cfg.target_errors or cfg.savings or (
+        [cfg.budget] if cfg.budget else [cfg.kv_budget] if cfg.kv_budget is not None else DEFAULT_TARGET_ERRORS)
     return len(values) * len(cfg.latents)
 
 
@@ -121,7 +132,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         ks=_ints(args.ks, "--k") if args.ks is not None else None, budget=args.budget,
         latents=LATENT_KINDS if args.latent == "both" else (args.latent,), kv_bytes=args.kv_bytes,
         max_calib_tokens=args.max_calib_tokens, truncate=args.truncate, dtype=args.dtype, generate=args.generate,
-        keys=args.keys, key_ks=_ints(args.key_ks, "--key-k") if args.key_ks is not None else None)
+        keys=args.keys, key_ks=_ints(args.key_ks, "--key-k") if args.key_ks is not None else None,
+        savings=_floats(args.saving, "--saving") if args.saving is not None else None,
+        kv_budget=args.kv_budget, allocate=args.allocate)
     cfg.validate()
     save = Path(args.save_model) if args.save_model else None
     if save is not None:
@@ -148,8 +161,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     lines = result_lines(data)
     if save is not None:
         part = "both" if cfg.keys != "none" else "values"  # with key latents, the keys-and-values configuration
-        conf = next(c for c in result.configurations
-                    if (c.allocation == "budget" or c.budget == "k") and c.part == part)
+        conf = next(c for c in result.configurations  # the budget's own sizes, not its uniform twin
+                    if (c.matches is None or c.budget == "k") and c.part == part)
         record = next(r for r in data["configurations"] if r["name"] == conf.name)
         digest = hashlib.sha256("\n".join(eval_texts).encode()).hexdigest()[:16]
         info = {"configuration": conf.name, "measured": {k: v for k, v in record.items() if k != "layers"},

@@ -47,7 +47,50 @@ class Configuration:
 def _label(budget: str, value: Any) -> str:
     return {"target-error": f"error<={value:g}" if isinstance(value, float) else "",
             "target-energy": f"energy>={value:g}" if isinstance(value, float) else "",
-            "k": f"k={value}", "file": f"budget {value}"}[budget]
+            "k": f"k={value}", "file": f"budget {value}",
+            "saving": f"saving {100 * value:g}%" if isinstance(value, float) else "",
+            "kv-budget": f"{value:g} B/token" if isinstance(value, float) else ""}[budget]
+
+
+def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: dict, ck, layers: list[int],
+                        position_bytes: float, sensitivity: dict | None = None,
+                        fisher: dict | None = None) -> list[Configuration]:
+    """A budget of bytes (``savings`` of the whole KV cache, or ``kv_budget`` bytes per token) spent by
+    ``cfg.allocation()`` (:func:`~headlens.compress.allocation.allocate`) over every value latent and, with key
+    latents, every key latent (keys and values compete for the same bytes); and the uniform allocation of the same
+    bytes beside each other allocation. ``sensitivity``: per latent kind the greedy allocation's lambdas."""
+    from headlens.compress.allocation import allocate, numbers_for, slots_of, split
+
+    s = ck.shape
+    kind = cfg.budget_kind()
+    method = cfg.allocation()
+    keys = bool(key_full)
+    rotary = sum(1 for p in key_full.values() if p.rotary)
+    before = 2.0 * s.num_layers * s.num_kv_heads * s.head_dim * cfg.kv_bytes
+    values = list(cfg.savings) if kind == "saving" else [float(cfg.kv_budget)]
+    out: list[Configuration] = []
+    for latent in cfg.latents:
+        slots = slots_of(full[latent], key_full if keys else None)
+        for v in values:
+            budget = (1.0 - v) * before if kind == "saving" else v
+            try:
+                total = numbers_for(budget, ck, layers, cfg.kv_bytes, keys, rotary, position_bytes)
+            except HeadlensError as exc:
+                name = "`savings` " + f"{v:g}" if kind == "saving" else f"`kv_budget` {v:g}"
+                hint = "" if keys else " (values alone save at most 50%: add `keys`)"
+                raise HeadlensError(f"{name}: {exc}{hint}") from None
+            label = _label(kind, v)
+            todo = [method] + (["uniform"] if method != "uniform" else [])
+            name = f"{latent} {method} {label}"
+            for how in todo:
+                sizes = allocate(how, slots, total, s.head_dim,
+                                 (sensitivity or {}).get(latent), fisher)
+                vk, kk = split(sizes)
+                out.append(Configuration(name if how == method else f"uniform {latent} (bytes of {label})", kind, v,
+                                         latent, how, vk, matches=None if how == method else name,
+                                         key_ks=kk or None, key_latent=cfg.keys if keys else None,
+                                         part="both" if keys else "values"))
+    return out
 
 
 def configurations(cfg, full: dict[str, dict[int, LayerPlan]], ck, budget_ks: dict[str, Ks] | None,

@@ -99,9 +99,9 @@ class HeadProjection:
 
 
 def head_projection(model: nn.Module, ck, layer: int, role: str) -> HeadProjection:
-    """The :class:`HeadProjection` of ``role`` ("q" or "k") of ``layer``, found and checked as :func:`value_tensor`
+    """The :class:`HeadProjection` of ``role`` ("q", "k" or "v") of ``layer``, found and checked as :func:`value_tensor`
     finds the values."""
-    _, _, module, param, blocks = _projection(model, ck, layer, role, {"q": "query", "k": "key"}[role])
+    _, _, module, param, blocks = _projection(model, ck, layer, role, {"q": "query", "k": "key", "v": "value"}[role])
     return HeadProjection(module=module, param=param, blocks=blocks)
 
 

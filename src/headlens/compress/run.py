@@ -62,6 +62,9 @@ class CompressConfig:
     generate: int | None = None  # per configuration, this many greedy tokens with its LatentCache (decoders only)
     keys: str = "none"  # key latents: none (values only), plain (weights) or data-aware (calibration queries/keys)
     key_ks: Sequence[int] | int | str | None = None  # key latent sizes: one for all, or one per budget value
+    savings: Sequence[float] | float | None = None  # budget: a saving of the whole KV cache (keys and values), each
+    kv_budget: float | None = None  # budget: KV bytes per token of the whole cache
+    allocate: str | None = None  # how a budget's bytes are spent (ALLOCATIONS); None: the budget's own rule
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -95,18 +98,37 @@ class CompressConfig:
             self.key_ks = _int_list(self.key_ks, "key_ks", "give whole key latent sizes separated by commas, e.g. 8,16")
         elif self.key_ks is not None:
             self.key_ks = params.integers(self.key_ks, "key_ks")
+        if self.savings is not None:
+            self.savings = params.numbers(self.savings, "savings")
+        if self.kv_budget is not None:
+            one = params.numbers(self.kv_budget, "kv_budget")
+            if len(one) != 1:
+                raise HeadlensError(f"`kv_budget` takes one number of bytes per token, got {len(one)}")
+            self.kv_budget = one[0]
+        if self.allocate is not None:
+            from headlens.compress.allocation import ALLOCATIONS
+
+            self.allocate = params.choice(self.allocate, "allocate", ALLOCATIONS)
 
     def validate(self) -> None:
         self._coerce()  # fields may have been set after construction
         given = [n for n, v in (("target_errors", self.target_errors), ("target_energies", self.target_energies),
-                                ("ks", self.ks), ("budget", self.budget)) if v]
+                                ("ks", self.ks), ("budget", self.budget), ("savings", self.savings),
+                                ("kv_budget", self.kv_budget is not None)) if v]
         if len(given) > 1:
             raise HeadlensError(f"give one budget: {' or '.join('`' + g + '`' for g in given)}, not several")
-        for name in ("target_errors", "target_energies", "ks"):
+        for name in ("target_errors", "target_energies", "ks", "savings"):
             if getattr(self, name) is not None and not getattr(self, name):
                 raise HeadlensError(f"`{name}` is empty: give at least one value, or leave it out (None)")
         _in_unit(self.target_errors, "target_errors")  # type: ignore[arg-type]
         _in_unit(self.target_energies, "target_energies")  # type: ignore[arg-type]
+        _in_unit(self.savings, "savings")  # type: ignore[arg-type]
+        if self.kv_budget is not None and not (math.isfinite(self.kv_budget) and self.kv_budget > 0):
+            raise HeadlensError(f"`kv_budget` {self.kv_budget:g}: KV bytes per token are positive")
+        if self.allocate is not None and self.budget_kind() in ("k", "file"):
+            raise HeadlensError(f"`allocate` {self.allocate} spends a budget of bytes: give `savings`, `kv_budget` "
+                                "or a target (`target_errors`, `target_energies`), not "
+                                + ("`ks`" if self.ks else "`budget`"))
         for k in self.ks or ():  # type: ignore[union-attr]
             if k < 0:
                 raise HeadlensError(f"`ks` {k}: a latent size is a whole number, 0..head_dim")
@@ -126,10 +148,18 @@ class CompressConfig:
 
     def budget_kind(self) -> str:
         return ("target-energy" if self.target_energies else "k" if self.ks else "file" if self.budget
-                else "target-error")
+                else "saving" if self.savings else "kv-budget" if self.kv_budget is not None else "target-error")
+
+    def allocation(self) -> str:
+        """How the budget's bytes are spent: ``allocate``, else the budget's own rule (a target's error or energy,
+        uniform for ``ks`` and for bytes)."""
+        if self.allocate is not None:
+            return self.allocate
+        return {"target-error": "error", "target-energy": "energy"}.get(self.budget_kind(), "uniform")
 
     def needs_calibration(self) -> bool:
-        return "data-aware" in self.latents or self.keys == "data-aware"
+        return ("data-aware" in self.latents or self.keys == "data-aware"
+                or self.allocate in ("fisher", "greedy"))
 
 
 @dataclass
@@ -284,10 +314,13 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     t = time.perf_counter()
     full = {kind: full_plans(ck, layers, kind, X if kind == "data-aware" else None, dtype) for kind in cfg.latents}
     X.clear()
-    confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
-    if key_full:
-        confs = confs + key_configurations(cfg, confs, key_full, ck, budget_keys(cfg, ck, digest), notes)
     seconds["fit"] = time.perf_counter() - t
+    if cfg.budget_kind() in ("saving", "kv-budget"):
+        confs = _byte_configurations(cfg, model, ck, tok, full, key_full, layers, texts.calib, seconds, disable)
+    else:
+        confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
+        if key_full:
+            confs = confs + key_configurations(cfg, confs, key_full, ck, budget_keys(cfg, ck, digest), notes)
     ridge = {layer: max(g.ridge for g in p.groups) for layer, p in full.get("data-aware", {}).items()}
     removed = zero_notes(confs)
     notes += removed
@@ -324,6 +357,27 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
                           kept=(model, ck, tok, [plans_of[k] for k in keys], [key_plans_of[k] for k in keys])
                           if keep_model else None,
                           cache_checks=checks, generate_prompt=prompt, notes=notes)
+
+
+def _byte_configurations(cfg: CompressConfig, model, ck, tok, full: dict, key_full: dict, layers: list[int],
+                         calib_texts, seconds: dict, disable: bool | None) -> list[Configuration]:
+    """A budget of bytes spent by ``cfg.allocation()``: what the greedy allocation needs (each layer's sensitivity,
+    measured on the calibration texts) or the Fisher allocation (the Fisher scores), then the configurations."""
+    from headlens.compress.allocation import fisher_scores, probe_sensitivities
+    from headlens.compress.configs import byte_configurations
+
+    method = cfg.allocation()
+    sens, fisher = None, None
+    t = time.perf_counter()
+    if method == "greedy":
+        sens = {latent: probe_sensitivities(model, ck, tok, calib_texts, full[latent], key_full or None,
+                                            cfg.kv_bytes, cfg.truncate, disable) for latent in cfg.latents}
+    elif method == "fisher":
+        fisher = fisher_scores(model, ck, tok, calib_texts, layers, ("values", "keys") if key_full else ("values",),
+                               cfg.max_calib_tokens)
+    if method in ("greedy", "fisher"):
+        seconds["allocation"] = time.perf_counter() - t
+    return byte_configurations(cfg, full, key_full, ck, layers, POSITION_BYTES, sens, fisher)
 
 
 def _check_caches(model, ck, tok, text: str, unique: list, plan_sets: list, key_sets: list, measured: list,

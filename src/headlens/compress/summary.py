@@ -166,7 +166,7 @@ def comparisons(records: list[dict], task: str) -> list[dict]:
             b = by_name[r["matches"]]
             out.append({"metric": metric, "saving": b["saving"], "a": b["name"], "a_value": _measure_of(b, task),
                         "b": r["name"], "b_value": _measure_of(r, task),
-                        "better": winner("budget", _measure_of(b, task), "uniform", _measure_of(r, task))})
+                        "better": winner(b["allocation"], _measure_of(b, task), "uniform", _measure_of(r, task))})
     for r in records:
         part = r.get("part", "values")
         plain = [(q["saving"], _measure_of(q, task)) for q in records

@@ -19,7 +19,7 @@ from headlens.report.figures import _pyplot, save_figure
 from headlens.report.sweep_common import number
 
 LATENT_COLOURS = {"plain": "C0", "data-aware": "C2"}
-ALLOCATION_MARKERS = {"budget": "o", "uniform": "^"}
+ALLOCATION_MARKERS = {"budget": "o", "uniform": "^", "error": "o", "energy": "o", "fisher": "P", "greedy": "*"}
 # with key latents: marker by part in the keys panel (both hollow, so it shows around the keys-alone point it
 # usually sits on: the same key sizes give the same logit error), line style by part on the trade-off
 PART_MARKERS = {"keys": "D", "both": "o"}
@@ -51,7 +51,7 @@ def _marker(allocation: Any) -> str:
 
 
 def _kind_label(latent: Any, allocation: Any) -> str:
-    return f"uniform ({latent})" if allocation == "uniform" else f"{latent}, budget"
+    return f"uniform ({latent})" if allocation == "uniform" else f"{latent}, {allocation}"
 
 
 def _finite(*values: Any) -> bool:
@@ -211,11 +211,11 @@ def _series_style(kind: tuple[str, ...]) -> tuple[str, str, Any, float, str]:
     allocation; without key latents the line style by allocation, with them by part."""
     if len(kind) == 2:
         latent, allocation = kind
-        return (_colour(latent), _marker(allocation), "-" if allocation == "budget" else ":", 1.4,
+        return (_colour(latent), _marker(allocation), "-" if allocation != "uniform" else ":", 1.4,
                 _kind_label(latent, allocation))
     part, latent, allocation, key_latent = kind
     shown = f"{latent} + {key_latent} keys" if part == "both" and key_latent != latent else latent
-    return (_colour(latent), _marker(allocation), PART_STYLES.get(part, ":"), 1.6 if allocation == "budget" else 1.0,
+    return (_colour(latent), _marker(allocation), PART_STYLES.get(part, ":"), 1.6 if allocation != "uniform" else 1.0,
             f"{PART_NAMES.get(part, part)}: {_kind_label(shown, allocation)}")
 
 
