@@ -196,3 +196,27 @@ def test_byte_budgets_are_met_within_one_percent(ckpts):
         assert check.agrees, c.name
     with pytest.raises(HeadlensError, match=r"`savings` 0.6: .*values alone save at most 50%"):
         run_compress(source, hl.CompressConfig(savings=0.6, latents="plain"), TEXTS[:2], TEXTS[2:], disable=True)
+
+
+def test_cli_saving_and_allocate(ckpts, tmp_path):
+    """`headlens compress --saving 0.6 --allocate error --keys plain`: the allocation and its uniform twin at the same
+    bytes, side by side in compress_summary.json and its comparisons."""
+    import json
+
+    from headlens.cli import main
+
+    ev, cal = tmp_path / "eval.txt", tmp_path / "calib.txt"
+    ev.write_text("\n".join(TEXTS[:2]) + "\n")
+    cal.write_text(TEXTS[2] + "\n")
+    out = tmp_path / "out"
+    assert main(["compress", "--weights", str(ckpts.path("qwen3", "gqa", "hf_dir")), "--eval", str(ev), "--calib",
+                 str(cal), "--saving", "0.6", "--keys", "plain", "--latent", "plain", "--allocate", "error",
+                 "--out-dir", str(out)]) == 0
+    data = json.loads((out / "compress_summary.json").read_text())
+    assert data["budget"] == "saving"
+    a, u = data["configurations"]
+    assert (a["allocation"], u["allocation"], u["matches"]) == ("error", "uniform", a["name"])
+    assert a["kv_bytes_per_token_after"] == u["kv_bytes_per_token_after"]
+    assert a["ks"] != u["ks"] or a["key_ks"] != u["key_ks"]
+    (cmp,) = data["comparisons"]
+    assert cmp["better"] in ("error", "uniform", "equal")

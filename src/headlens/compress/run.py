@@ -26,6 +26,8 @@ import torch
 
 from headlens import params
 from headlens.compress.allocate import cut_all, full_plans, read_budget
+from headlens.compress.heldout import held_out_errors
+from headlens.compress.heldout import warnings as heldout_warnings
 from headlens.compress.configs import (Configuration, budget_keys, configurations,
                                        frequency_notes, key_configurations, zero_notes)
 from headlens.compress.keys import cut_keys
@@ -183,6 +185,7 @@ class CompressResult:
     cache_checks: list | None = None  # with `generate`: per configuration its LatentCache measured (CacheCheck)
     generate_prompt: str | None = None  # the prompt of those generations
     notes: list[str] = field(default_factory=list)  # what the run chose or removed (shipped texts, k = 0 groups)
+    heldout: dict = field(default_factory=dict)  # configuration name -> its errors on held-out calibration tokens
 
     def pairs(self) -> list[tuple[Configuration, Measurement]]:
         return list(zip(self.configurations, self.measurements))
@@ -313,7 +316,6 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
         seconds["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
     full = {kind: full_plans(ck, layers, kind, X if kind == "data-aware" else None, dtype) for kind in cfg.latents}
-    X.clear()
     seconds["fit"] = time.perf_counter() - t
     if cfg.budget_kind() in ("saving", "kv-budget"):
         confs = _byte_configurations(cfg, model, ck, tok, full, key_full, layers, texts.calib, seconds, disable)
@@ -321,6 +323,13 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
         confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
         if key_full:
             confs = confs + key_configurations(cfg, confs, key_full, ck, budget_keys(cfg, ck, digest), notes)
+    heldout = {}
+    if "data-aware" in cfg.latents:
+        t = time.perf_counter()
+        heldout = held_out_errors(ck, X, confs, full.get("plain"), dtype)
+        notes += heldout_warnings(heldout, n_calib)
+        seconds["heldout"] = time.perf_counter() - t
+    X.clear()
     ridge = {layer: max(g.ridge for g in p.groups) for layer, p in full.get("data-aware", {}).items()}
     removed = zero_notes(confs)
     notes += removed
@@ -356,7 +365,7 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
                           measurements=[by_key[k] for k in keys], seconds=seconds,
                           kept=(model, ck, tok, [plans_of[k] for k in keys], [key_plans_of[k] for k in keys])
                           if keep_model else None,
-                          cache_checks=checks, generate_prompt=prompt, notes=notes)
+                          cache_checks=checks, generate_prompt=prompt, notes=notes, heldout=heldout)
 
 
 def _byte_configurations(cfg: CompressConfig, model, ck, tok, full: dict, key_full: dict, layers: list[int],

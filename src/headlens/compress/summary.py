@@ -29,7 +29,14 @@ NOTES = [
     "The value-path error sums each query head's output separately (the stacked operator); what the output "
     "projection writes adds the heads together and mixes tokens through attention, so (iii) can differ from (ii) "
     "even where attention is the identity, unless a layer has one head.",
-    "uniform: the same total latent dims (hence KV bytes) spread evenly over every (layer, kv group).",
+    "uniform: the same total latent dims (hence KV bytes) spread evenly over every (layer, kv group). A budget of "
+    "bytes (saving, kv-budget) is spent by allocation: uniform, error (the largest predicted relative error first; "
+    "energy picks the same sizes), fisher (sizes by each latent's squared gradient of the calibration loss) or greedy "
+    "(the largest predicted end-to-end loss reduction per number: spectrum times each layer's sensitivity measured "
+    "on the calibration texts), keys and values competing for the same bytes.",
+    "calib_error_in_sample / calib_error_heldout: the value latents' error on calibration tokens, refitted on the "
+    "even positions and measured there and on the odd ones (held out); plain_error_heldout: plain latents of the "
+    "same sizes on the same held-out tokens (null without data-aware latents).",
     "KL(original || compressed) of the next-token distributions in nats, at every position with a next token; "
     "perplexity of the eval texts' actual next tokens, exp of their mean loss (nll_before / nll_after, nats); "
     "float64 log-softmax. A perplexity beyond float64 (a mean loss above 709.8 nats) is null in JSON with "
@@ -108,6 +115,9 @@ def _check_fields(check) -> dict[str, Any]:
             "generated_text": check.text}
 
 
+HELDOUT_FIELDS = ("calib_error_in_sample", "calib_error_heldout", "plain_error_heldout", "heldout_tokens")
+
+
 def configuration_records(result: CompressResult) -> list[dict[str, Any]]:
     """Per configuration: ``name, budget, target, latent, allocation, matches, latent_dims, ks``, the
     measurement's fields (:data:`MODEL_FIELDS`, None where they do not apply), for an encoder the value weights it
@@ -126,6 +136,7 @@ def configuration_records(result: CompressResult) -> list[dict[str, Any]]:
                     "key_ks": ({str(layer): list(v) for layer, v in sorted(c.key_ks.items())}
                                if c.key_ks is not None else None),
                     **{k: s[k] for k in MODEL_FIELDS}, **weights, **_check_fields(check),
+                    **{k: result.heldout.get(c.name, {}).get(k) for k in HELDOUT_FIELDS},
                     "layers": [{k: e[k] for k in ("layer", "predicted_error", "value_path_error", "isolated_error",
                                                    "accumulated_error", "ks")} for e in s["layers"]],
                     "key_layers": s["key_layers"]})
