@@ -220,3 +220,19 @@ def test_cli_saving_and_allocate(ckpts, tmp_path):
     assert a["ks"] != u["ks"] or a["key_ks"] != u["key_ks"]
     (cmp,) = data["comparisons"]
     assert cmp["better"] in ("error", "uniform", "equal")
+
+
+def test_allocate_with_a_target_spends_the_targets_bytes(ckpts):
+    """`allocate` with a target: the configuration holds exactly the numbers of the target's own configuration
+    (values and keys, as compress sizes them without `allocate`), spent by the method, its uniform twin beside it."""
+    import headlens as hl
+    from headlens.compress.run import run_compress
+
+    source = ModelSource(weights=ckpts.path("qwen3", "gqa", "hf_dir"))
+    base = dict(target_errors=[0.3], latents="plain", keys="plain")
+    own = run_compress(source, hl.CompressConfig(**base), TEXTS[:2], TEXTS[2:], disable=True)
+    ref = next(c for c in own.configurations if c.part == "both" and c.allocation == "budget")
+    got = run_compress(source, hl.CompressConfig(**base, allocate="error"), TEXTS[:2], TEXTS[2:], disable=True)
+    assert [c.allocation for c in got.configurations] == ["error", "uniform"]
+    for c in got.configurations:
+        assert c.latent_dims + c.key_dims == ref.latent_dims + ref.key_dims

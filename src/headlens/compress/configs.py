@@ -55,7 +55,8 @@ def _label(budget: str, value: Any) -> str:
 def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: dict, ck, layers: list[int],
                         position_bytes: float, sensitivity: dict | None = None,
                         fisher: dict | None = None) -> list[Configuration]:
-    """A budget of bytes (``savings`` of the whole KV cache, or ``kv_budget`` bytes per token) spent by
+    """A budget of bytes (``savings`` of the whole KV cache, ``kv_budget`` bytes per token, or with ``allocate`` the
+    bytes of each target's own sizes, keys included) spent by
     ``cfg.allocation()`` (:func:`~headlens.compress.allocation.allocate`) over every value latent and, with key
     latents, every key latent (keys and values compete for the same bytes); and the uniform allocation of the same
     bytes beside each other allocation. ``sensitivity``: per latent kind the greedy allocation's lambdas."""
@@ -67,18 +68,23 @@ def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: di
     keys = bool(key_full)
     rotary = sum(1 for p in key_full.values() if p.rotary)
     before = 2.0 * s.num_layers * s.num_kv_heads * s.head_dim * cfg.kv_bytes
-    values = list(cfg.savings) if kind == "saving" else [float(cfg.kv_budget)]
+    targets = kind in ("target-error", "target-energy")
+    values = (list(cfg.savings) if kind == "saving" else [float(cfg.kv_budget)] if kind == "kv-budget" else
+              list(cfg.target_energies if kind == "target-energy" else cfg.target_errors or DEFAULT_TARGET_ERRORS))
     out: list[Configuration] = []
     for latent in cfg.latents:
         slots = slots_of(full[latent], key_full if keys else None)
         for v in values:
-            budget = (1.0 - v) * before if kind == "saving" else v
-            try:
-                total = numbers_for(budget, ck, layers, cfg.kv_bytes, keys, rotary, position_bytes)
-            except HeadlensError as exc:
-                name = "`savings` " + f"{v:g}" if kind == "saving" else f"`kv_budget` {v:g}"
-                hint = "" if keys else " (values alone save at most 50%: add `keys`)"
-                raise HeadlensError(f"{name}: {exc}{hint}") from None
+            if targets:  # the bytes of the target's own sizes (each key latent at least 1 number)
+                total = _target_numbers(kind, v, full[latent], key_full if keys else {})
+            else:
+                budget = (1.0 - v) * before if kind == "saving" else v
+                try:
+                    total = numbers_for(budget, ck, layers, cfg.kv_bytes, keys, rotary, position_bytes)
+                except HeadlensError as exc:
+                    name = "`savings` " + f"{v:g}" if kind == "saving" else f"`kv_budget` {v:g}"
+                    hint = "" if keys else " (values alone save at most 50%: add `keys`)"
+                    raise HeadlensError(f"{name}: {exc}{hint}") from None
             label = _label(kind, v)
             todo = [method] + (["uniform"] if method != "uniform" else [])
             name = f"{latent} {method} {label}"
@@ -91,6 +97,15 @@ def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: di
                                          key_ks=kk or None, key_latent=cfg.keys if keys else None,
                                          part="both" if keys else "values"))
     return out
+
+
+def _target_numbers(kind: str, value: float, values_full: dict, key_full: dict) -> int:
+    """The latent numbers per token of a target's own sizes: value latents, and key latents where there are some."""
+    from headlens.circuits.budget import BudgetTarget
+
+    t = BudgetTarget("energy" if kind == "target-energy" else "error", float(value))
+    vals = sum(sum(v) for v in target_ks(values_full, t).values())
+    return vals + sum(max(t.k_for(g.spectrum), 1) for p in key_full.values() for g in p.groups)
 
 
 def configurations(cfg, full: dict[str, dict[int, LayerPlan]], ck, budget_ks: dict[str, Ks] | None,

@@ -317,7 +317,7 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     t = time.perf_counter()
     full = {kind: full_plans(ck, layers, kind, X if kind == "data-aware" else None, dtype) for kind in cfg.latents}
     seconds["fit"] = time.perf_counter() - t
-    if cfg.budget_kind() in ("saving", "kv-budget"):
+    if cfg.budget_kind() in ("saving", "kv-budget") or cfg.allocate is not None:  # a budget of bytes, allocated
         confs = _byte_configurations(cfg, model, ck, tok, full, key_full, layers, texts.calib, seconds, disable)
     else:
         confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
