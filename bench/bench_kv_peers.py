@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -237,7 +238,9 @@ class Fitted:
         # the eval texts only satisfy run_compress (it measures what it fits); two short ones keep that cheap
         r = hl.run_compress(hl.ModelSource(embedded=embedded), cfg, texts.eval[:2], texts.calib, keep_model=True)
         self.seconds = time.perf_counter() - t0
-        self.model, self.ck, _, plans, key_plans = r.kept
+        self.model, self.ck, self.tokenizer, plans, key_plans = r.kept
+        self.calib = list(texts.calib)
+        self.sensitivity = None  # the greedy allocation's lambdas, measured once on the calibration texts
         both = [i for i, c in enumerate(r.configurations) if c.part == "both"]
         self.values, self.keys = plans[both[0]], key_plans[both[0]]
         self.calibration_tokens = r.calibration_tokens
@@ -270,9 +273,29 @@ def uniform_allocation(fit: Fitted, budget: float, number_bytes: float, token_by
     return f"k_v={kv}, k_k={kk}", lambda: fit.cache(vks, kks)
 
 
+def greedy_allocation(fit: Fitted, budget: float, number_bytes: float, token_bytes: float):
+    """compress's ``--allocate greedy``: the numbers the budget leaves (positions and scales taken off), each to the
+    (layer, kv group, keys or values) latent with the largest predicted loss reduction, ``lambda sigma^2``, lambda
+    per layer and part measured once on the calibration texts (:func:`headlens.compress.allocation.allocate`)."""
+    from headlens.compress.allocation import allocate, probe_sensitivities, slots_of, split
+
+    s = fit.shape
+    L = s.num_layers
+    fixed = sum(POSITION_BYTES if fit.rotary[layer] else 0 for layer in range(L)) + L * token_bytes
+    total = int((budget - fixed) // number_bytes)
+    slots = slots_of(fit.values, fit.keys)
+    if total < sum(1 for x in slots if x.part == "keys"):
+        raise ValueError(f"{budget:.0f} bytes a token leave {total} latent numbers: not one a key latent")
+    if fit.sensitivity is None:
+        fit.sensitivity = probe_sensitivities(fit.model, fit.ck, fit.tokenizer, fit.calib, fit.values, fit.keys,
+                                              2, disable=True)
+    vks, kks = split(allocate("greedy", slots, total, s.head_dim, sensitivity=fit.sensitivity))
+    return f"{total} numbers", lambda: fit.cache(vks, kks)
+
+
 # allocation name -> function(fitted, bytes-per-token budget, bytes a number, extra bytes a token and layer)
-# returning (description, factory of a fresh LatentCache at that budget); the best allocation plugs in here
-ALLOCATIONS = {"uniform": uniform_allocation}
+# returning (description, factory of a fresh LatentCache at that budget)
+ALLOCATIONS = {"uniform": uniform_allocation, "greedy": greedy_allocation}
 
 
 def fp8_latents(cache):
@@ -317,34 +340,32 @@ def headlens_worker(spec: dict) -> dict:
     lps = ref.pop("logprobs")
     rows.append({"method": "DynamicCache (reference)", "family": "reference", "ratio": 1.0, **ref,
                  **compare(lps, lps, ids)})
-    alloc = ALLOCATIONS[spec["allocation"]]
-    for ratio in spec["ratios"]:
-        for fam, nb, tb in (("latent", NUMBER_BYTES, 0), ("latent+fp8", 1, 2 * SCALE_BYTES)):
-            try:
-                sizes, factory = alloc(fit, ratio * full, nb, tb)
-            except ValueError as exc:
-                rows.append({"method": f"{fam} {spec['allocation']}", "family": fam, "ratio": ratio,
-                             "error": str(exc)})
-                continue
-            if fam == "latent":
-                def make():
-                    return factory()
-                count = held_bytes
-            else:
-                counters = []
+    for ratio, name, (fam, nb, tb) in itertools.product(spec["ratios"], spec["allocation"],
+                                                         (("latent", NUMBER_BYTES, 0), ("latent+fp8", 1, 2 * SCALE_BYTES))):
+        try:
+            sizes, factory = ALLOCATIONS[name](fit, ratio * full, nb, tb)
+        except ValueError as exc:
+            rows.append({"method": f"{fam} {name}", "family": fam, "ratio": ratio, "error": str(exc)})
+            continue
+        if fam == "latent":
+            def make():
+                return factory()
+            count = held_bytes
+        else:
+            counters = []
 
-                def make():
-                    cache, scales = fp8_latents(factory())
-                    counters.append(scales)
-                    return cache
+            def make():
+                cache, scales = fp8_latents(factory())
+                counters.append(scales)
+                return cache
 
-                def count(cache):
-                    n = counters[-1]["n"]
-                    return held_bytes(cache, {"keys": 1, "values": 1}) + n * SCALE_BYTES
-            row = run_method(model, ids, lps, make, count=count)
-            rows.append({"method": f"{fam} {spec['allocation']} ({sizes})", "family": fam, "ratio": ratio, **row})
-            print(f"[{spec['model']}] {rows[-1]['method']} @ {ratio}: KL {row['kl_mean']:.4f}, "
-                  f"{row['bytes_per_token']:.0f} B/token", file=sys.stderr, flush=True)
+            def count(cache):
+                n = counters[-1]["n"]
+                return held_bytes(cache, {"keys": 1, "values": 1}) + n * SCALE_BYTES
+        row = run_method(model, ids, lps, make, count=count)
+        rows.append({"method": f"{fam} {name} ({sizes})", "family": fam, "ratio": ratio, **row})
+        print(f"[{spec['model']}] {rows[-1]['method']} @ {ratio}: KL {row['kl_mean']:.4f}, "
+              f"{row['bytes_per_token']:.0f} B/token", file=sys.stderr, flush=True)
     row = run_method(model, ids, lps, lambda: QuantizedCache(backend="fp8", config=model.config))
     rows.append({"method": "fp8 (transformers QuantizedCache)", "family": "quantized", "ratio": 0.5, **row})
     return {"rows": rows, "original_bytes_per_token": full, "fit_seconds": fit.seconds,
@@ -572,7 +593,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="tiny-lm,tiny-moe", help="embedded decoders (default tiny-lm,tiny-moe)")
     ap.add_argument("--contexts", type=int, default=8, help="256-token contexts per model (default 8)")
     ap.add_argument("--ratios", default="0.5,0.25,0.125", help="KV bytes per token as fractions of the original")
-    ap.add_argument("--allocation", default="uniform", choices=sorted(ALLOCATIONS), help="latent sizes (uniform)")
+    ap.add_argument("--allocation", default="uniform,greedy",
+                    help=f"latent sizes, comma-separated among {', '.join(sorted(ALLOCATIONS))} (default uniform,greedy)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--venvs", type=Path, default=Path("/tmp/headlens-kv-peers-venvs"),
                    help="throwaway venvs for the peers (quanto+HQQ, kvpress): used if there, created otherwise "
@@ -593,6 +615,10 @@ def main(argv=None) -> int:
     from headlens.io.embedded import default_texts, embedded_dir
 
     ratios = [float(x) for x in args.ratios.split(",")]
+    allocations = [a for a in args.allocation.split(",") if a]
+    unknown = [a for a in allocations if a not in ALLOCATIONS]
+    if unknown or not allocations:
+        ap.error(f"--allocation {args.allocation}: choose among {', '.join(sorted(ALLOCATIONS))}")
     only = args.only.split(",")
     t0 = time.perf_counter()
     pythons: dict[str, tuple[str | None, dict]] = {"headlens": (sys.executable, {})}
@@ -605,7 +631,7 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(str(directory))
         ctx = contexts(tok, args.contexts, default_texts(model).calib)
         spec = {"model": model, "dir": str(directory), "contexts": ctx, "ratios": ratios, "threads": args.threads,
-                "allocation": args.allocation}
+                "allocation": allocations}
         from transformers import AutoConfig
 
         res: dict = {"rows": [], "contexts": len(ctx), "notes": [], "installs": {},
@@ -655,7 +681,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"results": results, "ratios": ratios, "prefix": PREFIX, "context": CONTEXT,
-                                         "allocation": args.allocation, "command": lines[0]}, indent=1) + "\n")
+                                         "allocation": allocations, "command": lines[0]}, indent=1) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     fig = args.out / "kv_peers.png"
     figure(results, fig)
