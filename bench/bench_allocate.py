@@ -4,7 +4,7 @@ tiny-lm and tiny-moe (next-token KL) and MiniLM (1 - embedding cosine), in one r
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_allocate.py [--models tiny-lm,tiny-moe,minilm]
         [--savings 0.5,0.6,0.7] [--methods error,fisher,greedy] [--max-calib-tokens 2048] [--eval-texts N]
-        [--json PATH] [--out DIR]
+        [--eval-fold I/F] [--json PATH] [--out DIR]
 
 Per model and method one ``run_compress`` (``CompressConfig(savings=..., allocate=method, latents="data-aware",
 keys="data-aware")``) on the embedded model's shipped eval and calibration texts: data-aware value and key latents
@@ -29,6 +29,7 @@ Nothing is tuned: the savings are the issue's, the texts the shipped ones, every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -50,6 +51,33 @@ def _sizes(c) -> dict:
             "keys": {str(layer): list(v) for layer, v in (c.key_ks or {}).items()}}
 
 
+@contextlib.contextmanager
+def _recorded():
+    """Records, without changing them, what the greedy allocation was given: the slots (their spectra) and the
+    sensitivities probed on the calibration texts (``allocation.slots_of`` and ``probe_sensitivities``, which
+    ``run_compress`` looks up at call time)."""
+    from headlens.compress import allocation
+
+    seen: dict = {}
+    slots_of, probe = allocation.slots_of, allocation.probe_sensitivities
+
+    def slots_rec(*a, **k):
+        out = slots_of(*a, **k)
+        seen.setdefault("slots", out)
+        return out
+
+    def probe_rec(*a, **k):
+        out = probe(*a, **k)
+        seen["sensitivity"] = out
+        return out
+
+    allocation.slots_of, allocation.probe_sensitivities = slots_rec, probe_rec
+    try:
+        yield seen
+    finally:
+        allocation.slots_of, allocation.probe_sensitivities = slots_of, probe
+
+
 def run_one(model: str, method: str, savings: list[float], evals: list[str], calib: list[str], max_calib: int
             ) -> dict:
     import headlens as hl
@@ -59,16 +87,26 @@ def run_one(model: str, method: str, savings: list[float], evals: list[str], cal
     cfg = hl.CompressConfig(savings=savings, allocate=method, latents="data-aware", keys="data-aware",
                             max_calib_tokens=max_calib)
     t0 = time.perf_counter()
-    r = run_compress(hl.ModelSource(embedded=model), cfg, evals, calib, disable=True)
+    with _recorded() as seen:
+        r = run_compress(hl.ModelSource(embedded=model), cfg, evals, calib, disable=True)
     wall = time.perf_counter() - t0
+    lam = seen.get("sensitivity")
+    slots = seen.get("slots")
     rows = []
     for c, m in r.pairs():
+        predicted = None
+        if lam is not None and slots is not None:  # the greedy rule's model of this configuration's metric
+            sizes = {**{(layer, g, "values"): k for layer, v in c.ks.items() for g, k in enumerate(v)},
+                     **{(layer, g, "keys"): k for layer, v in (c.key_ks or {}).items() for g, k in enumerate(v)}}
+            predicted = sum(lam[(s.layer, s.part)] * s.tail2(sizes[s.key]) for s in slots)
         rows.append({"name": c.name, "allocation": c.allocation, "matches": c.matches, "saving_target": c.target,
                      "saving": m.kv.saving, "kv_bytes_after": m.kv.total_after, "kv_bytes_before": m.kv.total_before,
                      "metric": end_metric(m), "kl_mean": m.kl_mean, "cosine": m.embedding_cosine_mean,
                      "top1_agreement": m.top1_agreement, "ppl_before": m.ppl_before, "ppl_after": m.ppl_after,
-                     "value_dims": c.latent_dims, "key_dims": c.key_dims, "sizes": _sizes(c)})
+                     "value_dims": c.latent_dims, "key_dims": c.key_dims, "sizes": _sizes(c),
+                     "predicted": predicted})
     return {"model": model, "method": method, "task": r.task, "wall_s": wall, "seconds": dict(r.seconds),
+            "sensitivity": None if lam is None else {f"{layer} {part}": v for (layer, part), v in sorted(lam.items())},
             "calibration_tokens": r.calibration_tokens, "eval_texts": len(evals), "notes": list(r.notes),
             "rows": rows}
 
@@ -155,6 +193,8 @@ def main(argv=None) -> int:
                     help=f"allocations measured against uniform (default {','.join(METHODS)})")
     ap.add_argument("--max-calib-tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     ap.add_argument("--eval-texts", type=int, default=None, help="the first N shipped eval texts (default all)")
+    ap.add_argument("--eval-fold", default=None, metavar="I/F",
+                    help="only eval texts I, I+F, I+2F, ... (after --eval-texts): a noise check on disjoint folds")
     ap.add_argument("--json", type=Path, help="write everything measured here (after every run)")
     ap.add_argument("--out", type=Path, default=HERE / "out", help="the figure's folder (default bench/out/)")
     args = ap.parse_args(argv)
@@ -165,6 +205,9 @@ def main(argv=None) -> int:
     for model in models:
         texts = default_texts(model)
         evals = list(texts.eval)[: args.eval_texts] if args.eval_texts else list(texts.eval)
+        if args.eval_fold:
+            i, f = (int(x) for x in args.eval_fold.split("/"))
+            evals = evals[i::f]
         results[model] = []
         for method in methods:
             run = run_one(model, method, savings, evals, list(texts.calib), args.max_calib_tokens)
@@ -191,6 +234,26 @@ def main(argv=None) -> int:
             beats = g["ratio"] <= GOAL
             print(f"greedy at {100 * tight:g}%: {g['metric']:.3g} vs uniform {g['uniform']:.3g} (ratio "
                   f"{g['ratio']:.2f}): {'beats' if beats else 'does not beat'} uniform by >= 10%")
+    for model in models:
+        g = next((run for run in results[model] if run["method"] == "greedy"), None)
+        if g is None or g["sensitivity"] is None:
+            continue
+        print(f"\n{model}: the greedy rule's model, sum over latents of lambda * predicted squared error, against "
+              "the measurement")
+        print("| saving | predicted greedy | predicted uniform | predicted ratio | measured greedy | measured uniform "
+              "| measured ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for row in g["rows"]:
+            if row["allocation"] != "greedy":
+                continue
+            twin = next(r for r in g["rows"] if r["matches"] == row["name"])
+            print(f"| {100 * row['saving_target']:g}% | {row['predicted']:.3g} | {twin['predicted']:.3g} | "
+                  f"{row['predicted'] / twin['predicted']:.2f} | {row['metric']:.3g} | {twin['metric']:.3g} | "
+                  f"{row['metric'] / twin['metric']:.2f} |")
+        lam = g["sensitivity"]
+        for part in ("values", "keys"):
+            per = [(k.split()[0], v) for k, v in lam.items() if k.endswith(part)]
+            print(f"lambda {part} by layer: " + " ".join(f"{layer}:{v:.3g}" for layer, v in per))
     path = figure(results, args.out)
     if path:
         print(f"\nfigure: {path}", file=sys.stderr)
