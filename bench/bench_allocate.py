@@ -4,7 +4,7 @@ tiny-lm and tiny-moe (next-token KL) and MiniLM (1 - embedding cosine), in one r
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_allocate.py [--models tiny-lm,tiny-moe,minilm]
         [--savings 0.5,0.6,0.7] [--methods error,fisher,greedy] [--max-calib-tokens 2048] [--eval-texts N]
-        [--eval-fold I/F] [--json PATH] [--out DIR]
+        [--eval-fold I/F] [--lambda-depths K[,K...]] [--json PATH] [--out DIR]
 
 Per model and method one ``run_compress`` (``CompressConfig(savings=..., allocate=method, latents="data-aware",
 keys="data-aware")``) on the embedded model's shipped eval and calibration texts: data-aware value and key latents
@@ -21,7 +21,9 @@ checked to agree (same plans, same texts: they must be identical up to float noi
 metric, the uniform's at the same bytes, their ratio (below 0.90: the method beats uniform by >= 10%, the issue's
 goal at the tightest saving), the measured saving (KV bytes per token read from the plans, positions counted), the
 split of the latent numbers between values and keys, and the allocation's wall time. The figure (``--out``): saving
-against the end metric, one line per method and uniform, log y, one panel per model.
+against the end metric, one line per method and uniform, log y, one panel per model. For the greedy runs the
+rule's own model is printed beside the measurement (``sum lambda * predicted squared error`` of the greedy sizes and
+of the uniform's) with the lambdas, and with ``--lambda-depths`` each lambda probed again at other cut depths.
 
 Nothing is tuned: the savings are the issue's, the texts the shipped ones, every method runs with its defaults.
 """
@@ -68,7 +70,7 @@ def _recorded():
 
     def probe_rec(*a, **k):
         out = probe(*a, **k)
-        seen["sensitivity"] = out
+        seen["sensitivity"], seen["probe_args"] = out, a
         return out
 
     allocation.slots_of, allocation.probe_sensitivities = slots_rec, probe_rec
@@ -78,8 +80,37 @@ def _recorded():
         allocation.slots_of, allocation.probe_sensitivities = slots_of, probe
 
 
-def run_one(model: str, method: str, savings: list[float], evals: list[str], calib: list[str], max_calib: int
-            ) -> dict:
+def lambda_at_depths(args: tuple, depths: list[int]) -> dict[str, dict[int, float]]:
+    """The greedy rule's lambda of each (layer, part) probed again with that part cut to each of ``depths`` instead
+    of head_dim / 2 (the same probe as ``allocation.probe_sensitivities``, on the same calibration texts), relative
+    to the lambda at head_dim / 2: how far the quadratic model holds away from the point it was fitted at."""
+    from headlens.compress.allocate import cut
+    from headlens.compress.allocation import end_metric, slots_of
+    from headlens.compress.keys import cut_keys
+    from headlens.compress.measure import measure_many
+
+    model, ck, tok, texts, values_full, keys_full, kv_bytes = args[:7]
+    half = ck.shape.head_dim // 2
+    slots = slots_of(values_full, keys_full)
+    probes = sorted({(s.layer, s.part) for s in slots})
+    lam: dict[tuple[int, str], dict[int, float]] = {}
+    for k0 in sorted(set(depths) | {half}):
+        plan_sets, key_sets = [], []
+        for layer, part in probes:
+            p = (values_full if part == "values" else keys_full)[layer]
+            plan_sets.append({layer: cut(p, [k0] * len(p.groups))} if part == "values" else {})
+            key_sets.append({layer: cut_keys(p, [k0] * len(p.groups))} if part == "keys" else {})
+        measured = measure_many(model, ck, tok, plan_sets, texts, bytes_per_value=kv_bytes, disable=True,
+                                key_plans=key_sets)
+        for (layer, part), m in zip(probes, measured):
+            err = sum(s.tail2(k0) for s in slots if (s.layer, s.part) == (layer, part))
+            lam.setdefault((layer, part), {})[k0] = end_metric(m) / err if err > 0 else float("nan")
+    return {f"{layer} {part}": {k: v / d[half] if d[half] > 0 else float("nan") for k, v in d.items()}
+            for (layer, part), d in lam.items()}
+
+
+def run_one(model: str, method: str, savings: list[float], evals: list[str], calib: list[str], max_calib: int,
+            depths: list[int] | None = None) -> dict:
     import headlens as hl
     from headlens.compress.allocation import end_metric
     from headlens.compress.run import run_compress
@@ -91,6 +122,7 @@ def run_one(model: str, method: str, savings: list[float], evals: list[str], cal
         r = run_compress(hl.ModelSource(embedded=model), cfg, evals, calib, disable=True)
     wall = time.perf_counter() - t0
     lam = seen.get("sensitivity")
+    by_depth = lambda_at_depths(seen["probe_args"], depths) if depths and "probe_args" in seen else None
     slots = seen.get("slots")
     rows = []
     for c, m in r.pairs():
@@ -106,6 +138,7 @@ def run_one(model: str, method: str, savings: list[float], evals: list[str], cal
                      "value_dims": c.latent_dims, "key_dims": c.key_dims, "sizes": _sizes(c),
                      "predicted": predicted})
     return {"model": model, "method": method, "task": r.task, "wall_s": wall, "seconds": dict(r.seconds),
+            "lambda_by_depth": by_depth,
             "sensitivity": None if lam is None else {f"{layer} {part}": v for (layer, part), v in sorted(lam.items())},
             "calibration_tokens": r.calibration_tokens, "eval_texts": len(evals), "notes": list(r.notes),
             "rows": rows}
@@ -195,6 +228,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-texts", type=int, default=None, help="the first N shipped eval texts (default all)")
     ap.add_argument("--eval-fold", default=None, metavar="I/F",
                     help="only eval texts I, I+F, I+2F, ... (after --eval-texts): a noise check on disjoint folds")
+    ap.add_argument("--lambda-depths", default=None, metavar="K[,K...]",
+                    help="also probe the greedy rule's lambdas with each part cut to these k (a diagnostic: 2 x "
+                         "layers passes over the calibration texts per k)")
     ap.add_argument("--json", type=Path, help="write everything measured here (after every run)")
     ap.add_argument("--out", type=Path, default=HERE / "out", help="the figure's folder (default bench/out/)")
     args = ap.parse_args(argv)
@@ -210,7 +246,8 @@ def main(argv=None) -> int:
             evals = evals[i::f]
         results[model] = []
         for method in methods:
-            run = run_one(model, method, savings, evals, list(texts.calib), args.max_calib_tokens)
+            run = run_one(model, method, savings, evals, list(texts.calib), args.max_calib_tokens,
+                          _csv(args.lambda_depths, int) if args.lambda_depths and method == "greedy" else None)
             results[model].append(run)
             secs = ", ".join(f"{k} {v:.0f} s" for k, v in run["seconds"].items())
             print(f"{model} {method}: {run['wall_s']:.0f} s ({secs})", file=sys.stderr, flush=True)
@@ -254,6 +291,10 @@ def main(argv=None) -> int:
         for part in ("values", "keys"):
             per = [(k.split()[0], v) for k, v in lam.items() if k.endswith(part)]
             print(f"lambda {part} by layer: " + " ".join(f"{layer}:{v:.3g}" for layer, v in per))
+        if g.get("lambda_by_depth"):
+            print("lambda probed with the part cut to k, over lambda at head_dim / 2 (the greedy rule's), per layer:")
+            for name, d in g["lambda_by_depth"].items():
+                print(f"  layer {name:9s} " + " ".join(f"k={k}: {v:.2f}" for k, v in sorted(d.items(), key=lambda x: int(x[0]))))
     path = figure(results, args.out)
     if path:
         print(f"\nfigure: {path}", file=sys.stderr)
