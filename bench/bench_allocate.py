@@ -90,11 +90,12 @@ def lambda_at_depths(args: tuple, depths: list[int]) -> dict[str, dict[int, floa
     from headlens.compress.measure import measure_many
 
     model, ck, tok, texts, values_full, keys_full, kv_bytes = args[:7]
-    half = ck.shape.head_dim // 2
+    hd = ck.shape.head_dim
+    half = hd // 2
     slots = slots_of(values_full, keys_full)
     probes = sorted({(s.layer, s.part) for s in slots})
     lam: dict[tuple[int, str], dict[int, float]] = {}
-    for k0 in sorted(set(depths) | {half}):
+    for k0 in sorted({k for k in depths if 1 <= k < hd} | {half}):  # depths outside 1..head_dim-1 skipped
         plan_sets, key_sets = [], []
         for layer, part in probes:
             p = (values_full if part == "values" else keys_full)[layer]
