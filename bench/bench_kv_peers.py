@@ -276,8 +276,9 @@ def uniform_allocation(fit: Fitted, budget: float, number_bytes: float, token_by
 def greedy_allocation(fit: Fitted, budget: float, number_bytes: float, token_bytes: float):
     """compress's ``--allocate greedy``: the numbers the budget leaves (positions and scales taken off), each to the
     (layer, kv group, keys or values) latent with the largest predicted loss reduction, ``lambda sigma^2``, lambda
-    per layer and part measured once on the calibration texts (:func:`headlens.compress.allocation.allocate`)."""
-    from headlens.compress.allocation import allocate, probe_sensitivities, slots_of, split
+    per layer and part measured on the calibration texts at half size (once) and again where the first allocation
+    cut (per budget): :func:`headlens.compress.allocation.refined_greedy`."""
+    from headlens.compress.allocation import probe_sensitivities, refined_greedy, slots_of, split
 
     s = fit.shape
     L = s.num_layers
@@ -286,10 +287,13 @@ def greedy_allocation(fit: Fitted, budget: float, number_bytes: float, token_byt
     slots = slots_of(fit.values, fit.keys)
     if total < sum(1 for x in slots if x.part == "keys"):
         raise ValueError(f"{budget:.0f} bytes a token leave {total} latent numbers: not one a key latent")
+    def probe(at=None):
+        return probe_sensitivities(fit.model, fit.ck, fit.tokenizer, fit.calib, fit.values, fit.keys, 2,
+                                   disable=True, at=at)
+
     if fit.sensitivity is None:
-        fit.sensitivity = probe_sensitivities(fit.model, fit.ck, fit.tokenizer, fit.calib, fit.values, fit.keys,
-                                              2, disable=True)
-    vks, kks = split(allocate("greedy", slots, total, s.head_dim, sensitivity=fit.sensitivity))
+        fit.sensitivity = probe()
+    vks, kks = split(refined_greedy(slots, total, s.head_dim, fit.sensitivity, probe))
     return f"{total} numbers", lambda: fit.cache(vks, kks)
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headlens.compress.allocation import (Slot, allocate, fisher_scores, numbers_for, probe_sensitivities,
-                                          slots_of, split)
+                                          refined_greedy, sensitivities, slots_of, split)
 from headlens.errors import HeadlensError
 from headlens.io.source import ModelSource
 
@@ -71,6 +71,26 @@ def test_uniform_and_fisher_closed_forms():
         allocate("uniform", mixed, 0, 4)
     vk, kk = split({(0, 0, "values"): 3, (0, 1, "values"): 5, (1, 0, "keys"): 2, (1, 1, "keys"): 7})
     assert vk == {0: [3, 5]} and kk == {1: [2, 7]}
+
+
+def test_refined_greedy_reallocates_with_the_lambdas_measured_where_it_cut():
+    """The second round: lambdas measured at the first allocation's sizes (a part left whole keeps its first lambda,
+    and is not probed), then the greedy allocation with them."""
+    slots = [_slot(0, [4.0, 3.0, 2.0, 1.0]), _slot(1, [4.0, 3.0, 2.0, 1.0])]
+    lam0 = {(0, "values"): 1.0, (1, "values"): 1.0}
+    seen = []
+
+    def reprobe(at):
+        seen.append(dict(at))
+        return {(0, "values"): 10.0}
+    sizes = refined_greedy(slots, 4, 4, lam0, reprobe)
+    assert seen == [allocate("greedy", slots, 4, 4, sensitivity=lam0)]
+    assert sizes == allocate("greedy", slots, 4, 4, sensitivity={(0, "values"): 10.0, (1, "values"): 1.0})
+    assert sizes[(0, 0, "values")] > sizes[(1, 0, "values")]
+    asked = []
+    lam = sensitivities(slots, lambda layer, part, ks: asked.append((layer, dict(ks))) or 2.0, 4,
+                        at={(0, 0, "values"): 1, (1, 0, "values"): 4})
+    assert asked == [(0, {0: 1})] and lam == {(0, "values"): pytest.approx(2.0 / (9 + 4 + 1))}
 
 
 def _setup(ckpts, family="gpt_bigcode", variant="mqa"):

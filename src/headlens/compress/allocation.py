@@ -21,7 +21,10 @@ number buys. :func:`allocate` by ``method``:
   ``lambda_s sigma_{s,i}^2``. The sensitivity ``lambda`` of each (layer, keys or values) is measured by a finite
   perturbation on the calibration texts (:func:`sensitivities`): that part of that layer alone cut to half its
   size, ``lambda = dM / sum_g tail_g^2``. With sigma decreasing along each slot, taking the ``total`` largest
-  ``lambda_s sigma_{s,i}^2`` is the exact optimum of that separable model, and it is what the loop does.
+  ``lambda_s sigma_{s,i}^2`` is the exact optimum of that separable model, and it is what the loop does. The loss
+  is not quadratic far from the uncompressed model (a part cut deep loses more than the half-size probe says), so
+  :func:`refined_greedy` measures lambda again where the first allocation cut each part and allocates once more
+  with those (a part left whole keeps its first lambda): one correction, not iterated to a fixed point.
 """
 
 from __future__ import annotations
@@ -124,6 +127,16 @@ def allocate(method: str, slots: Sequence[Slot], total: int, cap: int,
     return sizes_
 
 
+def refined_greedy(slots: Sequence[Slot], total: int, cap: int, sensitivity: Mapping[tuple[int, str], float],
+                   reprobe: Callable[[dict], Mapping[tuple[int, str], float]] | None = None) -> dict[SlotKey, int]:
+    """The greedy allocation, then (``reprobe``: the lambdas measured at a given allocation's sizes) the greedy
+    allocation again with the lambdas measured where the first one cut (module docstring)."""
+    first = allocate("greedy", slots, total, cap, sensitivity=sensitivity)
+    if reprobe is None:
+        return first
+    return allocate("greedy", slots, total, cap, sensitivity={**sensitivity, **reprobe(first)})
+
+
 def _water_fill(slots: Sequence[Slot], total: int, caps: list[int], w: list[float]) -> dict[SlotKey, int]:
     """Sizes proportional to ``w`` (equal where every weight is 0), each at most its cap, summing to ``total``:
     the capped slots take their cap and the rest share what is left, rounded by the largest remainder."""
@@ -199,19 +212,21 @@ def end_metric(m) -> float:
     return 1.0 - float(m.embedding_cosine_mean)
 
 
-def sensitivities(slots: Sequence[Slot], probe: Callable[[int, str, int], float], cap: int
-                  ) -> dict[tuple[int, str], float]:
-    """lambda per (layer, part): ``probe(layer, part, k0)`` (the end metric with only that part of that layer cut to
-    ``k0 = cap // 2`` numbers per kv group) over the squared error the spectra predict there (module docstring);
-    0 where the spectra predict none."""
-    k0 = cap // 2
+def sensitivities(slots: Sequence[Slot], probe: Callable[[int, str, dict], float], cap: int,
+                  at: Mapping[SlotKey, int] | None = None) -> dict[tuple[int, str], float]:
+    """lambda per (layer, part): ``probe(layer, part, sizes)`` (the end metric with only that part of that layer cut
+    to ``sizes``, {kv group: k}: ``at``'s, or ``cap // 2`` everywhere) over the squared error the spectra predict
+    there (module docstring). A part the sizes leave whole (nothing predicted lost) is not probed and not in the
+    result."""
     by: dict[tuple[int, str], list[Slot]] = {}
     for s in slots:
         by.setdefault((s.layer, s.part), []).append(s)
     out = {}
     for (layer, part), group in sorted(by.items()):
-        err = sum(s.tail2(k0) for s in group)
-        out[(layer, part)] = max(probe(layer, part, k0), 0.0) / err if err > 0 else 0.0
+        sizes = {s.group: (at[s.key] if at is not None else cap // 2) for s in group}
+        err = sum(s.tail2(sizes[s.group]) for s in group)
+        if err > 0:
+            out[(layer, part)] = max(probe(layer, part, sizes), 0.0) / err
     return out
 
 
@@ -294,27 +309,36 @@ def fisher_scores(model, ck, tokenizer, texts: Sequence[str], layers: Sequence[i
 
 def probe_sensitivities(model, ck, tokenizer, texts: Sequence[str], values_full: Mapping | None,
                         keys_full: Mapping | None, kv_bytes: int, truncate: bool = False,
-                        disable: bool | None = None) -> dict[tuple[int, str], float]:
-    """:func:`sensitivities` measured: one configuration per (layer, part), that part of that layer alone cut to
-    half of head_dim in every kv group, measured on ``texts`` (the calibration texts: nothing is chosen on the eval
-    texts) by :func:`~headlens.compress.measure.measure_many`, in one set of passes."""
+                        disable: bool | None = None, at: Mapping[SlotKey, int] | None = None
+                        ) -> dict[tuple[int, str], float]:
+    """:func:`sensitivities` measured: one configuration per (layer, part), that part of that layer alone cut (to
+    half of head_dim in every kv group, or to ``at``'s sizes), measured on ``texts`` (the calibration texts: nothing
+    is chosen on the eval texts) by :func:`~headlens.compress.measure.measure_many`, in one set of passes."""
     from headlens.compress.allocate import cut
     from headlens.compress.keys import cut_keys
     from headlens.compress.measure import measure_many
 
     cap = ck.shape.head_dim
-    k0 = cap // 2
     slots = slots_of(values_full, keys_full)
-    probes = sorted({(s.layer, s.part) for s in slots})
+    wanted: dict[tuple[int, str], dict] = {}
+
+    def note(layer: int, part: str, sizes: dict) -> float:  # which parts to probe, at which sizes
+        wanted[(layer, part)] = sizes
+        return 0.0
+
+    sensitivities(slots, note, cap, at)
+    probes = sorted(wanted)
+    if not probes:
+        return {}
     plan_sets: list[dict] = []
     key_sets: list[dict] = []
     for layer, part in probes:
         plans = (values_full if part == "values" else keys_full) or {}
         p = plans[layer]
-        cutter = cut if part == "values" else cut_keys
-        plan_sets.append({layer: cutter(p, [k0] * len(p.groups))} if part == "values" else {})
-        key_sets.append({layer: cutter(p, [k0] * len(p.groups))} if part == "keys" else {})
+        ks = [wanted[(layer, part)][g] for g in range(len(p.groups))]
+        plan_sets.append({layer: cut(p, ks)} if part == "values" else {})
+        key_sets.append({layer: cut_keys(p, ks)} if part == "keys" else {})
     measured = measure_many(model, ck, tokenizer, plan_sets, texts, bytes_per_value=kv_bytes, truncate=truncate,
                             disable=disable, desc="sensitivity", key_plans=key_sets)
     delta = {probe: end_metric(m) for probe, m in zip(probes, measured)}
-    return sensitivities(slots, lambda layer, part, _k: delta[(layer, part)], cap)
+    return sensitivities(slots, lambda layer, part, _sizes: delta[(layer, part)], cap, at)

@@ -54,13 +54,14 @@ def _label(budget: str, value: Any) -> str:
 
 def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: dict, ck, layers: list[int],
                         position_bytes: float, sensitivity: dict | None = None,
-                        fisher: dict | None = None) -> list[Configuration]:
+                        fisher: dict | None = None, refine=None) -> list[Configuration]:
     """A budget of bytes (``savings`` of the whole KV cache, ``kv_budget`` bytes per token, or with ``allocate`` the
     bytes of each target's own sizes, keys included) spent by
     ``cfg.allocation()`` (:func:`~headlens.compress.allocation.allocate`) over every value latent and, with key
     latents, every key latent (keys and values compete for the same bytes); and the uniform allocation of the same
-    bytes beside each other allocation. ``sensitivity``: per latent kind the greedy allocation's lambdas."""
-    from headlens.compress.allocation import allocate, numbers_for, slots_of, split
+    bytes beside each other allocation. ``sensitivity``: per latent kind the greedy allocation's lambdas;
+    ``refine(latent, sizes)``: its lambdas measured at an allocation's sizes (:func:`refined_greedy`)."""
+    from headlens.compress.allocation import allocate, numbers_for, refined_greedy, slots_of, split
 
     s = ck.shape
     kind = cfg.budget_kind()
@@ -89,8 +90,11 @@ def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: di
             todo = [method] + (["uniform"] if method != "uniform" else [])
             name = f"{latent} {method} {label}"
             for how in todo:
-                sizes = allocate(how, slots, total, s.head_dim,
-                                 (sensitivity or {}).get(latent), fisher)
+                if how == "greedy":
+                    sizes = refined_greedy(slots, total, s.head_dim, (sensitivity or {})[latent],
+                                           (lambda at, latent=latent: refine(latent, at)) if refine else None)
+                else:
+                    sizes = allocate(how, slots, total, s.head_dim, None, fisher)
                 vk, kk = split(sizes)
                 out.append(Configuration(name if how == method else f"uniform {latent} (bytes of {label})", kind, v,
                                          latent, how, vk, matches=None if how == method else name,

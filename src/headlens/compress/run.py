@@ -371,22 +371,29 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
 def _byte_configurations(cfg: CompressConfig, model, ck, tok, full: dict, key_full: dict, layers: list[int],
                          calib_texts, seconds: dict, disable: bool | None) -> list[Configuration]:
     """A budget of bytes spent by ``cfg.allocation()``: what the greedy allocation needs (each layer's sensitivity,
-    measured on the calibration texts) or the Fisher allocation (the Fisher scores), then the configurations."""
+    measured on the calibration texts, at half size and again where the first allocation cut) or the Fisher
+    allocation (the Fisher scores), then the configurations."""
     from headlens.compress.allocation import fisher_scores, probe_sensitivities
     from headlens.compress.configs import byte_configurations
 
     method = cfg.allocation()
     sens, fisher = None, None
     t = time.perf_counter()
+
+    def probe(latent: str, at=None) -> dict:
+        return probe_sensitivities(model, ck, tok, calib_texts, full[latent], key_full or None, cfg.kv_bytes,
+                                   cfg.truncate, disable, at=at)
+
     if method == "greedy":
-        sens = {latent: probe_sensitivities(model, ck, tok, calib_texts, full[latent], key_full or None,
-                                            cfg.kv_bytes, cfg.truncate, disable) for latent in cfg.latents}
+        sens = {latent: probe(latent) for latent in cfg.latents}
     elif method == "fisher":
         fisher = fisher_scores(model, ck, tok, calib_texts, layers, ("values", "keys") if key_full else ("values",),
                                cfg.max_calib_tokens)
+    confs = byte_configurations(cfg, full, key_full, ck, layers, POSITION_BYTES, sens, fisher,
+                                refine=probe if method == "greedy" else None)
     if method in ("greedy", "fisher"):
-        seconds["allocation"] = time.perf_counter() - t
-    return byte_configurations(cfg, full, key_full, ck, layers, POSITION_BYTES, sens, fisher)
+        seconds["allocation"] = time.perf_counter() - t  # the probes, both rounds, or the Fisher scores
+    return confs
 
 
 def _check_caches(model, ck, tok, text: str, unique: list, plan_sets: list, key_sets: list, measured: list,
