@@ -67,10 +67,10 @@ def add_parser(sub) -> None:
                    help="budget: KV bytes per token of the whole cache, spent by --allocate")
     p.add_argument("--allocate", choices=("uniform", "error", "energy", "fisher", "greedy"),
                    help="how a --saving / --kv-budget is spent over every (layer, kv group, keys or values) latent: "
-                        "uniform (default), error (the largest predicted error first; energy picks the same), "
-                        "fisher (sizes by Fisher score, Palu's rule), greedy (the largest predicted end-to-end loss "
-                        "reduction per byte: spectrum x each layer's measured sensitivity); the uniform allocation "
-                        "of the same bytes is always measured beside it")
+                        "greedy (default), uniform, error (the largest predicted error first; energy picks the same), "
+                        "fisher (sizes by Fisher score, Palu's rule); greedy: the largest predicted end-to-end loss "
+                        "reduction per byte, spectrum x each layer's sensitivity measured on the calibration texts; "
+                        "the uniform allocation of the same bytes is always measured beside it")
     p.add_argument("--latent", choices=LATENT_CHOICES, default="both",
                    help="which latents: plain (from the weights), data-aware (whitened by the calibration tokens) "
                         "or both (default)")
@@ -107,7 +107,7 @@ def _texts(args, source, cfg):
 
     given_eval = read_text_lines(args.eval_file, "eval") if args.eval_file else None
     given_calib = read_text_lines(args.calib, "calib") if args.calib else None
-    return compress_texts(source, cfg.needs_calibration(), given_eval, given_calib)
+    return compress_texts(source, cfg.needs_calibration(), given_eval, given_calib, cfg.calibration_reason())
 
 
 def _n_saved(cfg) -> int:

@@ -52,6 +52,40 @@ def _label(budget: str, value: Any) -> str:
             "kv-budget": f"{value:g} B/token" if isinstance(value, float) else ""}[budget]
 
 
+def byte_totals(cfg, full: dict[str, dict[int, LayerPlan]], key_full: dict, ck, layers: list[int],
+                position_bytes: float) -> dict[str, list[tuple[float, int]]]:
+    """Per latent kind, each budget value and the latent numbers per token it leaves (:func:`byte_configurations`):
+    checked before anything is measured (one HeadlensError naming the parameter)."""
+    from headlens.compress.allocation import LEAST, numbers_for, slots_of
+
+    s = ck.shape
+    kind = cfg.budget_kind()
+    keys = bool(key_full)
+    rotary = sum(1 for p in key_full.values() if p.rotary)
+    before = 2.0 * s.num_layers * s.num_kv_heads * s.head_dim * cfg.kv_bytes
+    values = (list(cfg.savings) if kind == "saving" else [float(cfg.kv_budget)] if kind == "kv-budget" else
+              list(cfg.target_energies if kind == "target-energy" else cfg.target_errors or DEFAULT_TARGET_ERRORS))
+    out: dict[str, list[tuple[float, int]]] = {}
+    for latent in cfg.latents:
+        least = sum(LEAST.get(x.part, 0) for x in slots_of(full[latent], key_full if keys else None))
+        for v in values:
+            if kind in ("target-error", "target-energy"):  # the bytes of the target's own sizes
+                total = _target_numbers(kind, v, full[latent], key_full if keys else {})
+            else:
+                budget = (1.0 - v) * before if kind == "saving" else v
+                name = f"`savings` {v:g}" if kind == "saving" else f"`kv_budget` {v:g}"
+                try:
+                    total = numbers_for(budget, ck, layers, cfg.kv_bytes, keys, rotary, position_bytes)
+                except HeadlensError as exc:
+                    hint = "" if keys else " (values alone save at most 50%: add `keys`)"
+                    raise HeadlensError(f"{name}: {exc}{hint}") from None
+                if total < least:
+                    raise HeadlensError(f"{name} leaves {total} latent numbers per token, fewer than one for each of "
+                                        f"the {least} key latents: a smaller saving")
+            out.setdefault(latent, []).append((v, total))
+    return out
+
+
 def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: dict, ck, layers: list[int],
                         position_bytes: float, sensitivity: dict | None = None,
                         fisher: dict | None = None, refine=None) -> list[Configuration]:
@@ -61,31 +95,16 @@ def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: di
     latents, every key latent (keys and values compete for the same bytes); and the uniform allocation of the same
     bytes beside each other allocation. ``sensitivity``: per latent kind the greedy allocation's lambdas;
     ``refine(latent, sizes)``: its lambdas measured at an allocation's sizes (:func:`refined_greedy`)."""
-    from headlens.compress.allocation import allocate, numbers_for, refined_greedy, slots_of, split
+    from headlens.compress.allocation import allocate, refined_greedy, slots_of, split
 
     s = ck.shape
     kind = cfg.budget_kind()
     method = cfg.allocation()
     keys = bool(key_full)
-    rotary = sum(1 for p in key_full.values() if p.rotary)
-    before = 2.0 * s.num_layers * s.num_kv_heads * s.head_dim * cfg.kv_bytes
-    targets = kind in ("target-error", "target-energy")
-    values = (list(cfg.savings) if kind == "saving" else [float(cfg.kv_budget)] if kind == "kv-budget" else
-              list(cfg.target_energies if kind == "target-energy" else cfg.target_errors or DEFAULT_TARGET_ERRORS))
     out: list[Configuration] = []
-    for latent in cfg.latents:
+    for latent, budgets in byte_totals(cfg, full, key_full, ck, layers, position_bytes).items():
         slots = slots_of(full[latent], key_full if keys else None)
-        for v in values:
-            if targets:  # the bytes of the target's own sizes (each key latent at least 1 number)
-                total = _target_numbers(kind, v, full[latent], key_full if keys else {})
-            else:
-                budget = (1.0 - v) * before if kind == "saving" else v
-                try:
-                    total = numbers_for(budget, ck, layers, cfg.kv_bytes, keys, rotary, position_bytes)
-                except HeadlensError as exc:
-                    name = "`savings` " + f"{v:g}" if kind == "saving" else f"`kv_budget` {v:g}"
-                    hint = "" if keys else " (values alone save at most 50%: add `keys`)"
-                    raise HeadlensError(f"{name}: {exc}{hint}") from None
+        for v, total in budgets:
             label = _label(kind, v)
             todo = [method] + (["uniform"] if method != "uniform" else [])
             name = f"{latent} {method} {label}"

@@ -39,11 +39,11 @@ def _nonempty(texts: list[str], name: str) -> list[str]:
     return texts
 
 
-def compress_texts(source, needs_calibration: bool, eval_texts: Any = None, calib_texts: Any = None
-                   ) -> CompressTexts:
+def compress_texts(source, needs_calibration: bool, eval_texts: Any = None, calib_texts: Any = None,
+                   reason: str | None = None) -> CompressTexts:
     """The eval and calibration texts for a compress run on ``source``: ``eval_texts`` / ``calib_texts`` as given
     (one str is one text; see :func:`headlens.params.texts`), else, for an embedded model, the texts shipped with
-    it. Calibration texts are read only when ``needs_calibration`` (data-aware latents)."""
+    it. Calibration texts are read only when ``needs_calibration`` (``reason``: why, e.g. data-aware latents)."""
     embedded = shipped_model(source)
     notes: list[str] = []
     shipped = None
@@ -63,6 +63,9 @@ def compress_texts(source, needs_calibration: bool, eval_texts: Any = None, cali
     if needs_calibration:
         if calib_texts is None:
             if shipped is None:
+                if reason not in (None, "data-aware latents"):  # an allocation measured on calibration texts
+                    raise HeadlensError(f"{reason} needs `calib_texts` (calibration texts), or pass `allocate` "
+                                        "uniform or error")
                 raise HeadlensError("data-aware latents need `calib_texts` (calibration texts), or pass `latents` "
                                     "plain")
             calib = shipped.calib
