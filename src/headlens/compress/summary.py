@@ -54,7 +54,7 @@ KEYS_NOTE = (
     "like. key_frequency_*: TransMLA's per-frequency cross-head latent at the same numbers per token (rotary layers, "
     "G > 1). key_form: the form the cache keeps for the layer, per_group or across (c = E x of every kv head's rotated "
     "keys side by side, no positions), whichever has the lower predicted error (calibration, never the eval texts); "
-    "the isolated and accumulated output errors, the end-to-end numbers, --generate and --save-model use it, while "
+    "the isolated and accumulated output errors, the end-to-end numbers, `generate` and `save_model` use it, while "
     "key_predicted_error/key_logit_error/key_attention_kl stay the per-group latent's.")
 
 ENCODER_NOTE = (
