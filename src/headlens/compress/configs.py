@@ -86,14 +86,46 @@ def byte_totals(cfg, full: dict[str, dict[int, LayerPlan]], key_full: dict, ck, 
     return out
 
 
-def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: dict, ck, layers: list[int],
-                        position_bytes: float, sensitivity: dict | None = None,
+def allocated_configurations(cfg, model, ck, tok, full: dict, key_full: dict, layers: list[int], calib_texts,
+                             position_bytes: float, seconds: dict, disable: bool | None) -> list[Configuration]:
+    """A budget of bytes spent by ``cfg.allocation()`` (:func:`byte_configurations`): every budget checked first
+    (:func:`byte_totals`), then what the greedy allocation needs (each layer's sensitivity, measured on the
+    calibration texts, at half size and again where the first allocation cut) or the Fisher allocation (the Fisher
+    scores); ``seconds["allocation"]`` their time."""
+    import time
+
+    from headlens.compress.allocation import fisher_scores, probe_sensitivities
+
+    totals = byte_totals(cfg, full, key_full, ck, layers, position_bytes)
+    method = cfg.allocation()
+    sens, fisher = None, None
+    t = time.perf_counter()
+
+    def probe(latent: str, at=None) -> dict:
+        return probe_sensitivities(model, ck, tok, calib_texts, full[latent], key_full or None, cfg.kv_bytes,
+                                   cfg.truncate, disable, at=at)
+
+    if method == "greedy":
+        sens = {latent: probe(latent) for latent in cfg.latents}
+    elif method == "fisher":
+        fisher = fisher_scores(model, ck, tok, calib_texts, layers, ("values", "keys") if key_full else ("values",),
+                               cfg.max_calib_tokens)
+    confs = byte_configurations(cfg, full, key_full, ck, totals, sens, fisher,
+                                refine=probe if method == "greedy" else None)
+    if method in ("greedy", "fisher"):
+        seconds["allocation"] = time.perf_counter() - t  # the probes, both rounds, or the Fisher scores
+    return confs
+
+
+def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: dict, ck,
+                        totals: dict[str, list[tuple[float, int]]], sensitivity: dict | None = None,
                         fisher: dict | None = None, refine=None) -> list[Configuration]:
     """A budget of bytes (``savings`` of the whole KV cache, ``kv_budget`` bytes per token, or with ``allocate`` the
     bytes of each target's own sizes, keys included) spent by
     ``cfg.allocation()`` (:func:`~headlens.compress.allocation.allocate`) over every value latent and, with key
     latents, every key latent (keys and values compete for the same bytes); and the uniform allocation of the same
-    bytes beside each other allocation. ``sensitivity``: per latent kind the greedy allocation's lambdas;
+    bytes beside each other allocation. ``totals``: :func:`byte_totals`'s. ``sensitivity``: per latent kind the
+    greedy allocation's lambdas;
     ``refine(latent, sizes)``: its lambdas measured at an allocation's sizes (:func:`refined_greedy`)."""
     from headlens.compress.allocation import allocate, refined_greedy, slots_of, split
 
@@ -102,7 +134,7 @@ def byte_configurations(cfg, full: dict[str, dict[int, LayerPlan]], key_full: di
     method = cfg.allocation()
     keys = bool(key_full)
     out: list[Configuration] = []
-    for latent, budgets in byte_totals(cfg, full, key_full, ck, layers, position_bytes).items():
+    for latent, budgets in totals.items():
         slots = slots_of(full[latent], key_full if keys else None)
         for v, total in budgets:
             label = _label(kind, v)

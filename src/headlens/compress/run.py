@@ -26,10 +26,10 @@ import torch
 
 from headlens import params
 from headlens.compress.allocate import cut_all, full_plans, read_budget
+from headlens.compress.configs import (Configuration, allocated_configurations, budget_keys, configurations,
+                                       frequency_notes, key_configurations, zero_notes)
 from headlens.compress.heldout import held_out_errors
 from headlens.compress.heldout import warnings as heldout_warnings
-from headlens.compress.configs import (Configuration, budget_keys, configurations,
-                                       frequency_notes, key_configurations, zero_notes)
 from headlens.compress.keys import cut_keys
 from headlens.compress.measure import Measurement, measure_many
 from headlens.compress.plan import LATENT_KINDS
@@ -327,7 +327,8 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
     full = {kind: full_plans(ck, layers, kind, X if kind == "data-aware" else None, dtype) for kind in cfg.latents}
     seconds["fit"] = time.perf_counter() - t
     if cfg.budget_kind() in ("saving", "kv-budget") or cfg.allocate is not None:  # a budget of bytes, allocated
-        confs = _byte_configurations(cfg, model, ck, tok, full, key_full, layers, texts.calib, seconds, disable)
+        confs = allocated_configurations(cfg, model, ck, tok, full, key_full, layers, texts.calib, POSITION_BYTES,
+                                         seconds, disable)
     else:
         confs = configurations(cfg, full, ck, budget_ks, None if cfg.budget is None else str(cfg.budget))
         if key_full:
@@ -375,35 +376,6 @@ def run_compress(source, cfg: CompressConfig | None = None, eval_texts: Sequence
                           kept=(model, ck, tok, [plans_of[k] for k in keys], [key_plans_of[k] for k in keys])
                           if keep_model else None,
                           cache_checks=checks, generate_prompt=prompt, notes=notes, heldout=heldout)
-
-
-def _byte_configurations(cfg: CompressConfig, model, ck, tok, full: dict, key_full: dict, layers: list[int],
-                         calib_texts, seconds: dict, disable: bool | None) -> list[Configuration]:
-    """A budget of bytes spent by ``cfg.allocation()``: what the greedy allocation needs (each layer's sensitivity,
-    measured on the calibration texts, at half size and again where the first allocation cut) or the Fisher
-    allocation (the Fisher scores), then the configurations."""
-    from headlens.compress.allocation import fisher_scores, probe_sensitivities
-    from headlens.compress.configs import byte_configurations, byte_totals
-
-    byte_totals(cfg, full, key_full, ck, layers, POSITION_BYTES)  # every budget checked before any probe
-    method = cfg.allocation()
-    sens, fisher = None, None
-    t = time.perf_counter()
-
-    def probe(latent: str, at=None) -> dict:
-        return probe_sensitivities(model, ck, tok, calib_texts, full[latent], key_full or None, cfg.kv_bytes,
-                                   cfg.truncate, disable, at=at)
-
-    if method == "greedy":
-        sens = {latent: probe(latent) for latent in cfg.latents}
-    elif method == "fisher":
-        fisher = fisher_scores(model, ck, tok, calib_texts, layers, ("values", "keys") if key_full else ("values",),
-                               cfg.max_calib_tokens)
-    confs = byte_configurations(cfg, full, key_full, ck, layers, POSITION_BYTES, sens, fisher,
-                                refine=probe if method == "greedy" else None)
-    if method in ("greedy", "fisher"):
-        seconds["allocation"] = time.perf_counter() - t  # the probes, both rounds, or the Fisher scores
-    return confs
 
 
 def _check_caches(model, ck, tok, text: str, unique: list, plan_sets: list, key_sets: list, measured: list,

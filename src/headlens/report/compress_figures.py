@@ -46,6 +46,17 @@ def _colour(latent: Any) -> str:
     return LATENT_COLOURS.get(str(latent), "C7")
 
 
+def _diagonal_panel(ax, top: float, title: str) -> None:
+    """A predicted-against-measured panel: both axes from 0 to a little past ``top``, square, the y = x diagonal."""
+    lim = top * 1.08 if top > 0 else 1.0
+    ax.plot([0, lim], [0, lim], color="0.45", lw=1.0, ls="--", zorder=1)
+    ax.set_xlim(0, lim)
+    ax.set_ylim(0, lim)
+    ax.set_aspect("equal", adjustable="box")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title, fontsize=11)
+
+
 def _marker(allocation: Any) -> str:
     return ALLOCATION_MARKERS.get(str(allocation), "s")
 
@@ -97,13 +108,7 @@ def _key_panel(ax, summary: dict) -> None:
         handles.append(Line2D([], [], ls="none", marker=PART_MARKERS.get(part, "s"), markersize=7,
                               color=_colour(latent), markerfacecolor="none" if hollow else _colour(latent),
                               label=f"{PART_NAMES.get(part, part)} ({latent} keys)"))
-    lim = top * 1.08 if top > 0 else 1.0
-    ax.plot([0, lim], [0, lim], color="0.45", lw=1.0, ls="--", zorder=1)
-    ax.set_xlim(0, lim)
-    ax.set_ylim(0, lim)
-    ax.set_aspect("equal", adjustable="box")
-    ax.grid(True, alpha=0.3)
-    ax.set_title("key logit error", fontsize=11)
+    _diagonal_panel(ax, top, "key logit error")
     ax.set_xlabel("predicted key error (from the key spectrum)", fontsize=9)
     ax.set_ylabel("measured logit error, only this layer's keys compressed", fontsize=9)
     ax.tick_params(labelsize=8)
@@ -157,13 +162,7 @@ def scatter(path: Path, summary: dict) -> Path:
                 continue
             ax.scatter(xs, ys, s=26, c=_colour(latent), marker=_marker(allocation), alpha=0.75,
                        edgecolors="white", linewidths=0.4, zorder=3)
-        lim = top * 1.08 if top > 0 else 1.0
-        ax.plot([0, lim], [0, lim], color="0.45", lw=1.0, ls="--", zorder=1)
-        ax.set_xlim(0, lim)
-        ax.set_ylim(0, lim)
-        ax.set_aspect("equal", adjustable="box")
-        ax.grid(True, alpha=0.3)
-        ax.set_title(title, fontsize=11)
+        _diagonal_panel(ax, top, title)
         ax.set_xlabel("predicted error (from the spectrum)", fontsize=9)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.tick_params(labelsize=8)
