@@ -325,9 +325,17 @@ class MLASweepResult:
                           "to_json()")
 
 
+def mla_block(source, layers: list[int]) -> list:
+    """What one task of the latent-attention sweep computes: ``layers`` of ``source``, reading only their tensors."""
+    ck = open_mla(source)
+    return [analyze_mla_layer(ck.layer(layer)) for layer in layers]
+
+
 def run_mla_sweep(source, layers: str | None = None, kv_bytes: int = 2,
-                  progress=None) -> MLASweepResult:
-    """Analyse the selected layers (``"0:4"``, ``"1,3"``, None: all) of the latent-attention checkpoint ``source``."""
+                  progress=None, executor=None, layers_per_task: int | None = None) -> MLASweepResult:
+    """Analyse the selected layers (``"0:4"``, ``"1,3"``, None: all) of the latent-attention checkpoint ``source``;
+    with an ``executor`` other than the serial one (:func:`headlens.executor.make_executor`, entered), as tasks of
+    ``layers_per_task`` layers (:func:`mla_block`), gathered here in layer order."""
     from headlens.selection import parse_layers
 
     if source.device_map is not None:
@@ -340,8 +348,27 @@ def run_mla_sweep(source, layers: str | None = None, kv_bytes: int = 2,
     ck = open_mla(source)
     m = ck.mla
     chosen = parse_layers(layers, m.num_layers)
-    loop = progress(chosen, len(chosen)) if progress is not None else chosen
-    results = [analyze_mla_layer(ck.layer(layer)) for layer in loop]
+    if executor is None or getattr(executor, "name", None) == "serial":
+        loop = progress(chosen, len(chosen)) if progress is not None else chosen
+        results = [analyze_mla_layer(ck.layer(layer)) for layer in loop]
+    else:
+        from headlens.circuits.sweep_run import default_block
+        from headlens.executor import Task, block_label, blocks
+
+        size = layers_per_task or default_block(len(chosen), executor.cpus())
+        tasks = [Task(mla_block, (source, block), f"{ck.name}, {block_label(block)}", weight=len(block))
+                 for block in blocks(chosen, size)]
+        done = {}
+
+        def finished():
+            for _task, value in executor.results(tasks):
+                for r in value:
+                    done[r.layer] = r
+                    yield r
+
+        for _ in (progress(finished(), len(chosen)) if progress is not None else finished()):
+            pass
+        results = [done[layer] for layer in chosen]
     return MLASweepResult(model=ck.describe(), name=ck.name, mla=m, layers=results, kv_bytes=kv_bytes,
                           kv_bytes_latent=(m.kv_lora_rank + m.qk_rope_head_dim) * kv_bytes,
                           kv_bytes_expanded=m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)

@@ -18,22 +18,20 @@ and computes the KV budget (:func:`~headlens.circuits.budget.budget`). It return
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 
 from headlens import params
-from headlens.circuits.budget import Budget, BudgetTarget, budget
-from headlens.circuits.sweep_layer import AnalysisConfig, NonFiniteWeights, analyze_layer, iter_layers
-from headlens.circuits.sweep_parts import SweepParts, run_id
+from headlens.circuits.budget import Budget, BudgetTarget
+from headlens.circuits.sweep_layer import AnalysisConfig, NonFiniteWeights, analyze_layer
 from headlens.circuits.sweep_results import (GroupSpectrum, HeadSpectrum, LayerAggregate, LayerResult,
                                              layer_aggregates, to_rows)
-from headlens.circuits.mla import is_mla_config
 from headlens.errors import HeadlensError
 from headlens.io.checkpoint import Checkpoint, ModelShape
-from headlens.selection import DTYPE_CHOICES, parse_ks, parse_layers
+from headlens.selection import DTYPE_CHOICES, parse_ks
 
 if TYPE_CHECKING:
     from headlens.io.source import ModelSource
@@ -286,7 +284,8 @@ def _analyze(ck: Checkpoint, layer: int, f, cfg: AnalysisConfig, X: torch.Tensor
 
 def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[SweepStart], None] | None = None,
               progress: Callable[[Iterable, int], Iterable] | None = None,
-              on_layer: Callable[[LayerResult], None] | None = None) -> SweepResult:
+              on_layer: Callable[[LayerResult], None] | None = None, executor: Any = None,
+              layers_per_task: int | None = None) -> SweepResult:
     """Sweep the layers ``cfg`` selects of ``source`` (a ModelSource); returns a :class:`SweepResult`.
 
     ``on_start`` is called once the checkpoint is open, the calibration captured and the resume store ready,
@@ -294,62 +293,11 @@ def run_sweep(source: "ModelSource", cfg: SweepConfig, on_start: Callable[[Sweep
     ``on_layer`` gets each layer's result as soon as it is there (first the resumed ones, in layer order, then
     each new one as it finishes).
     Every finished layer is written to ``cfg.out_dir`` at once, so an interrupted sweep resumes there.
+
+    ``executor`` (:func:`headlens.executor.make_executor`, entered) runs blocks of ``layers_per_task`` layers as
+    tasks (:func:`headlens.circuits.sweep_run.sweep_block`, each reading only its own layers' tensors); None or
+    the serial executor sweeps here, one layer after the other, the next one read in a thread.
     """
-    from headlens.io.source import ModelSource
+    from headlens.circuits.sweep_run import SweepRun
 
-    params.instance(source, "source", ModelSource, 'e.g. headlens.ModelSource(embedded="tiny-lm")')
-    params.instance(cfg, "cfg", SweepConfig, 'e.g. headlens.SweepConfig(layers="0:4")')
-    cfg.validate()
-    data = cfg.calibration is not None
-    if not data and source.device_map is not None:
-        raise HeadlensError("`device_map` places the modules of a loaded model, but a weight-only sweep loads none "
-                            "(it reads one layer's tensors at a time): leave it out and choose `device`, or give "
-                            "`calibration` texts, whose capture loads the model")
-    dtype = source.dtype(cfg.dtype)  # auto: float32 on the CPU, the checkpoint's on an accelerator
-    cfg = replace(cfg, dtype=str(dtype).replace("torch.", ""))
-    if is_mla_config(source.peek_config()):
-        raise HeadlensError("a multi-head latent attention checkpoint has no per-kv-group values to budget: use "
-                            "headlens.circuits.mla.run_mla_sweep (what `headlens sweep` runs on it)")
-    ck = source.checkpoint(full=data, roles=("q", "k", "v", "o", "qkv", "norm", "q_norm", "k_norm"))
-    s = ck.shape
-    analysis = cfg.analysis(s.head_dim)
-    layers = parse_layers(None if cfg.layers is None else _text(cfg.layers), s.num_layers)
-    if analysis.with_qk:  # q/k norms the spec does not place: refused before any layer is computed
-        from headlens.circuits.heads import check_qk_norms
-
-        for layer in layers:
-            check_qk_norms(ck, layer)
-    target = cfg.target()
-    model = SweepParts.fingerprint(ck) if cfg.out_dir is not None else ck.describe()  # parts carry a content hash
-    run = run_id(model, {**asdict(analysis), "dtype": cfg.dtype}, cfg.calibration, cfg.max_calib_tokens)
-    parts = SweepParts(cfg.out_dir) if cfg.out_dir is not None else None
-    done = parts.load(run, layers, analysis.ks) if parts is not None and cfg.resume else {}
-    todo = [layer for layer in layers if layer not in done]
-    X: dict[int, torch.Tensor] = {}
-    n_calib = 0
-    if data and todo:
-        X, n_calib = capture_calibration(source, ck, cfg.calibration, todo, dtype, cfg.max_calib_tokens,
-                                         cfg.truncate)
-    if parts is not None:
-        parts.start(run)
-    if on_start is not None:
-        on_start(SweepStart(ck.name, s, todo, sorted(done), n_calib, data, list(analysis.ks), ck.describe()))
-    if on_layer is not None:
-        for layer in sorted(done):
-            on_layer(done[layer])
-    loop: Iterable = iter_layers(ck, todo, analysis, dtype)
-    for layer, f in (progress(loop, len(todo)) if progress is not None else loop):
-        done[layer] = _analyze(ck, layer, f, analysis, X.pop(layer, None), source.torch_device)
-        del f  # the loop reuses its conversion buffers for the next layer when nothing holds them
-        if parts is not None:
-            parts.save(done[layer])
-        if on_layer is not None:
-            on_layer(done[layer])
-    results = [done[layer] for layer in layers]
-    bud = budget(results, target, s.num_kv_heads, s.head_dim, cfg.kv_bytes)
-    from headlens.circuits.sweep_parts import weights_digest
-
-    return SweepResult(model={**ck.describe(), "weights_digest": weights_digest(ck)}, name=ck.name, shape=s,
-                       config=analysis, dtype=cfg.dtype, device=str(source.torch_device),
-                       gram_precision=str(source.placement.compute_dtype()).replace("torch.", ""),
-                       layers=results, budget=bud, data_aware=data, calibration_tokens=n_calib)
+    return SweepRun(source, cfg).run(on_start, progress, on_layer, executor, layers_per_task)

@@ -109,3 +109,28 @@ def model_source(args: argparse.Namespace):
                        auto_infer=args.auto_infer, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                        trust_remote_code=args.trust_remote_code, embedded=embedded, device=args.device,
                        device_map=args.device_map, max_memory=args.max_memory, offload_dir=args.offload_dir)
+
+
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """Where the work runs (headlens.executor): here in order, or as Ray tasks."""
+    from headlens.executor import EXECUTORS
+
+    g = p.add_argument_group("executor")
+    g.add_argument("--executor", choices=EXECUTORS, default="serial",
+                   help="serial (default: here, one layer after the other) or ray (one task per block of layers, "
+                        "each reading only its own tensors; needs the extra: pip install 'headlens[ray]')")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="with --executor ray: join this running cluster (auto, HOST:6379, ray://HOST:10001) "
+                        "instead of starting a local Ray for the run")
+    g.add_argument("--workers", type=int_arg, metavar="N",
+                   help="with --executor ray and no --ray-address: CPUs of the local Ray (default: this machine's)")
+    g.add_argument("--layers-per-task", type=int_arg, metavar="N",
+                   help="with --executor ray: layers per task (default: about two tasks per CPU)")
+
+
+def executor_from(args: argparse.Namespace):
+    """The executor the flags name (enter it around the run), refusing the Ray flags without ``--executor ray``."""
+    from headlens.executor import check_layers_per_task, make_executor
+
+    check_layers_per_task(args.layers_per_task, args.executor)
+    return make_executor(args.executor, args.ray_address, args.workers)

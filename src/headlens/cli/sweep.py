@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from headlens.cli.common import command_parser, int_arg, model_source
+from headlens.cli.common import add_executor_args, command_parser, executor_from, int_arg, model_source
 from headlens.errors import HeadlensError
 
 
@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="skip layers already finished in --out-dir")
     p.add_argument("--out-dir", default="headlens-out/sweep", metavar="DIR", help="default headlens-out/sweep")
     p.add_argument("--json", default=None, metavar="PATH", help="summary JSON (default <out-dir>/sweep_summary.json)")
+    add_executor_args(p)
     p.set_defaults(func=cmd_sweep)
 
 
@@ -74,6 +75,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       kv_bytes=args.kv_bytes, max_calib_tokens=args.max_calib_tokens, out_dir=args.out_dir,
                       resume=args.resume, truncate=args.truncate)
     cfg.validate()
+    executor = executor_from(args)
     cfg = replace(cfg, calibration=read_calibration(args))
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)
@@ -87,7 +89,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from headlens.circuits.mla import run_mla_sweep
         from headlens.report.mla import mla_lines, write_mla_report
 
-        mla = run_mla_sweep(source, args.layers, args.kv_bytes, progress=bar)
+        with executor as ex:
+            mla = run_mla_sweep(source, args.layers, args.kv_bytes, progress=bar, executor=ex,
+                                layers_per_task=args.layers_per_task)
         paths = write_mla_report(mla, out_dir, Path(args.json) if args.json else None)
         print("\n".join(mla_lines(mla) + [f"saved -> {p}" for p in paths]))
         return 0
@@ -104,8 +108,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         tqdm.write(layer_line(layer, ks), file=sys.stdout)
         sys.stdout.flush()
 
-    with WorkerPool(lambda: 1 if usable_cores() >= 2 else 0, warm_up) as pool:
-        result = run_sweep(source, cfg, on_start=started, progress=bar, on_layer=finished)
+    with WorkerPool(lambda: 1 if usable_cores() >= 2 else 0, warm_up) as pool, executor as ex:
+        result = run_sweep(source, cfg, on_start=started, progress=bar, on_layer=finished, executor=ex,
+                           layers_per_task=args.layers_per_task)
         paths = write_report(result, out_dir, Path(args.json) if args.json else None, pool=pool.executor)
     print("\n".join(result_lines(result, per_layer=False) + [f"saved -> {p}" for p in paths]))
     return 0
