@@ -22,7 +22,7 @@ FILE_FLAGS = (("json", "--json"), ("plot_path", "--plot-path"))
 # or empty, writable, holding none of the command's other outputs. They join the output set and its lock.
 NEW_DIR_PARAMS = ("save_model",)
 
-COMMANDS = ("ov", "sphere", "sweep", "compress", "generate", "router", "toy", "diagram", "models")
+COMMANDS = ("ov", "sphere", "sweep", "trajectory", "compress", "generate", "router", "toy", "diagram", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:
