@@ -14,6 +14,14 @@ token after the first of a window predicted once) in float32 from the saved bf16
 
 The output directory is an ordinary HuggingFace model directory (config.json, model.safetensors in bf16, the
 tokenizer) plus PROVENANCE.md and provenance.json.  Losses are natural-log cross-entropy per token (nats).
+
+``--save-every N`` (with ``--steps``) also writes a training trajectory: ``<out>/checkpoint-<step>/`` at step 0
+(the initialisation, before any update), every N steps and at the last step, each an HF directory in bf16 like the
+final one plus a ``trainer_state.json`` as transformers' Trainer writes it (``global_step``, ``max_steps``,
+``log_history`` with the train losses logged every ``--log-every`` steps and the held-out samples as
+``eval_loss``); ``headlens trajectory`` reads such a directory.  Saving draws no random numbers, so the trained
+weights are the same with or without it.  ``--train-file`` / ``--heldout-file`` train and score on other texts
+(same format: documents separated by a blank line).
 """
 
 from __future__ import annotations
@@ -145,6 +153,36 @@ def lr_at(progress: float, warmup: float, lr: float, min_ratio: float = 0.1) -> 
     return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
+def write_checkpoint(model, tok, root: Path, step: int, *, max_steps: int, log_history: list[dict], epoch: float,
+                     tokens_seen: int, batch: int, logging_steps: int, eval_steps: int, save_steps: int,
+                     num_train_epochs: int, dtype=None) -> Path:
+    """Write ``root/checkpoint-<step>/`` the way transformers' Trainer lays out a checkpoint: an HF model directory
+    (config.json, model.safetensors, the tokenizer) and ``trainer_state.json`` (``TrainerState.save_to_json``, so
+    ``TrainerState.load_from_json`` reads it back).  ``model`` is left untouched (a copy is cast to ``dtype``,
+    default bfloat16, and saved).  Used by train.py ``--save-every`` and micro_trajectory.py."""
+    import copy
+
+    import torch
+    from transformers.trainer_callback import TrainerControl, TrainerState
+
+    out = root / f"checkpoint-{step}"
+    out.mkdir(parents=True, exist_ok=True)
+    snapshot = copy.deepcopy(model).to(dtype or torch.bfloat16)
+    if hasattr(snapshot.config, "output_router_logits"):
+        snapshot.config.output_router_logits = False  # as the final save does: inference needs no router logits
+    snapshot.save_pretrained(str(out))
+    del snapshot
+    tok.save_pretrained(str(out))
+    state = TrainerState(
+        epoch=epoch, global_step=step, max_steps=max_steps, logging_steps=logging_steps, eval_steps=eval_steps,
+        save_steps=save_steps, train_batch_size=batch, num_train_epochs=num_train_epochs,
+        num_input_tokens_seen=tokens_seen, log_history=[dict(e) for e in log_history],
+        stateful_callbacks=[TrainerControl(should_training_stop=step >= max_steps)],
+    )
+    state.save_to_json(str(out / "trainer_state.json"))
+    return out
+
+
 def write_provenance(out: Path, info: dict) -> None:
     (out / "provenance.json").write_text(json.dumps(info, indent=1) + "\n")
     c = info["corpus"]
@@ -157,7 +195,8 @@ def write_provenance(out: Path, info: dict) -> None:
         "- Corpus: " + "; ".join(f"Debian `{s['package']}` {s['version']} ({s['licence']})" for s in c["sources"])
         + f", extracted by `tools/train/corpus.py`; held-out rule: {c['heldout_rule']}.",
         f"- Training split SHA-256 `{c['train_sha256']}` ({c['train_bytes']:,} bytes, {c['train_tokens']:,} tokens); "
-        f"held-out SHA-256 `{c['heldout_sha256']}` ({c['heldout_bytes']:,} bytes, {c['heldout_tokens']:,} tokens).",
+        f"held-out SHA-256 `{c['heldout_sha256']}` ({c['heldout_bytes']:,} bytes, {c['heldout_tokens']:,} tokens)"
+        + (f"; files `{info['train_file']}` and `{info['heldout_file']}`" if info.get("train_file") else "") + ".",
         f"- Tokenizer: byte-level BPE, {info['vocab_size']} tokens (`tools/train/tokenizer.py`), "
         f"`tokenizer.json` SHA-256 `{info['tokenizer_sha256']}`.",
         f"- Script: `tools/train/train.py` at commit `{info['git_commit']}`; command `{info['command']}`.",
@@ -179,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["tiny-lm", "tiny-moe"], required=True)
     ap.add_argument("--data", type=Path, default=HERE / "data")
+    ap.add_argument("--train-file", type=Path, default=None, help="training text (default DATA/train.txt)")
+    ap.add_argument("--heldout-file", type=Path, default=None, help="held-out text (default DATA/heldout.txt)")
     ap.add_argument("--tokenizer", type=Path, default=HERE / "tokenizer")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget for the training loop")
@@ -198,7 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=100, help="steps between held-out samples")
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--save-every", type=int, default=None,
+                    help="also write OUT/checkpoint-<step>/ at step 0, every N steps and the last (needs --steps)")
     args = ap.parse_args(argv)
+    if args.save_every is not None and (args.save_every < 1 or args.steps is None):
+        ap.error("--save-every N needs N >= 1 and --steps (a trajectory follows a fixed schedule)")
+    train_file = args.train_file or args.data / "train.txt"
+    heldout_file = args.heldout_file or args.data / "heldout.txt"
 
     import torch
     import transformers
@@ -209,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(str(args.tokenizer))
     t0 = time.time()
-    train_stream, n_train_docs = encode_stream(tok, args.data / "train.txt")
-    held_stream, n_held_docs = encode_stream(tok, args.data / "heldout.txt")
+    train_stream, n_train_docs = encode_stream(tok, train_file)
+    held_stream, n_held_docs = encode_stream(tok, heldout_file)
     print(f"encoded {n_train_docs} train documents -> {len(train_stream):,} tokens, {n_held_docs} held-out -> "
           f"{len(held_stream):,} tokens in {time.time() - t0:.1f} s", flush=True)
 
@@ -233,6 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     recent: list[float] = []
     history = []
     step, tokens_seen = 0, 0
+    log_history: list[dict] = []  # Trainer's log_history: train losses and held-out samples (eval_loss)
+
+    def save_checkpoint() -> None:
+        per_epoch = len(train_stream) / (args.batch * args.seq_len)  # steps per epoch of the training stream
+        write_checkpoint(model, tok, args.out, step, max_steps=args.steps, log_history=log_history,
+                         epoch=step / per_epoch, tokens_seen=tokens_seen, batch=args.batch,
+                         logging_steps=args.log_every, eval_steps=args.eval_every, save_steps=args.save_every,
+                         num_train_epochs=max(1, math.ceil(args.steps / per_epoch)))
+        print(f"step {step} saved {args.out / f'checkpoint-{step}'}", flush=True)
+
+    if args.save_every:
+        save_checkpoint()  # the initialisation
     model.train()
     start = time.time()
     while True:
@@ -252,22 +311,31 @@ def main(argv: list[str] | None = None) -> int:
             total = loss + model.config.router_aux_loss_coef * out.aux_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         tokens_seen += win[:, :-1].numel()
         recent.append(loss.item())
         recent = recent[-50:]
+        epoch = tokens_seen / len(train_stream)
         if step % args.log_every == 0:
             el = time.time() - start
-            print(f"step {step} loss {sum(recent[-args.log_every:]) / len(recent[-args.log_every:]):.4f} lr {lr:.2e} "
+            mean_loss = sum(recent[-args.log_every:]) / len(recent[-args.log_every:])
+            log_history.append({"loss": mean_loss, "grad_norm": float(grad_norm), "learning_rate": lr,
+                                "epoch": epoch, "step": step})
+            print(f"step {step} loss {mean_loss:.4f} lr {lr:.2e} "
                   f"tokens {tokens_seen:,} {tokens_seen / el:.0f} tok/s elapsed {el:.0f}s", flush=True)
         if step % args.eval_every == 0:
             h, _ = heldout_loss(model, held_stream, args.seq_len, args.batch, args.eval_windows)
             history.append({"step": step, "tokens": tokens_seen, "seconds": round(time.time() - start, 1),
                             "train_loss": sum(recent) / len(recent), "heldout_sample_loss": h})
+            log_history.append({"eval_loss": h, "epoch": epoch, "step": step})
             print(f"step {step} held-out sample ({args.eval_windows} windows) loss {h:.4f}", flush=True)
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint()
     wall = time.time() - start
+    if args.save_every and step % args.save_every != 0:
+        save_checkpoint()  # the last step (a --minutes cap may stop before --steps)
     print(f"trained {step} steps, {tokens_seen:,} tokens in {wall:.0f} s ({tokens_seen / max(wall, 1e-9):.0f} tok/s)",
           flush=True)
 
@@ -300,13 +368,16 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": {
             "sources": sources,
             "heldout_rule": f"document index % {HELDOUT_EVERY} == {HELDOUT_AT}",
-            "train_sha256": sha256(args.data / "train.txt"),
-            "heldout_sha256": sha256(args.data / "heldout.txt"),
-            "train_bytes": (args.data / "train.txt").stat().st_size,
-            "heldout_bytes": (args.data / "heldout.txt").stat().st_size,
+            "train_sha256": sha256(train_file),
+            "heldout_sha256": sha256(heldout_file),
+            "train_bytes": train_file.stat().st_size,
+            "heldout_bytes": heldout_file.stat().st_size,
             "train_tokens": len(train_stream),
             "heldout_tokens": len(held_stream),
         },
+        "train_file": str(train_file) if args.train_file or args.heldout_file else None,  # None: the corpus's
+        "heldout_file": str(heldout_file) if args.train_file or args.heldout_file else None,
+        "save_every": args.save_every,
         "git_commit": commit,
         "command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]) if argv is None
         else "main(" + repr(argv) + ")",
