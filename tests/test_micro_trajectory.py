@@ -143,3 +143,30 @@ def test_train_save_every(tmp_path):
     assert (ckpts[-1] / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["steps"] == 5 and prov["save_every"] == 2 and prov["train_file"] == str(tmp_path / "train.txt")
+
+
+def test_headlens_trajectory_reads_the_training_run(trajectory, tmp_path):
+    """``headlens trajectory`` on the micro run: every checkpoint with Trainer's step, the OV rank at 90% energy
+    falling from its initialisation value (real training dynamics), each checkpoint's rows equal to its own sweep,
+    and the figure and page written."""
+    import headlens
+    from headlens.cli import main
+    from headlens.io.tables import read_table
+
+    run = Path(trajectory[0]).parent  # the training run's directory of checkpoint-N folders
+    out = tmp_path / "out"
+    assert main(["trajectory", "--weights", str(run), "--prompt", "The function returns a new list.",
+                 "--out-dir", str(out)]) == 0
+    rows = read_table(out / "trajectory.parquet")
+    heads = [r for r in rows if r["unit"] == "head"]
+    steps = sorted({r["step"] for r in heads})
+    assert steps == [0, 10, 20, 40, 80]
+    mean = {s: sum(r["ov_rank_e90"] for r in heads if r["step"] == s) / sum(r["step"] == s for r in heads)
+            for s in steps}
+    assert mean[80] < mean[0] - 3, mean
+    alone = headlens.run_sweep(headlens.ModelSource(weights=str(run / "checkpoint-40")),
+                               headlens.SweepConfig(calibration=["The function returns a new list."]))
+    assert [r["ov_rank_e90"] for r in heads if r["step"] == 40] == [h.ov.rank_at[90] for h in alone.heads()]
+    assert all(r["first_token_share"] is not None for r in heads)
+    for name in ("trajectory.csv", "trajectory.png", "trajectory.html", "trajectory_summary.json"):
+        assert (out / name).stat().st_size > 0
