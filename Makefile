@@ -44,6 +44,10 @@ demo: $(VENV)/.installed
 		--prompt "$(LM_PROMPT)" --heatmap --plot --out-dir $(OUT)/tiny-lm --json
 	HF_HUB_OFFLINE=1 $(BIN)/headlens compress --model tiny-lm --out-dir $(OUT)/tiny-lm/compress
 	HF_HUB_OFFLINE=1 $(BIN)/headlens router --model tiny-moe --prompt "$(LM_PROMPT)" --out-dir $(OUT)/tiny-moe
+	# a training run in seconds (tools/train/micro_trajectory.py: checkpoint-N folders as Trainer writes them), read back
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/train/micro_trajectory.py --out $(OUT)/micro-run
+	HF_HUB_OFFLINE=1 $(BIN)/headlens trajectory --weights $(OUT)/micro-run --prompt "$(LM_PROMPT)" \
+		--out-dir $(OUT)/trajectory
 	@echo "files under $(OUT)/:"
 	@ls -lR $(OUT)
 

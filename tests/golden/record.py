@@ -85,6 +85,7 @@ CASES: list[Case] = [
     case("help_sphere", "sphere --help"),
     case("help_diagram", "diagram --help"),
     case("help_sweep", "sweep --help"),
+    case("help_trajectory", "trajectory --help"),
     case("help_compress", "compress --help"),
     case("help_generate", "generate --help"),
     case("help_router", "router --help"),

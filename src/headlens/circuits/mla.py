@@ -206,7 +206,8 @@ class MLACheckpoint:
 
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "family": "multi-head latent attention",
-                "revision": self.revision, **asdict(self.shape), "kv_lora_rank": self.mla.kv_lora_rank}
+                "revision": self.revision, **asdict(self.shape), "kv_lora_rank": self.mla.kv_lora_rank,
+                **_quantization_of(self.tensors)}
 
     def layer(self, layer: int) -> MLAFactors:
         if not 0 <= layer < self.mla.num_layers:
@@ -222,13 +223,21 @@ class MLACheckpoint:
         return self.tensors.read(key).to(torch.float64), key
 
 
+def _quantization_of(tensors) -> dict:
+    """``{"quantization": ...}`` of a dequantizing source whose checkpoint is quantized, else nothing."""
+    q = getattr(tensors, "quantization", None)
+    return {"quantization": q.to_json()} if q is not None else {}
+
+
 def open_mla(source) -> MLACheckpoint:
     """Open the latent-attention checkpoint ``source`` (a :class:`~headlens.io.source.ModelSource` naming a
     HuggingFace directory or hub repo) whose config :func:`is_mla_config`."""
+    from headlens.io.quantized import DequantizingSource
     from headlens.io.tensors import open_path
 
     name, directory, config = source.model_dir()
-    tensors = open_path(directory)
+    # DeepSeek-V3 ships FP8 weights with block scales: read dequantized, as every other checkpoint is
+    tensors = DequantizingSource(open_path(directory), config, directory)
     anchor = "0." + MLA_KEYS["ukv"]
     prefixes = [k[: -len(anchor)] for k in tensors.keys() if k.endswith(anchor)]
     if not prefixes:
