@@ -84,6 +84,11 @@ def points_from(args: argparse.Namespace):
     if not args.weights:
         raise HeadlensError("give the checkpoints: --weights A B C (or a directory of checkpoint-N folders), or "
                             "--hf-repo ORG/NAME --revisions R1,R2")
+    from headlens.trajectory.checkpoints import own_models
+
+    for d in own_models(args.weights):
+        print(f"note: {d} holds checkpoint-N folders and a model of its own: the folders are the trajectory, its "
+              "own model is not included", flush=True)
     return local_points(args.weights, steps, **common)
 
 

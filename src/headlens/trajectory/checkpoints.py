@@ -92,6 +92,17 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def own_models(paths: Sequence[str | Path]) -> list[Path]:
+    """The directories among ``paths`` that hold ``checkpoint-<N>`` folders and also a model of their own (a
+    Trainer's final save): :func:`expand` takes their folders, not that model."""
+    out = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir() and _holds_model(p) and any(d.is_dir() and CHECKPOINT_DIR.match(d.name) for d in p.iterdir()):
+            out.append(p)
+    return out
+
+
 def _unique_names(paths: list[Path]) -> list[str]:
     names = [p.name for p in paths]
     if len(set(names)) == len(names):
