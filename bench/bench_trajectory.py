@@ -8,7 +8,10 @@ Prints, measured side by side in one run (each command a fresh process, serial a
 (b) ``headlens trajectory --weights DIR --no-resume`` (serial, weight-only, with the QK side) and the same with
     ``--executor ray --workers 2``, and their ratio; the Ray run minus (a) (its compute and gathering) against the
     serial run;
-(c) the serial run's time per (checkpoint, layer), the tables' equality (the two parquet files bit for bit).
+(c) the serial run with one torch thread (``OMP_NUM_THREADS=1``): the serial run on 2 threads already uses the
+    second core for the Gram products, so two one-thread Ray workers can at best halve *that* run; the overhead
+    of Ray beyond that ideal (start-up excluded);
+(d) the serial run's time per (checkpoint, layer), the tables' equality (the parquet files bit for bit).
 
 The checkpoints (``--checkpoints`` 8, ``--layers`` 8 by default) have Qwen3-0.6B's attention (hidden 1024, 16
 query heads, 8 kv heads, head_dim 128, q/k norms) with random bf16 weights (a different seed each, so no file is
@@ -83,9 +86,9 @@ def _env() -> dict:
     return env
 
 
-def timed(argv: list[str]) -> tuple[float, str]:
+def timed(argv: list[str], **env: str) -> tuple[float, str]:
     t0 = time.perf_counter()
-    out = subprocess.run(argv, capture_output=True, text=True, env=_env())
+    out = subprocess.run(argv, capture_output=True, text=True, env={**_env(), **env})
     dt = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"failed ({out.returncode}): {' '.join(argv)}\n{out.stderr[-3000:]}")
@@ -110,25 +113,32 @@ def main() -> int:
         print(f"checkpoints: {run} ({size / 1e6:.0f} MB of safetensors)")
         base = [*HEADLENS, "trajectory", "--weights", str(run), "--no-resume"]
         timed([*base, "--out-dir", str(tmp / "warm")])  # page cache and imports warmed, untimed
-        starts, serial, ray = [], [], []
+        starts, serial, serial1, ray = [], [], [], []
         for i in range(args.repeats):
             dt, out = timed([sys.executable, "-c", RAY_START])
             starts.append(json.loads(out.strip().splitlines()[-1]))
             serial.append(timed([*base, "--out-dir", str(tmp / f"serial{i}")])[0])
+            serial1.append(timed([*base, "--out-dir", str(tmp / f"one{i}")], OMP_NUM_THREADS="1")[0])
             ray.append(timed([*base, "--out-dir", str(tmp / f"ray{i}"), "--executor", "ray", "--workers", "2"])[0])
         same = all((tmp / f"serial{i}" / "trajectory.parquet").read_bytes()
                    == (tmp / f"ray{i}" / "trajectory.parquet").read_bytes() for i in range(args.repeats))
         best = min(starts, key=lambda s: s["total"])
-        s, r = min(serial), min(ray)
+        s, r, s1 = min(serial), min(ray), min(serial1)
         cells = args.checkpoints * args.layers
         print(f"\nRay start-up alone (min of {args.repeats}): {best['total']:.1f} s = import {best['import']:.1f} + "
               f"init {best['init']:.1f} + first task per worker (spawn, import torch) {best['first_tasks']:.1f} + "
               f"shutdown {best['shutdown']:.1f}")
         print(f"serial: {s:.1f} s (runs {', '.join(f'{x:.1f}' for x in serial)}); "
               f"{1000 * s / cells:.0f} ms per (checkpoint, layer) including start-up and writing")
+        print(f"serial on 1 torch thread: {s1:.1f} s (runs {', '.join(f'{x:.1f}' for x in serial1)}): the serial "
+              f"run on 2 threads already uses the second core for {s1 / s:.2f}x")
         print(f"ray, 2 local workers: {r:.1f} s (runs {', '.join(f'{x:.1f}' for x in ray)})")
         print(f"speed-up serial / ray: {s / r:.2f}x; without Ray's start-up: serial / (ray - start-up) = "
               f"{s / max(1e-9, r - best['total']):.2f}x")
+        ideal = s1 / 2
+        print(f"ideal on 2 one-thread workers: serial(1 thread) / 2 = {ideal:.1f} s; Ray's tasks and gathering took "
+              f"{r - best['total']:.1f} s (overhead {r - best['total'] - ideal:+.1f} s beyond the ideal, "
+              f"{(r - best['total'] - ideal) / max(1, len(list(run.glob('checkpoint-*')))):.2f} s per checkpoint)")
         print(f"tables identical (parquet bytes): {same}")
         return 0
     finally:

@@ -55,6 +55,8 @@ def draw_figure(result: TrajectoryResult, path: Path, rows: list[dict[str, Any]]
     cmap = plt.get_cmap("viridis")
     for ax, (unit, column, title, why) in zip(axes.flat, PANELS):
         series = layer_series(rows, unit, column)
+        if column == "k_plain":
+            title = f"value latent at {result.config.get('target', 'the target')} (mean k over kv groups)"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step" + (" (order given)" if {c.point.step_from for c in result.checkpoints}
                                          == {"order"} else ""))
