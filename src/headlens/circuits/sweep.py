@@ -225,20 +225,30 @@ class SweepResult:
                 "budget": self.budget.to_json(with_rows=False), "per_layer": per_layer, "notes": notes}
 
 
+def model_for_texts(source: "ModelSource", ck: Checkpoint, texts: list[str], dtype: torch.dtype, max_tokens: int,
+                    truncate: bool = False, purpose: str = "data-aware mode"):
+    """(tokenizer, model, position limit) of ``ck`` for running ``texts`` through it: each text checked against the
+    model's positions (refused, or cut with ``truncate``); ``purpose`` names what needs the model in the error of a
+    checkpoint without a model directory."""
+    from headlens.io.source import check_text_lengths
+    from headlens.residual.capture import max_positions
+
+    if ck.directory is None:
+        raise HeadlensError(f"{purpose} runs the model: pass `weights` DIR (a HuggingFace model directory with "
+                            "config.json and tokenizer) or `hf_repo`")
+    tok = source.tokenizer(ck.directory)
+    limit = max_positions(ck.config or {})
+    check_text_lengths(tok, texts, limit, truncate, "calibration text", max_tokens)
+    return tok, source.model(ck.directory, dtype), limit
+
+
 def capture_calibration(source: "ModelSource", ck: Checkpoint, texts: list[str], layers: list[int], dtype: torch.dtype,
                         max_tokens: int, truncate: bool = False) -> tuple[dict[int, torch.Tensor], int]:
     """Every selected layer's attention input for the calibration tokens: ({layer: (d, N) float64}, N). A text
     longer than the model's positions is refused, or cut there with ``truncate``."""
-    from headlens.io.source import check_text_lengths
-    from headlens.residual.capture import capture_attention_inputs, max_positions
+    from headlens.residual.capture import capture_attention_inputs
 
-    if ck.directory is None:
-        raise HeadlensError("data-aware mode runs the model: pass `weights` DIR (a HuggingFace model directory "
-                            "with config.json and tokenizer) or `hf_repo`")
-    tok = source.tokenizer(ck.directory)
-    limit = max_positions(ck.config or {})
-    check_text_lengths(tok, texts, limit, truncate, "calibration text", max_tokens)
-    model = source.model(ck.directory, dtype)
+    tok, model, limit = model_for_texts(source, ck, texts, dtype, max_tokens, truncate)
     X, n = capture_attention_inputs(model, tok, ck.spec, texts, layers, max_tokens, limit)
     if n < 4:
         raise HeadlensError(f"the calibration text gives {n} tokens: at least 4 are needed (half fit, half held out)")

@@ -15,6 +15,17 @@ def add_parser(sub) -> None:
                        description="Sweep all layers and heads: factored OV and QK spectra, ranks at energy "
                                    "levels, stacked kv-group operators, optional data-aware (whitened) latents, "
                                    "and the KV-cache budget of an MLA-style latent per layer and kv group.")
+    add_sweep_options(p)
+    p.add_argument("--resume", action="store_true", help="skip layers already finished in --out-dir")
+    p.add_argument("--out-dir", default="headlens-out/sweep", metavar="DIR", help="default headlens-out/sweep")
+    p.add_argument("--json", default=None, metavar="PATH", help="summary JSON (default <out-dir>/sweep_summary.json)")
+    add_executor_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+def add_sweep_options(p, calib_help: str = "calibration text, one sample per line (data-aware mode)",
+                      prompt_help: str = "calibration text (data-aware mode)") -> None:
+    """The flags of what a sweep computes (shared by ``sweep`` and ``trajectory``)."""
     p.add_argument("--layers", metavar="SEL", help="layers to sweep: 0:12 (slice), 1,4,9, or all (default)")
     p.add_argument("--k", default=None, metavar="K,K,...",
                    help="latent sizes to report (default 8,16,32,64, those not above head_dim)")
@@ -28,17 +39,12 @@ def add_parser(sub) -> None:
                    help="budget: smallest latent per kv group keeping energy >= F")
     p.add_argument("--kv-bytes", type=int_arg, default=2, metavar="B", help="bytes per cached value, 1..8 (default 2)")
     c = p.add_mutually_exclusive_group()
-    c.add_argument("--calib", metavar="FILE", help="calibration text, one sample per line (data-aware mode)")
-    c.add_argument("--prompt", metavar="TEXT", help="calibration text (data-aware mode)")
+    c.add_argument("--calib", metavar="FILE", help=calib_help)
+    c.add_argument("--prompt", metavar="TEXT", help=prompt_help)
     p.add_argument("--max-calib-tokens", type=int_arg, default=2048, metavar="N",
                    help="cap on calibration tokens (default 2048); half fit the latents, half are held out")
     p.add_argument("--truncate", action="store_true",
                    help="cut a calibration text longer than the model's positions (refused otherwise)")
-    p.add_argument("--resume", action="store_true", help="skip layers already finished in --out-dir")
-    p.add_argument("--out-dir", default="headlens-out/sweep", metavar="DIR", help="default headlens-out/sweep")
-    p.add_argument("--json", default=None, metavar="PATH", help="summary JSON (default <out-dir>/sweep_summary.json)")
-    add_executor_args(p)
-    p.set_defaults(func=cmd_sweep)
 
 
 def read_calibration(args) -> list[str] | None:

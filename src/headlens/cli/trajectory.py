@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from headlens.cli.common import add_executor_args, add_placement_args, executor_from, int_arg
+from headlens.cli.common import add_executor_args, add_placement_args, executor_from
+from headlens.cli.sweep import add_sweep_options
 from headlens.errors import HeadlensError
 
 
@@ -32,23 +33,8 @@ def add_parser(sub) -> None:
                    help="allow a hub repo's own modeling code (off unless you ask for it)")
     add_placement_args(p)
     s = p.add_argument_group("sweep (as headlens sweep)")
-    s.add_argument("--layers", metavar="SEL", help="layers to sweep: 0:12 (slice), 1,4,9, or all (default)")
-    s.add_argument("--k", default=None, metavar="K,K,...",
-                   help="latent sizes to report (default 8,16,32,64, those not above head_dim)")
-    s.add_argument("--no-qk", action="store_true", help="skip the QK side (faster)")
-    t = s.add_mutually_exclusive_group()
-    t.add_argument("--target-error", type=float, default=None, metavar="E",
-                   help="budget: smallest latent per kv group with relative error <= E (default 0.1)")
-    t.add_argument("--target-energy", type=float, default=None, metavar="F",
-                   help="budget: smallest latent per kv group keeping energy >= F")
-    s.add_argument("--kv-bytes", type=int_arg, default=2, metavar="B", help="bytes per cached value, 1..8 (default 2)")
-    c = s.add_mutually_exclusive_group()
-    c.add_argument("--calib", metavar="FILE", help="texts, one per line: data-aware errors and the prompt numbers")
-    c.add_argument("--prompt", metavar="TEXT", help="a text: data-aware errors and the prompt numbers")
-    s.add_argument("--max-calib-tokens", type=int_arg, default=2048, metavar="N",
-                   help="cap on the texts' tokens (default 2048)")
-    s.add_argument("--truncate", action="store_true",
-                   help="cut a text longer than the model's positions (refused otherwise)")
+    add_sweep_options(s, calib_help="texts, one per line: data-aware errors and the prompt numbers",
+                      prompt_help="a text: data-aware errors and the prompt numbers")
     s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the finished layers and prompt numbers kept in --out-dir whose fingerprints match "
                         "(default; --no-resume computes everything again)")
@@ -103,7 +89,7 @@ def cmd_trajectory(args: argparse.Namespace) -> int:
     if args.device_map or args.max_memory or args.offload_dir:
         raise HeadlensError("--device-map, --max-memory and --offload-dir do not apply to trajectory: it reads one "
                             "layer's tensors at a time (and loads each checkpoint once for the prompt numbers)")
-    cfg = SweepConfig(layers=args.layers, ks=args.k, with_qk=not args.no_qk, dtype=args.dtype,
+    cfg = SweepConfig(layers=args.layers, ks=args.k, fold_norm=args.fold_norm, with_qk=not args.no_qk, dtype=args.dtype,
                       target_error=args.target_error, target_energy=args.target_energy, kv_bytes=args.kv_bytes,
                       max_calib_tokens=args.max_calib_tokens, truncate=args.truncate)
     cfg.validate()

@@ -34,17 +34,12 @@ def prompt_numbers(source: "ModelSource", texts: list[str], dtype_name: str, max
     """``{"heads": [{layer, head, first_token_share}], "layers": [{layer, resid_norm_first, resid_norm_rest,
     router_* (MoE layers)}], "tokens": N, "texts": T}`` (see the module docstring). Texts longer than the model's
     positions are refused, or cut with ``truncate``; at most ``max_tokens`` tokens are run in all."""
-    from headlens.io.source import check_text_lengths
-    from headlens.residual.capture import eager_attention, input_device, max_positions, record_sites
+    from headlens.circuits.sweep import model_for_texts
+    from headlens.residual.capture import eager_attention, input_device, record_sites
 
     ck = source.checkpoint(full=True, roles=("norm",))
-    if ck.directory is None:
-        raise HeadlensError("the prompt-dependent numbers run the model: pass `weights` DIR (a HuggingFace model "
-                            "directory with config.json and tokenizer) or `hf_repo`")
-    tok = source.tokenizer(ck.directory)
-    limit = max_positions(ck.config or {})
-    check_text_lengths(tok, texts, limit, truncate, "calibration text", max_tokens)
-    model = source.model(ck.directory, source.dtype(dtype_name))
+    tok, model, limit = model_for_texts(source, ck, texts, source.dtype(dtype_name), max_tokens, truncate,
+                                        "the prompt-dependent part")
     device = input_device(model)
     share_sum: torch.Tensor | None = None  # (L, H)
     queries = 0
