@@ -189,6 +189,13 @@ def make_executor(executor: str = "serial", ray_address: str | None = None, work
     return RayExecutor(address=ray_address, workers=workers)
 
 
+def default_block(layers: int, cpus: int) -> int:
+    """Layers per task when none is given: about two tasks per CPU, so a slow block does not leave CPUs idle."""
+    import math
+
+    return max(1, math.ceil(layers / max(1, 2 * cpus)))
+
+
 def blocks(layers: Sequence[int], size: int) -> list[list[int]]:
     """``layers`` cut into consecutive blocks of at most ``size``."""
     size = max(1, int(size))

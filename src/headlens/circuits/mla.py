@@ -361,8 +361,7 @@ def run_mla_sweep(source, layers: str | None = None, kv_bytes: int = 2,
         loop = progress(chosen, len(chosen)) if progress is not None else chosen
         results = [analyze_mla_layer(ck.layer(layer)) for layer in loop]
     else:
-        from headlens.circuits.sweep_run import default_block
-        from headlens.executor import Task, block_label, blocks
+        from headlens.executor import Task, block_label, blocks, default_block
 
         size = layers_per_task or default_block(len(chosen), executor.cpus())
         tasks = [Task(mla_block, (source, block), f"{ck.name}, {block_label(block)}", weight=len(block))

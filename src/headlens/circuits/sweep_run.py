@@ -11,7 +11,6 @@ once and assembles the :class:`~headlens.circuits.sweep.SweepResult`. ``headlens
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -25,7 +24,7 @@ from headlens.circuits.sweep_layer import iter_layers
 from headlens.circuits.sweep_parts import SweepParts, run_id, weights_digest
 from headlens.circuits.sweep_results import LayerResult
 from headlens.errors import HeadlensError
-from headlens.executor import Task, block_label, blocks
+from headlens.executor import Task, block_label, blocks, default_block
 from headlens.selection import parse_layers
 
 if TYPE_CHECKING:
@@ -175,7 +174,3 @@ class SweepRun:
         for _task, value in executor.results(tasks):
             yield from self.take(value)
 
-
-def default_block(layers: int, cpus: int) -> int:
-    """Layers per task when none is given: about two tasks per CPU, so a slow block does not leave CPUs idle."""
-    return max(1, math.ceil(layers / max(1, 2 * cpus)))

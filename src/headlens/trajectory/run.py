@@ -148,7 +148,8 @@ def run_trajectory(points: Sequence[Point], cfg: SweepConfig, out_dir: str | Pat
         raise HeadlensError("`points` holds no checkpoint")
     out_dir = Path(params.path(out_dir, "out_dir", optional=False))  # type: ignore[arg-type]
     executor = executor if executor is not None else SerialExecutor()
-    from headlens.circuits.sweep_run import SweepRun, default_block
+    from headlens.circuits.sweep_run import SweepRun
+    from headlens.executor import default_block
     from headlens.io.files import ensure_dir, write_json
 
     dirs = _part_dirs(points)
