@@ -43,7 +43,7 @@ import time, json
 t0 = time.perf_counter()
 import ray
 t1 = time.perf_counter()
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 t2 = time.perf_counter()
 @ray.remote(num_cpus=1)
 def warm():

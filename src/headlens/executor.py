@@ -120,8 +120,8 @@ class RayExecutor:
                                           "log_to_driver": False, "configure_logging": True}
                 if self.address:
                     ray.init(address=self.address, **kwargs)
-                else:
-                    ray.init(num_cpus=self.workers or os.cpu_count() or 1, **kwargs)
+                else:  # "local": a new Ray for this run, never the last one `ray start` left on this machine
+                    ray.init(address="local", num_cpus=self.workers or os.cpu_count() or 1, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"the Ray cluster at `ray_address` {self.address}" if self.address else "a local Ray"
                 raise HeadlensError(f"cannot start {where}: {_first_line(exc)}") from None
@@ -158,6 +158,14 @@ class RayExecutor:
         finally:
             for ref in pending:  # an error, an interrupt or a caller that stopped reading: the rest is not needed
                 ray.cancel(ref)
+
+    def started_line(self) -> str:
+        """What this run did to get its Ray, for the terminal."""
+        if not self.start_seconds:
+            return f"ray: {self.cpus()} CPUs (already connected)"
+        if self.address:
+            return f"ray: joined the cluster at {self.address} ({self.cpus()} CPUs) in {self.start_seconds:.1f} s"
+        return f"ray: started a local Ray with {self.cpus()} CPUs in {self.start_seconds:.1f} s"
 
     def describe(self) -> dict[str, Any]:
         return {"executor": "ray", "ray_address": self.address, "cpus": self.cpus(),

@@ -60,7 +60,7 @@ def ray_local():
                                             "tests are skipped")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     if started:
         ray.shutdown()
@@ -339,3 +339,67 @@ def test_task_failure_names_the_task_and_keeps_the_cause():
     with pytest.raises(TaskFailed, match=r"^ck-3, layers 0-1: ValueError: bad 3$") as info:
         list(SerialExecutor().results([Task(boom, (3,), "ck-3, layers 0-1")]))
     assert isinstance(info.value.__cause__, ValueError)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc, seconds: float = 90) -> bool:
+    import socket
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def test_ray_address_joins_a_running_cluster(run_dir, tmp_path):
+    """`--ray-address` joins a cluster started by `ray start --head` (a fresh driver process, as a user's), instead of
+    starting a local Ray; the tables equal the serial run's. The head runs with --block in its own session and is
+    stopped by signalling that session only (`ray stop` would stop every Ray on the machine)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'headlens[ray]'): the Ray executor tests "
+                                      "are skipped")
+    import os
+    import signal
+
+    ray_cmd = Path(sys.executable).with_name("ray")
+    if not ray_cmd.exists():
+        pytest.skip(f"no `ray` command next to {sys.executable}")
+    import secrets
+
+    # Ray's token authentication (on by default for clusters since 2.59): the head and the driver share the token
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    port = _free_port()
+    head = subprocess.Popen([str(ray_cmd), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
+                             "--include-dashboard", "false", "--disable-usage-stats"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        if not _wait_for_port(port, head):
+            pytest.skip("`ray start --head` did not come up here")
+        code = ("import sys; from headlens.cli import main; sys.exit(main(['trajectory', '--weights', "
+                f"{str(run_dir)!r}, '--no-qk', '--executor', 'ray', '--ray-address', '127.0.0.1:{port}', "
+                f"'--out-dir', {str(tmp_path / 'joined')!r}]))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"ray: joined the cluster at 127.0.0.1:{port} (2 CPUs)" in out.stdout, out.stdout  # started nothing
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(head.pid, signal.SIGKILL)
+    assert main(["trajectory", "--weights", str(run_dir), "--no-qk", "--out-dir", str(tmp_path / "serial")]) == 0
+    assert _table(tmp_path / "joined") == _table(tmp_path / "serial")
+    summary = json.loads((tmp_path / "joined" / "trajectory_summary.json").read_text())
+    assert summary["executor"]["ray_address"] == f"127.0.0.1:{port}"

@@ -98,8 +98,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         with executor as ex:
             mla = run_mla_sweep(source, args.layers, args.kv_bytes, progress=bar, executor=ex,
                                 layers_per_task=args.layers_per_task)
+            ray_line = [ex.started_line()] if ex.name == "ray" else []
         paths = write_mla_report(mla, out_dir, Path(args.json) if args.json else None)
-        print("\n".join(mla_lines(mla) + [f"saved -> {p}" for p in paths]))
+        print("\n".join(ray_line + mla_lines(mla) + [f"saved -> {p}" for p in paths]))
         return 0
     ks: list[int] = []
 
@@ -118,5 +119,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         result = run_sweep(source, cfg, on_start=started, progress=bar, on_layer=finished, executor=ex,
                            layers_per_task=args.layers_per_task)
         paths = write_report(result, out_dir, Path(args.json) if args.json else None, pool=pool.executor)
-    print("\n".join(result_lines(result, per_layer=False) + [f"saved -> {p}" for p in paths]))
+        ray_line = [ex.started_line()] if ex.name == "ray" else []
+    print("\n".join(ray_line + result_lines(result, per_layer=False) + [f"saved -> {p}" for p in paths]))
     return 0

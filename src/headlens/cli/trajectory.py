@@ -116,8 +116,8 @@ def cmd_trajectory(args: argparse.Namespace) -> int:
     with executor as ex:
         result = run_trajectory(points, cfg, out_dir, executor=ex, layers_per_task=args.layers_per_task,
                                 resume=args.resume, progress=bar, on_plan=planned)
-        if getattr(ex, "start_seconds", 0):
-            print(f"ray: {ex.cpus()} CPUs, started in {ex.start_seconds:.1f} s", flush=True)
+        if ex.name == "ray":
+            print(ex.started_line(), flush=True)
     paths = write_report(result, out_dir)
     print("\n".join(result_lines(result) + [f"saved -> {p}" for p in paths]))
     return 0
