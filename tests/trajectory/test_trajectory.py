@@ -295,14 +295,19 @@ def test_a_failing_checkpoint_is_one_line_nothing_half_and_a_rerun_does_only_the
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "checkpoint-1" in err[0] and "q_proj" in err[0], err
     assert not any(out.glob("trajectory*")), sorted(p.name for p in out.iterdir())  # nothing half-written
-    (bad / "model.safetensors").write_bytes(good)  # repaired
+    # the layers finished before the failure are kept; those of the checkpoint that changed on disk are not valid
+    kept = {d.name: len(list((out / "checkpoints" / d.name / "sweep_layers").glob("layer_*.json")))
+            for d in run.iterdir()}
+    if executor == "serial":  # checkpoint-0 finished before checkpoint-1's task failed; nothing of -1 or -2 kept
+        assert kept == {"checkpoint-0": 2, "checkpoint-1": 0, "checkpoint-2": 0}, kept
+    (bad / "model.safetensors").write_bytes(good)  # repaired (a new file: its layers' fingerprints no longer match)
+    valid = kept["checkpoint-0"] + kept["checkpoint-2"]
     code = main(["trajectory", "--weights", str(run), "--out-dir", str(out), *extra])
     first = capsys.readouterr().out.splitlines()[0]
     assert code == 0
-    # the serial run finished checkpoint-0 before reaching checkpoint-1: only checkpoint-1 and -2 remain (4 layers);
-    # on Ray the tasks ran in any order, so at least checkpoint-1's 2 layers are computed again
-    todo = int(first.split(": ")[1].split(" layers")[0])
-    assert (todo == 4) if executor == "serial" else (2 <= todo <= 4), first
+    # the rerun computes exactly what is missing or changed, and keeps the rest
+    want = f"{6 - valid} layers to sweep" + (f", {valid} kept from an earlier run" if valid else "")
+    assert want in first, (first, kept)
     rows = read_table(out / "trajectory.parquet")
     assert sorted({r["step"] for r in rows}) == [0, 1, 2]
 
