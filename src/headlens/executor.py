@@ -43,7 +43,6 @@ class Task:
     args: tuple
     label: str
     key: Any = None
-    weight: int = 1  # units of progress it stands for (e.g. layers)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -364,7 +364,7 @@ def run_mla_sweep(source, layers: str | None = None, kv_bytes: int = 2,
         from headlens.executor import Task, block_label, blocks, default_block
 
         size = layers_per_task or default_block(len(chosen), executor.cpus())
-        tasks = [Task(mla_block, (source, block), f"{ck.name}, {block_label(block)}", weight=len(block))
+        tasks = [Task(mla_block, (source, block), f"{ck.name}, {block_label(block)}")
                  for block in blocks(chosen, size)]
         done = {}
 

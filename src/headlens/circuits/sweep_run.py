@@ -112,8 +112,8 @@ class SweepRun:
     def tasks(self, layers_per_task: int, label: str = "") -> list[Task]:
         """The layers left to do as :func:`sweep_block` tasks of at most ``layers_per_task`` layers each."""
         prefix = f"{label}, " if label else ""
-        return [Task(sweep_block, (self.source, self.cfg, block), f"{prefix}{block_label(block)}", key=self,
-                     weight=len(block)) for block in blocks(self.todo, layers_per_task)]
+        return [Task(sweep_block, (self.source, self.cfg, block), f"{prefix}{block_label(block)}", key=self)
+                for block in blocks(self.todo, layers_per_task)]
 
     def take(self, value: tuple[list[LayerResult], int]) -> list[LayerResult]:
         """Keep a :func:`sweep_block` task's results; returns them."""

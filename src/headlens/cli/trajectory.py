@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from headlens.cli.common import add_executor_args, add_placement_args, executor_from
@@ -95,8 +96,6 @@ def cmd_trajectory(args: argparse.Namespace) -> int:
     cfg.validate()
     executor = executor_from(args)
     points = points_from(args)
-    from dataclasses import replace
-
     cfg = replace(cfg, calibration=read_calibration(args))
     out_dir = Path(args.out_dir)
     check_writable_dir(out_dir)

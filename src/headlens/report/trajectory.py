@@ -61,7 +61,8 @@ def draw_figure(result: TrajectoryResult, path: Path, rows: list[dict[str, Any]]
         ax.set_xlabel("training step" + (" (order given)" if {c.point.step_from for c in result.checkpoints}
                                          == {"order"} else ""))
         if not series:
-            reason = why or ("needs texts: --prompt or --calib" if _is_moe(result) else "no MoE layers in this model")
+            reason = why or ("needs texts: --prompt or --calib" if result.config.get("moe") else
+                             "no MoE layers in this model")
             ax.text(0.5, 0.5, reason, ha="center", va="center", transform=ax.transAxes, color="#666")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -84,23 +85,17 @@ def run_name(result: TrajectoryResult) -> str:
     """What the checkpoints are of: the hub repo, the folder holding them all, or the first one's name."""
     import os
 
-    wheres = [c.point.where for c in result.checkpoints]
-    if not wheres:
+    if not result.checkpoints:
         return "?"
-    if all("@" in w and not Path(w).exists() for w in wheres):
-        return wheres[0].rsplit("@", 1)[0]
+    repo = result.checkpoints[0].point.source.hf_repo
+    if repo is not None:
+        return repo
+    wheres = [c.point.where for c in result.checkpoints]
     try:
         parent = os.path.commonpath([str(Path(w).resolve().parent) for w in wheres])
     except ValueError:
         parent = ""
     return Path(parent).name or result.checkpoints[0].sweep.name
-
-
-def _is_moe(result: TrajectoryResult) -> bool:
-    from headlens.moe.capture import is_moe_config
-
-    cfg = (result.checkpoints[0].point.source.peek_config() or {}) if result.checkpoints else {}
-    return is_moe_config(cfg.get("text_config") or cfg)
 
 
 def _checkpoint_table(result: TrajectoryResult) -> str:

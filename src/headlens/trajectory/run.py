@@ -44,7 +44,6 @@ class CheckpointResult:
     sweep: SweepResult
     prompt: dict[str, Any] | None = None  # prompt_numbers(...) with texts, else None
     resumed_layers: int = 0  # layers taken from the resume store
-    prompt_resumed: bool = False
 
 
 @dataclass
@@ -109,12 +108,13 @@ def _notes(result: TrajectoryResult) -> list[str]:
     return notes
 
 
-def _prompt_fingerprint(sweep_run, texts: list[str], dtype: str, max_tokens: int) -> dict[str, Any]:
-    from headlens.circuits.sweep_parts import model_fingerprint, texts_hash
+def _prompt_fingerprint(sweep_run, dtype: str) -> dict[str, Any]:
+    """The checkpoint's content fingerprint and the texts' hash, as its sweep parts carry them (computed once, when
+    the sweep was planned), with the dtype and the prompt part's format."""
     from headlens.trajectory.prompt import FORMAT
 
-    return json.loads(json.dumps({"model": model_fingerprint(sweep_run.ck), "texts": texts_hash(texts),
-                                  "n_texts": len(texts), "dtype": dtype, "max_tokens": max_tokens, "format": FORMAT}))
+    rid = sweep_run.run_id
+    return json.loads(json.dumps({"model": rid["model"], "data": rid["data"], "dtype": dtype, "format": FORMAT}))
 
 
 def _read_prompt_part(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
@@ -151,6 +151,8 @@ def run_trajectory(points: Sequence[Point], cfg: SweepConfig, out_dir: str | Pat
     from headlens.circuits.sweep_run import SweepRun
     from headlens.executor import default_block
     from headlens.io.files import ensure_dir, write_json
+    from headlens.moe.capture import is_moe_config
+    from headlens.trajectory.prompt import prompt_numbers
 
     dirs = _part_dirs(points)
     runs = []
@@ -169,7 +171,7 @@ def run_trajectory(points: Sequence[Point], cfg: SweepConfig, out_dir: str | Pat
     prompt_fp: dict[str, dict[str, Any]] = {}
     if texts is not None:
         for point, run in zip(points, runs):
-            prompt_fp[point.name] = _prompt_fingerprint(run, texts, dtype, cfg.max_calib_tokens)
+            prompt_fp[point.name] = _prompt_fingerprint(run, dtype)
             found = (_read_prompt_part(out_dir / PARTS / dirs[point.name] / PROMPT_PART, prompt_fp[point.name])
                      if resume else None)
             if found is not None:
@@ -184,10 +186,8 @@ def run_trajectory(points: Sequence[Point], cfg: SweepConfig, out_dir: str | Pat
         size = layers_per_task or (len(run.todo) if here else default_block(total, executor.cpus()))
         tasks += run.tasks(max(1, size), point.name)
         if texts is not None and point.name not in prompts:
-            from headlens.trajectory.prompt import prompt_numbers
-
             tasks.append(Task(prompt_numbers, (point.source, texts, dtype, cfg.max_calib_tokens, cfg.truncate),
-                              f"{point.name}, prompt", key=point, weight=0))
+                              f"{point.name}, prompt", key=point))
 
     def finished():
         for task, value in executor.results(tasks):
@@ -204,12 +204,12 @@ def run_trajectory(points: Sequence[Point], cfg: SweepConfig, out_dir: str | Pat
     stream = finished()
     for _ in (progress(stream, total) if progress is not None else stream):
         pass
-    results = []
-    for point, run in zip(points, runs):
-        results.append(CheckpointResult(point, run.result(), prompts.get(point.name), len(run.resumed),
-                                        point.name in prompts and not any(t.key is point for t in tasks)))
+    results = [CheckpointResult(point, run.result(), prompts.get(point.name), len(run.resumed))
+               for point, run in zip(points, runs)]
+    first = runs[0].ck.config or {}
     config = {"data_aware": texts is not None, "texts": None if texts is None else len(texts),
-              "target": runs[0].cfg.target().label(), "kv_bytes": cfg.kv_bytes}
+              "target": runs[0].cfg.target().label(), "kv_bytes": cfg.kv_bytes,
+              "moe": is_moe_config(first.get("text_config") or first)}
     describe = getattr(executor, "describe", None)
     return TrajectoryResult(results, config, describe() if describe is not None else {})
 
